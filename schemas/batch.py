@@ -1,0 +1,157 @@
+"""The binary batch format ``application/x-tmem-batch`` (api-v1.md, "Batch format").
+
+Request: operations, each a 29-byte header ``>BQQQI`` = (op, oid_hi, oid_mid, oid_lo, index),
+followed by 4096 page bytes when ``op`` is put. Response: one result per operation, in order:
+a status byte, followed by 4096 page bytes for a get hit.
+
+Decoding is strict: an unknown op, a truncated header or page, trailing bytes, or more than
+``max_ops`` operations raise :class:`BatchError` and nothing is applied. Pages are handed out
+as ``memoryview`` slices of the body, so decoding copies no page bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+PAGE_SIZE = 4096
+MAX_OID = (1 << 192) - 1
+MAX_INDEX = (1 << 32) - 1
+BATCH_CONTENT_TYPE = "application/x-tmem-batch"
+
+HEADER = struct.Struct(">BQQQI")
+_U64 = (1 << 64) - 1
+
+OP_PUT = 1
+OP_GET = 2
+OP_FLUSH_PAGE = 3
+OP_FLUSH_OBJECT = 4
+_OPS = frozenset((OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT))
+
+STATUS_DONE = 0
+STATUS_MISS = 1
+STATUS_QUOTA = 2
+STATUS_CAPACITY = 3
+STATUS_FROZEN = 4
+STATUS_POLICY = 5
+STATUS_NAMES = {
+    STATUS_DONE: "done",
+    STATUS_MISS: "miss",
+    STATUS_QUOTA: "quota",
+    STATUS_CAPACITY: "capacity",
+    STATUS_FROZEN: "frozen",
+    STATUS_POLICY: "policy",
+}
+
+
+class BatchError(ValueError):
+    """A malformed batch: the whole batch is refused (HTTP 400) and nothing is applied."""
+
+
+BatchOp = tuple[int, int, int, memoryview | None]
+"""One decoded operation ``(op, oid, index, page)``; ``page`` is a 4096-byte view of the
+request body for puts and ``None`` otherwise. A plain tuple: the decoder builds up to 1024 of
+them per request."""
+
+
+class BatchResult(NamedTuple):
+    """One decoded result: a status byte and, for a get hit, the page."""
+
+    status: int
+    page: bytes | None
+
+
+def split_oid(oid: int) -> tuple[int, int, int]:
+    """(hi, mid, lo) u64 words of a 192-bit object id, most significant first."""
+    return (oid >> 128) & _U64, (oid >> 64) & _U64, oid & _U64
+
+
+def join_oid(hi: int, mid: int, lo: int) -> int:
+    """The object id of three u64 words, most significant first."""
+    return (hi << 128) | (mid << 64) | lo
+
+
+def encode_request(ops: Iterable[tuple[int, int, int, bytes | memoryview | None]]) -> bytes:
+    """Encode ``(op, oid, index, page)`` tuples; ``page`` is required for puts only."""
+    parts: list[bytes | memoryview] = []
+    pack = HEADER.pack
+    for op, oid, index, page in ops:
+        if op not in _OPS:
+            raise BatchError(f"unknown batch op {op}")
+        if not 0 <= oid <= MAX_OID or not 0 <= index <= MAX_INDEX:
+            raise BatchError("oid or index out of range")
+        parts.append(pack(op, oid >> 128, (oid >> 64) & _U64, oid & _U64, index))
+        if op == OP_PUT:
+            if page is None or len(page) != PAGE_SIZE:
+                raise BatchError(f"a put needs exactly {PAGE_SIZE} page bytes")
+            parts.append(page)
+    return b"".join(parts)
+
+
+def decode_request(body: bytes | bytearray | memoryview, max_ops: int) -> list[BatchOp]:
+    """Decode a whole request body or raise :class:`BatchError` (nothing partial)."""
+    view = memoryview(body)
+    size = len(view)
+    ops: list[BatchOp] = []
+    append = ops.append
+    unpack_from = HEADER.unpack_from
+    hsize = HEADER.size
+    pos = 0
+    while pos < size:
+        if len(ops) >= max_ops:
+            raise BatchError(f"batch has more than {max_ops} operations")
+        if pos + hsize > size:
+            raise BatchError(f"truncated operation header at byte {pos}")
+        op, hi, mid, lo, index = unpack_from(view, pos)
+        pos += hsize
+        if op == OP_PUT:
+            end = pos + PAGE_SIZE
+            if end > size:
+                raise BatchError(f"truncated page in operation {len(ops)}")
+            append((op, (hi << 128) | (mid << 64) | lo, index, view[pos:end]))
+            pos = end
+        elif op in _OPS:
+            append((op, (hi << 128) | (mid << 64) | lo, index, None))
+        else:
+            raise BatchError(f"unknown op {op} in operation {len(ops)}")
+    return ops
+
+
+def encode_results(results: Iterable[tuple[int, bytes | memoryview | None]]) -> bytes:
+    """Encode ``(status, page_or_None)`` results; a page follows only a get hit."""
+    parts: list[bytes | memoryview] = []
+    for status, page in results:
+        parts.append(_STATUS_BYTES[status])
+        if page is not None:
+            parts.append(page)
+    return b"".join(parts)
+
+
+_STATUS_BYTES = {s: bytes((s,)) for s in STATUS_NAMES}
+
+
+def decode_results(body: bytes, ops: Sequence[int]) -> list[BatchResult]:
+    """Decode a response given the op codes of the request that produced it.
+
+    A get answered ``done`` carries a page; every other result is the status byte alone.
+    """
+    out: list[BatchResult] = []
+    pos = 0
+    size = len(body)
+    for op in ops:
+        if pos >= size:
+            raise BatchError("truncated batch response")
+        status = body[pos]
+        pos += 1
+        if op == OP_GET and status == STATUS_DONE:
+            end = pos + PAGE_SIZE
+            if end > size:
+                raise BatchError("truncated page in batch response")
+            out.append(BatchResult(status, body[pos:end]))
+            pos = end
+        else:
+            out.append(BatchResult(status, None))
+    if pos != size:
+        raise BatchError("trailing bytes in batch response")
+    return out

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas.batch import (
+    HEADER,
+    MAX_INDEX,
+    MAX_OID,
+    OP_FLUSH_OBJECT,
+    OP_FLUSH_PAGE,
+    OP_GET,
+    OP_PUT,
+    PAGE_SIZE,
+    STATUS_DONE,
+    STATUS_MISS,
+    STATUS_QUOTA,
+    BatchError,
+    decode_request,
+    decode_results,
+    encode_request,
+    encode_results,
+    join_oid,
+    split_oid,
+)
+
+oids = st.integers(min_value=0, max_value=MAX_OID)
+indexes = st.integers(min_value=0, max_value=MAX_INDEX)
+
+
+@given(oids)
+def test_oid_words_round_trip(oid: int) -> None:
+    hi, mid, lo = split_oid(oid)
+    assert all(0 <= w < 2**64 for w in (hi, mid, lo))
+    assert join_oid(hi, mid, lo) == oid
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT]),
+            oids,
+            indexes,
+            st.binary(min_size=1, max_size=1),
+        ),
+        max_size=20,
+    )
+)
+def test_request_round_trip(raw: list[tuple[int, int, int, bytes]]) -> None:
+    ops = [(op, oid, idx, fill * PAGE_SIZE if op == OP_PUT else None) for op, oid, idx, fill in raw]
+    body = encode_request(ops)
+    decoded = decode_request(body, max_ops=1024)
+    assert [
+        (op, oid, idx, bytes(pg) if pg is not None else None) for op, oid, idx, pg in decoded
+    ] == ops
+
+
+def test_oid_words_are_big_endian_most_significant_first() -> None:
+    body = encode_request([(OP_GET, (1 << 128) | (2 << 64) | 3, 7, None)])
+    assert body == HEADER.pack(OP_GET, 1, 2, 3, 7)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (HEADER.pack(9, 0, 0, 0, 0), "unknown op"),
+        (HEADER.pack(OP_PUT, 0, 0, 0, 0) + b"x" * 100, "truncated page"),
+        (HEADER.pack(OP_GET, 0, 0, 0, 0)[:-1], "truncated operation header"),
+        (HEADER.pack(OP_GET, 0, 0, 0, 0) * 3, "more than 2"),
+    ],
+)
+def test_malformed_requests_are_refused_whole(body: bytes, message: str) -> None:
+    with pytest.raises(BatchError, match=message):
+        decode_request(body, max_ops=2)
+
+
+def test_results_round_trip() -> None:
+    page = b"\x07" * PAGE_SIZE
+    body = encode_results(
+        [(STATUS_DONE, None), (STATUS_DONE, page), (STATUS_MISS, None), (STATUS_QUOTA, None)]
+    )
+    got = decode_results(body, [OP_PUT, OP_GET, OP_GET, OP_PUT])
+    assert [(r.status, r.page) for r in got] == [
+        (STATUS_DONE, None),
+        (STATUS_DONE, page),
+        (STATUS_MISS, None),
+        (STATUS_QUOTA, None),
+    ]
+    with pytest.raises(BatchError):
+        decode_results(body[:-1], [OP_PUT, OP_GET, OP_GET, OP_PUT])
