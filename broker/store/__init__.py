@@ -1,0 +1,1 @@
+"""Where page bytes and persistent-page records live (see docs/dev/interfaces.md)."""
