@@ -1,0 +1,359 @@
+"""The LMDB journal: group commit, ordering, range deletes, reload, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker.store import LmdbJournal, NullJournal, open_journal, reload_journal
+from broker.store.durable import page_key
+from broker.store.errors import JournalClosed, JournalFailed
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def page(n: int) -> bytes:
+    return n.to_bytes(8, "big") * 512
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[LmdbJournal]:
+    j = LmdbJournal(tmp_path / "j")
+    yield j
+    j.close()
+
+
+def stored(j: LmdbJournal) -> dict[tuple[int, int, int, int], bytes]:
+    return {(g, p, o, i): data for g, p, o, i, data in j.load()}
+
+
+def test_round_trip_survives_reopen(tmp_path: Path) -> None:
+    j = LmdbJournal(tmp_path / "j")
+    big_oid = (1 << 192) - 1
+    j.record_put(1, 0, 7, 3, page(1))
+    j.record_put(1, 0, big_oid, (1 << 32) - 1, page(2))
+    j.record_put(2, 15, 0, 0, bytes(4096))
+    j.sync()
+    j.close()
+    j2 = LmdbJournal(tmp_path / "j")
+    try:
+        assert stored(j2) == {
+            (1, 0, 7, 3): page(1),
+            (1, 0, big_oid, (1 << 32) - 1): page(2),
+            (2, 15, 0, 0): bytes(4096),
+        }
+        assert j2.count() == 3
+    finally:
+        j2.close()
+
+
+def test_zero_page_takes_no_bytes(journal: LmdbJournal) -> None:
+    journal.record_put(1, 0, 1, 1, bytes(4096))
+    journal.sync()
+    with journal._env.begin() as txn:
+        assert txn.get(next(iter(txn.cursor()))[0]) == b""
+    assert stored(journal) == {(1, 0, 1, 1): bytes(4096)}
+
+
+def test_put_replaces(journal: LmdbJournal) -> None:
+    journal.record_put(1, 0, 1, 1, page(1))
+    journal.sync()
+    journal.record_put(1, 0, 1, 1, page(2))
+    journal.sync()
+    assert stored(journal) == {(1, 0, 1, 1): page(2)}
+
+
+@pytest.mark.parametrize(
+    ("ops", "expected"),
+    [
+        ([("put", 1), ("flush",)], None),
+        ([("flush",), ("put", 1)], 1),
+        ([("put", 1), ("put", 2), ("flush",), ("put", 3)], 3),
+        ([("put", 1), ("flush_object",)], None),
+        ([("put", 1), ("destroy_pool",), ("put", 4)], 4),
+        ([("put", 1), ("remove_guest",)], None),
+    ],
+)
+def test_ops_in_one_round_apply_in_order(
+    journal: LmdbJournal, ops: list[tuple[object, ...]], expected: int | None
+) -> None:
+    for op in ops:
+        if op[0] == "put":
+            journal.record_put(3, 1, 9, 9, page(int(op[1])))  # type: ignore[call-overload]
+        elif op[0] == "flush":
+            journal.record_flush(3, 1, 9, 9)
+        elif op[0] == "flush_object":
+            journal.record_flush_object(3, 1, 9)
+        elif op[0] == "destroy_pool":
+            journal.record_destroy_pool(3, 1)
+        else:
+            journal.record_remove_guest(3)
+    journal.sync()
+    assert journal.commits == 1
+    got = stored(journal).get((3, 1, 9, 9))
+    assert got == (None if expected is None else page(expected))
+
+
+def _neighbours(j: LmdbJournal) -> None:
+    # Handles chosen so that a sloppy prefix (oid, pool or guest id as a string, or a short
+    # prefix) would catch a neighbour: guest 1 vs 256, pool 1 vs 2, oid 5 vs 5 << 64 and 6.
+    for g in (1, 256):
+        for p in (1, 2):
+            for o in (5, 6, 5 << 64, (5 << 128) | 5):
+                for i in (0, 1, 2):
+                    j.record_put(g, p, o, i, page(g * 1000 + p * 100 + (o % 97) * 10 + i))
+    j.sync()
+
+
+def test_flush_object_is_a_range_delete_of_that_object_only(journal: LmdbJournal) -> None:
+    _neighbours(journal)
+    before = stored(journal)
+    journal.record_flush_object(1, 1, 5)
+    journal.sync()
+    after = stored(journal)
+    assert set(before) - set(after) == {(1, 1, 5, i) for i in (0, 1, 2)}
+
+
+def test_destroy_pool_is_a_range_delete_of_that_pool_only(journal: LmdbJournal) -> None:
+    _neighbours(journal)
+    before = stored(journal)
+    journal.record_destroy_pool(1, 1)
+    journal.sync()
+    after = stored(journal)
+    assert set(before) - set(after) == {k for k in before if k[:2] == (1, 1)}
+    assert journal.pools() == [(1, 2), (256, 1), (256, 2)]
+
+
+def test_remove_guest_is_a_range_delete_of_that_guest_only(journal: LmdbJournal) -> None:
+    _neighbours(journal)
+    before = stored(journal)
+    journal.record_remove_guest(1)
+    journal.sync()
+    after = stored(journal)
+    assert set(after) == {k for k in before if k[0] == 256}
+    assert list(journal.load_pool(256, 2)) == [
+        (o, i, d) for (g, p, o, i), d in sorted(after.items()) if (g, p) == (256, 2)
+    ]
+
+
+def test_range_delete_at_the_end_of_the_key_space(journal: LmdbJournal) -> None:
+    top = (1 << 64) - 1
+    journal.record_put(top, 0xFFFF, (1 << 192) - 1, (1 << 32) - 1, page(1))
+    journal.record_put(top, 0xFFFE, 1, 1, page(2))
+    journal.sync()
+    assert journal.pools() == [(top, 0xFFFE), (top, 0xFFFF)]
+    journal.record_destroy_pool(top, 0xFFFF)
+    journal.sync()
+    assert stored(journal) == {(top, 0xFFFE, 1, 1): page(2)}
+
+
+async def test_barrier_waits_for_disk_and_concurrent_writers_share_commits(
+    journal: LmdbJournal,
+) -> None:
+    seen_durable: list[bool] = []
+
+    async def writer(w: int) -> None:
+        for k in range(20):
+            journal.record_put(1, 0, w, k, page(w * 100 + k + 1))
+            assert journal.pending
+            await journal.barrier()
+            # What this writer recorded must be readable from disk by now.
+            with journal._env.begin() as txn:
+                seen_durable.append(txn.get(page_key(1, 0, w, k)) == page(w * 100 + k + 1))
+
+    await asyncio.gather(*(writer(w) for w in range(16)))
+    assert all(seen_durable) and len(seen_durable) == 320
+    assert not journal.pending
+    assert journal.committed_records == 320
+    # 320 records from 16 concurrent writers: rounds are shared, far fewer than one per record.
+    assert journal.commits < 320
+    assert len(stored(journal)) == 320
+
+
+async def test_records_made_during_a_round_form_the_next_round(journal: LmdbJournal) -> None:
+    journal.record_put(1, 0, 1, 1, page(1))
+    first = asyncio.ensure_future(journal.barrier())
+    await asyncio.sleep(0)  # the round with record 1 is now running in the worker thread
+    journal.record_flush(1, 0, 1, 1)
+    journal.record_put(1, 0, 2, 2, page(2))
+    second = asyncio.ensure_future(journal.barrier())
+    await asyncio.gather(first, second)
+    assert stored(journal) == {(1, 0, 2, 2): page(2)}
+    assert journal.commits == 2
+
+
+async def test_records_without_a_barrier_still_reach_disk(journal: LmdbJournal) -> None:
+    journal.record_put(1, 0, 1, 1, page(1))  # as an exclusive get's flush would: no barrier
+    for _ in range(200):
+        if not journal.pending:
+            break
+        await asyncio.sleep(0.01)
+    assert not journal.pending
+    assert stored(journal) == {(1, 0, 1, 1): page(1)}
+
+
+async def test_a_failed_commit_fails_every_waiter_and_later_barriers(
+    journal: LmdbJournal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(ops: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal, "_apply", broken)
+    journal.record_put(1, 0, 1, 1, page(1))
+    results = await asyncio.gather(journal.barrier(), journal.barrier(), return_exceptions=True)
+    assert all(isinstance(r, JournalFailed) for r in results)
+    assert journal.pending
+    with pytest.raises(JournalFailed):
+        await journal.barrier()
+
+
+def test_closed_journal_refuses_records(tmp_path: Path) -> None:
+    j = LmdbJournal(tmp_path / "j")
+    j.record_put(1, 0, 1, 1, page(1))
+    j.close()  # commits what was recorded
+    with pytest.raises(JournalClosed):
+        j.record_put(1, 0, 1, 2, page(2))
+    j2 = LmdbJournal(tmp_path / "j")
+    try:
+        assert stored(j2) == {(1, 0, 1, 1): page(1)}
+    finally:
+        j2.close()
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"),
+            st.integers(1, 2),
+            st.integers(0, 1),
+            st.integers(0, 2),
+            st.integers(0, 2),
+            st.integers(0, 3),
+        ),
+        st.tuples(
+            st.just("flush"),
+            st.integers(1, 2),
+            st.integers(0, 1),
+            st.integers(0, 2),
+            st.integers(0, 2),
+        ),
+        st.tuples(st.just("flush_object"), st.integers(1, 2), st.integers(0, 1), st.integers(0, 2)),
+        st.tuples(st.just("destroy_pool"), st.integers(1, 2), st.integers(0, 1)),
+        st.tuples(st.just("remove_guest"), st.integers(1, 2)),
+        st.tuples(st.just("commit")),
+    ),
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=_OPS)
+def test_journal_matches_a_model_for_any_sequence_and_round_split(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[object, ...]]
+) -> None:
+    j = LmdbJournal(tmp_path_factory.mktemp("j"))
+    model: dict[tuple[int, int, int, int], bytes] = {}
+    try:
+        for op in ops:
+            name, args = op[0], [int(a) for a in op[1:]]  # type: ignore[call-overload]
+            if name == "put":
+                g, p, o, i, v = args
+                data = bytes(4096) if v == 0 else page(v)
+                j.record_put(g, p, o, i, data)
+                model[(g, p, o, i)] = data
+            elif name == "flush":
+                j.record_flush(*args)
+                model.pop(tuple(args), None)  # type: ignore[arg-type]
+            elif name == "flush_object":
+                j.record_flush_object(*args)
+                model = {k: v for k, v in model.items() if list(k[:3]) != args}
+            elif name == "destroy_pool":
+                j.record_destroy_pool(*args)
+                model = {k: v for k, v in model.items() if list(k[:2]) != args}
+            elif name == "remove_guest":
+                j.record_remove_guest(*args)
+                model = {k: v for k, v in model.items() if k[0] != args[0]}
+            else:
+                j.sync()
+        j.sync()
+        assert stored(j) == model
+    finally:
+        j.close()
+
+
+@dataclass
+class _Pool:
+    pool_id: int
+    kind: str
+
+
+class FakeTmem:
+    def __init__(self, pools: dict[int, list[_Pool]]) -> None:
+        self._pools = pools
+        self.restored: dict[tuple[int, int, int, int], bytes] = {}
+
+    def has_guest(self, guest_id: int) -> bool:
+        return guest_id in self._pools
+
+    def pools(self, guest_id: int) -> list[_Pool]:
+        return self._pools[guest_id]
+
+    def restore_page(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:
+        self.restored[(guest_id, pool_id, oid, index)] = data
+
+
+async def test_reload_restores_known_pools_and_drops_destroyed_ones(
+    journal: LmdbJournal, caplog: pytest.LogCaptureFixture
+) -> None:
+    for n in range(5000):
+        journal.record_put(1, 0, n // 10, n % 10, page(n))
+    journal.record_put(1, 3, 1, 1, page(1))  # pool 3 no longer exists
+    journal.record_put(1, 4, 1, 1, page(1))  # pool 4 is ephemeral now: never restored
+    journal.record_put(9, 0, 1, 1, page(1))  # guest 9 is gone
+    journal.record_put(2, 1, 1, 1, bytes(4096))
+    await journal.barrier()
+    tmem = FakeTmem(
+        {1: [_Pool(0, "persistent"), _Pool(4, "ephemeral")], 2: [_Pool(1, "persistent")]}
+    )
+    with caplog.at_level(logging.INFO, logger="broker.store.reload"):
+        report = await reload_journal(journal, tmem, every_pages=1000, chunk=500)
+    assert report.pages == 5001
+    assert sorted(report.dropped_pools) == [(1, 3), (1, 4), (9, 0)]
+    assert tmem.restored[(1, 0, 499, 9)] == page(4999)
+    assert tmem.restored[(2, 1, 1, 1)] == bytes(4096)
+    assert len(tmem.restored) == 5001
+    # dropped for good: a second reload neither restores nor drops them again
+    assert journal.pools() == [(1, 0), (2, 1)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("guest 9 pool 0" in m and "dropping" in m for m in messages)
+    assert any("reloaded 1000/5001 pages" in m and "pages/s" in m for m in messages)
+
+
+async def test_reload_of_null_journal_is_empty() -> None:
+    report = await reload_journal(NullJournal(), FakeTmem({}))
+    assert report.pages == 0
+
+
+def test_open_journal_picks_by_durability(tmp_path: Path) -> None:
+    assert isinstance(
+        open_journal(SimpleNamespace(durability="none", data_dir=tmp_path)), NullJournal
+    )
+    j = open_journal(SimpleNamespace(durability="sync", data_dir=tmp_path))
+    try:
+        assert isinstance(j, LmdbJournal)
+        assert os.path.isdir(tmp_path / "journal")
+    finally:
+        j.close()
+    with pytest.raises(ValueError, match="durability"):
+        open_journal(SimpleNamespace(durability="maybe", data_dir=tmp_path))
