@@ -1,0 +1,282 @@
+"""The export's real block store: one persistent broker pool, and a local fallback file.
+
+Every 4 KiB block lives in exactly one place, kept in an in-memory location map (one byte per
+block):
+
+- ``NOWHERE`` — never written, trimmed or zeroed: reads as zeros, costs nothing anywhere;
+- ``BROKER`` — a persistent page in the export's pool;
+- ``FALLBACK`` — at ``block * 4096`` in the fallback file, because the broker declined the put
+  (quota, capacity, frozen, policy), the broker was unreachable, or a shed notice moved it.
+
+Block → handle mapping (documented in docs/nbd.md)::
+
+    oid   = block >> 8          # one object per 1 MiB chunk (256 blocks)
+    index = block               # the block number itself (so exports up to 16 TiB)
+
+A chunk per object lets a trim of a whole 1 MiB chunk become one ``flush_object``, and keeps
+the broker's per-object structures small; the index alone names the block, which makes pages
+easy to recognise in broker stats and exports.
+
+Durability: the broker acknowledges a persistent put only once it is durable (durability
+``sync``), so :meth:`BrokerBackend.flush` only has to ``fsync`` the fallback file when it was
+written since the last flush. A shed writes the pages to the fallback file and fsyncs it
+*before* flushing them at the broker, so no acknowledged block is ever only in flight.
+
+Lifetime: the pool is created by :meth:`BrokerBackend.open` and destroyed by :meth:`close`; the
+location map lives in the agent's memory, so the export's contents last as long as the agent
+process — the same lifetime a swap device's contents have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Awaitable, Sequence
+from typing import Literal, Protocol, TypeVar
+
+from guest_agent.errors import TmemClientError
+from guest_agent.nbd.backend import BLOCK_SIZE
+from guest_agent.nbd.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+NOWHERE = 0
+BROKER = 1
+FALLBACK = 2
+
+BLOCKS_PER_OBJECT = 256
+_T = TypeVar("_T")
+_OBJECT_SHIFT = 8
+
+
+def block_handle(block: int) -> tuple[int, int]:
+    """The broker handle ``(oid, index)`` of a block (see the module docstring)."""
+    return block >> _OBJECT_SHIFT, block
+
+
+class PageClient(Protocol):
+    """The calls of :class:`guest_agent.client.AsyncTmemClient` the backend uses."""
+
+    async def create_pool(self, kind: Literal["persistent"]) -> int: ...  # pragma: no cover
+
+    async def destroy_pool(self, pool_id: int) -> None: ...  # pragma: no cover
+
+    async def put_many(
+        self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
+    ) -> Sequence[object]: ...  # pragma: no cover - results are truthy when stored
+
+    async def get_many(
+        self, pool_id: int, handles: Sequence[tuple[int, int]]
+    ) -> list[bytes | None]: ...  # pragma: no cover
+
+    async def flush_many(
+        self, pool_id: int, handles: Sequence[tuple[int, int]]
+    ) -> None: ...  # pragma: no cover
+
+    async def flush_objects(
+        self, pool_id: int, oids: Sequence[int]
+    ) -> None: ...  # pragma: no cover
+
+
+class BrokerBackend:
+    """A :class:`~guest_agent.nbd.backend.BlockBackend` on a broker pool plus a fallback file.
+
+    Use ``backend = await BrokerBackend.open(client, size=..., fallback_path=...)``; hand it to
+    a :class:`~guest_agent.nbd.dispatcher.Dispatcher`; call :meth:`shed` for shed notices
+    (:func:`guest_agent.nbd.notices.follow_notices` does) and :meth:`close` at the end.
+    Counters in :attr:`stats` say where blocks went.
+    """
+
+    def __init__(
+        self,
+        client: PageClient,
+        pool_id: int,
+        *,
+        size: int,
+        fallback_path: str,
+        destroy_pool_on_close: bool = True,
+    ) -> None:
+        self.client = client
+        self.pool_id = pool_id
+        self.size = size
+        self.block_count = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        self.location = bytearray(self.block_count)
+        self.fallback_path = fallback_path
+        self._fd = os.open(fallback_path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self._fd, self.block_count * BLOCK_SIZE)
+        self._fallback_dirty = False
+        self._destroy_pool_on_close = destroy_pool_on_close
+        # a shed must not interleave with a round's reads and writes of the same blocks
+        self._lock = asyncio.Lock()
+        self.stats: dict[str, int] = defaultdict(int)
+
+    @classmethod
+    async def open(cls, client: PageClient, *, size: int, fallback_path: str) -> BrokerBackend:
+        """Create the export's persistent pool and open (create, size) the fallback file."""
+        pool_id = await client.create_pool("persistent")
+        return cls(client, pool_id, size=size, fallback_path=fallback_path)
+
+    # --- counts ---------------------------------------------------------------------------
+
+    def count(self, where: int) -> int:
+        """How many blocks are at ``where`` (NOWHERE, BROKER, FALLBACK); a scan, for tests."""
+        return self.location.count(where)
+
+    # --- BlockBackend ---------------------------------------------------------------------
+
+    async def read_blocks(self, blocks: Sequence[int]) -> list[bytes | None]:
+        async with self._lock:
+            out: list[bytes | None] = [None] * len(blocks)
+            at_broker: list[int] = []
+            location = self.location
+            for i, block in enumerate(blocks):
+                where = location[block]
+                if where == BROKER:
+                    at_broker.append(i)
+                elif where == FALLBACK:
+                    out[i] = self._read_fallback(block)
+            if at_broker:
+                handles = [block_handle(blocks[i]) for i in at_broker]
+                pages = await self._call(self.client.get_many(self.pool_id, handles))
+                for i, page in zip(at_broker, pages, strict=True):
+                    if page is None:
+                        # the broker never drops an acknowledged persistent page; zeros here
+                        # would be silent corruption, so the read fails instead
+                        raise BackendError(f"block {blocks[i]} missing at the broker")
+                    out[i] = page
+                self.stats["broker_reads"] += len(at_broker)
+            return out
+
+    async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        async with self._lock:
+            pages = [(*block_handle(block), data) for block, data in writes]
+            try:
+                results = list(await self.client.put_many(self.pool_id, pages))
+            except Exception as exc:
+                # the broker is unreachable or failed: keep the data locally rather than fail
+                # the write (for a swap device a failed write is lost memory)
+                log.warning("nbd: broker put failed (%s); %d blocks to fallback", exc, len(writes))
+                self.stats["broker_errors"] += 1
+                results = [False] * len(writes)
+            location = self.location
+            declined = 0
+            for (block, data), result in zip(writes, results, strict=True):
+                if result:
+                    location[block] = BROKER
+                else:
+                    # a declined put left nothing at the handle (contract), so the fallback
+                    # copy is the only one
+                    self._write_fallback(block, data)
+                    location[block] = FALLBACK
+                    declined += 1
+            self.stats["broker_puts"] += len(writes) - declined
+            self.stats["fallback_writes"] += declined
+
+    async def discard_blocks(self, blocks: Sequence[int]) -> None:
+        async with self._lock:
+            location = self.location
+            at_broker = [b for b in blocks if location[b] == BROKER]
+            for block in blocks:
+                location[block] = NOWHERE
+            if not at_broker:
+                return
+            # a chunk whose every broker block goes away is flushed as one object
+            by_object: dict[int, list[int]] = defaultdict(list)
+            for block in at_broker:
+                by_object[block >> _OBJECT_SHIFT].append(block)
+            whole: list[int] = []
+            single: list[tuple[int, int]] = []
+            for oid, members in by_object.items():
+                first = oid << _OBJECT_SHIFT
+                chunk = location[first : first + BLOCKS_PER_OBJECT]
+                if BROKER not in chunk:
+                    whole.append(oid)
+                else:
+                    single.extend(block_handle(b) for b in members)
+            if whole:
+                await self._call(self.client.flush_objects(self.pool_id, whole))
+            if single:
+                await self._call(self.client.flush_many(self.pool_id, single))
+            self.stats["broker_flushes"] += len(at_broker)
+
+    async def flush(self) -> None:
+        if self._fallback_dirty:
+            self._fallback_dirty = False
+            try:
+                await asyncio.to_thread(os.fsync, self._fd)
+            except OSError as exc:
+                self._fallback_dirty = True
+                raise BackendError(f"fsync of {self.fallback_path} failed: {exc}") from exc
+            self.stats["fallback_fsyncs"] += 1
+
+    async def close(self) -> None:
+        try:
+            if self._destroy_pool_on_close:
+                await self.client.destroy_pool(self.pool_id)
+        finally:
+            os.close(self._fd)
+
+    # --- shed -----------------------------------------------------------------------------
+
+    async def shed(self, pages: int) -> int:
+        """Move up to ``pages`` broker blocks to the fallback file; returns how many moved.
+
+        The pages are fetched, written to the fallback file, fsynced, and only then flushed at
+        the broker, so a crash in between leaves a copy in at least one durable place.
+        """
+        if pages <= 0:
+            return 0
+        async with self._lock:
+            location = self.location
+            chosen: list[int] = []
+            # highest blocks first: swap allocates from the start, so the tail is the coldest
+            block = self.block_count - 1
+            while block >= 0 and len(chosen) < pages:
+                block = location.rfind(BROKER, 0, block + 1)
+                if block < 0:
+                    break
+                chosen.append(block)
+                block -= 1
+            if not chosen:
+                return 0
+            handles = [block_handle(b) for b in chosen]
+            contents = await self._call(self.client.get_many(self.pool_id, handles))
+            moved: list[int] = []
+            for block, page in zip(chosen, contents, strict=True):
+                if page is None:
+                    continue
+                self._write_fallback(block, page)
+                moved.append(block)
+            await asyncio.to_thread(os.fsync, self._fd)
+            await self._call(self.client.flush_many(self.pool_id, [block_handle(b) for b in moved]))
+            for block in moved:
+                location[block] = FALLBACK
+            self.stats["shed_blocks"] += len(moved)
+            return len(moved)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    async def _call(aw: Awaitable[_T]) -> _T:
+        try:
+            return await aw
+        except TmemClientError as exc:
+            raise BackendError(f"broker: {exc}") from exc
+
+    def _read_fallback(self, block: int) -> bytes:
+        data = os.pread(self._fd, BLOCK_SIZE, block * BLOCK_SIZE)
+        if len(data) != BLOCK_SIZE:
+            raise BackendError(f"short read of block {block} from {self.fallback_path}")
+        self.stats["fallback_reads"] += 1
+        return data
+
+    def _write_fallback(self, block: int, data: bytes) -> None:
+        try:
+            written = os.pwrite(self._fd, data, block * BLOCK_SIZE)
+        except OSError as exc:
+            raise BackendError(f"write to {self.fallback_path} failed: {exc}") from exc
+        if written != BLOCK_SIZE:
+            raise BackendError(f"short write of block {block} to {self.fallback_path}")
+        self._fallback_dirty = True

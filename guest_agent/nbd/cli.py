@@ -1,0 +1,174 @@
+"""``tmem-agent nbd``: serve a block device backed by the broker.
+
+::
+
+    tmem-agent nbd --broker http://127.0.0.1:8470 --token T --size 1GiB \\
+        --listen 127.0.0.1:10809 --fallback /var/lib/tmem/nbd.fallback
+
+then e.g. ``qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809,format=raw,if=virtio ...`` and
+``mkswap``/``swapon`` inside the guest. ``--memory`` serves from process memory instead of the
+broker (the protocol tests' and the benchmark's baseline). Once listening, the command prints
+one line ``nbd: serving ... on nbd://HOST:PORT`` (or ``nbd+unix:///?socket=PATH``) and flushes
+stdout, so scripts can wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+from typing import Annotated
+
+import typer
+
+from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend, MemoryBackend
+from guest_agent.nbd.dispatcher import Dispatcher
+from guest_agent.nbd.server import NbdServer
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"64MiB"`` → 67108864; accepts B, KiB, MiB, GiB, TiB (also K, M, G, T)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    if unit in ("k", "m", "g", "t"):
+        unit += "ib"
+    if unit not in _UNITS:
+        raise ValueError(f"unknown size unit in {text!r}")
+    return number * _UNITS[unit]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:10809"`` → (host, port); ``"[::1]:10809"`` for IPv6."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def serve(
+    *,
+    broker: str | None,
+    token: str | None,
+    size: int,
+    listen: tuple[str, int] | None,
+    unix: str | None,
+    fallback: str | None,
+    name: str,
+    memory: bool,
+) -> None:
+    """Build the backend, serve until SIGINT/SIGTERM, then tear down in order."""
+    log = logging.getLogger("guest_agent.nbd")
+    backend: BlockBackend
+    clients: list[object] = []
+    follower: asyncio.Task[None] | None = None
+    if memory:
+        backend = MemoryBackend()
+    else:
+        from guest_agent.client import AsyncTmemClient
+        from guest_agent.nbd.broker_backend import BrokerBackend
+        from guest_agent.nbd.notices import follow_notices, latest_seq
+
+        assert broker and token and fallback
+        client = AsyncTmemClient(broker, token, max_connections=8)
+        notice_client = AsyncTmemClient(broker, token, max_connections=1, timeout=90.0)
+        clients += [client, notice_client]
+        broker_backend = await BrokerBackend.open(client, size=size, fallback_path=fallback)
+        backend = broker_backend
+        after = await latest_seq(notice_client)
+        follower = asyncio.create_task(
+            follow_notices(notice_client, broker_backend, after=after), name="nbd-notices"
+        )
+        log.info("nbd: pool %d at %s, fallback %s", broker_backend.pool_id, broker, fallback)
+
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    server = NbdServer(dispatcher, size=size, name=name)
+    where: list[str] = []
+    if listen is not None:
+        port = await server.listen_tcp(*listen)
+        where.append(f"nbd://{listen[0]}:{port}")
+    if unix is not None:
+        await server.listen_unix(unix)
+        where.append(f"nbd+unix:///?socket={unix}")
+    print(f"nbd: serving {name!r} ({size} bytes) on {' '.join(where)}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(server.serve_forever())
+    await stop.wait()
+    serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    await server.close()
+    await dispatcher.stop()
+    if follower is not None:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+    try:
+        await backend.flush()
+        await backend.close()
+    finally:
+        for c in clients:
+            await c.aclose()  # type: ignore[attr-defined]
+
+
+def nbd(
+    size: Annotated[str, typer.Option(help="export size, e.g. 1GiB (rounded up to 4 KiB)")],
+    broker: Annotated[str | None, typer.Option(help="broker base URL")] = None,
+    token: Annotated[str | None, typer.Option(help="the guest's token")] = None,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on")] = None,
+    unix: Annotated[str | None, typer.Option(help="Unix socket path to listen on")] = None,
+    fallback: Annotated[
+        str | None, typer.Option(help="local file for blocks the broker declines")
+    ] = None,
+    name: Annotated[str, typer.Option(help="export name (the empty name also works)")] = "tmem",
+    memory: Annotated[
+        bool, typer.Option("--memory", help="serve from process memory (tests, baseline)")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="logging level")] = "WARNING",
+) -> None:
+    """Serve an NBD block device whose 4 KiB blocks are persistent puts at the broker."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        nbytes = parse_size(size)
+        address = parse_listen(listen) if listen else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if nbytes <= 0:
+        raise typer.BadParameter("--size must be positive")
+    nbytes = (nbytes + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    if address is None and unix is None:
+        raise typer.BadParameter("give --listen HOST:PORT or --unix PATH")
+    if not memory and not (broker and token and fallback):
+        raise typer.BadParameter("--broker, --token and --fallback are required (or --memory)")
+    asyncio.run(
+        serve(
+            broker=broker,
+            token=token,
+            size=nbytes,
+            listen=address,
+            unix=unix,
+            fallback=fallback,
+            name=name,
+            memory=memory,
+        )
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``nbd`` command to the agent's typer app."""
+    app.command("nbd")(nbd)
+
+
+def main() -> None:
+    """``python -m guest_agent.nbd``: the same command without the rest of the agent's CLI."""
+    typer.run(nbd)

@@ -1,0 +1,253 @@
+"""Turns NBD requests in flight into batched whole-block operations on a :class:`BlockBackend`.
+
+One dispatcher serves an export (every connection of it). Requests are queued as they arrive;
+a single loop takes everything pending (up to ``max_round_blocks``), and runs one *round*:
+
+1. walk the round's requests in arrival order and note which blocks need their content from
+   before the round (reads, and partial writes that need read-modify-write) — a block an
+   earlier request of the same round wrote is served from that request instead;
+2. one ``read_blocks`` for those blocks; reads are answered right away;
+3. replay the requests on the fetched contents, keeping only the last state of each block,
+   then one ``write_blocks`` (blocks whose last state is data) and one ``discard_blocks``
+   (blocks trimmed or zeroed whole), concurrently since they touch distinct blocks;
+4. ``flush`` when the round holds a FLUSH or a FUA request; then writes are acknowledged.
+
+So queue depth becomes batch size, and per-block ordering holds: a read sees every write
+queued before it (same round: forwarded; earlier round: already stored), and never a write
+queued after it (the round reads before it writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from guest_agent.nbd.backend import BLOCK_SIZE, ZERO_BLOCK, BlockBackend
+
+log = logging.getLogger(__name__)
+
+READ = 0
+WRITE = 1
+ZERO = 2
+TRIM = 3
+FLUSH = 4
+
+
+@dataclass(eq=False)
+class BlockRequest:
+    """One NBD request as the dispatcher sees it; ``future`` gets the read data or ``None``."""
+
+    kind: int
+    offset: int
+    length: int
+    data: bytes | memoryview | None = None
+    fua: bool = False
+    future: asyncio.Future[bytes | None] = field(default_factory=lambda: _new_future())
+
+    @property
+    def blocks(self) -> range:
+        if self.length == 0:
+            return range(0)
+        return range(self.offset // BLOCK_SIZE, (self.offset + self.length - 1) // BLOCK_SIZE + 1)
+
+
+def _new_future() -> asyncio.Future[bytes | None]:
+    return asyncio.get_running_loop().create_future()
+
+
+class Dispatcher:
+    """Batches block work of concurrent requests; see the module docstring for the rounds.
+
+    Use: ``d = Dispatcher(backend); d.start()``; then ``await d.read(offset, length)``,
+    ``await d.write(offset, data, fua=...)``, ``zero``, ``trim``, ``flush`` (or :meth:`submit`
+    a :class:`BlockRequest` and watch its future); ``await d.stop()`` drains and stops.
+    Backend failures surface as the exception on the affected requests' futures.
+    """
+
+    def __init__(self, backend: BlockBackend, *, max_round_blocks: int = 4096) -> None:
+        self.backend = backend
+        self.max_round_blocks = max_round_blocks
+        self._pending: deque[BlockRequest] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # figures for tests and the bench: how many rounds ran and how big they were
+        self.rounds = 0
+        self.requests = 0
+        self.largest_round = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="nbd-dispatch")
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop the loop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def submit(self, request: BlockRequest) -> asyncio.Future[bytes | None]:
+        if self._stopping:
+            raise RuntimeError("dispatcher is stopping")
+        self._pending.append(request)
+        self._wake.set()
+        return request.future
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await self.submit(BlockRequest(READ, offset, length))
+        assert data is not None
+        return data
+
+    async def write(self, offset: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        await self.submit(BlockRequest(WRITE, offset, len(data), data, fua))
+
+    async def zero(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.submit(BlockRequest(ZERO, offset, length, None, fua))
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.submit(BlockRequest(TRIM, offset, length, None, fua))
+
+    async def flush(self) -> None:
+        await self.submit(BlockRequest(FLUSH, 0, 0))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch: list[BlockRequest] = []
+            blocks = 0
+            while self._pending and (not batch or blocks < self.max_round_blocks):
+                request = self._pending.popleft()
+                batch.append(request)
+                blocks += len(request.blocks)
+            try:
+                await self._round(batch)
+            except Exception as exc:  # a bug or a backend failure: fail the round, keep serving
+                log.exception("nbd round failed")
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+
+    async def _round(self, batch: list[BlockRequest]) -> None:
+        self.rounds += 1
+        self.requests += len(batch)
+        self.largest_round = max(self.largest_round, len(batch))
+
+        # pass 1: which blocks need their pre-round content
+        touched: set[int] = set()
+        needed: dict[int, None] = {}  # insertion-ordered set
+        do_flush = False
+        for request in batch:
+            kind = request.kind
+            if kind == FLUSH:
+                do_flush = True
+                continue
+            do_flush = do_flush or request.fua
+            start, end = request.offset, request.offset + request.length
+            for block in request.blocks:
+                if kind == READ:
+                    if block not in touched:
+                        needed[block] = None
+                    continue
+                whole = start <= block * BLOCK_SIZE and (block + 1) * BLOCK_SIZE <= end
+                if kind == TRIM and not whole:
+                    continue  # a trim may leave partial blocks alone
+                if not whole and block not in touched:
+                    needed[block] = None
+                touched.add(block)
+
+        base: dict[int, bytes | None] = {}
+        if needed:
+            wanted = list(needed)
+            contents = await self.backend.read_blocks(wanted)
+            base = dict(zip(wanted, contents, strict=True))
+
+        # pass 2: replay in order; `latest` holds the round's last state of each block
+        latest: dict[int, bytes | None] = {}
+
+        def current(block: int) -> bytes | None:
+            if block in latest:
+                return latest[block]
+            return base[block]
+
+        for request in batch:
+            kind = request.kind
+            if kind == FLUSH:
+                continue
+            start, end = request.offset, request.offset + request.length
+            if kind == READ:
+                parts: list[bytes | memoryview] = []
+                for block in request.blocks:
+                    content = current(block) or ZERO_BLOCK
+                    lo = max(start - block * BLOCK_SIZE, 0)
+                    hi = min(end - block * BLOCK_SIZE, BLOCK_SIZE)
+                    parts.append(content if lo == 0 and hi == BLOCK_SIZE else content[lo:hi])
+                if not request.future.done():
+                    request.future.set_result(
+                        b"".join(parts) if len(parts) != 1 else bytes(parts[0])
+                    )
+                continue
+            data = request.data
+            for block in request.blocks:
+                block_start = block * BLOCK_SIZE
+                lo = max(start - block_start, 0)
+                hi = min(end - block_start, BLOCK_SIZE)
+                whole = lo == 0 and hi == BLOCK_SIZE
+                if kind == TRIM:
+                    if whole:
+                        latest[block] = None
+                    continue
+                if kind == ZERO:
+                    if whole:
+                        latest[block] = None
+                        continue
+                    old = current(block)
+                    if old is None:
+                        latest[block] = None  # zeroing part of nothing leaves nothing
+                        continue
+                    piece: bytes | memoryview = ZERO_BLOCK[: hi - lo]
+                else:
+                    assert data is not None
+                    piece = data[block_start + lo - start : block_start + hi - start]
+                    if whole:
+                        new = bytes(piece)
+                        # an all-zero block is stored as nothing: it reads back the same
+                        latest[block] = None if new == ZERO_BLOCK else new
+                        continue
+                    old = current(block)
+                old_bytes = old if old is not None else ZERO_BLOCK
+                merged = b"".join((old_bytes[:lo], piece, old_bytes[hi:]))
+                latest[block] = None if merged == ZERO_BLOCK else merged
+
+        writes = [(block, content) for block, content in latest.items() if content is not None]
+        discards = [block for block, content in latest.items() if content is None]
+        jobs = []
+        try:
+            if writes:
+                jobs.append(self.backend.write_blocks(writes))
+            if discards:
+                jobs.append(self.backend.discard_blocks(discards))
+            if len(jobs) == 1:
+                await jobs[0]
+            elif jobs:
+                await asyncio.gather(*jobs)
+            if do_flush:
+                await self.backend.flush()
+        except Exception as exc:
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        for request in batch:
+            if not request.future.done():
+                request.future.set_result(None)

@@ -1,0 +1,62 @@
+"""Acts on the broker's notices for an export: a ``shed`` moves pages to the fallback file.
+
+``follow_notices`` long-polls ``GET /v1/notices`` (through the client's ``notices``), and for
+each shed notice calls :meth:`BrokerBackend.shed` with the requested page count and acks with
+the number actually moved. Notices issued before the export started are skipped: the export's
+pool is new, so they cannot concern it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from guest_agent.nbd.broker_backend import BrokerBackend
+from schemas.wire import Notice
+
+log = logging.getLogger(__name__)
+
+
+class NoticeClient(Protocol):
+    """The calls of :class:`guest_agent.client.AsyncTmemClient` the follower uses."""
+
+    async def notices(self, after: int = 0, wait: float = 0) -> Sequence[Notice]: ...
+
+    async def ack(self, seq: int, pages_returned: int = 0) -> None: ...
+
+
+async def latest_seq(client: NoticeClient) -> int:
+    """The sequence number of the newest notice the guest has (0 when none)."""
+    notices = await client.notices(after=0, wait=0)
+    return max((n.seq for n in notices), default=0)
+
+
+async def handle_notice(notice: Notice, backend: BrokerBackend, client: NoticeClient) -> int:
+    """Act on one notice; returns the pages returned (0 for anything but a shed)."""
+    if notice.type != "shed":
+        log.info("nbd: notice %s %s", notice.seq, notice.type)
+        return 0
+    moved = await backend.shed(notice.pages or 0)
+    await client.ack(notice.seq, moved)
+    log.info("nbd: shed notice %s: moved %d of %s pages", notice.seq, moved, notice.pages)
+    return moved
+
+
+async def follow_notices(
+    client: NoticeClient, backend: BrokerBackend, *, after: int, wait: float = 30.0
+) -> None:
+    """Run until cancelled; transient broker failures are retried after a second."""
+    seq = after
+    while True:
+        try:
+            notices = await client.notices(after=seq, wait=wait)
+            for notice in sorted(notices, key=lambda n: n.seq):
+                await handle_notice(notice, backend, client)
+                seq = max(seq, notice.seq)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("nbd: notices: %s", exc)
+            await asyncio.sleep(1.0)

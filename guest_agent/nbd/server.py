@@ -1,0 +1,317 @@
+"""The asyncio NBD server: fixed newstyle handshake, then the transmission phase.
+
+One :class:`NbdServer` serves one export (any name the client asks for is accepted only if it is
+the export's name or the empty default name). Every connection feeds the same
+:class:`~guest_agent.nbd.dispatcher.Dispatcher`, so requests from all connections are batched
+together and ``NBD_FLAG_CAN_MULTI_CONN`` holds.
+
+Replies are simple replies (structured replies are declined), written as one ``write`` per reply
+(header and data together): splitting them halved read IOPS in a measurement on this machine.
+Requests are answered as they complete, possibly out of order, as the protocol allows.
+
+Use::
+
+    server = NbdServer(dispatcher, size=1 << 30, name="tmem")
+    await server.listen_tcp("127.0.0.1", 10809)   # or listen_unix(path)
+    await server.serve_forever()                  # until close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from functools import partial
+
+from guest_agent.nbd import protocol as p
+from guest_agent.nbd.dispatcher import FLUSH, READ, TRIM, WRITE, ZERO, BlockRequest, Dispatcher
+from guest_agent.nbd.errors import BackendError, ProtocolError
+
+log = logging.getLogger(__name__)
+
+_WRITE_BUFFER_HIGH = 8 * 1024 * 1024
+_DISCARD_CHUNK = 1024 * 1024
+
+
+class NbdServer:
+    """Serves one export over TCP and/or a Unix socket; see the module docstring."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        size: int,
+        name: str = "tmem",
+        description: str = "tmem broker block export",
+        max_block: int = p.MAX_BLOCK,
+    ) -> None:
+        if size <= 0:
+            raise ValueError("export size must be positive")
+        self.dispatcher = dispatcher
+        self.size = size
+        self.name = name
+        self.description = description
+        self.max_block = max_block
+        self.flags = p.transmission_flags()
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self.connections_served = 0
+
+    # --- listening ------------------------------------------------------------------------
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listen on host:port (port 0 picks a free one); returns the bound port."""
+        server = await asyncio.start_server(self._on_connect, host, port)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def listen_unix(self, path: str) -> None:
+        server = await asyncio.start_unix_server(self._on_connect, path)
+        self._servers.append(server)
+
+    async def serve_forever(self) -> None:
+        """Run until :meth:`close` (or cancellation)."""
+        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+
+    async def close(self) -> None:
+        """Stop accepting, drop open connections, then drain the dispatcher."""
+        for server in self._servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        self.connections_served += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if await self._handshake(reader, writer):
+                await self._transmission(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away
+        except ProtocolError as exc:
+            log.warning("nbd: dropping client: %s", exc)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # --- handshake ------------------------------------------------------------------------
+
+    def _known_name(self, name: bytes) -> bool:
+        return name in (b"", self.name.encode())
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Option haggling; True when the client entered transmission on this export."""
+        writer.write(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.HANDSHAKE_FLAGS))
+        await writer.drain()
+        (client_flags,) = p.CLIENT_FLAGS.unpack(await reader.readexactly(4))
+        if client_flags & ~p.CLIENT_KNOWN_FLAGS:
+            raise ProtocolError(f"unknown client flags {client_flags:#x}")
+        no_zeroes = bool(client_flags & p.CLIENT_NO_ZEROES)
+        while True:
+            magic, option, length = p.OPTION_HEADER.unpack(await reader.readexactly(16))
+            if magic != p.IHAVEOPT:
+                raise ProtocolError(f"bad option magic {magic:#x}")
+            if length > p.MAX_OPTION_DATA:
+                await _skip(reader, length)
+                writer.write(p.option_reply(option, p.REP_ERR_TOO_BIG, b"option data too long"))
+                await writer.drain()
+                continue
+            data = await reader.readexactly(length)
+            if option == p.OPT_EXPORT_NAME:
+                if not self._known_name(data):
+                    # EXPORT_NAME cannot report an error: the spec says hang up
+                    raise ProtocolError(f"unknown export {data!r}")
+                reply = p.EXPORT_NAME_REPLY.pack(self.size, self.flags)
+                if not no_zeroes:
+                    reply += bytes(124)
+                writer.write(reply)
+                await writer.drain()
+                return True
+            if option == p.OPT_ABORT:
+                writer.write(p.option_reply(option, p.REP_ACK))
+                await writer.drain()
+                return False
+            if option == p.OPT_LIST:
+                if data:
+                    writer.write(p.option_reply(option, p.REP_ERR_INVALID, b"LIST takes no data"))
+                else:
+                    name = self.name.encode()
+                    body = struct.pack(">I", len(name)) + name + self.description.encode()
+                    writer.write(p.option_reply(option, p.REP_SERVER, body))
+                    writer.write(p.option_reply(option, p.REP_ACK))
+                await writer.drain()
+                continue
+            if option in (p.OPT_INFO, p.OPT_GO):
+                if self._info_reply(writer, option, data) and option == p.OPT_GO:
+                    await writer.drain()
+                    return True
+                await writer.drain()
+                continue
+            # STRUCTURED_REPLY, STARTTLS (this server runs NOTLS), meta contexts, anything else
+            writer.write(p.option_reply(option, p.REP_ERR_UNSUP))
+            await writer.drain()
+
+    def _info_reply(self, writer: asyncio.StreamWriter, option: int, data: bytes) -> bool:
+        """Answer INFO/GO; True when it ended in ACK."""
+        if len(data) < 6:
+            writer.write(p.option_reply(option, p.REP_ERR_INVALID, b"option too short"))
+            return False
+        (name_len,) = struct.unpack_from(">I", data, 0)
+        if name_len > len(data) - 6:
+            writer.write(p.option_reply(option, p.REP_ERR_INVALID, b"bad name length"))
+            return False
+        name = data[4 : 4 + name_len]
+        (count,) = struct.unpack_from(">H", data, 4 + name_len)
+        if len(data) != 6 + name_len + 2 * count:
+            writer.write(p.option_reply(option, p.REP_ERR_INVALID, b"bad request count"))
+            return False
+        requests = set(struct.unpack_from(f">{count}H", data, 6 + name_len))
+        if not self._known_name(name):
+            writer.write(p.option_reply(option, p.REP_ERR_UNKNOWN, b"no such export"))
+            return False
+        writer.write(
+            p.option_reply(
+                option, p.REP_INFO, p.INFO_EXPORT_BODY.pack(p.INFO_EXPORT, self.size, self.flags)
+            )
+        )
+        # sent even when not asked for (the spec allows it): min 1 means the server accepts any
+        # alignment, so a client that ignores it is still served correctly
+        writer.write(
+            p.option_reply(
+                option,
+                p.REP_INFO,
+                p.INFO_BLOCK_SIZE_BODY.pack(
+                    p.INFO_BLOCK_SIZE, p.MIN_BLOCK, p.PREFERRED_BLOCK, self.max_block
+                ),
+            )
+        )
+        if p.INFO_NAME in requests:
+            body = struct.pack(">H", p.INFO_NAME) + self.name.encode()
+            writer.write(p.option_reply(option, p.REP_INFO, body))
+        if p.INFO_DESCRIPTION in requests:
+            body = struct.pack(">H", p.INFO_DESCRIPTION) + self.description.encode()
+            writer.write(p.option_reply(option, p.REP_INFO, body))
+        writer.write(p.option_reply(option, p.REP_ACK))
+        return True
+
+    # --- transmission ---------------------------------------------------------------------
+
+    async def _transmission(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        inflight: set[asyncio.Future[bytes | None]] = set()
+        transport = writer.transport
+
+        def reply(handle: int, error: int, data: bytes | None = None) -> None:
+            if transport.is_closing():
+                return
+            header = p.simple_reply(handle, error)
+            # one write per reply: header and data in the same buffer
+            writer.write(header + data if data else header)
+
+        def on_done(fut: asyncio.Future[bytes | None], handle: int, is_read: bool) -> None:
+            inflight.discard(fut)
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                if not isinstance(exc, BackendError):
+                    log.error("nbd request failed", exc_info=exc)
+                reply(handle, p.EIO)
+                return
+            reply(handle, 0, fut.result() if is_read else None)
+
+        while True:
+            if transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
+                await writer.drain()
+            try:
+                req = p.parse_request(await reader.readexactly(p.REQUEST.size))
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
+            kind = req.type
+            if kind == p.CMD_DISC:
+                if inflight:
+                    await asyncio.wait(set(inflight))
+                await writer.drain()
+                return
+            payload: bytes | None = None
+            if kind == p.CMD_WRITE:
+                if req.length > self.max_block:
+                    await _skip(reader, req.length)
+                    reply(req.handle, p.EINVAL)
+                    continue
+                payload = await reader.readexactly(req.length)
+            error = self._check(req)
+            if error:
+                reply(req.handle, error)
+                continue
+            fua = bool(req.flags & p.CMD_FLAG_FUA)
+            if kind == p.CMD_READ:
+                request = BlockRequest(READ, req.offset, req.length)
+            elif kind == p.CMD_WRITE:
+                request = BlockRequest(WRITE, req.offset, req.length, payload, fua)
+            elif kind == p.CMD_WRITE_ZEROES:
+                request = BlockRequest(ZERO, req.offset, req.length, None, fua)
+            elif kind == p.CMD_TRIM:
+                request = BlockRequest(TRIM, req.offset, req.length, None, fua)
+            else:
+                request = BlockRequest(FLUSH, 0, 0)
+            if req.length == 0 and kind != p.CMD_FLUSH:
+                reply(req.handle, 0, b"" if kind == p.CMD_READ else None)
+                continue
+            try:
+                fut = self.dispatcher.submit(request)
+            except RuntimeError:
+                reply(req.handle, p.ESHUTDOWN)
+                continue
+            inflight.add(fut)
+            fut.add_done_callback(partial(on_done, handle=req.handle, is_read=kind == p.CMD_READ))
+
+    def _check(self, req: p.Request) -> int:
+        """The error a request gets before it reaches the store, or 0."""
+        kind = req.type
+        allowed = p.ALLOWED_CMD_FLAGS.get(kind)
+        if allowed is None:
+            return p.EINVAL  # unknown command (CACHE and BLOCK_STATUS are not advertised)
+        if req.flags & ~allowed:
+            return p.EINVAL
+        if kind == p.CMD_FLUSH:
+            return p.EINVAL if req.offset or req.length else 0
+        end = req.offset + req.length
+        if kind == p.CMD_READ:
+            if req.length > self.max_block:
+                return p.EINVAL
+            return p.EINVAL if end > self.size else 0
+        if kind == p.CMD_WRITE:
+            return p.ENOSPC if end > self.size else 0
+        if kind == p.CMD_WRITE_ZEROES:
+            if end > self.size:
+                return p.ENOSPC
+            return p.EINVAL if req.length > self.max_block else 0
+        if kind == p.CMD_TRIM:
+            return p.EINVAL if end > self.size else 0
+        return p.EINVAL
+
+
+async def _skip(reader: asyncio.StreamReader, length: int) -> None:
+    """Read and drop ``length`` bytes, in bounded chunks."""
+    while length > 0:
+        chunk = min(length, _DISCARD_CHUNK)
+        await reader.readexactly(chunk)
+        length -= chunk
