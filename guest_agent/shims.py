@@ -1,0 +1,652 @@
+"""Guest shims: Linux's frontswap and cleancache interfaces on top of a :class:`TmemClient`.
+
+Frontswap
+---------
+::
+
+    fs = Frontswap(client, fallback="/var/lib/tmem/swap.fallback")
+    fs.init(0)                                # swap type 0 (one per swap device)
+    in_broker = fs.store(0, offset, page)     # True: the broker holds it; False: the fallback does
+    page = fs.load(0, offset)                 # always the bytes last stored
+    fs.invalidate_page(0, offset); fs.invalidate_area(0)
+
+Every page stored and not invalidated can be loaded: a page the broker declines (quota,
+capacity, frozen, policy) or cannot take (unreachable) goes to the local
+:class:`~guest_agent.fallback.FallbackStore`, and an in-memory map records where each
+``(type, offset)`` lives. ``load`` of a page the map says is in the broker retries
+(:class:`RetryPolicy`) and raises :class:`~guest_agent.errors.PageUnavailable` only when the
+broker stays unreachable; it never falls back to an older copy.
+
+Handle mapping (Xen's ``drivers/xen/tmem.c``, taken as is): one persistent pool for every
+swap type, created by the first ``init``; ``oid = (type << 4) | (offset & 0xF)`` and
+``index = offset >> 4``. So 16 consecutive offsets spread over 16 objects (the broker's
+per-object structures stay small), ``invalidate_area(type)`` is 16 object flushes in one batch,
+and offsets up to 2^36 pages (256 TiB of swap) fit a 32-bit index.
+
+Stale copies: when a page that was in the broker goes to the fallback (declined, unreachable,
+shed) or is invalidated while the broker is unreachable, the map stops pointing at the broker
+at once, so the old broker copy can never be returned; its handle is remembered as *stale* and
+flushed at the broker as soon as it answers again (stale handles still count against the
+quota until then).
+
+Quota: the shim counts the persistent pages it holds in the broker (plus stale ones) and stops
+offering puts that would exceed the guest's cap (from ``GET /v1/self`` at ``init`` and from
+``quota`` notices); after a ``quota`` decline it stops offering new pages until it has freed
+some or a new ``quota`` notice arrives. A ``freeze`` notice stops puts until ``thaw``.
+``shed(n)`` (what a ``shed`` notice triggers, see :mod:`guest_agent.notices`) moves the ``n``
+oldest broker pages back into the fallback and flushes them from the broker.
+
+Thread safety: every public method holds one lock, so a notice handler thread may call
+:meth:`Frontswap.handle_notice` while the guest stores and loads.
+
+Cleancache
+----------
+::
+
+    cc = Cleancache(client)
+    pool = cc.init_fs()                       # or cc.init_shared_fs(uuid)
+    cc.put_page(pool, inode_key, index, page)
+    page = cc.get_page(pool, inode_key, index)   # bytes or None; private pools: exclusive
+    cc.invalidate_page(pool, key, index); cc.invalidate_inode(pool, key); cc.invalidate_fs(pool)
+
+A file key (an int below 2^192, or up to 24 bytes read big-endian) is the oid. Cleancache is a
+cache: an unreachable broker makes puts no-ops and gets misses. A put or invalidation that may
+not have reached the broker marks its page, object or pool *suspect*: gets there miss until the
+flush goes through, so an old copy is never returned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from guest_agent.client import TmemClient
+from guest_agent.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    NotInitialised,
+    PageUnavailable,
+    RateLimited,
+    ServerError,
+    ShimError,
+    TmemClientError,
+)
+from guest_agent.fallback import FallbackStore
+from schemas.batch import MAX_OID, OP_FLUSH_OBJECT, PAGE_SIZE
+from schemas.wire import Notice
+
+__all__ = ["Cleancache", "Frontswap", "RetryPolicy", "frontswap_handle"]
+
+Key = tuple[int, int]  # (swap type, offset)
+Handle = tuple[int, int]  # (oid, index) in the frontswap pool
+_TRANSIENT = (BrokerUnavailable, ServerError, RateLimited)
+
+
+def frontswap_handle(type: int, offset: int) -> Handle:
+    """Xen's mapping of a swap ``(type, offset)`` to ``(oid, index)``."""
+    return (type << 4) | (offset & 0xF), offset >> 4
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff for loads of broker-held pages.
+
+    ``attempts`` tries in all, sleeping ``backoff``, ``backoff*multiplier``, ... (at most
+    ``max_backoff``) between them. ``down_interval`` is how long stores skip the broker after
+    it was found unreachable before trying it again.
+    """
+
+    attempts: int = 5
+    backoff: float = 0.05
+    multiplier: float = 2.0
+    max_backoff: float = 1.0
+    down_interval: float = 1.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.backoff
+        for _ in range(max(self.attempts - 1, 0)):
+            yield delay
+            delay = min(delay * self.multiplier, self.max_backoff)
+
+
+class Frontswap:
+    """The frontswap interface backed by the broker with a local fallback (see module doc).
+
+    ``fallback`` is a path (a file the shim owns and truncates), a :class:`FallbackStore`, or
+    ``None`` for an anonymous temporary file. ``pool_id`` reuses an existing persistent pool
+    (e.g. after the agent restarted) instead of creating one at the first ``init``.
+    """
+
+    def __init__(
+        self,
+        client: TmemClient,
+        fallback: str | os.PathLike[str] | FallbackStore | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        pool_id: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.fallback = fallback if isinstance(fallback, FallbackStore) else FallbackStore(fallback)
+        self.retry = retry or RetryPolicy()
+        self.pool_id = pool_id
+        self._sleep = sleep
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._types: set[int] = set()
+        self._broker: dict[Key, None] = {}  # keys the broker holds, oldest first (shed order)
+        self._stale: set[Handle] = set()  # broker handles to flush, never to read
+        self.cap_pages: int | None = None
+        self._quota_full = False
+        self._frozen = False
+        self._down_until = 0.0
+        self.stats = {"broker_stores": 0, "fallback_stores": 0, "declined": 0, "shed_pages": 0}
+
+    # --- bookkeeping
+    @property
+    def broker_pages(self) -> int:
+        """Persistent pages this shim holds in the broker, stale ones included."""
+        return len(self._broker) + len(self._stale)
+
+    @property
+    def fallback_pages(self) -> int:
+        return len(self.fallback)
+
+    def where(self, type: int, offset: int) -> str | None:
+        """``"broker"``, ``"fallback"`` or ``None``: where the page lives (for tests and tools)."""
+        key = (type, offset)
+        if key in self._broker:
+            return "broker"
+        return "fallback" if key in self.fallback else None
+
+    def _broker_down(self) -> bool:
+        return self._down_until > self._clock()
+
+    def _mark_down(self) -> None:
+        self._down_until = self._clock() + self.retry.down_interval
+
+    def _ensure_pool(self) -> bool:
+        if self.pool_id is not None:
+            return True
+        if self._broker_down():
+            return False
+        try:
+            self.pool_id = self.client.create_pool("persistent")
+            info = self.client.self_info()
+        except BrokerUnavailable:
+            self._mark_down()
+            return False
+        cap = info.quota_pages if info.quota_pages is not None else info.cap_pages
+        if cap is not None and self.cap_pages is None:
+            self.cap_pages = cap
+        return True
+
+    def _room_for(self, new_pages: int) -> int:
+        """How many new broker pages may be offered now."""
+        if self._frozen or self._quota_full:
+            return 0
+        if self.cap_pages is None:
+            return new_pages
+        return max(0, min(new_pages, self.cap_pages - self.broker_pages))
+
+    def _can_offer(self) -> bool:
+        return not self._broker_down() and self._ensure_pool()
+
+    def _flush_stale(self) -> None:
+        if not self._stale or self.pool_id is None or self._broker_down():
+            return
+        handles = list(self._stale)
+        try:
+            self.client.flush_many(self.pool_id, handles)
+        except BrokerUnavailable:
+            self._mark_down()
+            return
+        except BrokerError:
+            return
+        self._stale.difference_update(handles)
+        self._quota_full = False
+
+    def _forget_broker_copy(self, key: Key) -> None:
+        """The map stops pointing at the broker for ``key``; flush the copy or mark it stale."""
+        if key not in self._broker:
+            return
+        del self._broker[key]
+        handle = frontswap_handle(*key)
+        if self.pool_id is not None and not self._broker_down():
+            try:
+                self.client.flush_page(self.pool_id, *handle)
+                self._quota_full = False
+                return
+            except BrokerUnavailable:
+                self._mark_down()
+            except BrokerError:
+                pass
+        self._stale.add(handle)
+
+    def _check_type(self, type: int) -> None:
+        if type not in self._types:
+            raise NotInitialised(f"swap type {type} was not initialised")
+
+    # --- frontswap interface
+    def init(self, type: int) -> None:
+        """Initialise swap ``type`` (creates the shared persistent pool on first use)."""
+        if type < 0:
+            raise ValueError("swap type must be >= 0")
+        with self._lock:
+            self._types.add(type)
+            self._ensure_pool()
+
+    def store(self, type: int, offset: int, page: bytes | memoryview) -> bool:
+        """Store a page; True when the broker took it, False when it went to the fallback.
+
+        Raises :class:`~guest_agent.errors.FallbackFull` when neither could take it (any older
+        copy is invalidated first, so a later load never returns it)."""
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"a page is exactly {PAGE_SIZE} bytes, got {len(page)}")
+        if not 0 <= offset < 1 << 36:
+            raise ValueError("offset out of range 0..2^36-1")
+        key = (type, offset)
+        with self._lock:
+            self._check_type(type)
+            self._flush_stale()
+            if self._can_offer() and (key in self._broker or self._room_for(1)):
+                assert self.pool_id is not None
+                oid, index = frontswap_handle(type, offset)
+                try:
+                    result = self.client.put(self.pool_id, oid, index, page)
+                except BrokerUnavailable:
+                    self._mark_down()
+                    self._broker.pop(key, None)
+                    self._stale.add((oid, index))  # the put may or may not have landed
+                except BrokerError:
+                    # 4xx changes nothing: an older copy may still be there.
+                    if key in self._broker:
+                        del self._broker[key]
+                        self._stale.add((oid, index))
+                else:
+                    self._stale.discard((oid, index))
+                    if result:
+                        self._broker.pop(key, None)
+                        self._broker[key] = None
+                        self.fallback.discard(key)
+                        self.stats["broker_stores"] += 1
+                        return True
+                    # Declined: the broker removed any older copy itself.
+                    self._broker.pop(key, None)
+                    self.stats["declined"] += 1
+                    if result.reason == "quota":
+                        self._quota_full = True
+                    elif result.reason == "frozen":
+                        self._frozen = True
+            else:
+                self._forget_broker_copy(key)
+            self.fallback.discard(key)
+            self.fallback.write(key, page)
+            self.stats["fallback_stores"] += 1
+            return False
+
+    def load(self, type: int, offset: int) -> bytes:
+        """The page last stored at ``(type, offset)``.
+
+        Raises :class:`KeyError` when nothing is stored there, and
+        :class:`~guest_agent.errors.PageUnavailable` when only the broker holds it and it stayed
+        unreachable through the retries (or, against the contract, lost it)."""
+        key = (type, offset)
+        with self._lock:
+            page = self.fallback.read(key)
+            if page is not None:
+                return page
+            if key not in self._broker:
+                raise KeyError(key)
+            return self._load_from_broker([key])[0]
+
+    def _load_from_broker(self, keys: Sequence[Key]) -> list[bytes]:
+        assert self.pool_id is not None
+        handles = [frontswap_handle(*k) for k in keys]
+        delays = self.retry.delays()
+        while True:
+            try:
+                if len(handles) == 1:
+                    pages: list[bytes | None] = [self.client.get(self.pool_id, *handles[0])]
+                else:
+                    pages = self.client.get_many(self.pool_id, handles)
+                break
+            except _TRANSIENT as exc:
+                delay = next(delays, None)
+                if delay is None:
+                    self._mark_down()
+                    raise PageUnavailable(
+                        f"{len(keys)} page(s) held only by the broker, which stayed unreachable "
+                        f"after {self.retry.attempts} attempts: {exc}"
+                    ) from exc
+                self._sleep(delay)
+            except BrokerError as exc:
+                raise PageUnavailable(f"the broker refused to return a page: {exc}") from exc
+        self._down_until = 0.0
+        out: list[bytes] = []
+        for key, page in zip(keys, pages, strict=True):
+            if page is None:
+                raise PageUnavailable(f"the broker lost persistent page {key} (a broker bug)")
+            out.append(page)
+        return out
+
+    def invalidate_page(self, type: int, offset: int) -> None:
+        """Forget the page at ``(type, offset)`` (idempotent)."""
+        key = (type, offset)
+        with self._lock:
+            self.fallback.discard(key)
+            if key in self._broker:
+                self._broker.pop(key)
+                handle = frontswap_handle(type, offset)
+                self._stale.add(handle)
+                self._flush_stale()
+
+    def invalidate_area(self, type: int) -> None:
+        """Forget every page of swap ``type`` (swapoff); ``init`` it again to reuse it."""
+        with self._lock:
+            for key in self.fallback:
+                if isinstance(key, tuple) and key[0] == type:
+                    self.fallback.discard(key)
+            gone = [k for k in self._broker if k[0] == type]
+            for key in gone:
+                del self._broker[key]
+            self._types.discard(type)
+            if self.pool_id is None:
+                return
+            oids = [(type << 4) | low for low in range(16)]
+            try:
+                if self._broker_down():
+                    raise BrokerUnavailable("broker marked down")
+                self.client.batch(self.pool_id, [(OP_FLUSH_OBJECT, oid, 0, None) for oid in oids])
+                self._stale = {h for h in self._stale if h[0] >> 4 != type}
+                self._quota_full = False
+            except TmemClientError as exc:
+                if isinstance(exc, BrokerUnavailable):
+                    self._mark_down()
+                self._stale.update(frontswap_handle(*k) for k in gone)
+
+    # --- batches
+    def store_many(self, type: int, pages: Sequence[tuple[int, bytes | memoryview]]) -> list[bool]:
+        """Store ``(offset, page)`` pairs in batches; per page, True when the broker took it.
+
+        Later pairs win when an offset repeats, as with sequential stores."""
+        for offset, page in pages:
+            if len(page) != PAGE_SIZE:
+                raise ValueError(f"a page is exactly {PAGE_SIZE} bytes, got {len(page)}")
+            if not 0 <= offset < 1 << 36:
+                raise ValueError("offset out of range 0..2^36-1")
+        out: list[bool] = []
+        with self._lock:
+            self._check_type(type)
+            self._flush_stale()
+            step = self.client.max_batch_ops
+            for start in range(0, len(pages), step):
+                out.extend(self._store_chunk(type, pages[start : start + step]))
+        return out
+
+    def _store_chunk(
+        self, type: int, pages: Sequence[tuple[int, bytes | memoryview]]
+    ) -> list[bool]:
+        # A repeated offset inside one chunk would make the batch's later put win at the
+        # broker but confuse the map; keep the last of each (as sequential stores would).
+        last: dict[int, int] = {}
+        for i, (offset, _) in enumerate(pages):
+            last[offset] = i
+        out = [False] * len(pages)
+        offered: list[int] = []
+        if self._can_offer():
+            new = sum(1 for i in last.values() if (type, pages[i][0]) not in self._broker)
+            room = self._room_for(new)
+            for i in last.values():
+                key = (type, pages[i][0])
+                if key in self._broker:
+                    offered.append(i)
+                elif room > 0:
+                    offered.append(i)
+                    room -= 1
+        offered_set = set(offered)
+        to_fallback = [i for i in last.values() if i not in offered_set]
+        if offered:
+            assert self.pool_id is not None
+            triples = [(*frontswap_handle(type, pages[i][0]), pages[i][1]) for i in offered]
+            try:
+                results = self.client.put_many(self.pool_id, triples)
+            except TmemClientError as exc:
+                if isinstance(exc, BrokerUnavailable):
+                    self._mark_down()
+                for i in offered:
+                    key = (type, pages[i][0])
+                    self._broker.pop(key, None)
+                    self._stale.add(frontswap_handle(*key))
+                to_fallback.extend(offered)
+            else:
+                for i, result in zip(offered, results, strict=True):
+                    key = (type, pages[i][0])
+                    self._stale.discard(frontswap_handle(*key))
+                    self._broker.pop(key, None)
+                    if result:
+                        self._broker[key] = None
+                        self.fallback.discard(key)
+                        out[i] = True
+                        self.stats["broker_stores"] += 1
+                    else:
+                        self.stats["declined"] += 1
+                        if result.reason == "quota":
+                            self._quota_full = True
+                        elif result.reason == "frozen":
+                            self._frozen = True
+                        to_fallback.append(i)
+        moved_out = [
+            (type, pages[i][0]) for i in to_fallback if (type, pages[i][0]) in self._broker
+        ]
+        if moved_out:
+            for key in moved_out:
+                del self._broker[key]
+            self._stale.update(frontswap_handle(*k) for k in moved_out)
+            self._flush_stale()
+        for i in to_fallback:
+            key = (type, pages[i][0])
+            self.fallback.write(key, pages[i][1])
+            self.stats["fallback_stores"] += 1
+        # Earlier duplicates of an offset report what happened to the winning copy.
+        if len(last) != len(pages):
+            for j, (offset, _) in enumerate(pages):
+                out[j] = out[last[offset]]
+        return out
+
+    def load_many(self, type: int, offsets: Sequence[int]) -> list[bytes | None]:
+        """Load pages in batches; ``None`` for an offset that holds nothing.
+
+        Raises :class:`~guest_agent.errors.PageUnavailable` as :meth:`load` does."""
+        out: list[bytes | None] = [None] * len(offsets)
+        with self._lock:
+            remote: list[int] = []
+            for i, offset in enumerate(offsets):
+                key = (type, offset)
+                page = self.fallback.read(key)
+                if page is not None:
+                    out[i] = page
+                elif key in self._broker:
+                    remote.append(i)
+            step = self.client.max_batch_ops
+            for start in range(0, len(remote), step):
+                chunk = remote[start : start + step]
+                pages = self._load_from_broker([(type, offsets[i]) for i in chunk])
+                for i, page in zip(chunk, pages, strict=True):
+                    out[i] = page
+        return out
+
+    # --- notices
+    def shed(self, pages: int) -> int:
+        """Move up to ``pages`` of the oldest broker pages into the fallback and flush them at
+        the broker; returns how many the broker no longer holds."""
+        returned = 0
+        with self._lock:
+            if self.pool_id is None:
+                return 0
+            # Stale copies are the cheapest pages to give back.
+            before = len(self._stale)
+            self._flush_stale()
+            returned += before - len(self._stale)
+            while returned < pages and self._broker:
+                want = min(pages - returned, self.client.max_batch_ops)
+                keys = list(_take(self._broker, want))
+                try:
+                    data = self._load_from_broker(keys)
+                except PageUnavailable:
+                    break
+                moved: list[Key] = []
+                for key, page in zip(keys, data, strict=True):
+                    try:
+                        self.fallback.write(key, page)
+                    except ShimError:
+                        break
+                    moved.append(key)
+                for key in moved:
+                    del self._broker[key]
+                handles = [frontswap_handle(*k) for k in moved]
+                try:
+                    self.client.flush_many(self.pool_id, handles)
+                except TmemClientError as exc:
+                    if isinstance(exc, BrokerUnavailable):
+                        self._mark_down()
+                    self._stale.update(handles)  # in the fallback now; flushed later
+                    break
+                returned += len(moved)
+                if len(moved) < len(keys):
+                    break  # the fallback is full
+            self.stats["shed_pages"] += returned
+            if returned:
+                self._quota_full = False
+        return returned
+
+    def handle_notice(self, notice: Notice) -> int | None:
+        """React to a broker notice; for a ``shed``, the pages returned (to ack)."""
+        with self._lock:
+            if notice.type == "shed":
+                return self.shed(notice.pages or 0)
+            if notice.type == "quota":
+                self.cap_pages = notice.cap_pages
+                self._quota_full = False
+            elif notice.type == "freeze":
+                self._frozen = True
+            elif notice.type == "thaw":
+                self._frozen = False
+            return None
+
+    def close(self) -> None:
+        """Close the fallback file (the client is the caller's to close)."""
+        with self._lock:
+            self.fallback.close()
+
+
+def _take(d: dict[Key, None], n: int) -> Iterator[Key]:
+    for i, key in enumerate(d):
+        if i >= n:
+            return
+        yield key
+
+
+def _file_key(key: int | bytes) -> int:
+    if isinstance(key, bytes | bytearray):
+        if len(key) > 24:
+            raise ValueError("a cleancache file key is at most 192 bits (24 bytes)")
+        key = int.from_bytes(key, "big")
+    if not 0 <= key <= MAX_OID:
+        raise ValueError("a cleancache file key is 0 <= key < 2^192")
+    return key
+
+
+class Cleancache:
+    """The cleancache interface: ephemeral pools, a miss is always a safe answer.
+
+    Not thread-safe beyond what the client is (one client per thread)."""
+
+    def __init__(self, client: TmemClient) -> None:
+        self.client = client
+        self._suspect_pages: set[tuple[int, int, int]] = set()
+        self._suspect_objects: set[tuple[int, int]] = set()
+        self._suspect_pools: set[int] = set()
+
+    def init_fs(self) -> int:
+        """A private ephemeral pool for one filesystem; gets are exclusive."""
+        return self.client.create_pool("ephemeral")
+
+    def init_shared_fs(self, uuid: str) -> int:
+        """Join (or create) the shared ephemeral pool of a clustered filesystem's ``uuid``."""
+        return self.client.create_pool("ephemeral", shared=True, uuid=str(uuid))
+
+    def _settle(self, pool: int, oid: int, index: int) -> bool:
+        """Flush pending invalidations touching the handle; True when it may be read."""
+        try:
+            if pool in self._suspect_pools:
+                self.client.destroy_pool(pool)
+                self._suspect_pools.discard(pool)
+                return False  # the pool is gone: nothing to read
+            if (pool, oid) in self._suspect_objects:
+                self.client.flush_object(pool, oid)
+                self._suspect_objects.discard((pool, oid))
+            if (pool, oid, index) in self._suspect_pages:
+                self.client.flush_page(pool, oid, index)
+                self._suspect_pages.discard((pool, oid, index))
+        except BrokerUnavailable:
+            return False
+        return True
+
+    def put_page(self, pool: int, key: int | bytes, index: int, page: bytes | memoryview) -> bool:
+        """Offer a clean page; True when the broker kept it."""
+        oid = _file_key(key)
+        if pool in self._suspect_pools:
+            self._settle(pool, oid, index)
+            return False  # the filesystem's pool is being destroyed
+        try:
+            stored = bool(self.client.put(pool, oid, index, page))
+            # Stored or declined, the handle no longer holds an older copy.
+            self._suspect_pages.discard((pool, oid, index))
+            return stored
+        except BrokerUnavailable:
+            self._suspect_pages.add((pool, oid, index))
+            return False
+
+    def get_page(self, pool: int, key: int | bytes, index: int) -> bytes | None:
+        """The page, or ``None`` (a miss); in a private pool a hit removes the page."""
+        oid = _file_key(key)
+        if (self._suspect_pages or self._suspect_objects or self._suspect_pools) and not (
+            self._settle(pool, oid, index)
+        ):
+            return None
+        try:
+            return self.client.get(pool, oid, index)
+        except BrokerUnavailable:
+            return None
+
+    def invalidate_page(self, pool: int, key: int | bytes, index: int) -> None:
+        """Drop one page (the file's page changed or went away)."""
+        oid = _file_key(key)
+        try:
+            self.client.flush_page(pool, oid, index)
+            self._suspect_pages.discard((pool, oid, index))
+        except BrokerUnavailable:
+            self._suspect_pages.add((pool, oid, index))
+
+    def invalidate_inode(self, pool: int, key: int | bytes) -> None:
+        """Drop every page of a file."""
+        oid = _file_key(key)
+        try:
+            self.client.flush_object(pool, oid)
+            self._suspect_objects.discard((pool, oid))
+            self._suspect_pages = {h for h in self._suspect_pages if h[:2] != (pool, oid)}
+        except BrokerUnavailable:
+            self._suspect_objects.add((pool, oid))
+
+    def invalidate_fs(self, pool: int) -> None:
+        """Drop the filesystem's pool (unmount)."""
+        try:
+            self.client.destroy_pool(pool)
+            self._suspect_pools.discard(pool)
+        except BrokerUnavailable:
+            self._suspect_pools.add(pool)
