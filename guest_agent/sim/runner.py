@@ -195,6 +195,8 @@ class SimResult:
     self_stats: dict[str, dict[str, Any]]
     timeline: list[Sample]
     modelled: dict[str, float]
+    models: dict[str, GuestModel] = field(default_factory=dict, repr=False)
+    """The guests' final models (what each believes the broker holds); not in JSON."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -357,6 +359,7 @@ def run_simulation(
         self_stats=self_stats,
         timeline=timeline,
         modelled=modelled_time(totals, timing, config.disk_latency_us),
+        models={g.name: g.model for g in guests},
     )
 
 

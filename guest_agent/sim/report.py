@@ -1,0 +1,163 @@
+"""Tables and a plain-words summary of a :class:`~guest_agent.sim.runner.SimResult`.
+
+console.print(figures_table(result))
+console.print(broker_table(result))
+print(what_happened(result))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from .runner import SimResult
+
+_PAGE = 4096
+
+
+def _int(d: dict[str, object], key: str) -> int:
+    v = d.get(key, 0)
+    return v if isinstance(v, int) else 0
+
+
+def _declines(d: dict[str, object]) -> str:
+    v = d.get("declines")
+    if not isinstance(v, dict) or not v:
+        return "-"
+    return ", ".join(f"{k} {n}" for k, n in sorted(v.items()))
+
+
+def _rate(hits: int, misses: int) -> str:
+    return f"{100.0 * hits / (hits + misses):.1f}%" if hits + misses else "-"
+
+
+def figures_table(result: SimResult) -> Table:
+    """One row per guest and a total row: faults, tmem hits/misses, disk I/O avoided, ..."""
+    table = Table(title="Simulated guests", show_footer=False)
+    for name, justify in (
+        ("guest", "left"),
+        ("accesses", "right"),
+        ("faults", "right"),
+        ("tmem hits", "right"),
+        ("tmem misses", "right"),
+        ("hit rate", "right"),
+        ("disk reads", "right"),
+        ("reads avoided", "right"),
+        ("writes avoided", "right"),
+        ("declines", "left"),
+        ("sheds", "right"),
+        ("bad pages", "right"),
+        ("µs/page", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+
+    def row(name: str, d: dict[str, object], us: float, *, style: str | None = None) -> None:
+        hits, misses = _int(d, "tmem_hits"), _int(d, "tmem_misses")
+        table.add_row(
+            name,
+            f"{_int(d, 'accesses'):,}",
+            f"{_int(d, 'faults'):,}",
+            f"{hits:,}",
+            f"{misses:,}",
+            _rate(hits, misses),
+            f"{_int(d, 'disk_reads'):,}",
+            f"{_int(d, 'disk_reads_avoided'):,}",
+            f"{_int(d, 'disk_writes_avoided'):,}",
+            _declines(d),
+            f"{_int(d, 'sheds_answered')}",
+            f"{_int(d, 'corrupt_pages')}",
+            f"{us:.1f}",
+            style=style,
+        )
+
+    for name, d in result.guests.items():
+        row(name, d, result.guest_timing[name].per_page_us)
+    table.add_section()
+    row("all", result.totals, result.timing.per_page_us, style="bold")
+    return table
+
+
+def broker_table(result: SimResult) -> Table:
+    """The broker's own figures at the end and the modelled time saved."""
+    table = Table(title="Broker and modelled time", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, label in broker_lines(result):
+        table.add_row(key, label)
+    return table
+
+
+def broker_lines(result: SimResult) -> list[tuple[str, str]]:
+    """(label, value) pairs of :func:`broker_table`, usable without rich."""
+    lines: list[tuple[str, str]] = []
+    st: dict[str, Any] | None = result.broker_stats
+    if st:
+        for key in ("logical_pages", "unique_pages", "zero_pages", "evictions"):
+            if isinstance(st.get(key), int):
+                lines.append((key.replace("_", " "), f"{st[key]:,}"))
+        if isinstance(st.get("used_bytes"), int):
+            lines.append(("memory used", f"{st['used_bytes'] / (1 << 20):.1f} MiB"))
+        if isinstance(st.get("dedup_ratio"), int | float):
+            lines.append(("dedup ratio", f"{st['dedup_ratio']:.2f}"))
+        if isinstance(st.get("compression_ratio"), int | float):
+            lines.append(("compression ratio", f"{st['compression_ratio']:.2f}"))
+    m = result.modelled
+    lines += [
+        ("broker latency (measured)", f"{m['broker_us_per_page']:.1f} µs/page"),
+        ("disk latency (modelled)", f"{m['disk_latency_us']:.0f} µs/page"),
+        ("disk time avoided", f"{m['disk_seconds_avoided']:.2f} s"),
+        ("broker time paid", f"{m['broker_seconds']:.2f} s"),
+        ("time saved", f"{m['seconds_saved']:.2f} s"),
+    ]
+    return lines
+
+
+def what_happened(result: SimResult) -> str:
+    """One paragraph in plain words: what the guests did and what the broker gave them."""
+    t = result.totals
+    c = result.config
+    hits, misses = _int(t, "tmem_hits"), _int(t, "tmem_misses")
+    parts = [
+        f"{c.guests} guests with {c.ram_pages * _PAGE >> 20} MiB of RAM each ran the "
+        f"'{c.workload}' workload for {c.steps} steps (seed {c.seed}) over "
+        f"{c.anon_pages * _PAGE >> 20} MiB of anonymous memory and a page cache of "
+        f"{', '.join(result.images)}.",
+        f"They took {_int(t, 'faults'):,} page faults; {hits:,} were served by the broker "
+        f"({_int(t, 'swap_tmem_hits'):,} from frontswap, {_int(t, 'cache_hits'):,} from "
+        f"cleancache) and {misses:,} missed, a hit rate of {_rate(hits, misses)}.",
+        f"The broker spared {_int(t, 'disk_reads_avoided'):,} disk reads and "
+        f"{_int(t, 'disk_writes_avoided'):,} swap writes; "
+        f"{_int(t, 'disk_reads'):,} reads still went to disk.",
+    ]
+    declines = t.get("declines")
+    if isinstance(declines, dict) and declines:
+        parts.append(
+            f"It declined {sum(declines.values()):,} puts ({_declines(t)}); declined swap "
+            f"pages went to the fallback file."
+        )
+    if _int(t, "sheds_answered"):
+        parts.append(
+            f"Guests answered {_int(t, 'sheds_answered')} shed notices, returning "
+            f"{_int(t, 'shed_pages_returned'):,} pages."
+        )
+    st = result.broker_stats
+    if st and isinstance(st.get("unique_pages"), int) and isinstance(st.get("logical_pages"), int):
+        parts.append(
+            f"At the end it held {st['logical_pages']:,} pages as {st['unique_pages']:,} "
+            f"distinct contents plus {st.get('zero_pages', 0):,} zero pages "
+            f"(dedup ratio {float(st.get('dedup_ratio', 0.0)):.2f})."
+        )
+    m = result.modelled
+    parts.append(
+        f"At {m['disk_latency_us']:.0f} µs per disk access against the "
+        f"{m['broker_us_per_page']:.1f} µs per page measured at the broker, that is "
+        f"{m['seconds_saved']:.2f} s of I/O time saved."
+    )
+    bad = _int(t, "corrupt_pages") + _int(t, "swap_lost")
+    parts.append(
+        "Every page the broker returned matched what the guest had stored."
+        if not bad
+        else f"WARNING: {bad} pages came back wrong or were lost."
+    )
+    return " ".join(parts)

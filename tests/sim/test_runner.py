@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from guest_agent.sim.backends import MemoryBroker
+from guest_agent.sim.plot import write_plot
+from guest_agent.sim.report import broker_table, figures_table, what_happened
+from guest_agent.sim.runner import (
+    SimConfig,
+    SimResult,
+    Timing,
+    memory_links,
+    modelled_time,
+    run_simulation,
+)
+
+from .expected import expected_at_broker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def config(image: Path, **kw: object) -> SimConfig:
+    base: dict[str, object] = dict(
+        guests=4,
+        steps=40,
+        ram_pages=128,
+        anon_pages=400,
+        file_pages=600,
+        accesses_per_step=64,
+        images=[str(image)],
+        sample_every=5,
+    )
+    base.update(kw)
+    return SimConfig(**base)  # type: ignore[arg-type]
+
+
+def twin_run(cfg: SimConfig, **kw: object) -> tuple[SimResult, MemoryBroker]:
+    broker = MemoryBroker(**kw)  # type: ignore[arg-type]
+    result = run_simulation(cfg, memory_links(cfg, broker), broker_stats=broker.stats)
+    return result, broker
+
+
+def test_same_seed_same_counts_other_seed_other_counts(image_tree: Path) -> None:
+    a, _ = twin_run(config(image_tree, seed=11))
+    b, _ = twin_run(config(image_tree, seed=11))
+    c, _ = twin_run(config(image_tree, seed=12))
+    assert a.guests == b.guests
+    assert a.totals == b.totals
+    assert a.totals["faults"] > 0 and a.totals["swap_puts"] > 0
+    assert a.guests != c.guests
+
+
+@pytest.mark.parametrize("workload", ["hotcold", "scan", "phases", "mix"])
+def test_dedup_at_the_twin_is_exact(image_tree: Path, workload: str) -> None:
+    result, broker = twin_run(config(image_tree, workload=workload))
+    exp = expected_at_broker(result.models.values())
+    st = broker.stats()
+    assert exp.logical_pages > 0 and exp.unique_pages > 0
+    assert (st["logical_pages"], st["unique_pages"], st["zero_pages"]) == (
+        exp.logical_pages,
+        exp.unique_pages,
+        exp.zero_pages,
+    )
+    # The same image for every guest: pages are shared across guests.
+    assert st["unique_pages"] + st["zero_pages"] < st["logical_pages"]
+
+
+def test_different_images_share_less(image_tree: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(40):
+        # distinct contents: no page of this tree equals a page of the copied /usr/lib files
+        (other / f"f{i:02d}").write_bytes(bytes([i + 1]) * (4096 * 20))
+    same, _ = twin_run(config(image_tree))
+    mixed, _ = twin_run(config(image_tree, images=[str(image_tree), str(other)]))
+    assert same.broker_stats is not None and mixed.broker_stats is not None
+    assert mixed.broker_stats["dedup_ratio"] < same.broker_stats["dedup_ratio"]
+    assert len(mixed.images) == 2
+
+
+def test_report_json_and_plot(image_tree: Path, tmp_path: Path) -> None:
+    result, _ = twin_run(config(image_tree))
+    console = Console(width=200, record=True)
+    console.print(figures_table(result))
+    console.print(broker_table(result))
+    text = console.export_text()
+    for name in ("guest-0", "guest-3", "all", "dedup ratio", "time saved"):
+        assert name in text
+    summary = what_happened(result)
+    assert f"{result.totals['faults']:,} page faults" in summary
+    assert "matched" in summary
+    doc = json.loads(json.dumps(result.as_dict()))
+    assert doc["totals"]["tmem_hits"] == result.totals["tmem_hits"]
+    assert set(doc["guests"]) == {"guest-0", "guest-1", "guest-2", "guest-3"}
+    assert len(doc["timeline"]) == 40 // 5
+    png = tmp_path / "sim.png"
+    write_plot(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 10_000
+
+
+def test_modelled_time_is_disk_time_avoided_minus_broker_time() -> None:
+    timing = Timing(seconds=0.5, calls=10, pages=1000)
+    m = modelled_time({"disk_reads_avoided": 3000, "disk_writes_avoided": 1000}, timing, 100.0)
+    assert m["disk_seconds_avoided"] == pytest.approx(0.4)
+    assert m["seconds_saved"] == pytest.approx(-0.1)
+    assert m["broker_us_per_page"] == pytest.approx(500.0)
+
+
+def test_pressure_is_reported_periodically(image_tree: Path) -> None:
+    cfg = config(image_tree, pressure_every=10)
+    broker = MemoryBroker()
+    links = memory_links(cfg, broker)
+    run_simulation(cfg, links)
+    assert all(len(link.pressure_reports) == 4 for link in links)
+    assert all(
+        set(r) >= {"psi_some_avg10", "mem_available_bytes"} for r in links[0].pressure_reports
+    )
