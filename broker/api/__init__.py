@@ -1,0 +1,1 @@
+"""The broker's HTTP front door: routes, auth, notices and the one error handler."""

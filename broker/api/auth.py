@@ -1,0 +1,91 @@
+"""Bearer tokens: the admin token and the guests' tokens.
+
+Guest tokens are ``secrets.token_urlsafe(32)`` (256 random bits), shown once and stored only as
+their SHA-256. A fast unsalted hash is enough here, unlike for passwords: a slow or salted hash
+defends a *guessable* secret against offline guessing, and 256 random bits cannot be guessed,
+so a stolen hash gives no way back to the token. Being fast matters, because every page request
+is authenticated: the hot path hashes the presented token once and looks the hash up in an
+in-memory dict (:class:`TokenRegistry`), never in SQL. The admin token is compared with
+``hmac.compare_digest``. Tokens are never logged: only guest ids are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def new_token() -> str:
+    """A fresh token of 256 random bits (URL-safe text)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> bytes:
+    """The 32-byte SHA-256 of a token, as stored in SQL and in the registry."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+class TokenRegistry:
+    """Maps token hashes to guest ids, in memory, loaded from SQL at start.
+
+    ``guest_for(header)`` is the hot-path check: one hash and one dict lookup.
+    """
+
+    def __init__(self, admin_token: str) -> None:
+        self._admin_hash = hash_token(admin_token)
+        self._guests: dict[bytes, int] = {}
+
+    def add(self, token_hash: bytes, guest_id: int) -> None:
+        self._guests[token_hash] = guest_id
+
+    def remove_guest(self, guest_id: int) -> None:
+        for key in [k for k, g in self._guests.items() if g == guest_id]:
+            del self._guests[key]
+
+    def guest_for_token(self, token: str) -> int | None:
+        """The guest id of ``token``, or ``None``."""
+        return self._guests.get(hash_token(token))
+
+    def is_admin(self, token: str) -> bool:
+        return hmac.compare_digest(hash_token(token), self._admin_hash)
+
+    def __len__(self) -> int:
+        return len(self._guests)
+
+
+def bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``None``."""
+    if not header or header[:7].lower() != "bearer ":
+        return None
+    token = header[7:].strip()
+    return token or None
+
+
+def load_or_create_admin_token(data_dir: Path) -> tuple[str, Path, bool]:
+    """The admin token kept in ``data_dir/admin-token`` (mode 0600), made at first start.
+
+    Returns ``(token, path, created)``.
+    """
+    path = data_dir / ADMIN_TOKEN_FILE
+    if path.exists():
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token, path, False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = new_token()
+    # O_EXCL + 0600 at creation: the token is never readable by others, not even briefly.
+    tmp = path.with_name(f".{ADMIN_TOKEN_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    os.replace(tmp, path)
+    log.warning("generated an admin token; it is in %s (mode 0600)", path)
+    return token, path, True

@@ -1,0 +1,303 @@
+"""The broker's shell state and the operations that touch both SQL and the core.
+
+:class:`BrokerService` owns the core (``Tmem``), the repository, the token registry, the notice
+hub and the journal. Routes stay thin: they authenticate, parse, and call one method here (or,
+on the hot path, the core directly). SQL runs in the thread pool (a synchronous engine): admin
+and pool operations are rare, so a thread hop per call is cheap and keeps one simple code path
+for SQLite and PostgreSQL, while the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from broker.api.auth import TokenRegistry, hash_token, new_token
+from broker.api.notices import NoticeHub
+from broker.core import Tmem
+from broker.core.errors import BadPageSize, TmemError, UnknownGuest
+from broker.db.repo import GuestRecord, PoolRecord, Repository
+from broker.settings import Settings
+from schemas.batch import PAGE_SIZE
+from schemas.wire import GuestCreate, GuestInfo, PoolCreate, PoolInfo, Pressure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PressureReport:
+    """A guest's latest ``POST /v1/self/pressure`` and when it arrived."""
+
+    report: Pressure
+    received_at: datetime
+
+
+class BrokerService:
+    """Everything the routes need; built by ``create_app``'s lifespan."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        core: Tmem,
+        repo: Repository,
+        tokens: TokenRegistry,
+        hub: NoticeHub,
+        journal: Any,
+    ) -> None:
+        self.settings = settings
+        self.core = core
+        self.repo = repo
+        self.tokens = tokens
+        self.hub = hub
+        self.journal = journal
+        self.guests: dict[int, GuestRecord] = {}
+        self.pressure: dict[int, PressureReport] = {}
+        self.ready = asyncio.Event()
+        self.started_at = time.time()
+        # Admin and pool changes are serialised: each is a core change plus a SQL write, and
+        # two interleaved ones (say, delete guest while creating its pool) must not cross.
+        self.lock = asyncio.Lock()
+
+    # start -------------------------------------------------------------------------------
+
+    def load_from_sql(self) -> tuple[int, int]:
+        """Put guests, authorisations and pools from SQL back into the core (at start).
+
+        Returns ``(guests, pools)`` loaded. Admin-changed settings win over the flags.
+        """
+        stored = self.repo.settings()
+        if "capacity_bytes" in stored:
+            self.core.capacity_bytes = int(stored["capacity_bytes"])
+            log.info(
+                "capacity %d bytes (set by an admin, overrides --capacity)",
+                stored["capacity_bytes"],
+            )
+        for g in self.repo.guests():
+            self.core.add_guest(
+                g.guest_id,
+                name=g.name,
+                weight=g.weight,
+                cap_pages=g.cap_pages,
+                dedup_domain=g.dedup_domain,
+                compress=g.compress,
+                frozen=g.frozen,
+            )
+            self.tokens.add(g.token_hash, g.guest_id)
+            self.guests[g.guest_id] = g
+        for uuid, guest_id in self.repo.shared_auths():
+            self.core.authorise_shared(uuid, guest_id, True)
+        pools = 0
+        for p in self.repo.pools():
+            try:
+                self.core.create_pool(
+                    p.guest_id,
+                    p.kind,
+                    shared=p.shared,
+                    uuid=p.uuid,
+                    exclusive_gets=p.exclusive_gets,
+                    pool_id=p.pool_id,
+                )
+                pools += 1
+            except TmemError as exc:
+                # e.g. the shared-pool authorisation was withdrawn while the broker was down.
+                log.warning("pool %d of guest %d not restored: %s", p.pool_id, p.guest_id, exc)
+        return len(self.guests), pools
+
+    # guests ------------------------------------------------------------------------------
+
+    def guest_record(self, guest_id: int) -> GuestRecord:
+        record = self.guests.get(guest_id)
+        if record is None:
+            raise UnknownGuest(f"no guest {guest_id}")
+        return record
+
+    def pool_infos(self, guest_id: int) -> list[PoolInfo]:
+        return [
+            PoolInfo(
+                pool_id=p.pool_id,
+                kind=p.kind,
+                shared=p.shared,
+                uuid=p.uuid,
+                page_size=PAGE_SIZE,
+                exclusive_gets=p.exclusive_gets,
+                pages=p.pages,
+            )
+            for p in self.core.pools(guest_id)
+        ]
+
+    def guest_info(self, guest_id: int) -> dict[str, Any]:
+        """The guest as ``GuestInfo`` fields, with pools, its own stats and its pressure."""
+        g = self.guest_record(guest_id)
+        stats = self.core.guest_stats(guest_id)
+        info = GuestInfo(
+            guest_id=g.guest_id,
+            name=g.name,
+            weight=g.weight,
+            cap_pages=g.cap_pages,
+            quota_pages=stats.get("quota_pages", g.cap_pages),
+            dedup_domain=g.dedup_domain,
+            compress=g.compress,
+            frozen=g.frozen,
+            pools=self.pool_infos(guest_id),
+            stats=stats,
+        ).model_dump(mode="json")
+        pressure = self.pressure.get(guest_id)
+        info["pressure"] = (
+            None
+            if pressure is None
+            else {
+                **pressure.report.model_dump(mode="json"),
+                "received_at": pressure.received_at.isoformat(),
+            }
+        )
+        return info
+
+    async def create_guest(self, body: GuestCreate) -> tuple[GuestRecord, str]:
+        """Create a guest; returns it and its token (shown once, stored only as a hash)."""
+        token = new_token()
+        async with self.lock:
+            record = await run_in_threadpool(
+                lambda: self.repo.create_guest(
+                    name=body.name,
+                    token_hash=hash_token(token),
+                    weight=body.weight,
+                    cap_pages=body.cap_pages,
+                    dedup_domain=body.dedup_domain,
+                    compress=body.compress,
+                )
+            )
+            self.core.add_guest(
+                record.guest_id,
+                name=record.name,
+                weight=record.weight,
+                cap_pages=record.cap_pages,
+                dedup_domain=record.dedup_domain,
+                compress=record.compress,
+            )
+            self.guests[record.guest_id] = record
+            self.tokens.add(record.token_hash, record.guest_id)
+        log.info("created guest %d (%s)", record.guest_id, record.name)
+        return record, token
+
+    async def update_guest(self, guest_id: int, changes: dict[str, Any]) -> None:
+        """Apply a PATCH (only the fields it set); a changed cap sends a ``quota`` notice."""
+        async with self.lock:
+            old = self.guest_record(guest_id)
+            record = await run_in_threadpool(self.repo.update_guest, guest_id, changes)
+            self.core.update_guest(guest_id, **changes)
+            self.guests[guest_id] = record
+        if "cap_pages" in changes and changes["cap_pages"] != old.cap_pages:
+            await self.hub.publish(guest_id, "quota", cap_pages=record.cap_pages)
+
+    async def set_frozen(self, guest_id: int, frozen: bool) -> None:
+        """Freeze or thaw (Xen's tmem freeze/thaw) and tell the guest."""
+        async with self.lock:
+            self.guest_record(guest_id)
+            record = await run_in_threadpool(self.repo.update_guest, guest_id, {"frozen": frozen})
+            if frozen:
+                self.core.freeze(guest_id)
+            else:
+                self.core.thaw(guest_id)
+            self.guests[guest_id] = record
+        await self.hub.publish(guest_id, "freeze" if frozen else "thaw")
+
+    async def flush_guest(self, guest_id: int) -> int:
+        self.guest_record(guest_id)
+        pages = self.core.flush_guest(guest_id)
+        await self.barrier()
+        return pages
+
+    async def delete_guest(self, guest_id: int) -> None:
+        async with self.lock:
+            self.guest_record(guest_id)
+            # Stop its token first, so no request of the guest runs against a half-gone guest.
+            self.tokens.remove_guest(guest_id)
+            self.guests.pop(guest_id, None)
+            self.pressure.pop(guest_id, None)
+            self.core.remove_guest(guest_id)
+            await self.barrier()
+            await run_in_threadpool(self.repo.delete_guest, guest_id)
+            self.hub.forget(guest_id)
+        log.info("deleted guest %d", guest_id)
+
+    async def set_shared_auth(self, uuid: str, guest_id: int, allow: bool) -> None:
+        async with self.lock:
+            self.guest_record(guest_id)
+            await run_in_threadpool(self.repo.set_shared_auth, uuid, guest_id, allow)
+            self.core.authorise_shared(uuid, guest_id, allow)
+
+    async def set_capacity(self, capacity_bytes: int) -> None:
+        async with self.lock:
+            await run_in_threadpool(self.repo.set_setting, "capacity_bytes", capacity_bytes)
+            self.core.capacity_bytes = capacity_bytes
+
+    def record_pressure(self, guest_id: int, report: Pressure) -> None:
+        self.pressure[guest_id] = PressureReport(report, datetime.now(UTC))
+
+    # pools -------------------------------------------------------------------------------
+
+    async def create_pool(self, guest_id: int, body: PoolCreate) -> PoolInfo:
+        if body.page_size != PAGE_SIZE:
+            raise BadPageSize(f"page_size must be {PAGE_SIZE}, not {body.page_size}")
+        uuid = str(body.uuid) if body.uuid is not None else None
+        async with self.lock:
+            self.guest_record(guest_id)
+            pool_id = self.core.create_pool(
+                guest_id,
+                body.kind,
+                shared=body.shared,
+                uuid=uuid,
+                exclusive_gets=body.exclusive_gets,
+            )
+            record = PoolRecord(
+                guest_id, pool_id, body.kind, body.shared, uuid, body.exclusive_gets
+            )
+            try:
+                await run_in_threadpool(self.repo.add_pool, record)
+            except BaseException:
+                # The pool exists only if SQL has it: a pool the broker forgets at restart
+                # would take acknowledged persistent pages with it.
+                self.core.destroy_pool(guest_id, pool_id)
+                raise
+        return PoolInfo(
+            pool_id=pool_id,
+            kind=body.kind,
+            shared=body.shared,
+            uuid=body.uuid,
+            page_size=PAGE_SIZE,
+            exclusive_gets=body.exclusive_gets,
+            pages=0,
+        )
+
+    async def destroy_pool(self, guest_id: int, pool_id: int) -> None:
+        async with self.lock:
+            self.core.destroy_pool(guest_id, pool_id)
+            await self.barrier()
+            await run_in_threadpool(self.repo.delete_pool, guest_id, pool_id)
+
+    # the rest ----------------------------------------------------------------------------
+
+    async def barrier(self) -> None:
+        """Wait until the journal holds everything recorded so far."""
+        if self.journal.pending:
+            await self.journal.barrier()
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /v1/stats``: the core's global figures and one entry per guest."""
+        stats = dict(self.core.stats())
+        stats["guests"] = [
+            {
+                "guest_id": g.guest_id,
+                "name": g.name,
+                "frozen": g.frozen,
+                **self.core.guest_stats(gid),
+            }
+            for gid, g in sorted(self.guests.items())
+        ]
+        return stats

@@ -1,0 +1,207 @@
+"""``create_app(settings)``: the one place that wires the broker together.
+
+The lifespan upgrades the schema, opens the journal (``broker.store.open_journal`` decides
+what ``--durability`` means), builds the core, reloads guests, authorisations and pools from
+SQL into it, then reloads persistent pages from the journal in the background while
+``/readyz`` answers 503 and requests wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.api import ops, routes
+from broker.api.auth import TokenRegistry, load_or_create_admin_token
+from broker.api.errors import ApiError, BodyTooLarge, handle_error, json_error
+from broker.api.notices import NoticeHub
+from broker.api.openapi import install_openapi
+from broker.api.pages import ServiceBox, page_routes
+from broker.api.service import BrokerService
+from broker.core import CoreConfig, Tmem
+from broker.core.errors import TmemError
+from broker.db.engine import make_engine, upgrade
+from broker.db.repo import Repository
+from broker.settings import Settings
+from broker.store import open_journal, reload_journal
+from broker.store.errors import StoreError
+
+log = logging.getLogger("broker")
+
+DESCRIPTION = """A host-side transcendent-memory broker. Guests put pages (raw 4096-byte
+bodies) into persistent (frontswap) or ephemeral (cleancache) pools; the broker keeps them in
+RAM, stores identical pages once and tells guests when to give memory back. Every `/v1` call
+needs `Authorization: Bearer <token>` (the admin token or a guest token)."""
+
+
+class BodyLimit:
+    """Refuses JSON bodies larger than ``limit`` with 413 before reading them whole.
+
+    The page routes and the batch enforce their own (larger, exact) limits and pass through.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if "/pages/" in path or path.endswith("/batch"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                response = json_error(413, BodyTooLarge.code, f"body larger than {limit} bytes")
+                await response(scope, receive, send)
+                return
+        seen = 0
+
+        async def bounded() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"body larger than {limit} bytes")
+            return message
+
+        await self.app(scope, bounded, send)
+
+
+_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+
+
+class RedactTokens(logging.Filter):
+    """Removes ``token=...`` (the WebSocket query parameter) from log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                _TOKEN_IN_TEXT.sub(r"\1<redacted>", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+            record.msg = _TOKEN_IN_TEXT.sub(r"\1<redacted>", record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Attach :class:`RedactTokens` to uvicorn's loggers (idempotent)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+
+
+def _admin_token(settings: Settings) -> str:
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        return settings.admin_token.get_secret_value()
+    token, path, created = load_or_create_admin_token(settings.data_dir)
+    # Printed, not only logged: an operator starting the broker for the first time needs it.
+    note = "generated the admin token" if created else "admin token"
+    print(f"tmem-broker: {note}: {path.resolve()} (mode 0600)", flush=True)
+    return token
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The broker's ASGI app; ``settings`` are used as given (no environment is read here)."""
+    box = ServiceBox()
+    metrics = CollectorRegistry(auto_describe=False)
+    metrics.register(ops.StatsCollector(box))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        admin_token = _admin_token(settings)
+        url = settings.sqlalchemy_url
+        await asyncio.to_thread(upgrade, url, settings.migrations_dir)
+        repo = Repository(make_engine(url))
+        journal = open_journal(settings)
+        core = Tmem(
+            CoreConfig(
+                capacity_bytes=settings.capacity,
+                max_pools_per_guest=settings.max_pools_per_guest,
+            ),
+            journal=journal,
+        )
+        hub = NoticeHub(repo)
+        service = BrokerService(settings, core, repo, TokenRegistry(admin_token), hub, journal)
+        guests, pools = service.load_from_sql()
+        log.info("loaded %d guests and %d pools from %s", guests, pools, repo.engine.url.drivername)
+        box.service = service
+
+        async def reload() -> None:
+            try:
+                report = await reload_journal(journal, core)
+            except Exception:
+                log.exception("journal reload failed; the broker stays not ready")
+                return
+            if report.pages:
+                log.info("reloaded %d persistent pages", report.pages)
+            service.ready.set()
+
+        reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
+        try:
+            yield
+        finally:
+            reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloading
+            hub.close()
+            aclose = getattr(journal, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            else:
+                journal.close()
+            repo.close()
+            box.service = None
+
+    app = FastAPI(
+        title="tmem broker",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        exception_handlers={
+            TmemError: handle_error,
+            ApiError: handle_error,
+            StoreError: handle_error,
+            RequestValidationError: handle_error,
+            StarletteHTTPException: handle_error,
+        },
+    )
+    app.state.settings = settings
+    app.state.box = box
+    app.state.metrics = metrics
+    for route in page_routes(box):
+        app.router.routes.append(route)
+    app.include_router(routes.admin)
+    app.include_router(routes.guest)
+    app.include_router(ops.router)
+    app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
+    install_openapi(app)
+    install_log_redaction()
+    return app
+
+
+def service_of(app: Any) -> BrokerService:
+    """The running service of an app built by :func:`create_app` (after its lifespan started)."""
+    service = app.state.box.service
+    if service is None:
+        raise RuntimeError("the app has not started")
+    assert isinstance(service, BrokerService)
+    return service

@@ -1,0 +1,317 @@
+"""``tmem-broker``: run the broker, upgrade its schema, and administer a running one.
+
+::
+
+    tmem-broker serve [--host 127.0.0.1] [--port 8470] [--data-dir ./var] [--capacity 1GiB]
+                      [--database-url URL] [--durability sync|none] [--admin-token T]
+    tmem-broker db upgrade [--database-url URL] [--data-dir ./var]
+    tmem-broker admin {create-guest,list,show,freeze,thaw,flush,delete,stats,shared-auth} ...
+
+Every ``serve`` flag is also read from ``TMEM_<FLAG>`` (``TMEM_CAPACITY=4GiB``). The admin
+commands talk HTTP to a running broker (``--url``, default ``$TMEM_URL`` or
+``http://127.0.0.1:8470``) with ``--admin-token``, ``$TMEM_ADMIN_TOKEN`` or the token file in
+``--data-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from broker.settings import Settings
+
+app = typer.Typer(
+    help="tmem broker: a host-side transcendent-memory service.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+admin_app = typer.Typer(help="Administer a running broker over HTTP.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(admin_app, name="admin")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings(**flags: Any) -> Settings:
+    """Settings from the given flags, the environment (``TMEM_*``) filling the rest."""
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "settings"
+            err.print(f"[red]invalid {where}[/red]: {e['msg']}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to listen on [127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port [8470]")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="SQLite, journal, admin token [./var]")
+    ] = None,
+    capacity: Annotated[str | None, typer.Option(help="page storage, e.g. 1GiB [1GiB]")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="sqlite:///... or postgresql+psycopg://... [SQLite in data dir]"),
+    ] = None,
+    durability: Annotated[str | None, typer.Option(help="sync (journal) or none [sync]")] = None,
+    admin_token: Annotated[
+        str | None, typer.Option(help="admin token [$TMEM_ADMIN_TOKEN or generated]")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+) -> None:
+    """Run the broker (upgrades the database schema first)."""
+    settings = _settings(
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        capacity=capacity,
+        database_url=database_url,
+        durability=durability,
+        admin_token=admin_token,
+        log_level=log_level,
+    )
+    import uvicorn
+
+    from broker.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # Keep-alive matters for guests that send page after page on one connection.
+        timeout_keep_alive=60,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    database_url: Annotated[
+        str | None, typer.Option(help="database URL [SQLite in data dir]")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="data dir of the SQLite default")] = None,
+) -> None:
+    """Bring the database schema to the newest revision, without starting the broker."""
+    from broker.db.engine import upgrade
+
+    settings = _settings(database_url=database_url, data_dir=data_dir)
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.sqlalchemy_url, settings.migrations_dir)
+    console.print("schema is at the newest revision")
+
+
+# admin ------------------------------------------------------------------------------------
+
+
+class _Client:
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read())["error"]
+                message = f"{exc.code} {detail['code']}: {detail['message']}"
+            except (ValueError, KeyError, TypeError):
+                message = f"{exc.code} {exc.reason}"
+            err.print(f"[red]error[/red] {message}")
+            raise typer.Exit(1) from exc
+        except urllib.error.URLError as exc:
+            err.print(f"[red]cannot reach the broker at {self.url}[/red]: {exc.reason}")
+            raise typer.Exit(1) from exc
+        return json.loads(raw) if raw else None
+
+
+UrlOpt = Annotated[
+    str | None, typer.Option("--url", help="broker URL [$TMEM_URL or http://127.0.0.1:8470]")
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--admin-token", help="[$TMEM_ADMIN_TOKEN or the token file]")
+]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="where the token file is [./var]")
+]
+
+
+def _client(url: str | None, token: str | None, data_dir: Path | None) -> _Client:
+    url = url or os.environ.get("TMEM_URL") or "http://127.0.0.1:8470"
+    token = token or os.environ.get("TMEM_ADMIN_TOKEN")
+    if not token:
+        path = (data_dir or Path(os.environ.get("TMEM_DATA_DIR", "./var"))) / "admin-token"
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            err.print(
+                f"[red]no admin token[/red]: pass --admin-token, set TMEM_ADMIN_TOKEN or keep {path}"
+            )
+            raise typer.Exit(2) from exc
+    return _Client(url, token)
+
+
+def _guest_table(guests: list[dict[str, Any]]) -> Table:
+    table = Table("id", "name", "weight", "cap", "frozen", "pools", "pages", "domain")
+    for g in guests:
+        stats = g.get("stats") or {}
+        pages = stats.get("logical_pages", stats.get("pages", ""))
+        table.add_row(
+            str(g["guest_id"]),
+            g["name"],
+            str(g["weight"]),
+            "-" if g["cap_pages"] is None else str(g["cap_pages"]),
+            "yes" if g["frozen"] else "no",
+            str(len(g.get("pools") or [])),
+            str(pages),
+            g["dedup_domain"],
+        )
+    return table
+
+
+def _kv_table(title: str, items: dict[str, Any]) -> Table:
+    table = Table("field", "value", title=title)
+    for key, value in items.items():
+        shown = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        table.add_row(key, shown)
+    return table
+
+
+@admin_app.command("create-guest")
+def create_guest(
+    name: str,
+    weight: Annotated[int, typer.Option(help="share of memory under contention")] = 100,
+    cap_pages: Annotated[int | None, typer.Option(help="persistent page cap")] = None,
+    dedup_domain: Annotated[str, typer.Option(help="guests that may share pages")] = "default",
+    compress: Annotated[bool, typer.Option(help="compress this guest's pages")] = False,
+    url: UrlOpt = None,
+    admin_token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create a guest and print its token (shown only this once)."""
+    body = {
+        "name": name,
+        "weight": weight,
+        "cap_pages": cap_pages,
+        "dedup_domain": dedup_domain,
+        "compress": compress,
+    }
+    created = _client(url, admin_token, data_dir).call("POST", "/v1/guests", body)
+    console.print(_guest_table([created]))
+    console.print(f"token (shown once): [bold]{created['token']}[/bold]")
+
+
+@admin_app.command("list")
+def list_guests(
+    url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """List the guests."""
+    console.print(_guest_table(_client(url, admin_token, data_dir).call("GET", "/v1/guests")))
+
+
+@admin_app.command("show")
+def show(
+    guest_id: int, url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """Show one guest with its pools, stats and pressure."""
+    guest = _client(url, admin_token, data_dir).call("GET", f"/v1/guests/{guest_id}")
+    pools = guest.pop("pools", [])
+    stats = guest.pop("stats", {})
+    console.print(_kv_table(f"guest {guest_id}", guest))
+    table = Table("pool", "kind", "shared", "uuid", "exclusive gets", "pages", title="pools")
+    for p in pools:
+        table.add_row(
+            str(p["pool_id"]),
+            p["kind"],
+            str(p["shared"]),
+            str(p["uuid"] or "-"),
+            str(p["exclusive_gets"]),
+            str(p["pages"]),
+        )
+    console.print(table)
+    console.print(_kv_table("stats", stats))
+
+
+def _guest_action(action: str, method: str = "POST") -> Any:
+    def command(
+        guest_id: int, url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None
+    ) -> None:
+        path = f"/v1/guests/{guest_id}" + ("" if action == "delete" else f"/{action}")
+        _client(url, admin_token, data_dir).call(method, path)
+        console.print(f"guest {guest_id}: {action} done")
+
+    command.__doc__ = {
+        "freeze": "Freeze a guest: its puts are declined until thawed.",
+        "thaw": "Thaw a frozen guest.",
+        "flush": "Flush every page of a guest (its pools stay).",
+        "delete": "Delete a guest and every page it has.",
+    }[action]
+    return command
+
+
+admin_app.command("freeze")(_guest_action("freeze"))
+admin_app.command("thaw")(_guest_action("thaw"))
+admin_app.command("flush")(_guest_action("flush"))
+admin_app.command("delete")(_guest_action("delete", "DELETE"))
+
+
+@admin_app.command("stats")
+def stats(url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Global figures and one row per guest."""
+    figures = _client(url, admin_token, data_dir).call("GET", "/v1/stats")
+    guests = figures.pop("guests", [])
+    console.print(_kv_table("broker", figures))
+    if guests:
+        keys = [k for k in guests[0] if not isinstance(guests[0][k], dict | list)]
+        table = Table(*keys, title="guests")
+        for g in guests:
+            table.add_row(*(str(g.get(k, "")) for k in keys))
+        console.print(table)
+
+
+@admin_app.command("shared-auth")
+def shared_auth(
+    uuid: str,
+    guest_id: int,
+    deny: Annotated[bool, typer.Option("--deny", help="withdraw the authorisation")] = False,
+    url: UrlOpt = None,
+    admin_token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Allow a guest to create or join the shared pool UUID (or withdraw it with --deny)."""
+    body = {"uuid": uuid, "guest_id": guest_id, "allow": not deny}
+    _client(url, admin_token, data_dir).call("POST", "/v1/shared-auth", body)
+    console.print(f"guest {guest_id} {'may not' if deny else 'may'} use shared pool {uuid}")
+
+
+def main() -> None:
+    """Entry point of the ``tmem-broker`` script."""
+    app(prog_name="tmem-broker")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""SQLAlchemy 2 tables of the broker's metadata (typed ``Mapped[]`` models).
+
+The naming convention gives every constraint a stable name, so Alembic migrations (including
+SQLite batch rebuilds) can refer to them. Wire schemas live in ``schemas.wire``; these are the
+tables only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class GuestRow(Base):
+    """A guest (Xen: client). ``id`` is the guest id of the wire contract."""
+
+    __tablename__ = "guests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    # sha256 of the guest token; the token itself is never stored.
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    weight: Mapped[int] = mapped_column(Integer, default=100)
+    cap_pages: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    dedup_domain: Mapped[str] = mapped_column(String(64), default="default")
+    compress: Mapped[bool] = mapped_column(Boolean, default=False)
+    frozen: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The last notice sequence number issued to this guest; bumped atomically per notice so
+    # sequence numbers stay strictly increasing across restarts.
+    notice_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PoolRow(Base):
+    """A guest's pool; ``pool_id`` is per guest (0..max_pools_per_guest-1)."""
+
+    __tablename__ = "pools"
+
+    guest_id: Mapped[int] = mapped_column(
+        ForeignKey("guests.id", ondelete="CASCADE"), primary_key=True
+    )
+    pool_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    uuid: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    exclusive_gets: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SharedAuthRow(Base):
+    """An admin's permission for a guest to create or join the shared pool ``uuid``."""
+
+    __tablename__ = "shared_auth"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    guest_id: Mapped[int] = mapped_column(
+        ForeignKey("guests.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class NoticeRow(Base):
+    """A notice sent to a guest, with its ack once the guest sends one."""
+
+    __tablename__ = "notices"
+
+    guest_id: Mapped[int] = mapped_column(
+        ForeignKey("guests.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    type: Mapped[str] = mapped_column(String(16))
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cap_pages: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    pages: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    pool_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    acked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    pages_returned: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class SettingRow(Base):
+    """A broker setting an admin changed at run time (JSON text value); it wins over the
+    flag it overrides after a restart."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
