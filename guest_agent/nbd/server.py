@@ -102,6 +102,10 @@ class NbdServer:
                 await self._transmission(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away
+        except asyncio.CancelledError:
+            # close() drops connections; ending normally keeps asyncio's stream callback from
+            # logging the cancellation as an error
+            pass
         except ProtocolError as exc:
             log.warning("nbd: dropping client: %s", exc)
         finally:

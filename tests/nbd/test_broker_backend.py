@@ -1,0 +1,228 @@
+"""BrokerBackend's placement rules, against a fake page client that keeps the contract:
+a declined put leaves nothing at the handle; persistent pages stay until flushed."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from guest_agent.errors import BrokerUnavailable
+from guest_agent.nbd.backend import BLOCK_SIZE
+from guest_agent.nbd.broker_backend import (
+    BROKER,
+    FALLBACK,
+    NOWHERE,
+    BrokerBackend,
+    block_handle,
+)
+from guest_agent.nbd.dispatcher import Dispatcher
+from guest_agent.nbd.errors import BackendError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeClient:
+    """Pages in a dict; puts beyond ``cap`` pages are declined (and flush the old copy)."""
+
+    def __init__(self, cap: int | None = None) -> None:
+        self.cap = cap
+        self.pages: dict[tuple[int, int], bytes] = {}
+        self.pools: set[int] = set()
+        self.down = False
+        self.declining = False  # decline every put, as a frozen guest's are
+        self.calls: list[str] = []
+
+    async def create_pool(self, kind: str) -> int:
+        assert kind == "persistent"
+        self.pools.add(len(self.pools))
+        return len(self.pools) - 1
+
+    async def destroy_pool(self, pool_id: int) -> None:
+        self.pools.discard(pool_id)
+        self.pages.clear()
+
+    async def put_many(
+        self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
+    ) -> list[bool]:
+        self.calls.append("put_many")
+        if self.down:
+            raise BrokerUnavailable("connection refused")
+        out = []
+        for oid, index, page in pages:
+            assert len(page) == BLOCK_SIZE
+            key = (oid, index)
+            full = self.cap is not None and key not in self.pages and len(self.pages) >= self.cap
+            if full or self.declining:
+                self.pages.pop(key, None)
+                out.append(False)
+            else:
+                self.pages[key] = bytes(page)
+                out.append(True)
+        return out
+
+    async def get_many(
+        self, pool_id: int, handles: Sequence[tuple[int, int]]
+    ) -> list[bytes | None]:
+        self.calls.append("get_many")
+        if self.down:
+            raise BrokerUnavailable("connection refused")
+        return [self.pages.get(h) for h in handles]
+
+    async def flush_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> None:
+        self.calls.append("flush_many")
+        for h in handles:
+            self.pages.pop(h, None)
+
+    async def flush_objects(self, pool_id: int, oids: Sequence[int]) -> None:
+        self.calls.append("flush_objects")
+        wanted = set(oids)
+        for key in [k for k in self.pages if k[0] in wanted]:
+            del self.pages[key]
+
+
+def page(byte: int) -> bytes:
+    return bytes([byte]) * BLOCK_SIZE
+
+
+async def make(tmp_path: Path, client: FakeClient, blocks: int = 1024) -> BrokerBackend:
+    return await BrokerBackend.open(
+        client, size=blocks * BLOCK_SIZE, fallback_path=str(tmp_path / "fallback")
+    )
+
+
+def test_block_handle_mapping() -> None:
+    assert block_handle(0) == (0, 0)
+    assert block_handle(255) == (0, 255)
+    assert block_handle(256) == (1, 256)
+    assert block_handle((1 << 32) - 1) == ((1 << 24) - 1, (1 << 32) - 1)
+
+
+async def test_blocks_go_to_the_broker_and_come_back(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(3, page(3)), (700, page(7))])
+    assert client.pages == {(0, 3): page(3), (2, 700): page(7)}
+    assert await backend.read_blocks([3, 700, 5]) == [page(3), page(7), None]
+    assert backend.count(BROKER) == 2
+    await backend.close()
+    assert not client.pools  # the export's pool is destroyed with it
+
+
+async def test_declined_puts_land_in_the_fallback_file(tmp_path: Path) -> None:
+    client = FakeClient(cap=2)
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(i, page(i)) for i in range(5)])
+    assert [backend.location[i] for i in range(5)] == [BROKER, BROKER] + [FALLBACK] * 3
+    assert await backend.read_blocks(list(range(5))) == [page(i) for i in range(5)]
+    with open(tmp_path / "fallback", "rb") as f:
+        f.seek(4 * BLOCK_SIZE)
+        assert f.read(BLOCK_SIZE) == page(4)
+    # a block in the fallback file moves back once the broker takes it again
+    client.cap = None
+    await backend.write_blocks([(4, page(44))])
+    assert backend.location[4] == BROKER
+    assert await backend.read_blocks([4]) == [page(44)]
+    # and a broker block whose rewrite is declined loses its broker copy (contract)
+    client.declining = True
+    await backend.write_blocks([(0, page(100))])
+    assert backend.location[0] == FALLBACK and (0, 0) not in client.pages
+    assert await backend.read_blocks([0]) == [page(100)]
+    await backend.close()
+
+
+async def test_unreachable_broker_writes_fall_back_reads_fail(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(1, page(1))])
+    client.down = True
+    await backend.write_blocks([(2, page(2))])
+    assert backend.location[2] == FALLBACK
+    assert await backend.read_blocks([2]) == [page(2)]
+    with pytest.raises(BackendError):
+        await backend.read_blocks([1])
+    client.down = False
+    await backend.close()
+
+
+async def test_discard_flushes_whole_objects_when_it_can(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(b, page(1)) for b in range(0, 512)])
+    client.calls.clear()
+    await backend.discard_blocks([*list(range(0, 256)), 300])  # object 0 whole, one of object 1
+    assert client.calls == ["flush_objects", "flush_many"]
+    assert len(client.pages) == 255
+    assert backend.location[0] == NOWHERE and backend.location[301] == BROKER
+    # discarding blocks that hold nothing costs no broker call
+    client.calls.clear()
+    await backend.discard_blocks(list(range(600, 1000)))
+    assert client.calls == []
+    await backend.close()
+
+
+async def test_flush_fsyncs_only_after_fallback_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    client = FakeClient(cap=1)
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(0, page(1))])
+    await backend.flush()
+    assert synced == []  # the broker acknowledged durably; nothing local to sync
+    await backend.write_blocks([(1, page(2))])
+    await backend.flush()
+    await backend.flush()
+    assert len(synced) == 1
+    await backend.close()
+
+
+async def test_shed_moves_broker_blocks_to_the_file(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(b, page(b % 251)) for b in range(100)])
+    moved = await backend.shed(30)
+    assert moved == 30
+    assert backend.count(BROKER) == 70 and backend.count(FALLBACK) == 30
+    assert len(client.pages) == 70
+    assert await backend.read_blocks(list(range(100))) == [page(b % 251) for b in range(100)]
+    assert await backend.shed(1000) == 70
+    assert not client.pages
+    assert await backend.shed(5) == 0
+    await backend.close()
+
+
+async def test_dispatcher_over_broker_backend_matches_a_model(tmp_path: Path) -> None:
+    client = FakeClient(cap=40)
+    backend = await make(tmp_path, client, blocks=64)
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    size = 64 * BLOCK_SIZE
+    model = bytearray(size)
+    rng = random.Random(11)
+    for step in range(200):
+        offset = rng.randrange(size)
+        length = rng.randrange(1, min(size - offset, 3 * BLOCK_SIZE) + 1)
+        roll = rng.random()
+        if roll < 0.5:
+            data = rng.randbytes(length)
+            await dispatcher.write(offset, data)
+            model[offset : offset + length] = data
+        elif roll < 0.6:
+            await dispatcher.zero(offset, length)
+            model[offset : offset + length] = bytes(length)
+        elif roll < 0.65:
+            await backend.shed(5)
+        else:
+            assert await dispatcher.read(offset, length) == model[offset : offset + length]
+        if step % 50 == 0:
+            await dispatcher.flush()
+    assert await dispatcher.read(0, size) == model
+    assert backend.count(FALLBACK) > 0 and backend.count(BROKER) > 0
+    await dispatcher.stop()
+    await backend.close()

@@ -1,0 +1,115 @@
+"""The dispatcher: batching of concurrent requests and per-block ordering within a round."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from guest_agent.nbd.backend import BLOCK_SIZE, MemoryBackend
+from guest_agent.nbd.dispatcher import READ, WRITE, BlockRequest, Dispatcher
+from guest_agent.nbd.errors import BackendError
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class SlowBackend(MemoryBackend):
+    """Each call takes a moment, as a broker round trip does, so requests pile up."""
+
+    def __init__(self, fail_writes: bool = False) -> None:
+        super().__init__()
+        self.fail_writes = fail_writes
+
+    async def read_blocks(self, blocks: Sequence[int]) -> list[bytes | None]:
+        await asyncio.sleep(0.002)
+        return await super().read_blocks(blocks)
+
+    async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        await asyncio.sleep(0.002)
+        if self.fail_writes:
+            raise BackendError("broker down")
+        await super().write_blocks(writes)
+
+
+async def test_concurrent_requests_become_one_batch() -> None:
+    backend = SlowBackend()
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    await dispatcher.write(0, b"\1" * BLOCK_SIZE)  # the loop is now busy for a moment...
+    # ...while 64 single-block writes queue up behind it
+    await asyncio.gather(
+        *(dispatcher.write(i * BLOCK_SIZE, bytes([i]) * BLOCK_SIZE) for i in range(1, 65))
+    )
+    assert backend.calls["write"] <= 3
+    assert backend.largest_batch >= 32
+    reads = await asyncio.gather(*(dispatcher.read(i * BLOCK_SIZE, 10) for i in range(65)))
+    assert reads == [bytes([max(i, 1) if i == 0 else i]) * 10 for i in range(65)]
+    assert backend.calls["read"] <= 3
+    await dispatcher.stop()
+
+
+async def test_same_round_read_sees_earlier_write_not_later_one() -> None:
+    backend = MemoryBackend()
+    backend.blocks[0] = b"o" * BLOCK_SIZE
+    dispatcher = Dispatcher(backend)
+    # queue everything before the loop starts: one round holds all of it
+    r0 = dispatcher.submit(BlockRequest(READ, 0, 4))
+    dispatcher.submit(BlockRequest(WRITE, 1, 2, b"AB"))
+    r1 = dispatcher.submit(BlockRequest(READ, 0, 4))
+    dispatcher.submit(BlockRequest(WRITE, 2, 2, b"CD"))
+    r2 = dispatcher.submit(BlockRequest(READ, 0, 4))
+    dispatcher.start()
+    assert await r0 == b"oooo"
+    assert await r1 == b"oABo"
+    assert await r2 == b"oACD"
+    await dispatcher.stop()
+    assert dispatcher.rounds == 1
+    assert backend.calls == {"read": 1, "write": 1, "discard": 0, "flush": 0}
+    assert backend.blocks[0][:5] == b"oACDo"
+
+
+async def test_random_concurrent_workload_matches_sequential_model() -> None:
+    backend = SlowBackend()
+    dispatcher = Dispatcher(backend, max_round_blocks=16)
+    dispatcher.start()
+    size = 16 * BLOCK_SIZE
+    model = bytearray(size)
+    rng = random.Random(5)
+    pending: list[tuple[asyncio.Future[bytes | None], bytes | None]] = []
+    for _ in range(1000):
+        offset = rng.randrange(size)
+        length = rng.randrange(1, min(size - offset, 2 * BLOCK_SIZE) + 1)
+        kind = rng.random()
+        if kind < 0.45:
+            data = rng.randbytes(length)
+            fut = dispatcher.submit(BlockRequest(WRITE, offset, length, data))
+            model[offset : offset + length] = data
+            pending.append((fut, None))
+        elif kind < 0.55:
+            fut = dispatcher.submit(BlockRequest(2, offset, length))  # ZERO
+            model[offset : offset + length] = bytes(length)
+            pending.append((fut, None))
+        else:
+            fut = dispatcher.submit(BlockRequest(READ, offset, length))
+            pending.append((fut, bytes(model[offset : offset + length])))
+        if rng.random() < 0.1:
+            await asyncio.sleep(0)
+    for fut, expected in pending:
+        assert await fut == expected
+    assert await dispatcher.read(0, size) == model
+    assert dispatcher.rounds < 1000
+    await dispatcher.stop()
+
+
+async def test_backend_failure_fails_the_round_and_the_loop_goes_on() -> None:
+    backend = SlowBackend(fail_writes=True)
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    with pytest.raises(BackendError):
+        await dispatcher.write(0, b"x" * 100)
+    backend.fail_writes = False
+    await dispatcher.write(0, b"y" * 100)
+    assert await dispatcher.read(0, 3) == b"yyy"
+    await dispatcher.stop()
