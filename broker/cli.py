@@ -6,6 +6,7 @@
                       [--database-url URL] [--durability sync|none] [--admin-token T]
     tmem-broker db upgrade [--database-url URL] [--data-dir ./var]
     tmem-broker admin {create-guest,list,show,freeze,thaw,flush,delete,stats,shared-auth} ...
+    tmem-broker migrate --from URL --to URL --guest NAME [--from-token T] [--to-token T]
 
 Every ``serve`` flag is also read from ``TMEM_<FLAG>`` (``TMEM_CAPACITY=4GiB``). The admin
 commands talk HTTP to a running broker (``--url``, default ``$TMEM_URL`` or
@@ -306,6 +307,37 @@ def shared_auth(
     body = {"uuid": uuid, "guest_id": guest_id, "allow": not deny}
     _client(url, admin_token, data_dir).call("POST", "/v1/shared-auth", body)
     console.print(f"guest {guest_id} {'may not' if deny else 'may'} use shared pool {uuid}")
+
+
+@app.command()
+def migrate(
+    from_url: Annotated[str, typer.Option("--from", help="source broker URL")],
+    to_url: Annotated[str, typer.Option("--to", help="destination broker URL")],
+    guest: Annotated[str, typer.Option("--guest", help="name of the guest to move")],
+    from_token: Annotated[
+        str | None,
+        typer.Option(envvar="TMEM_FROM_TOKEN", help="source admin token [$TMEM_ADMIN_TOKEN]"),
+    ] = None,
+    to_token: Annotated[
+        str | None,
+        typer.Option(envvar="TMEM_TO_TOKEN", help="destination admin token [$TMEM_ADMIN_TOKEN]"),
+    ] = None,
+) -> None:
+    """Move a guest to another broker: export, import, verify the counts, then delete it at
+    the source. Prints the guest's new id and token."""
+    from broker.migrate import MigrationError, run
+
+    fallback = os.environ.get("TMEM_ADMIN_TOKEN")
+    src, dst = from_token or fallback, to_token or fallback
+    if not src or not dst:
+        err.print("[red]no admin tokens[/red]: pass --from-token/--to-token or set the env vars")
+        raise typer.Exit(2)
+    try:
+        result = run(from_url, to_url, guest, src, dst)
+    except MigrationError as exc:
+        err.print(f"[red]migration failed[/red]: {exc}")
+        raise typer.Exit(1) from exc
+    console.print(json.dumps({"guest_id": result.guest_id, "token": result.token}))
 
 
 def main() -> None:
