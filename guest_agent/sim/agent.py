@@ -1,0 +1,317 @@
+"""Simulated guests on a real broker, through the real agent: :class:`TmemClient`,
+:class:`Frontswap` (with its fallback file) and :class:`Cleancache`.
+
+    links = connect_links(url, tokens)            # or create_guests(url, admin_token, n)
+    try:
+        result = run_simulation(config, links, broker_stats=lambda: fetch_stats(url, admin))
+    finally:
+        close_links(links)
+
+What the simulator adds on top of the agent, and why:
+
+* :class:`TimedTransport` wraps the client's HTTP transport and measures the wall time of page
+  requests (``/v1/pools/...``): the broker latency the modelled time saved is set against.
+* :class:`RecordingClient` remembers why the broker declined each put of a batch, so
+  declines are reported by reason (``Frontswap.store_many`` answers only True/False). A page
+  the shim kept out of the broker on its own (it knows it is at its quota or frozen) is
+  reported as ``withheld``.
+* :class:`BatchedCleancache` adds batch put/get to :class:`Cleancache` (which has per-page
+  calls only) using the client's batch calls; while the shim has invalidations pending it
+  falls back to the per-page calls, which settle them first.
+* Notices are polled between steps (``GET /v1/notices?after=SEQ``) and handed to
+  :meth:`Frontswap.handle_notice`, the agent's own shed/quota/freeze handling; sheds are acked
+  with the pages returned. Polling at step boundaries keeps a run reproducible; with
+  ``live_notices`` a :class:`~guest_agent.notices.NoticeHandler` thread answers them instead,
+  as a long-running agent does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from guest_agent.client import PutResult, TmemClient
+from guest_agent.errors import BrokerUnavailable
+from guest_agent.notices import NoticeHandler
+from guest_agent.shims import Cleancache, Frontswap, frontswap_handle
+from guest_agent.transport import HTTPTransport, Request, Response, Transport
+from schemas.wire import Notice
+
+from .errors import BrokerSetupError
+from .model import GuestBackend, SwapSource
+from .runner import Timing
+
+SWAP_TYPE = 0
+
+
+class TimedTransport:
+    """A transport that measures the wall time of page requests (``/v1/pools/``)."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.timing = Timing()
+
+    def handle_request(self, request: Request) -> Response:
+        if "/pools/" not in request.target:
+            return self.inner.handle_request(request)
+        t0 = time.perf_counter()
+        try:
+            return self.inner.handle_request(request)
+        finally:
+            self.timing.seconds += time.perf_counter() - t0
+            self.timing.calls += 1
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
+class RecordingClient(TmemClient):
+    """A :class:`TmemClient` that remembers the reason of each declined batched put."""
+
+    def __init__(self, base_url: str, token: str, **kwargs: Any) -> None:
+        super().__init__(base_url, token, **kwargs)
+        self.declined: dict[tuple[int, int, int], str] = {}
+
+    def put_many(
+        self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
+    ) -> list[PutResult]:
+        results = super().put_many(pool_id, pages)
+        for (oid, index, _), result in zip(pages, results, strict=True):
+            if not result:
+                self.declined[(pool_id, oid, index)] = result.reason or "declined"
+        return results
+
+
+class BatchedCleancache(Cleancache):
+    """:class:`Cleancache` with batch calls; same guarantees as the per-page ones."""
+
+    def _pending(self) -> bool:
+        return bool(self._suspect_pages or self._suspect_objects or self._suspect_pools)
+
+    def put_pages(self, pool: int, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
+        """Offer clean pages; per page ``None`` when stored, else the decline reason."""
+        if self._pending():
+            return [
+                None if self.put_page(pool, key, index, page) else "unreachable"
+                for key, index, page in items
+            ]
+        try:
+            results = self.client.put_many(pool, list(items))
+        except BrokerUnavailable:
+            # Some chunks may have landed: gets of these handles miss until flushed.
+            self._suspect_pages.update((pool, key, index) for key, index, _ in items)
+            return ["unreachable"] * len(items)
+        return [None if r else (r.reason or "declined") for r in results]
+
+    def get_pages(self, pool: int, keys: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """Ask for pages; per page the bytes or ``None`` (private pools: hits are exclusive)."""
+        if self._pending():
+            return [self.get_page(pool, key, index) for key, index in keys]
+        try:
+            return self.client.get_many(pool, list(keys))
+        except BrokerUnavailable:
+            return [None] * len(keys)
+
+
+class AgentBackend:
+    """A simulated guest's :class:`~guest_agent.sim.model.GuestBackend` on the real agent."""
+
+    def __init__(self, client: RecordingClient, frontswap: Frontswap, cache: BatchedCleancache):
+        self.client = client
+        self.frontswap = frontswap
+        self.cache = cache
+        self.cache_pool = cache.init_fs()
+
+    def swap_store(self, items: Sequence[tuple[int, bytes]]) -> list[str | None]:
+        self.client.declined.clear()
+        stored = self.frontswap.store_many(SWAP_TYPE, list(items))
+        pool = self.frontswap.pool_id
+        out: list[str | None] = []
+        for (offset, _), ok in zip(items, stored, strict=True):
+            if ok:
+                out.append(None)
+            else:
+                handle = frontswap_handle(SWAP_TYPE, offset)
+                out.append(self.client.declined.get((pool or 0, *handle), "withheld"))
+        return out
+
+    def swap_load(self, offsets: Sequence[int]) -> list[tuple[SwapSource, bytes | None]]:
+        where = [self.frontswap.where(SWAP_TYPE, o) for o in offsets]
+        pages = self.frontswap.load_many(SWAP_TYPE, list(offsets))
+        out: list[tuple[SwapSource, bytes | None]] = []
+        for w, page in zip(where, pages, strict=True):
+            source = "tmem" if w == "broker" else "disk" if w == "fallback" else "miss"
+            out.append((source, page))
+        return out
+
+    def swap_invalidate(self, offsets: Sequence[int]) -> None:
+        # Frontswap has no batch invalidate; its flushes of broker copies go one by one.
+        for offset in offsets:
+            self.frontswap.invalidate_page(SWAP_TYPE, offset)
+
+    def cache_put(self, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
+        return self.cache.put_pages(self.cache_pool, items)
+
+    def cache_get(self, keys: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        return self.cache.get_pages(self.cache_pool, keys)
+
+
+class AgentLink:
+    """One simulated guest connected to a broker with its own token (see module doc)."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        token: str,
+        *,
+        fallback: str | os.PathLike[str] | None = None,
+        live_notices: bool = False,
+        guest_id: int | None = None,
+    ) -> None:
+        self.name = name
+        self.guest_id = guest_id
+        self.transport = TimedTransport(HTTPTransport(base_url, timeout=60.0))
+        self.client = RecordingClient(base_url, token, transport=self.transport)
+        self.frontswap = Frontswap(self.client, fallback=fallback)
+        self.frontswap.init(SWAP_TYPE)
+        self.backend: GuestBackend = AgentBackend(
+            self.client, self.frontswap, BatchedCleancache(self.client)
+        )
+        self.last_seq = 0
+        self._sheds = 0
+        self._returned = 0
+        self._lock = threading.Lock()
+        self.handler: NoticeHandler | None = None
+        if live_notices:
+            self.handler = NoticeHandler(self.frontswap, on_notice=self._on_notice)
+            self.handler.start()
+
+    @property
+    def timing(self) -> Timing:
+        return self.transport.timing
+
+    def _on_notice(self, notice: Notice, returned: int | None) -> None:
+        if notice.type == "shed":
+            with self._lock:
+                self._sheds += 1
+                self._returned += returned or 0
+
+    def report_pressure(self, pressure: dict[str, float | int]) -> None:
+        self.client.report_pressure(
+            psi_some_avg10=float(pressure["psi_some_avg10"]),
+            psi_full_avg10=float(pressure["psi_full_avg10"]),
+            mem_available_bytes=int(pressure["mem_available_bytes"]),
+            swap_used_bytes=int(pressure["swap_used_bytes"]),
+        )
+
+    def service_notices(self) -> tuple[int, int]:
+        if self.handler is None:
+            for notice in self.client.notices(after=self.last_seq, wait=0):
+                self.last_seq = max(self.last_seq, notice.seq)
+                returned = self.frontswap.handle_notice(notice)
+                if notice.type == "shed":
+                    self.client.ack(notice.seq, returned or 0)
+                    self._on_notice(notice, returned)
+        with self._lock:
+            out = (self._sheds, self._returned)
+            self._sheds = self._returned = 0
+        return out
+
+    def self_stats(self) -> dict[str, Any]:
+        return self.client.self_info().model_dump(mode="json")
+
+    def close(self) -> None:
+        if self.handler is not None:
+            self.handler.stop()
+        self.frontswap.close()
+        self.client.close()
+
+
+# -- admin side (plain HTTP: a handful of calls, not the hot path) -----------------------------
+
+
+def _admin(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        raise BrokerSetupError(f"{method} {path}: {exc.code} {detail}") from exc
+    except OSError as exc:
+        raise BrokerSetupError(f"{method} {path}: broker unreachable at {url}: {exc}") from exc
+    return json.loads(raw) if raw else None
+
+
+def create_guests(
+    url: str,
+    admin_token: str,
+    count: int,
+    *,
+    prefix: str | None = None,
+    cap_pages: int | None = None,
+) -> list[tuple[int, str]]:
+    """Create ``count`` guests (``POST /v1/guests``); ``(guest_id, token)`` of each."""
+    prefix = prefix or f"sim-{os.urandom(4).hex()}-"
+    out = []
+    for i in range(count):
+        body: dict[str, Any] = {"name": f"{prefix}{i}"}
+        if cap_pages is not None:
+            body["cap_pages"] = cap_pages
+        created = _admin(url, admin_token, "POST", "/v1/guests", body)
+        out.append((int(created["guest_id"]), str(created["token"])))
+    return out
+
+
+def delete_guests(url: str, admin_token: str, guest_ids: Sequence[int]) -> None:
+    """Remove guests the simulation created (every page of theirs goes too)."""
+    for gid in guest_ids:
+        _admin(url, admin_token, "DELETE", f"/v1/guests/{gid}")
+
+
+def fetch_stats(url: str, admin_token: str) -> dict[str, Any]:
+    """``GET /v1/stats``."""
+    stats = _admin(url, admin_token, "GET", "/v1/stats")
+    if not isinstance(stats, dict):
+        raise BrokerSetupError("GET /v1/stats did not answer an object")
+    return stats
+
+
+def connect_links(
+    url: str,
+    tokens: Sequence[str],
+    *,
+    guest_ids: Sequence[int | None] | None = None,
+    live_notices: bool = False,
+) -> list[AgentLink]:
+    """One :class:`AgentLink` per token, named ``guest-0``, ``guest-1``, ..."""
+    ids = list(guest_ids) if guest_ids is not None else [None] * len(tokens)
+    links: list[AgentLink] = []
+    try:
+        for i, token in enumerate(tokens):
+            links.append(
+                AgentLink(f"guest-{i}", url, token, live_notices=live_notices, guest_id=ids[i])
+            )
+    except BaseException:
+        close_links(links)
+        raise
+    return links
+
+
+def close_links(links: Sequence[AgentLink]) -> None:
+    """Close every link (notice threads, fallback files, connections)."""
+    for link in links:
+        link.close()

@@ -1,0 +1,218 @@
+"""``tmem-agent simulate``: simulated guests with real page contents against a real broker.
+
+::
+
+    tmem-agent simulate --broker http://127.0.0.1:8470 --admin-token ADMIN --guests 4 \\
+        --ram 8MiB --anon 16MiB --cache 16MiB --workload mix --steps 300 --seed 1 \\
+        --json sim.json --plot sim.png
+    tmem-agent simulate --broker URL --tokens T1,T2          # guests that already exist
+
+With ``--admin-token`` the guests are created (``POST /v1/guests``), the broker's global
+figures come from ``GET /v1/stats``, and the guests are deleted at the end unless
+``--keep-guests``. With ``--tokens`` one guest is simulated per token and the figures come
+from each guest's own ``GET /v1/self``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from schemas.batch import PAGE_SIZE
+
+from .agent import close_links, connect_links, create_guests, delete_guests, fetch_stats
+from .errors import SimError
+from .images import DEFAULT_IMAGE
+from .report import broker_table, figures_table, what_happened
+from .runner import SimConfig, SimGuest, SimResult, run_simulation
+from .workloads import WORKLOADS
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+          "g": 1 << 30, "gib": 1 << 30}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes of ``"8MiB"``, ``"512KiB"``, ``"4096"`` (B, KiB, MiB, GiB suffixes)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise typer.BadParameter(f"not a size: {text!r} (use B, KiB, MiB or GiB)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def pages_of(text: str) -> int:
+    """A size rounded up to whole 4 KiB pages."""
+    return -(-parse_size(text) // PAGE_SIZE)
+
+
+def run_against_broker(
+    config: SimConfig,
+    url: str,
+    *,
+    admin_token: str | None = None,
+    tokens: list[str] | None = None,
+    cap_pages: int | None = None,
+    keep_guests: bool = False,
+    live_notices: bool = False,
+    console: Console | None = None,
+    progress: bool = True,
+) -> SimResult:
+    """Create (or connect) the guests, run the simulation, clean up; the figures."""
+    created: list[tuple[int, str]] = []
+    if tokens:
+        config.guests = len(tokens)
+        guest_tokens = list(tokens)
+        ids: list[int | None] = [None] * len(tokens)
+    elif admin_token:
+        created = create_guests(url, admin_token, config.guests, cap_pages=cap_pages)
+        guest_tokens = [t for _, t in created]
+        ids = [gid for gid, _ in created]
+    else:
+        raise SimError("give --admin-token (to create guests) or --tokens")
+    try:
+        links = connect_links(url, guest_tokens, guest_ids=ids, live_notices=live_notices)
+        try:
+            stats = (lambda: fetch_stats(url, admin_token)) if admin_token else None
+            if progress:
+                return _with_progress(config, links, stats, console or Console(stderr=True))
+            return run_simulation(config, links, broker_stats=stats)
+        finally:
+            close_links(links)
+    finally:
+        if created and admin_token and not keep_guests:
+            delete_guests(url, admin_token, [gid for gid, _ in created])
+
+
+def _with_progress(config: SimConfig, links: list[Any], stats: Any, console: Console) -> SimResult:
+    columns = (
+        TextColumn("[bold]simulating[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"{config.guests} guests", total=config.steps)
+
+        def on_step(step: int, guests: list[SimGuest] | Any) -> None:
+            hits = sum(g.model.counters.tmem_hits for g in guests)
+            misses = sum(g.model.counters.tmem_misses for g in guests)
+            rate = f"{100.0 * hits / (hits + misses):.0f}%" if hits + misses else "-"
+            bar.update(
+                task, completed=step, description=f"{config.guests} guests, tmem hit rate {rate}"
+            )
+
+        return run_simulation(config, links, broker_stats=stats, on_step=on_step)
+
+
+def print_result(result: SimResult, console: Console) -> None:
+    """The per-guest table, the broker table and the summary paragraph."""
+    console.print(figures_table(result))
+    console.print(broker_table(result))
+    console.print(what_happened(result), soft_wrap=False)
+
+
+def simulate(
+    broker: Annotated[str, typer.Option("--broker", envvar="TMEM_BROKER_URL", help="broker URL")],
+    guests: Annotated[int, typer.Option(help="number of simulated guests")] = 4,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(envvar="TMEM_ADMIN_TOKEN", help="create the guests with this admin token"),
+    ] = None,
+    tokens: Annotated[
+        str | None, typer.Option(help="comma-separated tokens of existing guests")
+    ] = None,
+    ram: Annotated[str, typer.Option(help="RAM of each guest")] = "8MiB",
+    anon: Annotated[str, typer.Option(help="anonymous memory each guest touches")] = "16MiB",
+    cache: Annotated[str, typer.Option(help="how much of its image a guest reads")] = "16MiB",
+    image: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"OS image tree; repeat to give guests different trees (default {DEFAULT_IMAGE})"
+        ),
+    ] = None,
+    max_files: Annotated[int, typer.Option(help="files of an image considered")] = 2000,
+    max_image: Annotated[str, typer.Option(help="bytes of an image considered")] = "64MiB",
+    workload: Annotated[str, typer.Option(help=f"one of {', '.join(WORKLOADS)}")] = "mix",
+    steps: Annotated[int, typer.Option(help="steps to run")] = 300,
+    accesses: Annotated[int, typer.Option(help="page accesses per guest per step")] = 256,
+    write_fraction: Annotated[float, typer.Option(help="share of anon accesses that write")] = 0.3,
+    skew: Annotated[float, typer.Option(help="zipf exponent of hot/cold")] = 1.0,
+    phase_steps: Annotated[int, typer.Option(help="steps per phase (phases, mix)")] = 50,
+    seed: Annotated[int, typer.Option(help="seed: the same seed gives the same run")] = 1,
+    cap_pages: Annotated[
+        int | None, typer.Option(help="persistent cap of created guests, in pages")
+    ] = None,
+    pressure_every: Annotated[int, typer.Option(help="steps between pressure reports")] = 10,
+    notices_every: Annotated[int, typer.Option(help="steps between notice polls")] = 5,
+    sample_every: Annotated[int, typer.Option(help="steps between timeline samples")] = 10,
+    disk_latency_us: Annotated[
+        float, typer.Option(help="modelled disk latency per 4 KiB read or write")
+    ] = 100.0,
+    live_notices: Annotated[
+        bool, typer.Option(help="answer notices in a background thread (not reproducible)")
+    ] = False,
+    keep_guests: Annotated[bool, typer.Option(help="do not delete created guests")] = False,
+    verify: Annotated[bool, typer.Option(help="check every page the broker returns")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write all figures")] = None,
+    plot: Annotated[Path | None, typer.Option(help="draw the timeline to a PNG")] = None,
+) -> None:
+    """Simulated guests with real page contents and workloads against a broker."""
+    config = SimConfig(
+        guests=guests,
+        ram_pages=pages_of(ram),
+        anon_pages=pages_of(anon),
+        file_pages=pages_of(cache),
+        steps=steps,
+        accesses_per_step=accesses,
+        workload=workload,
+        write_fraction=write_fraction,
+        skew=skew,
+        phase_steps=phase_steps,
+        seed=seed,
+        images=image or [DEFAULT_IMAGE],
+        max_files=max_files,
+        max_image_bytes=parse_size(max_image),
+        pressure_every=pressure_every,
+        notices_every=notices_every,
+        sample_every=sample_every,
+        disk_latency_us=disk_latency_us,
+        verify=verify,
+    )
+    console = Console()
+    token_list = [t.strip() for t in tokens.split(",") if t.strip()] if tokens else None
+    try:
+        config.validate()
+        result = run_against_broker(
+            config,
+            broker,
+            admin_token=admin_token,
+            tokens=token_list,
+            cap_pages=cap_pages,
+            keep_guests=keep_guests,
+            live_notices=live_notices,
+            console=Console(stderr=True),
+        )
+    except SimError as exc:
+        Console(stderr=True).print(f"[red]simulate:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    print_result(result, console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.as_dict(), indent=2, default=str))
+    if plot is not None:
+        from .plot import write_plot
+
+        write_plot(result, plot)
+    bad = [result.totals.get("corrupt_pages"), result.totals.get("swap_lost")]
+    if any(isinstance(n, int) and n > 0 for n in bad):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``simulate`` to the agent's ``tmem-agent`` app."""
+    app.command("simulate")(simulate)
