@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.api import ops, routes
+from broker.api import migration, ops, routes
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.errors import ApiError, BodyTooLarge, handle_error, json_error
 from broker.api.notices import NoticeHub
@@ -190,6 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
     for route in page_routes(box):
         app.router.routes.append(route)
     app.include_router(routes.admin)
+    app.include_router(migration.router)  # export/import (durability)
     app.include_router(routes.guest)
     app.include_router(ops.router)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)

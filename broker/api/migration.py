@@ -64,7 +64,9 @@ def _pool_pages(
     if isinstance(service.journal, LmdbJournal):
         # After the barrier the journal holds exactly the core's persistent pages.
         return service.journal.load_pool(guest_id, pool_id)
-    raise ImportDeclined("this broker cannot read its persistent pages back for an export")
+    raise ImportDeclined(
+        "export needs --durability sync on this broker (its pages are read back from the journal)"
+    )
 
 
 @router.get(

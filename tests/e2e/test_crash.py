@@ -78,6 +78,8 @@ class Worker(threading.Thread):
             return  # the broker died: the in-flight operation stays undecided
         except BaseException as exc:
             self.error = exc
+        finally:
+            conn.close()
 
     def step(self, conn: http.client.HTTPConnection) -> None:
         rng = self.rng
