@@ -193,12 +193,19 @@ class HTTPTransport:
         except OSError as exc:  # timeouts and everything else the socket raises
             self.close()
             raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+        except BaseException:
+            # A protocol error or an interrupt leaves the connection out of step: drop it.
+            self.close()
+            raise
         # A kept-alive connection died under an idempotent request: replay it once.
         try:
             return self._exchange(head, request)
         except (_Dropped, OSError) as exc:
             self.close()
             raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+        except BaseException:
+            self.close()
+            raise
 
     def _idle_closed(self) -> bool:
         # An idle keep-alive socket never has anything to read unless the peer closed it.
@@ -383,6 +390,10 @@ class AsyncHTTPTransport:
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 _close(conn)
                 raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+            except BaseException:
+                # A protocol error or a cancellation leaves the connection out of step.
+                _close(conn)
+                raise
             try:
                 async with asyncio.timeout(self._timeout):
                     conn = await self._connect()
@@ -390,6 +401,9 @@ class AsyncHTTPTransport:
             except (_Dropped, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 _close(conn)
                 raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+            except BaseException:
+                _close(conn)
+                raise
 
     def _take_idle(self) -> tuple[_Conn | None, bool]:
         while self._idle:
