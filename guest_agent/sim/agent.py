@@ -13,11 +13,12 @@ What the simulator adds on top of the agent, and why:
   requests (``/v1/pools/...``): the broker latency the modelled time saved is set against.
 * :class:`RecordingClient` remembers why the broker declined each put of a batch, so
   declines are reported by reason (``Frontswap.store_many`` answers only True/False). A page
-  the shim kept out of the broker on its own (it knows it is at its quota or frozen) is
-  reported as ``withheld``.
-* :class:`BatchedCleancache` adds batch put/get to :class:`Cleancache` (which has per-page
-  calls only) using the client's batch calls; while the shim has invalidations pending it
-  falls back to the per-page calls, which settle them first.
+  the shim kept out of the broker on its own (it knows it is at its cap or frozen) is
+  reported as ``quota (agent)`` or ``frozen (agent)``.
+* :class:`BatchedFrontswap` adds a batch invalidate and :class:`BatchedCleancache` batch
+  put/get (the shims have per-page calls only there) using the client's batch calls; while
+  the cleancache shim has invalidations pending it falls back to the per-page calls, which
+  settle them first. Both use the shims' own bookkeeping; they belong in the shims.
 * Notices are polled between steps (``GET /v1/notices?after=SEQ``) and handed to
   :meth:`Frontswap.handle_notice`, the agent's own shed/quota/freeze handling; sheds are acked
   with the pages returned. Polling at step boundaries keeps a run reproducible; with
@@ -121,10 +122,28 @@ class BatchedCleancache(Cleancache):
             return [None] * len(keys)
 
 
+class BatchedFrontswap(Frontswap):
+    """:class:`Frontswap` with a batch invalidate (the shim flushes broker copies one request
+    per page); the same bookkeeping as :meth:`Frontswap.invalidate_page`, one flush batch."""
+
+    def invalidate_pages(self, type: int, offsets: Sequence[int]) -> None:
+        """Forget the pages at these offsets (idempotent)."""
+        with self._lock:
+            for offset in offsets:
+                key = (type, offset)
+                self.fallback.discard(key)
+                if key in self._broker:
+                    del self._broker[key]
+                    self._stale.add(frontswap_handle(type, offset))
+            self._flush_stale()
+
+
 class AgentBackend:
     """A simulated guest's :class:`~guest_agent.sim.model.GuestBackend` on the real agent."""
 
-    def __init__(self, client: RecordingClient, frontswap: Frontswap, cache: BatchedCleancache):
+    def __init__(
+        self, client: RecordingClient, frontswap: BatchedFrontswap, cache: BatchedCleancache
+    ) -> None:
         self.client = client
         self.frontswap = frontswap
         self.cache = cache
@@ -140,7 +159,11 @@ class AgentBackend:
                 out.append(None)
             else:
                 handle = frontswap_handle(SWAP_TYPE, offset)
-                out.append(self.client.declined.get((pool or 0, *handle), "withheld"))
+                reason = self.client.declined.get((pool or 0, *handle))
+                if reason is None:
+                    # Never offered: the shim knew it was frozen or at its cap.
+                    reason = "frozen (agent)" if self.frontswap._frozen else "quota (agent)"
+                out.append(reason)
         return out
 
     def swap_load(self, offsets: Sequence[int]) -> list[tuple[SwapSource, bytes | None]]:
@@ -153,9 +176,7 @@ class AgentBackend:
         return out
 
     def swap_invalidate(self, offsets: Sequence[int]) -> None:
-        # Frontswap has no batch invalidate; its flushes of broker copies go one by one.
-        for offset in offsets:
-            self.frontswap.invalidate_page(SWAP_TYPE, offset)
+        self.frontswap.invalidate_pages(SWAP_TYPE, offsets)
 
     def cache_put(self, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
         return self.cache.put_pages(self.cache_pool, items)
@@ -181,7 +202,7 @@ class AgentLink:
         self.guest_id = guest_id
         self.transport = TimedTransport(HTTPTransport(base_url, timeout=60.0))
         self.client = RecordingClient(base_url, token, transport=self.transport)
-        self.frontswap = Frontswap(self.client, fallback=fallback)
+        self.frontswap = BatchedFrontswap(self.client, fallback=fallback)
         self.frontswap.init(SWAP_TYPE)
         self.backend: GuestBackend = AgentBackend(
             self.client, self.frontswap, BatchedCleancache(self.client)

@@ -114,7 +114,8 @@ def print_result(result: SimResult, console: Console) -> None:
     """The per-guest table, the broker table and the summary paragraph."""
     console.print(figures_table(result))
     console.print(broker_table(result))
-    console.print(what_happened(result), soft_wrap=False)
+    console.print("[bold]What happened[/bold]")
+    console.print(what_happened(result))
 
 
 def simulate(
