@@ -3,22 +3,11 @@ page contents are real but cannot change under a test (a package upgrade elsewhe
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from guest_agent.sim.images import DEFAULT_IMAGE, Image
-
-
-def copy_image(dest: Path, *, max_files: int = 120, max_bytes: int = 3 << 20) -> Path:
-    """Copy the first files of /usr/lib (sorted walk) into ``dest`` and return it."""
-    src = Image.scan(DEFAULT_IMAGE, max_files=max_files, max_bytes=max_bytes)
-    for i, f in enumerate(src.files):
-        target = dest / f"d{i % 7}" / f"{i:04d}-{Path(f.path).name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f.path, target)
-    return dest
+from .expected import copy_image
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,12 @@ files on disk and the anonymous-page generator, never from what the broker said.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from guest_agent.sim.images import ZERO_PAGE, read_file_page
+from guest_agent.sim.images import DEFAULT_IMAGE, ZERO_PAGE, Image, read_file_page
 from guest_agent.sim.model import GuestModel, anon_page
 
 
@@ -35,3 +37,13 @@ def expected_at_broker(models: Iterable[GuestModel]) -> Expected:
             else:
                 contents.add(data)
     return Expected(logical, len(contents), zeros)
+
+
+def copy_image(dest: Path, *, max_files: int = 120, max_bytes: int = 3 << 20) -> Path:
+    """Copy the first files of /usr/lib (sorted walk) into ``dest`` and return it."""
+    src = Image.scan(DEFAULT_IMAGE, max_files=max_files, max_bytes=max_bytes)
+    for i, f in enumerate(src.files):
+        target = dest / f"d{i % 7}" / f"{i:04d}-{Path(f.path).name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f.path, target)
+    return dest
