@@ -178,6 +178,9 @@ class AgentBackend:
     def swap_invalidate(self, offsets: Sequence[int]) -> None:
         self.frontswap.invalidate_pages(SWAP_TYPE, offsets)
 
+    def swap_at_broker(self, offsets: Sequence[int]) -> list[bool]:
+        return [self.frontswap.where(SWAP_TYPE, o) == "broker" for o in offsets]
+
     def cache_put(self, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
         return self.cache.put_pages(self.cache_pool, items)
 

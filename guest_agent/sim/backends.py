@@ -29,7 +29,7 @@ class _GuestState:
     cap_pages: int | None
     persistent_pages: int = 0
     frozen: bool = False
-    pressure: list[dict[str, Any]] = field(default_factory=list)
+    sheds: list[int] = field(default_factory=list)
 
 
 class MemoryBroker:
@@ -47,6 +47,16 @@ class MemoryBroker:
 
     def add_guest(self, guest_id: int, *, cap_pages: int | None = None) -> None:
         self._guests[guest_id] = _GuestState(cap_pages)
+
+    def request_shed(self, guest_id: int, pages: int) -> None:
+        """Queue a shed notice: the guest should return ``pages`` persistent pages."""
+        self._guests[guest_id].sheds.append(pages)
+
+    def take_sheds(self, guest_id: int) -> list[int]:
+        """The pending shed requests of a guest (each a page count), now answered."""
+        state = self._guests[guest_id]
+        out, state.sheds = state.sheds, []
+        return out
 
     # -- page storage ---------------------------------------------------------------------
 
@@ -160,6 +170,22 @@ class MemoryBackend:
         for offset in offsets:
             self.broker.flush((self.guest_id, "swap", offset, 0))
             self.fallback.pop(offset, None)
+
+    def swap_at_broker(self, offsets: Sequence[int]) -> list[bool]:
+        keys = self.broker._pages
+        return [(self.guest_id, "swap", o, 0) in keys for o in offsets]
+
+    def shed(self, pages: int) -> int:
+        """Move up to ``pages`` broker-held swap pages (lowest offsets first) to the fallback."""
+        held = sorted(k[2] for k in self.broker.keys(self.guest_id) if k[1] == "swap")
+        moved = 0
+        for offset in held[:pages]:
+            data = self.broker.get((self.guest_id, "swap", offset, 0), exclusive=False)
+            assert data is not None
+            self.fallback[offset] = data
+            self.broker.flush((self.guest_id, "swap", offset, 0))
+            moved += 1
+        return moved
 
     def cache_put(self, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
         return [

@@ -77,6 +77,11 @@ class GuestBackend(Protocol):
         """Forget the swap copies of these offsets (the guest rewrote the pages)."""
         ...
 
+    def swap_at_broker(self, offsets: Sequence[int]) -> list[bool]:
+        """Per offset, whether the broker (not the fallback file) holds its swap copy; asked
+        after a shed moved pages to the fallback behind the guest's back."""
+        ...
+
     def cache_put(self, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
         """Offer clean file pages; per page ``None`` when stored, else the decline reason."""
         ...
@@ -447,6 +452,19 @@ class GuestModel:
             "mem_available_bytes": (free + clean_cache) * PAGE_SIZE,
             "swap_used_bytes": len(self.swapped) * PAGE_SIZE,
         }
+
+    def resync_swap(self) -> int:
+        """After a shed: learn which swap copies the agent moved to the fallback file; returns
+        how many the guest believed were at the broker and are not."""
+        at_broker = [p for p, b in self.swapped.items() if b]
+        if not at_broker:
+            return 0
+        moved = 0
+        for p, still in zip(at_broker, self.backend.swap_at_broker(at_broker), strict=True):
+            if not still:
+                self.swapped[p] = False
+                moved += 1
+        return moved
 
     # -- what the broker should hold ------------------------------------------------------
 

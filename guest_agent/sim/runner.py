@@ -96,7 +96,14 @@ class MemoryLink:
         self.pressure_reports.append(pressure)
 
     def service_notices(self) -> tuple[int, int]:
-        return 0, 0
+        """Answer the twin's pending sheds: the oldest broker pages go to the fallback."""
+        sheds = returned = 0
+        for pages in self.broker.take_sheds(self.guest_id):
+            sheds += 1
+            backend = self.backend
+            assert isinstance(backend, MemoryBackend)
+            returned += backend.shed(pages)
+        return sheds, returned
 
     def self_stats(self) -> dict[str, Any]:
         return {"pages": len(self.broker.keys(self.guest_id))}
@@ -138,6 +145,9 @@ class TimedBackend:
         out = self.inner.swap_load(offsets)
         self._tick(t0, len(offsets))
         return out
+
+    def swap_at_broker(self, offsets: Sequence[int]) -> list[bool]:
+        return self.inner.swap_at_broker(offsets)
 
     def swap_invalidate(self, offsets: Sequence[int]) -> None:
         t0 = time.perf_counter()
@@ -317,6 +327,8 @@ def run_simulation(
                 sheds, returned = g.link.service_notices()
                 c.sheds_answered += sheds
                 c.shed_pages_returned += returned
+                if sheds:
+                    g.model.resync_swap()
             if done % config.pressure_every == 0:
                 g.link.report_pressure(g.model.pressure())
                 c.pressure_reports += 1

@@ -120,3 +120,28 @@ def test_pressure_is_reported_periodically(image_tree: Path) -> None:
     assert all(
         set(r) >= {"psi_some_avg10", "mem_available_bytes"} for r in links[0].pressure_reports
     )
+
+
+def test_sheds_are_answered_and_the_guest_resyncs(image_tree: Path) -> None:
+    cfg = config(image_tree, notices_every=5)
+    broker = MemoryBroker()
+    links = memory_links(cfg, broker)
+
+    def on_step(step: int, guests: object) -> None:
+        if step == 20:
+            broker.request_shed(1, 50)
+
+    result = run_simulation(cfg, links, broker_stats=broker.stats, on_step=on_step)
+    g0 = result.guests["guest-0"]
+    assert (g0["sheds_answered"], g0["shed_pages_returned"]) == (1, 50)
+    assert all(result.guests[f"guest-{i}"]["sheds_answered"] == 0 for i in (1, 2, 3))
+    assert g0["swap_disk_reads"] > 0  # shed pages came back from the guest's own swap
+    assert result.totals["corrupt_pages"] == 0 and result.totals["swap_lost"] == 0
+    # After the resync the guest's ledger is again exactly what the broker holds.
+    exp = expected_at_broker(result.models.values())
+    st = broker.stats()
+    assert (st["logical_pages"], st["unique_pages"], st["zero_pages"]) == (
+        exp.logical_pages,
+        exp.unique_pages,
+        exp.zero_pages,
+    )
