@@ -114,9 +114,14 @@ class NoticeStream:
                         delay = self._backoff
                         yield notice
                 else:
-                    for notice in await self._poll():
+                    fresh = await self._poll()
+                    for notice in fresh:
                         yield notice
                     delay = self._backoff
+                    if not fresh:
+                        # An empty answer before ``wait`` ran out (a broker that does not
+                        # hold polls, or wait=0): pause rather than spin.
+                        await asyncio.sleep(self._backoff)
                     continue
             except (AuthError, Forbidden):
                 raise

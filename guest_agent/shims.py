@@ -32,7 +32,8 @@ quota until then).
 Quota: the shim counts the persistent pages it holds in the broker (plus stale ones) and stops
 offering puts that would exceed the guest's cap (from ``GET /v1/self`` at ``init`` and from
 ``quota`` notices); after a ``quota`` decline it stops offering new pages until it has freed
-some or a new ``quota`` notice arrives. A ``freeze`` notice stops puts until ``thaw``.
+some, a new ``quota`` notice arrives or ``RetryPolicy.recheck_interval`` passes. A ``freeze``
+notice stops puts until ``thaw`` (a ``frozen`` decline, for ``recheck_interval``).
 ``shed(n)`` (what a ``shed`` notice triggers, see :mod:`guest_agent.notices`) moves the ``n``
 oldest broker pages back into the fallback and flushes them from the broker.
 
@@ -96,7 +97,8 @@ class RetryPolicy:
 
     ``attempts`` tries in all, sleeping ``backoff``, ``backoff*multiplier``, ... (at most
     ``max_backoff``) between them. ``down_interval`` is how long stores skip the broker after
-    it was found unreachable before trying it again.
+    it was found unreachable before trying it again; ``recheck_interval`` how long they skip
+    it after a ``quota`` or ``frozen`` decline when no notice lifts that first.
     """
 
     attempts: int = 5
@@ -104,6 +106,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     max_backoff: float = 1.0
     down_interval: float = 1.0
+    recheck_interval: float = 5.0
 
     def delays(self) -> Iterator[float]:
         delay = self.backoff
@@ -141,8 +144,11 @@ class Frontswap:
         self._broker: dict[Key, None] = {}  # keys the broker holds, oldest first (shed order)
         self._stale: set[Handle] = set()  # broker handles to flush, never to read
         self.cap_pages: int | None = None
-        self._quota_full = False
-        self._frozen = False
+        # Until when puts are not offered: after a quota or frozen decline (re-checked after
+        # ``retry.recheck_interval`` in case the notice that lifts it was missed), or for good
+        # after a freeze notice (until thaw).
+        self._quota_full_until = 0.0
+        self._frozen_until = 0.0
         self._down_until = 0.0
         self.stats = {"broker_stores": 0, "fallback_stores": 0, "declined": 0, "shed_pages": 0}
 
@@ -162,6 +168,10 @@ class Frontswap:
         if key in self._broker:
             return "broker"
         return "fallback" if key in self.fallback else None
+
+    def _paused(self) -> bool:
+        now = self._clock()
+        return self._frozen_until > now or self._quota_full_until > now
 
     def _broker_down(self) -> bool:
         return self._down_until > self._clock()
@@ -187,7 +197,7 @@ class Frontswap:
 
     def _room_for(self, new_pages: int) -> int:
         """How many new broker pages may be offered now."""
-        if self._frozen or self._quota_full:
+        if self._paused():
             return 0
         if self.cap_pages is None:
             return new_pages
@@ -208,7 +218,7 @@ class Frontswap:
         except BrokerError:
             return
         self._stale.difference_update(handles)
-        self._quota_full = False
+        self._quota_full_until = 0.0
 
     def _forget_broker_copy(self, key: Key) -> None:
         """The map stops pointing at the broker for ``key``; flush the copy or mark it stale."""
@@ -219,7 +229,7 @@ class Frontswap:
         if self.pool_id is not None and not self._broker_down():
             try:
                 self.client.flush_page(self.pool_id, *handle)
-                self._quota_full = False
+                self._quota_full_until = 0.0
                 return
             except BrokerUnavailable:
                 self._mark_down()
@@ -253,7 +263,11 @@ class Frontswap:
         with self._lock:
             self._check_type(type)
             self._flush_stale()
-            if self._can_offer() and (key in self._broker or self._room_for(1)):
+            if (
+                self._frozen_until <= self._clock()
+                and self._can_offer()
+                and (key in self._broker or self._room_for(1))
+            ):
                 assert self.pool_id is not None
                 oid, index = frontswap_handle(type, offset)
                 try:
@@ -279,9 +293,9 @@ class Frontswap:
                     self._broker.pop(key, None)
                     self.stats["declined"] += 1
                     if result.reason == "quota":
-                        self._quota_full = True
+                        self._quota_full_until = self._clock() + self.retry.recheck_interval
                     elif result.reason == "frozen":
-                        self._frozen = True
+                        self._frozen_until = self._clock() + self.retry.recheck_interval
             else:
                 self._forget_broker_copy(key)
             self.fallback.discard(key)
@@ -363,7 +377,7 @@ class Frontswap:
                     raise BrokerUnavailable("broker marked down")
                 self.client.batch(self.pool_id, [(OP_FLUSH_OBJECT, oid, 0, None) for oid in oids])
                 self._stale = {h for h in self._stale if h[0] >> 4 != type}
-                self._quota_full = False
+                self._quota_full_until = 0.0
             except TmemClientError as exc:
                 if isinstance(exc, BrokerUnavailable):
                     self._mark_down()
@@ -398,7 +412,7 @@ class Frontswap:
             last[offset] = i
         out = [False] * len(pages)
         offered: list[int] = []
-        if self._can_offer():
+        if self._frozen_until <= self._clock() and self._can_offer():
             new = sum(1 for i in last.values() if (type, pages[i][0]) not in self._broker)
             room = self._room_for(new)
             for i in last.values():
@@ -436,9 +450,9 @@ class Frontswap:
                     else:
                         self.stats["declined"] += 1
                         if result.reason == "quota":
-                            self._quota_full = True
+                            self._quota_full_until = self._clock() + self.retry.recheck_interval
                         elif result.reason == "frozen":
-                            self._frozen = True
+                            self._frozen_until = self._clock() + self.retry.recheck_interval
                         to_fallback.append(i)
         moved_out = [
             (type, pages[i][0]) for i in to_fallback if (type, pages[i][0]) in self._broker
@@ -521,7 +535,7 @@ class Frontswap:
                     break  # the fallback is full
             self.stats["shed_pages"] += returned
             if returned:
-                self._quota_full = False
+                self._quota_full_until = 0.0
         return returned
 
     def handle_notice(self, notice: Notice) -> int | None:
@@ -531,11 +545,11 @@ class Frontswap:
                 return self.shed(notice.pages or 0)
             if notice.type == "quota":
                 self.cap_pages = notice.cap_pages
-                self._quota_full = False
+                self._quota_full_until = 0.0
             elif notice.type == "freeze":
-                self._frozen = True
+                self._frozen_until = float("inf")
             elif notice.type == "thaw":
-                self._frozen = False
+                self._frozen_until = 0.0
             return None
 
     def close(self) -> None:
