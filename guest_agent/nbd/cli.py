@@ -123,8 +123,12 @@ async def serve(
 
 def nbd(
     size: Annotated[str, typer.Option(help="export size, e.g. 1GiB (rounded up to 4 KiB)")],
-    broker: Annotated[str | None, typer.Option(help="broker base URL")] = None,
-    token: Annotated[str | None, typer.Option(help="the guest's token")] = None,
+    broker: Annotated[
+        str | None, typer.Option(envvar="TMEM_BROKER_URL", help="broker base URL")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="TMEM_TOKEN", help="the guest's token")
+    ] = None,
     listen: Annotated[str | None, typer.Option(help="HOST:PORT to listen on")] = None,
     unix: Annotated[str | None, typer.Option(help="Unix socket path to listen on")] = None,
     fallback: Annotated[

@@ -26,7 +26,7 @@ from typing import Any
 
 from tests.e2e.brokerproc import BrokerProcess, free_port
 
-AGENT = [sys.executable, "-m", "guest_agent.nbd"]
+AGENT = [str(Path(sys.executable).parent / "tmem-agent"), "nbd"]
 
 
 def new_guest(broker: BrokerProcess, name: str, *, cap_pages: int | None = None) -> tuple[int, str]:
