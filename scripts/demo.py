@@ -82,7 +82,7 @@ def broker_process(data_dir: Path, *, timeout: float = 60.0) -> Iterator[tuple[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__)
     parser.add_argument("--guests", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--ram", default="8MiB", help="RAM of each guest")
     parser.add_argument("--anon", default="16MiB", help="anonymous memory of each guest")
     parser.add_argument("--cache", default="24MiB", help="how much of the image a guest reads")

@@ -19,6 +19,8 @@ What the simulator adds on top of the agent, and why:
   put/get (the shims have per-page calls only there) using the client's batch calls; while
   the cleancache shim has invalidations pending it falls back to the per-page calls, which
   settle them first. Both use the shims' own bookkeeping; they belong in the shims.
+* The shim's timers (the pause after a decline, the backoff when the broker is down) run
+  on a :class:`StepClock`, simulated time advanced by the runner, not on the wall clock.
 * Notices are polled between steps (``GET /v1/notices?after=SEQ``) and handed to
   :meth:`Frontswap.handle_notice`, the agent's own shed/quota/freeze handling; sheds are acked
   with the pages returned. Polling at step boundaries keeps a run reproducible; with
@@ -51,6 +53,21 @@ from .runner import Timing
 SWAP_TYPE = 0
 
 
+class StepClock:
+    """Simulated time for the shim's timers (pause after a decline, broker-down backoff):
+    ``seconds_per_step`` per step, so a run does not depend on how fast the machine is."""
+
+    def __init__(self, seconds_per_step: float = 0.1) -> None:
+        self.seconds_per_step = seconds_per_step
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set_step(self, step: int) -> None:
+        self.now = step * self.seconds_per_step
+
+
 class TimedTransport:
     """A transport that measures the wall time of page requests (``/v1/pools/``)."""
 
@@ -80,6 +97,7 @@ class RecordingClient(TmemClient):
     def __init__(self, base_url: str, token: str, **kwargs: Any) -> None:
         super().__init__(base_url, token, **kwargs)
         self.declined: dict[tuple[int, int, int], str] = {}
+        self.last_decline: str | None = None
 
     def put_many(
         self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
@@ -87,7 +105,8 @@ class RecordingClient(TmemClient):
         results = super().put_many(pool_id, pages)
         for (oid, index, _), result in zip(pages, results, strict=True):
             if not result:
-                self.declined[(pool_id, oid, index)] = result.reason or "declined"
+                self.last_decline = result.reason or "declined"
+                self.declined[(pool_id, oid, index)] = self.last_decline
         return results
 
 
@@ -161,8 +180,9 @@ class AgentBackend:
                 handle = frontswap_handle(SWAP_TYPE, offset)
                 reason = self.client.declined.get((pool or 0, *handle))
                 if reason is None:
-                    # Never offered: the shim knew it was frozen or at its cap.
-                    reason = "frozen (agent)" if self.frontswap._frozen else "quota (agent)"
+                    # Never offered: the shim knew it was at its cap, or is pausing after
+                    # the broker's last decline (whose reason is the reason here).
+                    reason = f"{self.client.last_decline or 'quota'} (agent)"
                 out.append(reason)
         return out
 
@@ -200,12 +220,14 @@ class AgentLink:
         fallback: str | os.PathLike[str] | None = None,
         live_notices: bool = False,
         guest_id: int | None = None,
+        seconds_per_step: float = 0.1,
     ) -> None:
         self.name = name
         self.guest_id = guest_id
         self.transport = TimedTransport(HTTPTransport(base_url, timeout=60.0))
         self.client = RecordingClient(base_url, token, transport=self.transport)
-        self.frontswap = BatchedFrontswap(self.client, fallback=fallback)
+        self.clock = StepClock(seconds_per_step)
+        self.frontswap = BatchedFrontswap(self.client, fallback=fallback, clock=self.clock)
         self.frontswap.init(SWAP_TYPE)
         self.backend: GuestBackend = AgentBackend(
             self.client, self.frontswap, BatchedCleancache(self.client)
@@ -228,6 +250,9 @@ class AgentLink:
             with self._lock:
                 self._sheds += 1
                 self._returned += returned or 0
+
+    def on_step(self, step: int) -> None:
+        self.clock.set_step(step)
 
     def report_pressure(self, pressure: dict[str, float | int]) -> None:
         self.client.report_pressure(

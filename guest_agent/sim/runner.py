@@ -81,6 +81,10 @@ class GuestLink(Protocol):
         """The guest's own stats (``GET /v1/self``)."""
         ...
 
+    def on_step(self, step: int) -> None:
+        """Called before the guest's step ``step`` (0-based): advance simulated time."""
+        ...
+
 
 class MemoryLink:
     """A guest of the in-memory twin: no notices, pressure reports kept for inspection."""
@@ -107,6 +111,9 @@ class MemoryLink:
 
     def self_stats(self) -> dict[str, Any]:
         return {"pages": len(self.broker.keys(self.guest_id))}
+
+    def on_step(self, step: int) -> None:
+        pass
 
 
 @dataclass
@@ -319,6 +326,7 @@ def run_simulation(
 
     for step in range(config.steps):
         for g in guests:
+            g.link.on_step(step)
             g.model.step(g.workload.step(step))
         done = step + 1
         for g in guests:

@@ -75,14 +75,28 @@ def test_four_guests_one_image_dedup_is_exact(
     assert stats["unique_pages"] + stats["zero_pages"] < stats["logical_pages"]
     assert result.broker_stats is not None
     assert result.broker_stats["unique_pages"] == exp.unique_pages
+    # The last pressure report (after the last step) is the model's final state.
+    for (guest_id, _), model in zip(created, result.models.values(), strict=True):
+        pressure = broker.json("GET", f"/v1/guests/{guest_id}")["pressure"]
+        assert pressure["swap_used_bytes"] == len(model.swapped) * 4096
+        assert pressure["mem_available_bytes"] == model.pressure()["mem_available_bytes"]
 
 
 @pytest.mark.timeout(170)
-def test_same_seed_same_fault_and_put_counts(broker: BrokerProcess, image: Path) -> None:
+@pytest.mark.parametrize("cap_pages", [None, 40])
+def test_same_seed_same_fault_and_put_counts(
+    broker: BrokerProcess, image: Path, cap_pages: int | None
+) -> None:
+    # With a cap the broker declines and the agent pauses its puts for a while: that pause
+    # runs on simulated time, so the counts still repeat exactly.
     runs = []
     for seed in (7, 7, 8):
         result = run_against_broker(
-            small(image, seed=seed), broker.url, admin_token=ADMIN, progress=False
+            small(image, seed=seed),
+            broker.url,
+            admin_token=ADMIN,
+            cap_pages=cap_pages,
+            progress=False,
         )
         runs.append(result.guests)
     first, again, other = runs
@@ -90,6 +104,8 @@ def test_same_seed_same_fault_and_put_counts(broker: BrokerProcess, image: Path)
         for key in ("faults", "swap_puts", "cache_puts", "tmem_hits", "tmem_misses"):
             assert first[name][key] == again[name][key], (name, key)
     assert first == again  # every counter, not only faults and puts
+    if cap_pages is not None:
+        assert all(g["declines"] and g["swap_disk_writes"] for g in first.values())
     assert first != other
     # The guests were deleted after each run: the broker is empty again.
     assert fetch_stats(broker.url, ADMIN)["logical_pages"] == 0
