@@ -101,6 +101,7 @@ class PutResult:
 STORED = PutResult()
 _DECLINED_BY_STATUS = {s: PutResult(n) for s, n in STATUS_NAMES.items() if s > STATUS_MISS}
 _DECLINED_BY_REASON = {r.reason: r for r in _DECLINED_BY_STATUS.values()}
+_PUT_BY_STATUS: dict[int, PutResult] = {STATUS_DONE: STORED, **_DECLINED_BY_STATUS}
 
 
 def _chunks(items: Sequence[_T], size: int) -> Iterable[Sequence[_T]]:
@@ -244,6 +245,19 @@ class _Base:
             return decode_results(response.body, [op[0] for op in ops])
         except BatchError as exc:
             raise ProtocolError(f"bad batch response: {exc}") from exc
+
+    @staticmethod
+    def _parse_put_batch(response: Response, n: int) -> list[PutResult]:
+        # A batch of puts answers one status byte per op: no need for the general decoder.
+        if response.status != 200:
+            _raise_for(response)
+        body = response.body
+        if len(body) != n:
+            raise ProtocolError(f"{len(body)} result bytes for {n} puts")
+        try:
+            return [_PUT_BY_STATUS[status] for status in body]
+        except KeyError as exc:
+            raise ProtocolError(f"status {exc.args[0]} for a put") from exc
 
     @staticmethod
     def _put_results(results: Iterable[BatchResult]) -> list[PutResult]:
@@ -411,7 +425,11 @@ class TmemClient(_Base):
         self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
     ) -> list[PutResult]:
         """Put ``(oid, index, page)`` triples; one :class:`PutResult` per page, in order."""
-        return self._put_results(self.batch(pool_id, _put_ops(pages)))
+        out: list[PutResult] = []
+        for chunk in _chunks(_put_ops(pages), self.max_batch_ops):
+            response = self._send(self._req_batch(pool_id, chunk))
+            out.extend(self._parse_put_batch(response, len(chunk)))
+        return out
 
     def get_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Get ``(oid, index)`` handles; the page or ``None`` per handle, in order."""
@@ -540,7 +558,11 @@ class AsyncTmemClient(_Base):
         self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
     ) -> list[PutResult]:
         """Put ``(oid, index, page)`` triples; one :class:`PutResult` per page, in order."""
-        return self._put_results(await self.batch(pool_id, _put_ops(pages)))
+        out: list[PutResult] = []
+        for chunk in _chunks(_put_ops(pages), self.max_batch_ops):
+            response = await self._send(self._req_batch(pool_id, chunk))
+            out.extend(self._parse_put_batch(response, len(chunk)))
+        return out
 
     async def get_many(
         self, pool_id: int, handles: Sequence[tuple[int, int]]

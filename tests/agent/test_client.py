@@ -261,3 +261,17 @@ async def test_async_mock_transport_accepts_async_handlers() -> None:
     client = AsyncTmemClient("http://b", "t", transport=MockTransport(handler))
     result = await client.put(0, 1, 1, page(1))
     assert not result and result.reason == "capacity"
+
+
+def test_put_batch_answers_are_checked() -> None:
+    client = TmemClient("http://b", "t", transport=_answer(200, b"\x00"))
+    with pytest.raises(ProtocolError):
+        client.put_many(0, [(1, 1, page(1)), (1, 2, page(2))])
+    client = TmemClient("http://b", "t", transport=_answer(200, b"\x00\x01"))
+    with pytest.raises(ProtocolError):
+        client.put_many(0, [(1, 1, page(1)), (1, 2, page(2))])
+    client = TmemClient("http://b", "t", transport=_answer(200, b"\x00\x05"))
+    assert [r.reason for r in client.put_many(0, [(1, 1, page(1)), (1, 2, page(2))])] == [
+        None,
+        "policy",
+    ]
