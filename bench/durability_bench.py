@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,12 +119,12 @@ class Broker:
         finally:
             conn.close()
 
-    def setup(self, clients: int) -> list[tuple[str, int]]:
+    def setup(self, clients: int, rep: int) -> list[tuple[str, int]]:
         """One guest and one persistent pool per client."""
         out = []
         for c in range(clients):
             st, body = self.call(
-                "POST", "/v1/guests", json.dumps({"name": f"bench-{c}"}).encode(), ADMIN
+                "POST", "/v1/guests", json.dumps({"name": f"bench-{rep}-{c}"}).encode(), ADMIN
             )
             assert st == 201, body
             token = json.loads(body)["token"]
@@ -183,7 +184,9 @@ class Redis:
         def run(client: int, batches: list[list[bytes]]) -> None:
             r = redis.Redis(port=self.port)
             for b, pages in enumerate(batches):
-                r.mset({f"p:{client}:{b}:{i}": p for i, p in enumerate(pages)})
+                r.mset(
+                    {f"p:{client}:{b}:{i}": p for i, p in enumerate(pages)}
+                )  # same keys each rep
             r.close()
 
         return run
@@ -205,6 +208,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=65536)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is not installed")
@@ -221,46 +225,51 @@ def main() -> None:
     n = per_client * args.clients
     print(f"{n} random 4 KiB pages, batches of {args.batch}, {args.clients} concurrent clients")
 
-    results: dict[str, float] = {}
+    rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(
         prefix="tmem-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")
     ) as tmp:
         workdir = Path(tmp)
-        always = Redis(workdir, "always", ["--appendonly", "yes", "--appendfsync", "always"])
+        redis_always = Redis(workdir, "always", ["--appendonly", "yes", "--appendfsync", "always"])
+        redis_off = Redis(workdir, "off", ["--appendonly", "no"])
+        brokers = {d: Broker(workdir, d) for d in ("sync", "none")}
         try:
-            results["redis appendfsync always"] = measure(always.runner(), work)
-        finally:
-            always.stop()
-        off = Redis(workdir, "off", ["--appendonly", "no"])
-        try:
-            results["redis persistence off"] = measure(off.runner(), work)
-        finally:
-            off.stop()
-        reload_line = ""
-        for durability in ("sync", "none"):
-            broker = Broker(workdir, durability)
-            broker.start()
-            try:
-                results[f"broker durability {durability}"] = measure(
-                    broker.runner(broker.setup(args.clients)), work
-                )
-            finally:
-                broker.stop()
-            if durability == "sync":
-                t0 = time.perf_counter()
+            for broker in brokers.values():
                 broker.start()
-                ready = time.perf_counter() - t0
+            # Targets take turns, several times: on a shared machine the load drifts, and
+            # interleaving spreads the drift over every target alike.
+            for rep in range(args.repeat):
+                runs: dict[str, Callable[[int, list[list[bytes]]], None]] = {
+                    "redis appendfsync always": redis_always.runner(),
+                    "redis persistence off": redis_off.runner(),
+                }
+                for d, broker in brokers.items():
+                    runs[f"broker durability {d}"] = broker.runner(broker.setup(args.clients, rep))
+                for name, run in runs.items():
+                    rates.setdefault(name, []).append(measure(run, work))
+        finally:
+            redis_always.stop()
+            redis_off.stop()
+            for broker in brokers.values():
                 broker.stop()
-                found = re.findall(
-                    r"reloaded \d+ persistent pages in [\d.]+ s \(\d+ pages/s\)",
-                    broker.log.read_text(),
-                )
-                reload_line = (
-                    found[-1] if found else "no reload line in the log"
-                ) + f"; ready after {ready:.2f} s"
+        sync = brokers["sync"]
+        journal_line = re.findall(r"journal closed: .*", sync.log.read_text())
+        t0 = time.perf_counter()
+        sync.start()
+        ready = time.perf_counter() - t0
+        sync.stop()
+        found = re.findall(
+            r"reloaded \d+ persistent pages in [\d.]+ s \(\d+ pages/s\)", sync.log.read_text()
+        )
+        reload_line = (
+            found[-1] if found else "no reload line in the log"
+        ) + f"; ready after {ready:.2f} s"
 
+    results = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"median of {args.repeat} interleaved runs (pages/s; all runs in brackets):")
     for name, rate in results.items():
-        print(f"  {name:28s} {rate:10.0f} pages/s")
+        runs_text = ", ".join(f"{r:.0f}" for r in rates[name])
+        print(f"  {name:28s} {rate:10.0f} pages/s   [{runs_text}]")
     r = results
     print(
         f"  sync / redis appendfsync always: {r['broker durability sync'] / r['redis appendfsync always']:.2f}x"
@@ -271,7 +280,8 @@ def main() -> None:
     print(
         f"  sync / none (cost of durability): {r['broker durability sync'] / r['broker durability none']:.2f}x"
     )
-    print(f"  journal reload of {n} pages: {reload_line}")
+    print(f"  journal: {journal_line[-1] if journal_line else 'no journal stats in the log'}")
+    print(f"  journal reload of {n * args.repeat} pages: {reload_line}")
 
 
 if __name__ == "__main__":

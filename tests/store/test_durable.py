@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.store import LmdbJournal, NullJournal, open_journal, reload_journal
-from broker.store.durable import page_key
 from broker.store.errors import JournalClosed, JournalFailed
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,8 +59,23 @@ def test_zero_page_takes_no_bytes(journal: LmdbJournal) -> None:
     journal.record_put(1, 0, 1, 1, bytes(4096))
     journal.sync()
     with journal._env.begin() as txn:
-        assert txn.get(next(iter(txn.cursor()))[0]) == b""
+        assert [v for _k, v in txn.cursor()] == [b""]
+    assert journal._env.stat()["overflow_pages"] == 0
     assert stored(journal) == {(1, 0, 1, 1): bytes(4096)}
+
+
+def test_a_page_takes_one_lmdb_page_and_a_handle_one_key(journal: LmdbJournal) -> None:
+    # 4096-byte values would take two overflow pages each; the tail in the key makes it one.
+    for n in range(100):
+        journal.record_put(1, 0, n, 0, page(n + 1))
+    journal.sync()
+    for n in range(100):  # replacing with a different tail must not leave the old key behind
+        journal.record_put(1, 0, n, 0, page(n + 1000))
+    journal.sync()
+    stat = journal._env.stat()
+    assert stat["entries"] == 100
+    assert stat["overflow_pages"] == 100
+    assert stored(journal) == {(1, 0, n, 0): page(n + 1000) for n in range(100)}
 
 
 def test_put_replaces(journal: LmdbJournal) -> None:
@@ -167,8 +181,8 @@ async def test_barrier_waits_for_disk_and_concurrent_writers_share_commits(
             assert journal.pending
             await journal.barrier()
             # What this writer recorded must be readable from disk by now.
-            with journal._env.begin() as txn:
-                seen_durable.append(txn.get(page_key(1, 0, w, k)) == page(w * 100 + k + 1))
+            on_disk = {(o, i): d for o, i, d in journal.load_pool(1, 0)}
+            seen_durable.append(on_disk.get((w, k)) == page(w * 100 + k + 1))
 
     await asyncio.gather(*(writer(w) for w in range(16)))
     assert all(seen_durable) and len(seen_durable) == 320
@@ -201,19 +215,43 @@ async def test_records_without_a_barrier_still_reach_disk(journal: LmdbJournal) 
     assert stored(journal) == {(1, 0, 1, 1): page(1)}
 
 
-async def test_a_failed_commit_fails_every_waiter_and_later_barriers(
-    journal: LmdbJournal, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def broken(ops: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(journal, "_apply", broken)
+async def test_a_dead_writer_fails_every_waiter_and_later_barriers(journal: LmdbJournal) -> None:
+    journal._proc.kill()
+    journal._proc.wait()
     journal.record_put(1, 0, 1, 1, page(1))
     results = await asyncio.gather(journal.barrier(), journal.barrier(), return_exceptions=True)
-    assert all(isinstance(r, JournalFailed) for r in results)
+    assert all(isinstance(r, JournalFailed) for r in results), results
     assert journal.pending
     with pytest.raises(JournalFailed):
         await journal.barrier()
+
+
+async def test_a_commit_the_writer_cannot_make_is_refused(tmp_path: Path) -> None:
+    # A map too small for the round: the writer's transaction fails as on a full disk.
+    j = LmdbJournal(tmp_path / "j", map_size=1 << 16)
+    try:
+        for n in range(64):
+            j.record_put(1, 0, n, 0, page(n + 1))
+        with pytest.raises(JournalFailed, match="MapFull"):
+            await j.barrier()
+        assert j.count() == 0  # the failed round left nothing behind
+        with pytest.raises(JournalFailed):
+            await j.barrier()
+    finally:
+        j.close()
+
+
+def test_writer_refuses_an_unknown_record_kind(tmp_path: Path) -> None:
+    import lmdb
+
+    from broker.store import writer
+
+    env = lmdb.open(str(tmp_path / "w"), map_size=1 << 24)
+    try:
+        with pytest.raises(ValueError, match="unknown record kind"):
+            writer.apply_records(env, bytes((9, 1, 0)))
+    finally:
+        env.close()
 
 
 def test_closed_journal_refuses_records(tmp_path: Path) -> None:
