@@ -13,9 +13,11 @@ Block → handle mapping (documented in docs/nbd.md)::
     oid   = block >> 8          # one object per 1 MiB chunk (256 blocks)
     index = block               # the block number itself (so exports up to 16 TiB)
 
-A chunk per object lets a trim of a whole 1 MiB chunk become one ``flush_object``, and keeps
-the broker's per-object structures small; the index alone names the block, which makes pages
-easy to recognise in broker stats and exports.
+An object per 1 MiB chunk keeps the broker's per-object structures small (Xen kept an object
+as a radix tree of its pages) and groups neighbouring blocks, which swap writes together; the
+index alone names the block, so a page is easy to recognise in broker stats and exports.
+Discards flush page by page (in batches), never whole objects: a round running beside the
+discarding one may be putting another block of the same object.
 
 Durability: the broker acknowledges a persistent put only once it is durable (durability
 ``sync``), so :meth:`BrokerBackend.flush` only has to ``fsync`` the fallback file when it was
@@ -75,18 +77,15 @@ class PageClient(Protocol):
         self, pool_id: int, handles: Sequence[tuple[int, int]]
     ) -> None: ...  # pragma: no cover
 
-    async def flush_objects(
-        self, pool_id: int, oids: Sequence[int]
-    ) -> None: ...  # pragma: no cover
-
 
 class BrokerBackend:
     """A :class:`~guest_agent.nbd.backend.BlockBackend` on a broker pool plus a fallback file.
 
     Use ``backend = await BrokerBackend.open(client, size=..., fallback_path=...)``; hand it to
-    a :class:`~guest_agent.nbd.dispatcher.Dispatcher`; call :meth:`shed` for shed notices
-    (:func:`guest_agent.nbd.notices.follow_notices` does) and :meth:`close` at the end.
-    Counters in :attr:`stats` say where blocks went.
+    a :class:`~guest_agent.nbd.dispatcher.Dispatcher`, which only runs calls on disjoint blocks
+    side by side; run :meth:`shed` through ``dispatcher.exclusive`` (it moves blocks while no
+    round is in flight) and :meth:`close` at the end. Counters in :attr:`stats` say where
+    blocks went.
     """
 
     def __init__(
@@ -108,8 +107,6 @@ class BrokerBackend:
         os.ftruncate(self._fd, self.block_count * BLOCK_SIZE)
         self._fallback_dirty = False
         self._destroy_pool_on_close = destroy_pool_on_close
-        # a shed must not interleave with a round's reads and writes of the same blocks
-        self._lock = asyncio.Lock()
         self.stats: dict[str, int] = defaultdict(int)
 
     @classmethod
@@ -127,78 +124,62 @@ class BrokerBackend:
     # --- BlockBackend ---------------------------------------------------------------------
 
     async def read_blocks(self, blocks: Sequence[int]) -> list[bytes | None]:
-        async with self._lock:
-            out: list[bytes | None] = [None] * len(blocks)
-            at_broker: list[int] = []
-            location = self.location
-            for i, block in enumerate(blocks):
-                where = location[block]
-                if where == BROKER:
-                    at_broker.append(i)
-                elif where == FALLBACK:
-                    out[i] = self._read_fallback(block)
-            if at_broker:
-                handles = [block_handle(blocks[i]) for i in at_broker]
-                pages = await self._call(self.client.get_many(self.pool_id, handles))
-                for i, page in zip(at_broker, pages, strict=True):
-                    if page is None:
-                        # the broker never drops an acknowledged persistent page; zeros here
-                        # would be silent corruption, so the read fails instead
-                        raise BackendError(f"block {blocks[i]} missing at the broker")
-                    out[i] = page
-                self.stats["broker_reads"] += len(at_broker)
-            return out
+        out: list[bytes | None] = [None] * len(blocks)
+        at_broker: list[int] = []
+        location = self.location
+        for i, block in enumerate(blocks):
+            where = location[block]
+            if where == BROKER:
+                at_broker.append(i)
+            elif where == FALLBACK:
+                out[i] = self._read_fallback(block)
+        if at_broker:
+            handles = [block_handle(blocks[i]) for i in at_broker]
+            pages = await self._call(self.client.get_many(self.pool_id, handles))
+            for i, page in zip(at_broker, pages, strict=True):
+                if page is None:
+                    # the broker never drops an acknowledged persistent page; zeros here
+                    # would be silent corruption, so the read fails instead
+                    raise BackendError(f"block {blocks[i]} missing at the broker")
+                out[i] = page
+            self.stats["broker_reads"] += len(at_broker)
+        return out
 
     async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
-        async with self._lock:
-            pages = [(*block_handle(block), data) for block, data in writes]
-            try:
-                results = list(await self.client.put_many(self.pool_id, pages))
-            except Exception as exc:
-                # the broker is unreachable or failed: keep the data locally rather than fail
-                # the write (for a swap device a failed write is lost memory)
-                log.warning("nbd: broker put failed (%s); %d blocks to fallback", exc, len(writes))
-                self.stats["broker_errors"] += 1
-                results = [False] * len(writes)
-            location = self.location
-            declined = 0
-            for (block, data), result in zip(writes, results, strict=True):
-                if result:
-                    location[block] = BROKER
-                else:
-                    # a declined put left nothing at the handle (contract), so the fallback
-                    # copy is the only one
-                    self._write_fallback(block, data)
-                    location[block] = FALLBACK
-                    declined += 1
-            self.stats["broker_puts"] += len(writes) - declined
-            self.stats["fallback_writes"] += declined
+        pages = [(*block_handle(block), data) for block, data in writes]
+        try:
+            results = list(await self.client.put_many(self.pool_id, pages))
+        except Exception as exc:
+            # the broker is unreachable or failed: keep the data locally rather than fail
+            # the write (for a swap device a failed write is lost memory)
+            log.warning("nbd: broker put failed (%s); %d blocks to fallback", exc, len(writes))
+            self.stats["broker_errors"] += 1
+            results = [False] * len(writes)
+        location = self.location
+        declined = 0
+        for (block, data), result in zip(writes, results, strict=True):
+            if result:
+                location[block] = BROKER
+            else:
+                # a declined put left nothing at the handle (contract), so the fallback
+                # copy is the only one
+                self._write_fallback(block, data)
+                location[block] = FALLBACK
+                declined += 1
+        self.stats["broker_puts"] += len(writes) - declined
+        self.stats["fallback_writes"] += declined
 
     async def discard_blocks(self, blocks: Sequence[int]) -> None:
-        async with self._lock:
-            location = self.location
-            at_broker = [b for b in blocks if location[b] == BROKER]
-            for block in blocks:
-                location[block] = NOWHERE
-            if not at_broker:
-                return
-            # a chunk whose every broker block goes away is flushed as one object
-            by_object: dict[int, list[int]] = defaultdict(list)
-            for block in at_broker:
-                by_object[block >> _OBJECT_SHIFT].append(block)
-            whole: list[int] = []
-            single: list[tuple[int, int]] = []
-            for oid, members in by_object.items():
-                first = oid << _OBJECT_SHIFT
-                chunk = location[first : first + BLOCKS_PER_OBJECT]
-                if BROKER not in chunk:
-                    whole.append(oid)
-                else:
-                    single.extend(block_handle(b) for b in members)
-            if whole:
-                await self._call(self.client.flush_objects(self.pool_id, whole))
-            if single:
-                await self._call(self.client.flush_many(self.pool_id, single))
+        location = self.location
+        at_broker = [b for b in blocks if location[b] == BROKER]
+        for block in blocks:
+            location[block] = NOWHERE
+        if at_broker:
+            # page by page (batched), never flush_object: a round running beside this one may
+            # be putting another block of the same object
+            await self._call(
+                self.client.flush_many(self.pool_id, [block_handle(b) for b in at_broker])
+            )
             self.stats["broker_flushes"] += len(at_broker)
 
     async def flush(self) -> None:
@@ -223,38 +204,40 @@ class BrokerBackend:
     async def shed(self, pages: int) -> int:
         """Move up to ``pages`` broker blocks to the fallback file; returns how many moved.
 
+        Not safe beside other calls (it picks any broker block): run it through
+        :meth:`Dispatcher.exclusive <guest_agent.nbd.dispatcher.Dispatcher.exclusive>`.
+
         The pages are fetched, written to the fallback file, fsynced, and only then flushed at
         the broker, so a crash in between leaves a copy in at least one durable place.
         """
         if pages <= 0:
             return 0
-        async with self._lock:
-            location = self.location
-            chosen: list[int] = []
-            # highest blocks first: swap allocates from the start, so the tail is the coldest
-            block = self.block_count - 1
-            while block >= 0 and len(chosen) < pages:
-                block = location.rfind(BROKER, 0, block + 1)
-                if block < 0:
-                    break
-                chosen.append(block)
-                block -= 1
-            if not chosen:
-                return 0
-            handles = [block_handle(b) for b in chosen]
-            contents = await self._call(self.client.get_many(self.pool_id, handles))
-            moved: list[int] = []
-            for block, page in zip(chosen, contents, strict=True):
-                if page is None:
-                    continue
-                self._write_fallback(block, page)
-                moved.append(block)
-            await asyncio.to_thread(os.fsync, self._fd)
-            await self._call(self.client.flush_many(self.pool_id, [block_handle(b) for b in moved]))
-            for block in moved:
-                location[block] = FALLBACK
-            self.stats["shed_blocks"] += len(moved)
-            return len(moved)
+        location = self.location
+        chosen: list[int] = []
+        # highest blocks first: swap allocates from the start, so the tail is the coldest
+        block = self.block_count - 1
+        while block >= 0 and len(chosen) < pages:
+            block = location.rfind(BROKER, 0, block + 1)
+            if block < 0:
+                break
+            chosen.append(block)
+            block -= 1
+        if not chosen:
+            return 0
+        handles = [block_handle(b) for b in chosen]
+        contents = await self._call(self.client.get_many(self.pool_id, handles))
+        moved: list[int] = []
+        for block, page in zip(chosen, contents, strict=True):
+            if page is None:
+                continue
+            self._write_fallback(block, page)
+            moved.append(block)
+        await asyncio.to_thread(os.fsync, self._fd)
+        await self._call(self.client.flush_many(self.pool_id, [block_handle(b) for b in moved]))
+        for block in moved:
+            location[block] = FALLBACK
+        self.stats["shed_blocks"] += len(moved)
+        return len(moved)
 
     # --- helpers --------------------------------------------------------------------------
 

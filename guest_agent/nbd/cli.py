@@ -80,14 +80,20 @@ async def serve(
         clients += [client, notice_client]
         broker_backend = await BrokerBackend.open(client, size=size, fallback_path=fallback)
         backend = broker_backend
-        after = await latest_seq(notice_client)
-        follower = asyncio.create_task(
-            follow_notices(notice_client, broker_backend, after=after), name="nbd-notices"
-        )
         log.info("nbd: pool %d at %s, fallback %s", broker_backend.pool_id, broker, fallback)
 
     dispatcher = Dispatcher(backend)
     dispatcher.start()
+    if not memory:
+        shedder = broker_backend
+
+        async def shed(pages: int) -> int:
+            return await dispatcher.exclusive(lambda: shedder.shed(pages))
+
+        after = await latest_seq(notice_client)
+        follower = asyncio.create_task(
+            follow_notices(notice_client, shed, after=after), name="nbd-notices"
+        )
     server = NbdServer(dispatcher, size=size, name=name)
     where: list[str] = []
     if listen is not None:

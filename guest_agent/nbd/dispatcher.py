@@ -15,6 +15,13 @@ a single loop takes everything pending (up to ``max_round_blocks``), and runs on
 So queue depth becomes batch size, and per-block ordering holds: a read sees every write
 queued before it (same round: forwarded; earlier round: already stored), and never a write
 queued after it (the round reads before it writes).
+
+Rounds are pipelined: up to ``max_inflight`` rounds run at once, as long as no two of them touch
+the same block (a round that overlaps one in flight waits for it). The broker acknowledges a
+durable put after a group commit, so overlapping round trips multiply throughput, while the
+block-disjointness keeps every per-block order above. A FLUSH needs no wait: it covers writes
+already *acknowledged*, and writes of rounds still in flight are not. Work that must see the
+export quiet (a shed moving blocks between places) goes through :meth:`Dispatcher.exclusive`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from guest_agent.nbd.backend import BLOCK_SIZE, ZERO_BLOCK, BlockBackend
 
@@ -33,6 +42,9 @@ WRITE = 1
 ZERO = 2
 TRIM = 3
 FLUSH = 4
+EXCLUSIVE = 5
+
+_T = TypeVar("_T")
 
 
 @dataclass(eq=False)
@@ -45,10 +57,11 @@ class BlockRequest:
     data: bytes | memoryview | None = None
     fua: bool = False
     future: asyncio.Future[bytes | None] = field(default_factory=lambda: _new_future())
+    action: Callable[[], Awaitable[None]] | None = None  # EXCLUSIVE only
 
     @property
     def blocks(self) -> range:
-        if self.length == 0:
+        if self.length == 0 or self.kind in (FLUSH, EXCLUSIVE):
             return range(0)
         return range(self.offset // BLOCK_SIZE, (self.offset + self.length - 1) // BLOCK_SIZE + 1)
 
@@ -66,9 +79,13 @@ class Dispatcher:
     Backend failures surface as the exception on the affected requests' futures.
     """
 
-    def __init__(self, backend: BlockBackend, *, max_round_blocks: int = 4096) -> None:
+    def __init__(
+        self, backend: BlockBackend, *, max_round_blocks: int = 4096, max_inflight: int = 4
+    ) -> None:
         self.backend = backend
         self.max_round_blocks = max_round_blocks
+        self.max_inflight = max_inflight
+        self._inflight: dict[asyncio.Task[None], set[int]] = {}
         self._pending: deque[BlockRequest] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -77,6 +94,7 @@ class Dispatcher:
         self.rounds = 0
         self.requests = 0
         self.largest_round = 0
+        self.most_inflight = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -114,29 +132,82 @@ class Dispatcher:
     async def flush(self) -> None:
         await self.submit(BlockRequest(FLUSH, 0, 0))
 
+    async def exclusive(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``fn`` with no round in flight, in queue order (requests queued before it
+        complete first, requests queued after it wait for it); returns its result."""
+        box: list[_T] = []
+
+        async def action() -> None:
+            box.append(await fn())
+
+        await self.submit(BlockRequest(EXCLUSIVE, 0, 0, action=action))
+        return box[0]
+
     # --- the loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        inflight = self._inflight
         while True:
             if not self._pending:
                 if self._stopping:
+                    if inflight:
+                        await asyncio.wait(set(inflight))
+                        self._reap()
+                        continue
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._pending[0].kind == EXCLUSIVE:
+                request = self._pending.popleft()
+                await self._drain()
+                assert request.action is not None
+                try:
+                    await request.action()
+                except Exception as exc:
+                    request.future.set_exception(exc)
+                else:
+                    request.future.set_result(None)
+                continue
             batch: list[BlockRequest] = []
             blocks = 0
+            touched: set[int] = set()
             while self._pending and (not batch or blocks < self.max_round_blocks):
+                if self._pending[0].kind == EXCLUSIVE:
+                    break
                 request = self._pending.popleft()
                 batch.append(request)
-                blocks += len(request.blocks)
-            try:
-                await self._round(batch)
-            except Exception as exc:  # a bug or a backend failure: fail the round, keep serving
-                log.exception("nbd round failed")
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
+                span = request.blocks
+                blocks += len(span)
+                touched.update(span)
+            # wait until the round touches no block of a round in flight, and there is room
+            while inflight and (
+                len(inflight) >= self.max_inflight
+                or any(not touched.isdisjoint(other) for other in inflight.values())
+            ):
+                await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
+                self._reap()
+            task = asyncio.get_running_loop().create_task(self._guarded_round(batch))
+            inflight[task] = touched
+            self.most_inflight = max(self.most_inflight, len(inflight))
+
+    def _reap(self) -> None:
+        for task in [t for t in self._inflight if t.done()]:
+            del self._inflight[task]
+
+    async def _drain(self) -> None:
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
+            self._reap()
+
+    async def _guarded_round(self, batch: list[BlockRequest]) -> None:
+        try:
+            await self._round(batch)
+        except Exception as exc:  # a bug or a backend failure: fail the round, keep serving
+            log.exception("nbd round failed")
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
 
     async def _round(self, batch: list[BlockRequest]) -> None:
         self.rounds += 1

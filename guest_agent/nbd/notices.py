@@ -1,8 +1,8 @@
 """Acts on the broker's notices for an export: a ``shed`` moves pages to the fallback file.
 
 ``follow_notices`` long-polls ``GET /v1/notices`` (through the client's ``notices``), and for
-each shed notice calls :meth:`BrokerBackend.shed` with the requested page count and acks with
-the number actually moved. Notices issued before the export started are skipped: the export's
+each shed notice calls ``shed(pages)`` — in the agent, :meth:`BrokerBackend.shed` run through
+:meth:`Dispatcher.exclusive` — and acks with the number of pages actually moved. Notices issued before the export started are skipped: the export's
 pool is new, so they cannot concern it.
 """
 
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from guest_agent.nbd.broker_backend import BrokerBackend
 from schemas.wire import Notice
 
 log = logging.getLogger(__name__)
+
+Shed = Callable[[int], Awaitable[int]]
+"""Moves up to N pages off the broker; returns how many it moved."""
 
 
 class NoticeClient(Protocol):
@@ -33,19 +35,19 @@ async def latest_seq(client: NoticeClient) -> int:
     return max((n.seq for n in notices), default=0)
 
 
-async def handle_notice(notice: Notice, backend: BrokerBackend, client: NoticeClient) -> int:
+async def handle_notice(notice: Notice, shed: Shed, client: NoticeClient) -> int:
     """Act on one notice; returns the pages returned (0 for anything but a shed)."""
     if notice.type != "shed":
         log.info("nbd: notice %s %s", notice.seq, notice.type)
         return 0
-    moved = await backend.shed(notice.pages or 0)
+    moved = await shed(notice.pages or 0)
     await client.ack(notice.seq, moved)
     log.info("nbd: shed notice %s: moved %d of %s pages", notice.seq, moved, notice.pages)
     return moved
 
 
 async def follow_notices(
-    client: NoticeClient, backend: BrokerBackend, *, after: int, wait: float = 30.0
+    client: NoticeClient, shed: Shed, *, after: int, wait: float = 30.0
 ) -> None:
     """Run until cancelled; transient broker failures are retried after a second."""
     seq = after
@@ -53,7 +55,7 @@ async def follow_notices(
         try:
             notices = await client.notices(after=seq, wait=wait)
             for notice in sorted(notices, key=lambda n: n.seq):
-                await handle_notice(notice, backend, client)
+                await handle_notice(notice, shed, client)
                 seq = max(seq, notice.seq)
         except asyncio.CancelledError:
             raise

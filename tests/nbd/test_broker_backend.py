@@ -77,12 +77,6 @@ class FakeClient:
         for h in handles:
             self.pages.pop(h, None)
 
-    async def flush_objects(self, pool_id: int, oids: Sequence[int]) -> None:
-        self.calls.append("flush_objects")
-        wanted = set(oids)
-        for key in [k for k in self.pages if k[0] in wanted]:
-            del self.pages[key]
-
 
 def page(byte: int) -> bytes:
     return bytes([byte]) * BLOCK_SIZE
@@ -148,13 +142,13 @@ async def test_unreachable_broker_writes_fall_back_reads_fail(tmp_path: Path) ->
     await backend.close()
 
 
-async def test_discard_flushes_whole_objects_when_it_can(tmp_path: Path) -> None:
+async def test_discard_flushes_broker_pages_in_one_batch(tmp_path: Path) -> None:
     client = FakeClient()
     backend = await make(tmp_path, client)
-    await backend.write_blocks([(b, page(1)) for b in range(0, 512)])
+    await backend.write_blocks([(b, page(1)) for b in range(512)])
     client.calls.clear()
-    await backend.discard_blocks([*list(range(0, 256)), 300])  # object 0 whole, one of object 1
-    assert client.calls == ["flush_objects", "flush_many"]
+    await backend.discard_blocks([*range(256), 300])
+    assert client.calls == ["flush_many"]
     assert len(client.pages) == 255
     assert backend.location[0] == NOWHERE and backend.location[301] == BROKER
     # discarding blocks that hold nothing costs no broker call

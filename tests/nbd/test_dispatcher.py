@@ -113,3 +113,61 @@ async def test_backend_failure_fails_the_round_and_the_loop_goes_on() -> None:
     await dispatcher.write(0, b"y" * 100)
     assert await dispatcher.read(0, 3) == b"yyy"
     await dispatcher.stop()
+
+
+class GatedBackend(MemoryBackend):
+    """Writes wait on a gate, so a test can hold rounds in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.writing = 0
+
+    async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        self.writing += 1
+        await self.gate.wait()
+        self.writing -= 1
+        await super().write_blocks(writes)
+
+
+async def test_disjoint_rounds_overlap_and_overlapping_ones_wait() -> None:
+    backend = GatedBackend()
+    dispatcher = Dispatcher(backend, max_inflight=4)
+    dispatcher.start()
+    first = asyncio.ensure_future(dispatcher.write(0, b"a" * BLOCK_SIZE))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(dispatcher.write(BLOCK_SIZE, b"b" * BLOCK_SIZE))
+    await asyncio.sleep(0.01)
+    assert backend.writing == 2  # two rounds on different blocks are in flight together
+    # a read of block 0 must wait for the first round: it may not see the old contents
+    read = asyncio.ensure_future(dispatcher.read(0, 1))
+    await asyncio.sleep(0.01)
+    assert not read.done()
+    backend.gate.set()
+    await asyncio.gather(first, second)
+    assert await read == b"a"
+    assert dispatcher.most_inflight == 2
+    await dispatcher.stop()
+
+
+async def test_exclusive_runs_with_nothing_in_flight_in_queue_order() -> None:
+    backend = GatedBackend()
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    write = asyncio.ensure_future(dispatcher.write(0, b"x" * BLOCK_SIZE))
+    await asyncio.sleep(0.01)
+    seen: list[int] = []
+
+    async def quiet() -> int:
+        seen.append(backend.writing)
+        return 42
+
+    exclusive = asyncio.ensure_future(dispatcher.exclusive(quiet))
+    later = asyncio.ensure_future(dispatcher.write(BLOCK_SIZE, b"y" * BLOCK_SIZE))
+    await asyncio.sleep(0.01)
+    assert not exclusive.done() and backend.writing == 1  # the later write waits too
+    backend.gate.set()
+    assert await exclusive == 42
+    await asyncio.gather(write, later)
+    assert seen == [0]
+    await dispatcher.stop()

@@ -55,10 +55,10 @@ async def backend_with_pages(tmp_path: Path, n: int) -> BrokerBackend:
 async def test_shed_notice_is_handled_and_acked_with_the_count(tmp_path: Path) -> None:
     backend = await backend_with_pages(tmp_path, 50)
     feed = FakeNotices([])
-    assert await handle_notice(notice(3, "shed", pages=80), backend, feed) == 50
+    assert await handle_notice(notice(3, "shed", pages=80), backend.shed, feed) == 50
     assert feed.acks == [(3, 50)]
     assert backend.count(FALLBACK) == 50 and backend.count(BROKER) == 0
-    assert await handle_notice(notice(4, "quota"), backend, feed) == 0
+    assert await handle_notice(notice(4, "quota"), backend.shed, feed) == 0
     assert feed.acks == [(3, 50)]  # only sheds are acked with a count
     await backend.close()
 
@@ -68,7 +68,7 @@ async def test_follower_skips_the_backlog_and_acts_on_new_sheds(tmp_path: Path) 
     feed = FakeNotices([notice(1, "shed", pages=10), notice(2, "thaw")])
     after = await latest_seq(feed)
     assert after == 2
-    task = asyncio.create_task(follow_notices(feed, backend, after=after, wait=1))
+    task = asyncio.create_task(follow_notices(feed, backend.shed, after=after, wait=1))
     await asyncio.sleep(0.05)
     assert feed.acks == []  # the backlog predates the export
     feed.feed.append(notice(5, "shed", pages=15))
