@@ -32,13 +32,19 @@ def write_plot(result: SimResult, path: str | os.PathLike[str]) -> None:
     axes[0].set_ylabel("tmem hit rate (%)")
     axes[0].set_ylim(0, 100)
     axes[1].plot(steps, mem, color="tab:blue")
-    axes[1].set_ylabel("broker memory (MiB)")
+    own = (result.broker_stats or {}).get("source") == "self"
+    axes[1].set_ylabel("memory charged (MiB)" if own else "broker memory (MiB)")
     axes[1].set_ylim(bottom=0)
     axes[2].plot(steps, dedup, color="tab:purple")
     axes[2].set_ylabel("dedup ratio")
     axes[2].set_xlabel("step")
     for ax in axes:
         ax.grid(True, alpha=0.3)
+    if all(s.dedup_ratio is None for s in result.timeline):
+        axes[2].set_yticks([])
+        axes[2].text(
+            0.5, 0.5, "dedup ratio needs the admin token", ha="center", transform=axes[2].transAxes
+        )
     if all(s.used_bytes is None for s in result.timeline):
         axes[1].text(
             0.5,

@@ -94,7 +94,12 @@ def broker_lines(result: SimResult) -> list[tuple[str, str]]:
     """(label, value) pairs of :func:`broker_table`, usable without rich."""
     lines: list[tuple[str, str]] = []
     st: dict[str, Any] | None = result.broker_stats
-    if st:
+    if st and st.get("source") == "self":
+        lines.append(("pages held (guests' own view)", f"{st['logical_pages']:,}"))
+        lines.append(("zero pages", f"{st['zero_pages']:,}"))
+        lines.append(("memory charged to guests", f"{st['charged_bytes'] / (1 << 20):.1f} MiB"))
+        lines.append(("dedup ratio", "needs --admin-token"))
+    elif st:
         for key in ("logical_pages", "unique_pages", "zero_pages", "evictions"):
             if isinstance(st.get(key), int):
                 lines.append((key.replace("_", " "), f"{st[key]:,}"))
@@ -144,7 +149,15 @@ def what_happened(result: SimResult) -> str:
             f"{_int(t, 'shed_pages_returned'):,} pages."
         )
     st = result.broker_stats
-    if st and isinstance(st.get("unique_pages"), int) and isinstance(st.get("logical_pages"), int):
+    if st and st.get("source") == "self":
+        parts.append(
+            f"At the end the guests held {st['logical_pages']:,} pages at the broker, "
+            f"{st['charged_bytes'] / (1 << 20):.1f} MiB charged to them (the dedup ratio is "
+            "an admin figure)."
+        )
+    elif (
+        st and isinstance(st.get("unique_pages"), int) and isinstance(st.get("logical_pages"), int)
+    ):
         parts.append(
             f"At the end it held {st['logical_pages']:,} pages as {st['unique_pages']:,} "
             f"distinct contents plus {st.get('zero_pages', 0):,} zero pages "

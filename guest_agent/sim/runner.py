@@ -322,7 +322,7 @@ def run_simulation(
     def stats_now() -> dict[str, Any] | None:
         if broker_stats is not None:
             return broker_stats()
-        return None
+        return own_view([g.link.self_stats() for g in guests])
 
     for step in range(config.steps):
         for g in guests:
@@ -382,6 +382,31 @@ def run_simulation(
         modelled=modelled_time(totals, timing, config.disk_latency_us),
         models={g.name: g.model for g in guests},
     )
+
+
+def own_view(selves: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the guests can see without the admin token: the sum of their own ``GET /v1/self``
+    stats (pages held, zero pages, bytes charged). No dedup ratio: a guest must not learn
+    whether other guests hold the same content."""
+    logical = zero = charged = 0
+    seen = False
+    for info in selves:
+        st = info.get("stats")
+        if not isinstance(st, dict) or "logical_pages" not in st:
+            continue
+        seen = True
+        logical += int(st.get("logical_pages", 0))
+        zero += int(st.get("zero_pages", 0))
+        charged += int(st.get("charged_bytes", 0))
+    if not seen:
+        return None
+    return {
+        "source": "self",
+        "logical_pages": logical,
+        "zero_pages": zero,
+        "charged_bytes": charged,
+        "used_bytes": charged,
+    }
 
 
 def _guest_timing(g: SimGuest) -> Timing:

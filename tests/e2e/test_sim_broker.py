@@ -163,7 +163,13 @@ def test_tokens_of_existing_guests(broker: BrokerProcess, image: Path) -> None:
         small(image, guests=2), broker.url, tokens=[t for _, t in created], progress=False
     )
     assert set(result.guests) == {"guest-0", "guest-1"}
-    assert result.broker_stats is None  # no admin token: the guests' own view only
+    # No admin token: the guests' own view only, and no dedup ratio.
+    own = result.broker_stats
+    assert own is not None and own["source"] == "self"
+    assert own["logical_pages"] == sum(
+        len(m.broker_swap_pages()) + len(m.broker_cache_pages()) for m in result.models.values()
+    )
+    assert all(s.dedup_ratio is None and s.used_bytes is not None for s in result.timeline)
     for stats in result.self_stats.values():
         assert stats["pools"], stats
     assert result.totals["pressure_reports"] == 2 * 4
