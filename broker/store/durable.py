@@ -297,18 +297,21 @@ class LmdbJournal:
         """
         unpack = _KEY.unpack_from
         from_bytes = int.from_bytes
+        join = b"".join
         split = _KEY.size
-        with self._env.begin() as txn:
+        # buffers=True: key and value are views of the map, so the page is copied once (into
+        # the bytes the core keeps), not twice.
+        with self._env.begin(buffers=True) as txn:
             for key, value in txn.cursor():
                 guest_id, pool_id, oid, index = unpack(key)
-                page = value + key[split:] if value else ZERO_PAGE
+                page = join((value, key[split:])) if len(value) else ZERO_PAGE
                 yield guest_id, pool_id, from_bytes(oid, "big"), index, page
 
     def load_pool(self, guest_id: int, pool_id: int) -> Iterator[tuple[int, int, bytes]]:
         """The pages of one pool as ``(oid, index, page)``, in handle order."""
         prefix = _POOL.pack(guest_id, pool_id)
         n = len(prefix)
-        with self._env.begin() as txn:
+        with self._env.begin(buffers=True) as txn:
             cur = txn.cursor()
             if not cur.set_range(prefix):
                 return
@@ -316,7 +319,7 @@ class LmdbJournal:
                 if key[:n] != prefix:
                     break
                 _g, _p, oid, index = _KEY.unpack_from(key)
-                page = value + key[_KEY.size :] if value else ZERO_PAGE
+                page = b"".join((value, key[_KEY.size :])) if len(value) else ZERO_PAGE
                 yield int.from_bytes(oid, "big"), index, page
 
     def pools(self) -> list[tuple[int, int]]:
