@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -189,7 +190,6 @@ async def async_puts(url: str, token: str, data: list[bytes], tasks: int) -> flo
 CANNED_SERVER = r"""
 import socket, sys, threading
 sys.path.insert(0, sys.argv[1])
-from schemas.batch import decode_request, encode_results
 PAGE = b"\x5a" * 4096
 
 def serve(conn):
@@ -206,8 +206,11 @@ def serve(conn):
                     length = int(h.split(b":")[1])
             body = rfile.read(length)
             if target.endswith(b"/batch"):
-                ops = decode_request(body, 1 << 20)
-                out = encode_results([(0, PAGE if op == 2 else None) for op, *_ in ops])
+                # all puts or all gets (what the bench sends): answer without decoding
+                if len(body) % 4125 == 0:
+                    out = b"\x00" * (len(body) // 4125)
+                else:
+                    out = (b"\x00" + PAGE) * (len(body) // 29)
                 head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(out)
                 conn.sendall(head + out)
             elif method == b"GET":
@@ -302,7 +305,8 @@ def main() -> None:
                 Path(tmp) / "data", durability=args.durability, capacity="4GiB"
             ) as broker,
         ):
-            print(f"broker {broker.url} (durability {args.durability})")
+            load = os.getloadavg()
+            print(f"broker {broker.url} (durability {args.durability}); load average {load[0]:.1f}")
             results = bench(broker.url, new_guest(broker.url, ADMIN), args)
     if not args.no_floor:
         results["floor"] = floor(args)

@@ -260,28 +260,33 @@ class _Base:
             raise ProtocolError(f"status {exc.args[0]} for a put") from exc
 
     @staticmethod
-    def _put_results(results: Iterable[BatchResult]) -> list[PutResult]:
-        out: list[PutResult] = []
-        for status, _ in results:
-            if status == STATUS_DONE:
-                out.append(STORED)
-            else:
-                declined = _DECLINED_BY_STATUS.get(status)
-                if declined is None:
-                    raise ProtocolError(f"status {status} for a put")
-                out.append(declined)
-        return out
-
-    @staticmethod
-    def _get_results(results: Iterable[BatchResult]) -> list[bytes | None]:
+    def _parse_get_batch(response: Response, n: int) -> list[bytes | None]:
+        # A batch of gets answers a status byte per op, a page after each hit: sliced here
+        # directly rather than through the general decoder's result tuples.
+        if response.status != 200:
+            _raise_for(response)
+        body = response.body
         out: list[bytes | None] = []
-        for status, page in results:
+        append = out.append
+        pos = 0
+        size = len(body)
+        for _ in range(n):
+            if pos >= size:
+                raise ProtocolError("truncated batch response")
+            status = body[pos]
             if status == STATUS_DONE:
-                out.append(page)
+                end = pos + 1 + PAGE_SIZE
+                if end > size:
+                    raise ProtocolError("truncated page in batch response")
+                append(body[pos + 1 : end])
+                pos = end
             elif status == STATUS_MISS:
-                out.append(None)
+                append(None)
+                pos += 1
             else:
                 raise ProtocolError(f"status {status} for a get")
+        if pos != size:
+            raise ProtocolError("trailing bytes in batch response")
         return out
 
     @staticmethod
@@ -433,7 +438,11 @@ class TmemClient(_Base):
 
     def get_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Get ``(oid, index)`` handles; the page or ``None`` per handle, in order."""
-        return self._get_results(self.batch(pool_id, _get_ops(handles)))
+        out: list[bytes | None] = []
+        for chunk in _chunks(_get_ops(handles), self.max_batch_ops):
+            response = self._send(self._req_batch(pool_id, chunk))
+            out.extend(self._parse_get_batch(response, len(chunk)))
+        return out
 
     def flush_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> None:
         """Flush ``(oid, index)`` handles in batches."""
@@ -568,7 +577,11 @@ class AsyncTmemClient(_Base):
         self, pool_id: int, handles: Sequence[tuple[int, int]]
     ) -> list[bytes | None]:
         """Get ``(oid, index)`` handles; the page or ``None`` per handle, in order."""
-        return self._get_results(await self.batch(pool_id, _get_ops(handles)))
+        out: list[bytes | None] = []
+        for chunk in _chunks(_get_ops(handles), self.max_batch_ops):
+            response = await self._send(self._req_batch(pool_id, chunk))
+            out.extend(self._parse_get_batch(response, len(chunk)))
+        return out
 
     async def flush_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> None:
         """Flush ``(oid, index)`` handles in batches."""
