@@ -101,7 +101,7 @@ class RetryPolicy:
     it after a ``quota`` or ``frozen`` decline when no notice lifts that first.
     """
 
-    attempts: int = 5
+    attempts: int = 8
     backoff: float = 0.05
     multiplier: float = 2.0
     max_backoff: float = 1.0
@@ -625,6 +625,10 @@ class Cleancache:
         except BrokerUnavailable:
             self._suspect_pages.add((pool, oid, index))
             return False
+        except BrokerError:
+            # A refused put changed nothing: an older copy may still sit at the handle.
+            self._suspect_pages.add((pool, oid, index))
+            raise
 
     def get_page(self, pool: int, key: int | bytes, index: int) -> bytes | None:
         """The page, or ``None`` (a miss); in a private pool a hit removes the page."""
