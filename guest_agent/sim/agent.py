@@ -228,10 +228,15 @@ class AgentLink:
         self.client = RecordingClient(base_url, token, transport=self.transport)
         self.clock = StepClock(seconds_per_step)
         self.frontswap = BatchedFrontswap(self.client, fallback=fallback, clock=self.clock)
-        self.frontswap.init(SWAP_TYPE)
-        self.backend: GuestBackend = AgentBackend(
-            self.client, self.frontswap, BatchedCleancache(self.client)
-        )
+        try:
+            self.frontswap.init(SWAP_TYPE)
+            self.backend: GuestBackend = AgentBackend(
+                self.client, self.frontswap, BatchedCleancache(self.client)
+            )
+        except BaseException:
+            self.frontswap.close()
+            self.client.close()
+            raise
         self.last_seq = 0
         self._sheds = 0
         self._returned = 0

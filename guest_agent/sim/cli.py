@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from guest_agent.errors import TmemClientError
 from schemas.batch import PAGE_SIZE
 
 from .agent import close_links, connect_links, create_guests, delete_guests, fetch_stats
@@ -199,8 +200,8 @@ def simulate(
             live_notices=live_notices,
             console=Console(stderr=True),
         )
-    except SimError as exc:
-        Console(stderr=True).print(f"[red]simulate:[/red] {exc}")
+    except (SimError, TmemClientError) as exc:
+        Console(stderr=True).print(f"[red]simulate:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from exc
     print_result(result, console)
     if json_out is not None:

@@ -24,7 +24,7 @@ from .backends import MemoryBackend, MemoryBroker
 from .errors import WorkloadError
 from .images import DEFAULT_IMAGE, Image
 from .model import GuestBackend, GuestCounters, GuestModel, GuestSpec, SwapSource
-from .workloads import PageSpace, Workload, derive_seed, make_workload
+from .workloads import WORKLOADS, PageSpace, Workload, derive_seed, make_workload
 
 
 @dataclass
@@ -61,6 +61,12 @@ class SimConfig:
             raise WorkloadError("intervals are at least one step")
         if not self.images:
             raise WorkloadError("at least one image tree is needed")
+        if self.workload not in WORKLOADS:
+            raise WorkloadError(
+                f"unknown workload {self.workload!r}; choose one of {', '.join(WORKLOADS)}"
+            )
+        if min(self.ram_pages, self.anon_pages + self.file_pages) < 1:
+            raise WorkloadError("a guest needs RAM and at least one page to touch")
 
 
 class GuestLink(Protocol):
