@@ -173,3 +173,19 @@ def test_tokens_of_existing_guests(broker: BrokerProcess, image: Path) -> None:
     for stats in result.self_stats.values():
         assert stats["pools"], stats
     assert result.totals["pressure_reports"] == 2 * 4
+
+
+@pytest.mark.timeout(170)
+def test_a_small_broker_evicts_cache_pages_but_never_loses_a_swap_page(
+    broker: BrokerProcess, tmp_path: Path, image: Path
+) -> None:
+    roomy = run_against_broker(small(image), broker.url, admin_token=ADMIN, progress=False)
+    with BrokerProcess(tmp_path / "small", durability="none", capacity="1MiB") as tight:
+        result = run_against_broker(small(image), tight.url, admin_token=ADMIN, progress=False)
+    t = result.totals
+    assert result.broker_stats is not None
+    assert result.broker_stats["evictions"] > 0
+    # Evicted cleancache pages turn into misses; a persistent page is never dropped, and a
+    # swap page the broker had no room for went to the fallback file.
+    assert t["cache_misses"] > roomy.totals["cache_misses"]
+    assert t["swap_lost"] == 0 and t["corrupt_pages"] == 0
