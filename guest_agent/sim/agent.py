@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from guest_agent.client import PutResult, TmemClient
-from guest_agent.errors import BrokerUnavailable
+from guest_agent.errors import BrokerError, BrokerUnavailable
 from guest_agent.notices import NoticeHandler
 from guest_agent.shims import Cleancache, Frontswap, frontswap_handle
 from guest_agent.transport import HTTPTransport, Request, Response, Transport
@@ -129,6 +129,10 @@ class BatchedCleancache(Cleancache):
             # Some chunks may have landed: gets of these handles miss until flushed.
             self._suspect_pages.update((pool, key, index) for key, index, _ in items)
             return ["unreachable"] * len(items)
+        except BrokerError:
+            # A refused batch changed nothing: older copies may still sit at the handles.
+            self._suspect_pages.update((pool, key, index) for key, index, _ in items)
+            raise
         return [None if r else (r.reason or "declined") for r in results]
 
     def get_pages(self, pool: int, keys: Sequence[tuple[int, int]]) -> list[bytes | None]:
