@@ -80,11 +80,20 @@ class Dispatcher:
     """
 
     def __init__(
-        self, backend: BlockBackend, *, max_round_blocks: int = 4096, max_inflight: int = 4
+        self,
+        backend: BlockBackend,
+        *,
+        max_round_blocks: int = 4096,
+        max_inflight: int = 4,
+        min_overlap_blocks: int = 16,
     ) -> None:
         self.backend = backend
         self.max_round_blocks = max_round_blocks
         self.max_inflight = max_inflight
+        # a round starts beside others only with at least this many blocks queued: small
+        # rounds are better merged into the next one than sent as extra round trips
+        self.min_overlap_blocks = min_overlap_blocks
+        self._pending_blocks = 0
         self._inflight: dict[asyncio.Task[None], set[int]] = {}
         self._pending: deque[BlockRequest] = deque()
         self._wake = asyncio.Event()
@@ -112,6 +121,7 @@ class Dispatcher:
         if self._stopping:
             raise RuntimeError("dispatcher is stopping")
         self._pending.append(request)
+        self._pending_blocks += len(request.blocks)
         self._wake.set()
         return request.future
 
@@ -158,6 +168,10 @@ class Dispatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if inflight and self._pending_blocks < self.min_overlap_blocks:
+                await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
+                self._reap()
+                continue
             if self._pending[0].kind == EXCLUSIVE:
                 request = self._pending.popleft()
                 await self._drain()
@@ -179,6 +193,7 @@ class Dispatcher:
                 batch.append(request)
                 span = request.blocks
                 blocks += len(span)
+                self._pending_blocks -= len(span)
                 touched.update(span)
             # wait until the round touches no block of a round in flight, and there is room
             while inflight and (

@@ -222,12 +222,24 @@ class NbdServer:
         inflight: set[asyncio.Future[bytes | None]] = set()
         transport = writer.transport
 
+        loop = asyncio.get_running_loop()
+        corked: list[bytes] = []
+
+        def uncork() -> None:
+            if corked and not transport.is_closing():
+                writer.write(corked[0] if len(corked) == 1 else b"".join(corked))
+            corked.clear()
+
         def reply(handle: int, error: int, data: bytes | None = None) -> None:
             if transport.is_closing():
                 return
+            # header and data always travel in one buffer (a split reply halved read IOPS in a
+            # measurement here); replies completed in the same loop iteration — a round's —
+            # share one send
+            if not corked:
+                loop.call_soon(uncork)
             header = p.simple_reply(handle, error)
-            # one write per reply: header and data in the same buffer
-            writer.write(header + data if data else header)
+            corked.append(header + data if data else header)
 
         def on_done(fut: asyncio.Future[bytes | None], handle: int, is_read: bool) -> None:
             inflight.discard(fut)
@@ -252,6 +264,7 @@ class NbdServer:
             if kind == p.CMD_DISC:
                 if inflight:
                     await asyncio.wait(set(inflight))
+                uncork()
                 await writer.drain()
                 return
             payload: bytes | None = None

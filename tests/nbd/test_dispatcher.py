@@ -132,7 +132,7 @@ class GatedBackend(MemoryBackend):
 
 async def test_disjoint_rounds_overlap_and_overlapping_ones_wait() -> None:
     backend = GatedBackend()
-    dispatcher = Dispatcher(backend, max_inflight=4)
+    dispatcher = Dispatcher(backend, max_inflight=4, min_overlap_blocks=1)
     dispatcher.start()
     first = asyncio.ensure_future(dispatcher.write(0, b"a" * BLOCK_SIZE))
     await asyncio.sleep(0.01)
