@@ -221,22 +221,25 @@ class LmdbJournal:
         self.commit_seconds += micros / 1e6
 
     async def _commit_rounds(self) -> None:
+        """Feed rounds to the writer, at most two in flight: the next round is already in the
+        writer's socket when it answers the current one, so it never waits for this loop."""
         loop = asyncio.get_running_loop()
         sock = self._sock
+        in_flight: collections.deque[tuple[int, int]] = collections.deque()
         try:
-            while self._bytes and self._failed is None and not self._closed:
-                round_id, frame, upto = self._take_round()
+            while (self._bytes or in_flight) and self._failed is None and not self._closed:
                 try:
-                    await loop.sock_sendall(sock, frame)
+                    while self._bytes and len(in_flight) < 2:
+                        round_id, frame, upto = self._take_round()
+                        await loop.sock_sendall(sock, frame)
+                        in_flight.append((round_id, upto))
                     reply = await _recv_exact_async(loop, sock, _writer.REPLY.size)
                     msg = b""
                     if reply is not None:
                         msg_len = _writer.REPLY.unpack(reply)[4]
-                        msg = (
-                            (await _recv_exact_async(loop, sock, msg_len) or b"")
-                            if msg_len
-                            else b""
-                        )
+                        if msg_len:
+                            msg = await _recv_exact_async(loop, sock, msg_len) or b""
+                    round_id, upto = in_flight.popleft()
                     self._check_reply(round_id, reply, msg)
                 except (OSError, JournalFailed) as exc:
                     log.critical("journal commit failed, persistent puts now refused: %s", exc)

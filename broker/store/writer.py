@@ -28,6 +28,7 @@ old one first (one cursor seek).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import sys
@@ -99,6 +100,7 @@ def apply_records(env: lmdb.Environment, body: bytes | bytearray) -> int:
 
 def serve(sock: socket.socket, env: lmdb.Environment) -> None:
     """Commit rounds until the broker closes the socket."""
+    failed: bytes | None = None
     while True:
         head = recv_exact(sock, REQUEST.size)
         if head is None:
@@ -108,22 +110,32 @@ def serve(sock: socket.socket, env: lmdb.Environment) -> None:
         if body is None:
             return  # the broker died mid-round: nothing of this round is committed
         started = time.perf_counter()
+        if failed is not None:
+            # After a failed round no later one is applied: the disk always holds a prefix of
+            # the broker's rounds.
+            sock.sendall(REPLY.pack(round_id, 1, 0, 0, len(failed)) + failed)
+            continue
         try:
             n = apply_records(env, body)
         except Exception as exc:  # reported to the broker, which refuses every later barrier
-            msg = repr(exc).encode()[:1000]
-            sock.sendall(REPLY.pack(round_id, 1, 0, 0, len(msg)) + msg)
+            failed = repr(exc).encode()[:1000]
+            sock.sendall(REPLY.pack(round_id, 1, 0, 0, len(failed)) + failed)
             continue
         micros = int((time.perf_counter() - started) * 1e6)
         sock.sendall(REPLY.pack(round_id, 0, n, micros, 0))
 
 
 def main() -> None:
+    # Ctrl-C reaches the whole process group; the broker's shutdown still needs this process
+    # to commit its last round, and it exits by itself when the broker closes the socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd, path, map_size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     sock = socket.socket(fileno=fd)
     env = lmdb.open(path, map_size=map_size, subdir=True, sync=True, metasync=True, max_dbs=0)
     try:
         serve(sock, env)
+    except OSError:
+        pass  # the broker died while we answered: its unanswered rounds were never acknowledged
     finally:
         env.close()
         sock.close()
