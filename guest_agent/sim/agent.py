@@ -13,8 +13,9 @@ What the simulator adds on top of the agent, and why:
   requests (``/v1/pools/...``): the broker latency the modelled time saved is set against.
 * :class:`RecordingClient` remembers why the broker declined each put of a batch, so
   declines are reported by reason (``Frontswap.store_many`` answers only True/False). A page
-  the shim kept out of the broker on its own (it knows it is at its cap or frozen) is
-  reported as ``quota (agent)`` or ``frozen (agent)``.
+  the shim kept out of the broker on its own (it knows it is at its cap, or pauses after a
+  decline) is reported as ``quota (agent)`` (or ``frozen (agent)``, after the reason of the
+  broker's last frontswap decline).
 * :class:`BatchedFrontswap` adds a batch invalidate and :class:`BatchedCleancache` batch
   put/get (the shims have per-page calls only there) using the client's batch calls; while
   the cleancache shim has invalidations pending it falls back to the per-page calls, which
@@ -97,7 +98,6 @@ class RecordingClient(TmemClient):
     def __init__(self, base_url: str, token: str, **kwargs: Any) -> None:
         super().__init__(base_url, token, **kwargs)
         self.declined: dict[tuple[int, int, int], str] = {}
-        self.last_decline: str | None = None
 
     def put_many(
         self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
@@ -105,8 +105,7 @@ class RecordingClient(TmemClient):
         results = super().put_many(pool_id, pages)
         for (oid, index, _), result in zip(pages, results, strict=True):
             if not result:
-                self.last_decline = result.reason or "declined"
-                self.declined[(pool_id, oid, index)] = self.last_decline
+                self.declined[(pool_id, oid, index)] = result.reason or "declined"
         return results
 
 
@@ -171,6 +170,7 @@ class AgentBackend:
         self.frontswap = frontswap
         self.cache = cache
         self.cache_pool = cache.init_fs()
+        self._last_swap_decline: str | None = None
 
     def swap_store(self, items: Sequence[tuple[int, bytes]]) -> list[str | None]:
         self.client.declined.clear()
@@ -180,14 +180,15 @@ class AgentBackend:
         for (offset, _), ok in zip(items, stored, strict=True):
             if ok:
                 out.append(None)
+                continue
+            reason = self.client.declined.get((pool or 0, *frontswap_handle(SWAP_TYPE, offset)))
+            if reason is None:
+                # Never offered: the shim knew it was at its cap, or is pausing after the
+                # broker's last frontswap decline (whose reason is the reason here).
+                reason = f"{self._last_swap_decline or 'quota'} (agent)"
             else:
-                handle = frontswap_handle(SWAP_TYPE, offset)
-                reason = self.client.declined.get((pool or 0, *handle))
-                if reason is None:
-                    # Never offered: the shim knew it was at its cap, or is pausing after
-                    # the broker's last decline (whose reason is the reason here).
-                    reason = f"{self.client.last_decline or 'quota'} (agent)"
-                out.append(reason)
+                self._last_swap_decline = reason
+            out.append(reason)
         return out
 
     def swap_load(self, offsets: Sequence[int]) -> list[tuple[SwapSource, bytes | None]]:
