@@ -12,6 +12,7 @@ declare -A want=(
   [redis-server]=redis-server
   [cpio]=cpio
   [gcc]=gcc
+  [xz]=xz-utils
 )
 missing=()
 for cmd in "${!want[@]}"; do

@@ -35,8 +35,13 @@ class RawNbdClient:
         self._read_lengths: dict[int, int] = {}
 
     @classmethod
-    async def connect(cls, port: int, *, client_flags: int | None = None) -> RawNbdClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(
+        cls, port: int, *, client_flags: int | None = None, unix: str | None = None
+    ) -> RawNbdClient:
+        if unix is not None:
+            reader, writer = await asyncio.open_unix_connection(unix)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
         client = cls(reader, writer)
         magic, opt, flags = p.SERVER_GREETING.unpack(await reader.readexactly(18))
         assert (magic, opt) == (p.NBDMAGIC, p.IHAVEOPT)

@@ -7,6 +7,7 @@ import random
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -339,3 +340,15 @@ async def test_garbage_in_transmission_hangs_up(served: Served) -> None:
     await client.writer.drain()
     assert await closed(client)
     await client.close()
+
+
+async def test_unix_socket_serves_the_same_export(served: Served, tmp_path: Path) -> None:
+    path = str(tmp_path / "nbd.sock")
+    await served.server.listen_unix(path)
+    tcp = await connected(served)
+    await tcp.write(4096, b"over tcp")
+    client = await RawNbdClient.connect(0, unix=path)
+    await client.go(b"tmem")
+    assert await client.read(4096, 8) == b"over tcp"
+    await client.close()
+    await tcp.close()
