@@ -119,8 +119,9 @@ class Frontswap:
     """The frontswap interface backed by the broker with a local fallback (see module doc).
 
     ``fallback`` is a path (a file the shim owns and truncates), a :class:`FallbackStore`, or
-    ``None`` for an anonymous temporary file. ``pool_id`` reuses an existing persistent pool
-    (e.g. after the agent restarted) instead of creating one at the first ``init``.
+    ``None`` for an anonymous temporary file. ``pool_id`` adopts an existing persistent pool
+    (e.g. one left by an agent that crashed) instead of creating one at the first ``init``;
+    its old pages are never read (the map starts empty) and are replaced as offsets are stored.
     """
 
     def __init__(
@@ -552,9 +553,22 @@ class Frontswap:
                 self._frozen_until = 0.0
             return None
 
-    def close(self) -> None:
-        """Close the fallback file (the client is the caller's to close)."""
+    def close(self, *, destroy_pool: bool = True) -> None:
+        """Close the fallback file and (by default) destroy the broker pool, best effort.
+
+        Swap contents do not outlive the shim: the map that locates every page is in memory
+        and the fallback file is truncated when opened, so the pool's pages would only hold
+        the guest's quota (and one of its 16 pools). The client is the caller's to close."""
         with self._lock:
+            if destroy_pool and self.pool_id is not None:
+                try:
+                    self.client.destroy_pool(self.pool_id)
+                except TmemClientError:
+                    pass  # unreachable: the pool stays until the guest or an admin removes it
+                else:
+                    self.pool_id = None
+                    self._broker.clear()
+                    self._stale.clear()
             self.fallback.close()
 
 

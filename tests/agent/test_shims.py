@@ -355,3 +355,27 @@ def test_cleancache_outage_never_serves_an_old_copy() -> None:
     broker.down = False
     assert cc.put_page(pool, 3, 3, page(3, 3)) is False
     assert pool not in broker.pools
+
+
+def test_close_destroys_the_pool_unless_asked_not_to() -> None:
+    broker = FakeBroker()
+    fs, _ = make(broker)
+    fs.init(0)
+    fs.store(0, 1, page(0, 1))
+    pool = fs.pool_id
+    _OPEN.remove(fs)
+    fs.close()
+    assert pool not in broker.pools
+    kept, _ = make(broker)
+    kept.init(0)
+    kept.store(0, 1, page(0, 1))
+    _OPEN.remove(kept)
+    broker.down = True
+    kept.close()  # unreachable: best effort, no error
+    broker.down = False
+    assert kept.pool_id in broker.pools
+    other, _ = make(broker)
+    other.init(0)
+    _OPEN.remove(other)
+    other.close(destroy_pool=False)
+    assert other.pool_id in broker.pools
