@@ -918,13 +918,40 @@ class Tmem:
                 if charge:
                     digest = self._hash(data)
                     bits = pool.domain_bits
-                    key, hit = self._acquire(digest | bits if bits else digest, data, stored)
-                    if hit:
-                        pool.dedup_hits += 1
-                        g.dedup_hits += 1
-                self._place(pool, oid, index, key, charge)
-                if persistent and self._journal is not None:
-                    self._journal.record_put(g.guest_id, pool_id, oid, index, data)
+                    key = digest | bits if bits else digest
+                    if self._collided or self._store_get(key) is not None:
+                        key, hit = self._acquire(key, data, stored)
+                        if hit:
+                            pool.dedup_hits += 1
+                            g.dedup_hits += 1
+                    else:  # a new content: the common case, inlined
+                        self._store_put(key, stored)
+                        if charge != PAGE_SIZE:
+                            self._sizes[key] = charge
+                        self.used_bytes += charge
+                        self.unique_pages += 1
+                # place the page (as _place does, inlined for the hot path)
+                obj = objects.get(oid)  # again: making room may have emptied the object
+                if obj is None:
+                    objects[oid] = {index: key}
+                else:
+                    obj[index] = key
+                pool.pages += 1
+                if charge == 0:
+                    pool.zero_pages += 1
+                else:
+                    pool.charged_bytes += charge
+                    if charge != PAGE_SIZE:
+                        pool.charges[(oid << 32) | index] = charge
+                if persistent:
+                    g.persistent_pages += 1  # persistent pools are private: g owns it
+                    if self._journal is not None:
+                        self._journal.record_put(g.guest_id, pool_id, oid, index, data)
+                else:
+                    account = pool.account
+                    assert account is not None
+                    account.eph_pages += 1
+                    account.lru[(((oid << 32) | index) << _REF_BITS) | pool.ref] = None
                 return STATUS_DONE
             pool.declined_capacity += 1
             g.declined_capacity += 1
