@@ -26,8 +26,8 @@ prefixes and removing one is a range delete. Why the page's last 16 bytes live i
 written per commit; see :mod:`broker.store.writer`).
 
 Group commit: ``record_*`` only appends the encoded record to an in-memory list (O(1), on the
-event loop). A single committer task takes everything recorded so far, joins it into one buffer
-and hands it to the writer process (:mod:`broker.store.writer`), which applies it in one write
+event loop). A single committer task takes everything recorded so far and sends it, scatter-
+gather (the pages are not copied on this side), to the writer process (:mod:`broker.store.writer`), which applies it in one write
 transaction and fsyncs while the event loop keeps accepting requests; then the task wakes every
 barrier waiting for a record at or before that point. Records made while a round commits form
 the next round, so N concurrent writers share one fsync. Records apply in the order they were
@@ -70,12 +70,14 @@ _GUEST = struct.Struct(">Q")
 _OBJECT = struct.Struct(">QH24s")
 
 # Record heads of the writer's frame format (kind, key length, key[, data length]).
-_PUT_HEAD = bytes((_writer.PUT, _KEY.size))
 _FLUSH_HEAD = bytes((_writer.FLUSH, _KEY.size))
 _OBJECT_HEAD = bytes((_writer.RANGE, _OBJECT.size))
 _POOL_HEAD = bytes((_writer.RANGE, _POOL.size))
 _GUEST_HEAD = bytes((_writer.RANGE, _GUEST.size))
-_PAGE_LEN = _writer.DATA_LEN.pack(PAGE_SIZE)
+# A put's whole record head in one pack: kind, key length, key (38 bytes), data length.
+_PUT_REC = struct.Struct(">BBQH24sII")
+_PUT_REC_BYTES = _PUT_REC.size + PAGE_SIZE
+_IOV_MAX = 1024  # iovecs per sendmsg (Linux's IOV_MAX)
 
 
 def page_key(guest_id: int, pool_id: int, oid: int, index: int) -> bytes:
@@ -140,10 +142,28 @@ class LmdbJournal:
         return self._recorded > self._durable or self._failed is not None
 
     def record_put(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:
+        # The hot path (once per persistent page): one pack, two appends, no copy of the page.
         if len(data) != PAGE_SIZE:
             raise ValueError(f"a page is {PAGE_SIZE} bytes")
-        key = _KEY.pack(guest_id, pool_id, oid.to_bytes(24, "big"), index)
-        self._append(_PUT_HEAD + key + _PAGE_LEN, data)
+        if self._closed:
+            raise JournalClosed("journal is closed")
+        parts = self._parts
+        parts.append(
+            _PUT_REC.pack(
+                _writer.PUT,
+                _KEY.size,
+                guest_id,
+                pool_id,
+                oid.to_bytes(24, "big"),
+                index,
+                PAGE_SIZE,
+            )
+        )
+        parts.append(data)
+        self._bytes += _PUT_REC_BYTES
+        self._recorded += 1
+        if self._task is None:
+            self._start_round()
 
     def record_flush(self, guest_id: int, pool_id: int, oid: int, index: int) -> None:
         self._append(_FLUSH_HEAD + _KEY.pack(guest_id, pool_id, oid.to_bytes(24, "big"), index))
@@ -157,23 +177,23 @@ class LmdbJournal:
     def record_remove_guest(self, guest_id: int) -> None:
         self._append(_GUEST_HEAD + _GUEST.pack(guest_id))
 
-    def _append(self, head: bytes, data: bytes | memoryview | None = None) -> None:
+    def _append(self, head: bytes) -> None:
         if self._closed:
             raise JournalClosed("journal is closed")
         self._parts.append(head)
         self._bytes += len(head)
-        if data is not None:
-            self._parts.append(data)
-            self._bytes += len(data)
         self._recorded += 1
         if self._task is None:
-            # Start a round even when nobody awaits a barrier (an exclusive get's flush): what
-            # is recorded reaches the disk soon either way.
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return
-            self._task = loop.create_task(self._commit_rounds())
+            self._start_round()
+
+    def _start_round(self) -> None:
+        # Start a round even when nobody awaits a barrier (an exclusive get's flush): what is
+        # recorded reaches the disk soon either way. Outside a loop, sync() commits.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._task = loop.create_task(self._commit_rounds())
 
     # -- group commit ------------------------------------------------------------------------
 
@@ -196,15 +216,15 @@ class LmdbJournal:
             self._task = loop.create_task(self._commit_rounds())
         await fut
 
-    def _take_round(self) -> tuple[int, bytes, int]:
-        """Everything recorded so far as one request frame: (round id, frame, records up to)."""
+    def _take_round(self) -> tuple[int, list[bytes | memoryview], int]:
+        """Everything recorded so far as one request frame, as a list of buffers to send with
+        scatter-gather I/O (no joined copy of the pages): (round id, parts, records up to)."""
         self._round += 1
         parts = self._parts
         parts[0] = _writer.REQUEST.pack(self._round, self._bytes)
-        frame = b"".join(parts)  # the one copy of the round's page bytes on this side
         self._parts = [b""]
         self._bytes = 0
-        return self._round, frame, self._recorded
+        return self._round, parts, self._recorded
 
     def _check_reply(
         self, round_id: int, reply: bytes | bytearray | None, msg: bytes | bytearray
@@ -231,7 +251,7 @@ class LmdbJournal:
                 try:
                     while self._bytes and len(in_flight) < 2:
                         round_id, frame, upto = self._take_round()
-                        await loop.sock_sendall(sock, frame)
+                        await _send_parts(loop, sock, frame)
                         in_flight.append((round_id, upto))
                     reply = await _recv_exact_async(loop, sock, _writer.REPLY.size)
                     msg = b""
@@ -279,7 +299,7 @@ class LmdbJournal:
         sock = self._sock
         try:
             sock.setblocking(True)
-            sock.sendall(frame)
+            _send_parts_blocking(sock, frame)
             reply = _writer.recv_exact(sock, _writer.REPLY.size)
             msg_len = _writer.REPLY.unpack(reply)[4] if reply is not None else 0
             msg = (_writer.recv_exact(sock, msg_len) or b"") if msg_len else b""
@@ -389,3 +409,48 @@ async def _recv_exact_async(
             return None
         got += r
     return bytes(buf)
+
+
+def _advance(parts: list[bytes | memoryview], i: int, sent: int) -> int:
+    """Skip ``sent`` bytes of ``parts`` from ``parts[i]`` on; returns the new first index."""
+    while sent:
+        size = len(parts[i])
+        if sent >= size:
+            sent -= size
+            i += 1
+        else:
+            parts[i] = memoryview(parts[i])[sent:]
+            sent = 0
+    while i < len(parts) and not len(parts[i]):
+        i += 1
+    return i
+
+
+async def _send_parts(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, parts: list[bytes | memoryview]
+) -> None:
+    """Send every buffer of ``parts`` on the non-blocking ``sock`` (sendmsg, no join)."""
+    i = _advance(parts, 0, 0)
+    while i < len(parts):
+        try:
+            sent = sock.sendmsg(parts[i : i + _IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def ready(f: asyncio.Future[None] = fut) -> None:
+                if not f.done():
+                    f.set_result(None)
+
+            loop.add_writer(sock.fileno(), ready)
+            try:
+                await fut
+            finally:
+                loop.remove_writer(sock.fileno())
+            continue
+        i = _advance(parts, i, sent)
+
+
+def _send_parts_blocking(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    i = _advance(parts, 0, 0)
+    while i < len(parts):
+        i = _advance(parts, i, sock.sendmsg(parts[i : i + _IOV_MAX]))
