@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,26 +90,42 @@ def run_against_broker(
             delete_guests(url, admin_token, [gid for gid, _ in created])
 
 
-def _with_progress(config: SimConfig, links: list[Any], stats: Any, console: Console) -> SimResult:
+def _with_progress(
+    config: SimConfig,
+    links: list[Any],
+    stats: Callable[[], dict[str, Any] | None] | None,
+    console: Console,
+) -> SimResult:
     columns = (
-        TextColumn("[bold]simulating[/bold] {task.description}"),
-        BarColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
-        TextColumn("steps"),
         TimeElapsedColumn(),
     )
+    latest: dict[str, Any] = {}
+
+    def sampled() -> dict[str, Any] | None:
+        st = stats() if stats is not None else None
+        latest.clear()
+        latest.update(st or {})
+        return st
+
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(f"{config.guests} guests", total=config.steps)
 
-        def on_step(step: int, guests: list[SimGuest] | Any) -> None:
+        def on_step(step: int, guests: Sequence[SimGuest]) -> None:
             hits = sum(g.model.counters.tmem_hits for g in guests)
             misses = sum(g.model.counters.tmem_misses for g in guests)
-            rate = f"{100.0 * hits / (hits + misses):.0f}%" if hits + misses else "-"
-            bar.update(
-                task, completed=step, description=f"{config.guests} guests, tmem hit rate {rate}"
-            )
+            text = f"{config.guests} guests, hits {100.0 * hits / max(1, hits + misses):.0f}%"
+            if isinstance(latest.get("used_bytes"), int):
+                text += f", {latest['used_bytes'] / (1 << 20):.0f} MiB"
+            if isinstance(latest.get("dedup_ratio"), int | float):
+                text += f", dedup {latest['dedup_ratio']:.2f}"
+            bar.update(task, completed=step, description=text)
 
-        return run_simulation(config, links, broker_stats=stats, on_step=on_step)
+        return run_simulation(
+            config, links, broker_stats=sampled if stats is not None else None, on_step=on_step
+        )
 
 
 def print_result(result: SimResult, console: Console) -> None:
