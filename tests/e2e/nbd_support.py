@@ -138,6 +138,7 @@ def fio_json(uri: str, *extra: str, timeout: float = 170) -> dict[str, Any]:
             "--ioengine=nbd",
             f"--uri={uri}",
             "--output-format=json",
+            "--verify_state_save=0",  # no local-*-verify.state files in the working directory
             *extra,
         ],
         timeout=timeout,
