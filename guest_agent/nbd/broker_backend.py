@@ -32,10 +32,12 @@ process — the same lifetime a swap device's contents have.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol, TypeVar
 
 from guest_agent.errors import TmemClientError
@@ -172,8 +174,11 @@ class BrokerBackend:
     async def discard_blocks(self, blocks: Sequence[int]) -> None:
         location = self.location
         at_broker = [b for b in blocks if location[b] == BROKER]
+        in_file = [b for b in blocks if location[b] == FALLBACK]
         for block in blocks:
             location[block] = NOWHERE
+        if in_file:
+            self._punch(in_file)
         if at_broker:
             # page by page (batched), never flush_object: a round running beside this one may
             # be putting another block of the same object
@@ -248,6 +253,21 @@ class BrokerBackend:
         except TmemClientError as exc:
             raise BackendError(f"broker: {exc}") from exc
 
+    def _punch(self, blocks: Sequence[int]) -> None:
+        """Give forgotten blocks' file space back (best effort: the map already says nowhere)."""
+        if _fallocate is None:
+            return
+        for start, count in _runs(sorted(blocks)):
+            rc = _fallocate(
+                self._fd,
+                _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE,
+                ctypes.c_long(start * BLOCK_SIZE),
+                ctypes.c_long(count * BLOCK_SIZE),
+            )
+            if rc != 0:
+                return  # the filesystem cannot punch holes: keep the bytes, nothing reads them
+        self.stats["fallback_punched"] += len(blocks)
+
     def _read_fallback(self, block: int) -> bytes:
         data = os.pread(self._fd, BLOCK_SIZE, block * BLOCK_SIZE)
         if len(data) != BLOCK_SIZE:
@@ -263,3 +283,30 @@ class BrokerBackend:
         if written != BLOCK_SIZE:
             raise BackendError(f"short write of block {block} to {self.fallback_path}")
         self._fallback_dirty = True
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn: Callable[..., int] = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted block numbers as (first, count) runs of consecutive blocks."""
+    runs: list[tuple[int, int]] = []
+    for block in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs

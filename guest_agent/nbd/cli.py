@@ -23,6 +23,7 @@ from typing import Annotated
 
 import typer
 
+from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend, MemoryBackend
 from guest_agent.nbd.dispatcher import Dispatcher
 from guest_agent.nbd.server import NbdServer
@@ -160,18 +161,23 @@ def nbd(
         raise typer.BadParameter("give --listen HOST:PORT or --unix PATH")
     if not memory and not (broker and token and fallback):
         raise typer.BadParameter("--broker, --token and --fallback are required (or --memory)")
-    asyncio.run(
-        serve(
-            broker=broker,
-            token=token,
-            size=nbytes,
-            listen=address,
-            unix=unix,
-            fallback=fallback,
-            name=name,
-            memory=memory,
+    try:
+        asyncio.run(
+            serve(
+                broker=broker,
+                token=token,
+                size=nbytes,
+                listen=address,
+                unix=unix,
+                fallback=fallback,
+                name=name,
+                memory=memory,
+            )
         )
-    )
+    except (TmemClientError, OSError) as exc:
+        # the broker refused or is unreachable at start, or the socket/file cannot be opened
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def register(app: typer.Typer) -> None:

@@ -220,3 +220,17 @@ async def test_dispatcher_over_broker_backend_matches_a_model(tmp_path: Path) ->
     assert backend.count(FALLBACK) > 0 and backend.count(BROKER) > 0
     await dispatcher.stop()
     await backend.close()
+
+
+async def test_discard_gives_fallback_file_space_back(tmp_path: Path) -> None:
+    client = FakeClient(cap=0)
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(b, page(9)) for b in range(64)])
+    path = tmp_path / "fallback"
+    before = path.stat().st_blocks
+    await backend.discard_blocks(list(range(16, 48)))
+    assert backend.count(FALLBACK) == 32
+    if backend.stats["fallback_punched"]:  # the filesystem punches holes (tmpfs, ext4, xfs)
+        assert path.stat().st_blocks < before
+    assert await backend.read_blocks([15, 16, 48]) == [page(9), None, page(9)]
+    await backend.close()
