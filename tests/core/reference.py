@@ -49,7 +49,9 @@ class MPool:
     domain: str
     owner: int | None
     account: MAccount | None
-    pages: dict[tuple[int, int], tuple[bytes, int]] = field(default_factory=dict)  # -> (page, charge)
+    pages: dict[tuple[int, int], tuple[bytes, int]] = field(
+        default_factory=dict
+    )  # -> (page, charge)
     members: dict[int, int] = field(default_factory=dict)
 
 
@@ -149,7 +151,9 @@ class Model:
 
     # -- operations
     def add_guest(self, gid: int, weight: int, compress: bool, domain: str) -> None:
-        self.guests[gid] = MGuest(gid, weight, None, compress, False, domain, self.new_account(weight))
+        self.guests[gid] = MGuest(
+            gid, weight, None, compress, False, domain, self.new_account(weight)
+        )
 
     def remove_guest(self, gid: int) -> None:
         g = self.guests[gid]
@@ -181,16 +185,25 @@ class Model:
         if shared:
             assert uuid is not None
             if pool is None:
-                pool = MPool(self.uid, False, True, uuid, False, g.domain, None,
-                             self.new_account(g.weight))
+                pool = MPool(
+                    self.uid, False, True, uuid, False, g.domain, None, self.new_account(g.weight)
+                )
                 self.shared[uuid] = pool
             pool.members[gid] = pid
             g.pools[pid] = pool
             self.reweigh(pool)
         else:
             persistent = kind == "persistent"
-            g.pools[pid] = MPool(self.uid, persistent, False, None, exclusive, g.domain, gid,
-                                 None if persistent else g.account)
+            g.pools[pid] = MPool(
+                self.uid,
+                persistent,
+                False,
+                None,
+                exclusive,
+                g.domain,
+                gid,
+                None if persistent else g.account,
+            )
         return pid
 
     def destroy_pool(self, gid: int, pid: int) -> None:

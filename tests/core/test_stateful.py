@@ -33,6 +33,11 @@ GUESTS = {  # gid: (weight, compress, dedup domain)
     3: (100, False, "other"),
 }
 MAX_POOLS = 3
+START_POOLS = {  # gid: [(kind, shared, exclusive_gets)]
+    1: [("persistent", False, False), ("ephemeral", False, False), ("ephemeral", True, False)],
+    2: [("ephemeral", False, False), ("persistent", False, True), ("ephemeral", True, False)],
+    3: [("ephemeral", False, False), ("persistent", False, False)],
+}
 
 guests = st.sampled_from(sorted(GUESTS))
 pids = st.integers(0, MAX_POOLS - 1) | st.just(MAX_POOLS)  # MAX_POOLS is never a pool
@@ -54,23 +59,6 @@ class TmemMachine(RuleBasedStateMachine):
         self.model = Model(capacity, MAX_POOLS, int(0.75 * PAGE))
         for gid in GUESTS:
             self._add(gid)
-        # start with pools in place so that most page operations land somewhere
-        for gid, kind, shared, excl in (
-            (1, "persistent", False, False),
-            (1, "ephemeral", False, False),
-            (1, "ephemeral", True, False),
-            (2, "ephemeral", False, False),
-            (2, "persistent", False, True),
-            (2, "ephemeral", True, False),
-            (3, "ephemeral", False, False),
-            (3, "persistent", False, False),
-        ):
-            if shared:
-                self.core.authorise_shared(UUID, gid, True)
-                self.model.auth.add((UUID, gid))
-            uuid = UUID if shared else None
-            pid = self.core.create_pool(gid, kind, shared=shared, uuid=uuid, exclusive_gets=excl)
-            assert pid == self.model.create_pool(gid, kind, shared, uuid, excl)
         self.core.update_guest(3, cap_pages=2)
         self.model.guests[3].cap = 2
 
@@ -80,13 +68,23 @@ class TmemMachine(RuleBasedStateMachine):
             gid, name=f"g{gid}", weight=weight, compress=compress, dedup_domain=domain
         )
         self.model.add_guest(gid, weight, compress, domain)
+        # start with pools in place so that most page operations land somewhere
+        for kind, shared, excl in START_POOLS[gid]:
+            if shared:
+                self.core.authorise_shared(UUID, gid, True)
+                self.model.auth.add((UUID, gid))
+            uuid = UUID if shared else None
+            pid = self.core.create_pool(gid, kind, shared=shared, uuid=uuid, exclusive_gets=excl)
+            assert pid == self.model.create_pool(gid, kind, shared, uuid, excl)
 
     def _known(self, gid: int, pid: int) -> bool:
         return pid in self.model.guests[gid].pools
 
     # ---------------------------------------------------------------- guests and pools
 
-    @rule(gid=guests, kind=st.sampled_from(["persistent", "ephemeral", "shared"]), excl=st.booleans())
+    @rule(
+        gid=guests, kind=st.sampled_from(["persistent", "ephemeral", "shared"]), excl=st.booleans()
+    )
     def create_pool(self, gid: int, kind: str, excl: bool) -> None:
         shared = kind == "shared"
         real_kind = "ephemeral" if shared else kind
@@ -95,7 +93,9 @@ class TmemMachine(RuleBasedStateMachine):
         expected = self.model.create_pool(gid, real_kind, shared, uuid, excl)
         got: int | str
         try:
-            got = self.core.create_pool(gid, real_kind, shared=shared, uuid=uuid, exclusive_gets=excl)
+            got = self.core.create_pool(
+                gid, real_kind, shared=shared, uuid=uuid, exclusive_gets=excl
+            )
         except NotAuthorised:
             got = "not_authorised"
         except TooManyPools:
@@ -145,7 +145,7 @@ class TmemMachine(RuleBasedStateMachine):
     def flush_guest(self, gid: int) -> None:
         assert self.core.flush_guest(gid) == self.model.flush_guest(gid)
 
-    @rule(capacity=st.sampled_from([0, PAGE, 3 * PAGE + 100, 4 * PAGE, 8 * PAGE]))
+    @rule(capacity=st.sampled_from([0, PAGE, 3 * PAGE + 100, 4 * PAGE, 8 * PAGE, 16 * PAGE]))
     def set_capacity(self, capacity: int) -> None:
         self.core.capacity_bytes = capacity
         self.model.set_capacity(capacity)
@@ -203,9 +203,11 @@ class TmemMachine(RuleBasedStateMachine):
     def get(self, gid: int, pid: int, oid: int, index: int) -> None:
         self._get(gid, pid, oid, index)
 
-    @rule(gid=guests, pid=pids, oid=oids, index=indexes)
-    def get_more(self, gid: int, pid: int, oid: int, index: int) -> None:
-        self._get(gid, pid, oid, index)
+    @rule(gid=guests, pid=pids)
+    def get_every_handle(self, gid: int, pid: int) -> None:
+        for oid in (0, 1):
+            for index in (0, 1):
+                self._get(gid, pid, oid, index)
 
     # ---------------------------------------------------------------- checks
 
@@ -254,3 +256,56 @@ TestTmemMachine = pytest.mark.timeout(170)(TmemMachine.TestCase)
 TestTmemMachine.settings = _settings
 TestCollidingMachine = pytest.mark.timeout(170)(CollidingMachine.TestCase)
 TestCollidingMachine.settings = _settings
+
+
+def _walk_step(m: TmemMachine, r: random.Random) -> None:
+    gid = r.choice(sorted(GUESTS))
+    pid = r.randrange(MAX_POOLS + 1)
+    oid, index = r.randrange(2), r.randrange(2)
+    roll = r.random()
+    if roll < 0.40:
+        m._put(gid, pid, oid, index, r.randrange(len(PAGES)))
+    elif roll < 0.70:
+        m._get(gid, pid, oid, index)
+    elif roll < 0.76:
+        m.flush_page(gid, pid, oid, index)
+    elif roll < 0.79:
+        m.flush_object(gid, pid, oid)
+    elif roll < 0.81:
+        m.create_pool(gid, r.choice(["persistent", "ephemeral", "shared"]), r.random() < 0.3)
+    elif roll < 0.82:
+        m.destroy_pool(gid, pid)
+    elif roll < 0.84:
+        m.freeze(gid, r.random() < 0.3)
+    elif roll < 0.86:
+        m.set_cap(gid, r.choice([None, None, 0, 1, 2, 3]))
+    elif roll < 0.88:
+        m.set_weight(gid, r.choice([1, 50, 100, 300]))
+    elif roll < 0.90:
+        m.authorise(gid, r.random() < 0.7)
+    elif roll < 0.93:
+        m.set_capacity(r.choice([PAGE, 3 * PAGE + 100, 4 * PAGE, 8 * PAGE, 16 * PAGE]))
+    elif roll < 0.96:
+        m.evict(r.choice([1, PAGE, 3 * PAGE]))
+    elif roll < 0.98:
+        m.flush_guest(gid)
+    else:
+        m.remove_and_add_again(gid)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("machine", [TmemMachine, CollidingMachine], ids=["xxh3", "colliding"])
+@pytest.mark.parametrize("seed", range(3))
+def test_long_random_walk(machine: type[TmemMachine], seed: int) -> None:
+    """Long seeded walks reach deep states (full pools, many evictions, shared-pool LRU
+    touches) that Hypothesis's short runs seldom do; every step is checked the same way."""
+    m = machine()
+    r = random.Random(seed)
+    for _ in range(2000):
+        _walk_step(m, r)
+        m.figures_match()
+        m.capacity_holds()
+    stats = m.core.stats()
+    # the walk must have exercised what it claims to
+    assert stats["get_hits"] > 25 and stats["evictions"] > 50 and stats["dedup_hits"] > 20
+    assert stats["compress_poor"] > 0 and stats["puts_declined"]["capacity"] > 0
