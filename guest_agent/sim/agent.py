@@ -37,6 +37,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid as uuidlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,12 +165,19 @@ class AgentBackend:
     """A simulated guest's :class:`~guest_agent.sim.model.GuestBackend` on the real agent."""
 
     def __init__(
-        self, client: RecordingClient, frontswap: BatchedFrontswap, cache: BatchedCleancache
+        self,
+        client: RecordingClient,
+        frontswap: BatchedFrontswap,
+        cache: BatchedCleancache,
+        *,
+        shared_uuid: str | None = None,
     ) -> None:
         self.client = client
         self.frontswap = frontswap
         self.cache = cache
-        self.cache_pool = cache.init_fs()
+        # A shared pool (one per image, as a clustered filesystem's) is joined by every guest
+        # of that image: its gets are not exclusive and one guest's put can serve another.
+        self.cache_pool = cache.init_shared_fs(shared_uuid) if shared_uuid else cache.init_fs()
         self._last_swap_decline: str | None = None
 
     def swap_store(self, items: Sequence[tuple[int, bytes]]) -> list[str | None]:
@@ -226,6 +234,7 @@ class AgentLink:
         live_notices: bool = False,
         guest_id: int | None = None,
         seconds_per_step: float = 0.1,
+        shared_uuid: str | None = None,
     ) -> None:
         self.name = name
         self.guest_id = guest_id
@@ -236,7 +245,10 @@ class AgentLink:
         try:
             self.frontswap.init(SWAP_TYPE)
             self.backend: GuestBackend = AgentBackend(
-                self.client, self.frontswap, BatchedCleancache(self.client)
+                self.client,
+                self.frontswap,
+                BatchedCleancache(self.client),
+                shared_uuid=shared_uuid,
             )
         except BaseException:
             self.frontswap.close()
@@ -341,6 +353,21 @@ def delete_guests(url: str, admin_token: str, guest_ids: Sequence[int]) -> None:
         _admin(url, admin_token, "DELETE", f"/v1/guests/{gid}")
 
 
+def share_images(
+    url: str, admin_token: str, guest_ids: Sequence[int], image_roots: Sequence[str]
+) -> list[str]:
+    """One fresh shared-pool UUID per distinct image; authorises guest ``i`` for the pool of
+    ``image_roots[i]`` (``POST /v1/shared-auth``). Fresh UUIDs, so a run never sees the pages
+    an earlier run left in a shared pool."""
+    by_root: dict[str, str] = {}
+    out = []
+    for gid, root in zip(guest_ids, image_roots, strict=True):
+        pool_uuid = by_root.setdefault(root, str(uuidlib.uuid4()))
+        _admin(url, admin_token, "POST", "/v1/shared-auth", {"uuid": pool_uuid, "guest_id": gid})
+        out.append(pool_uuid)
+    return out
+
+
 def fetch_stats(url: str, admin_token: str) -> dict[str, Any]:
     """``GET /v1/stats``."""
     stats = _admin(url, admin_token, "GET", "/v1/stats")
@@ -355,14 +382,24 @@ def connect_links(
     *,
     guest_ids: Sequence[int | None] | None = None,
     live_notices: bool = False,
+    shared_uuids: Sequence[str | None] | None = None,
 ) -> list[AgentLink]:
-    """One :class:`AgentLink` per token, named ``guest-0``, ``guest-1``, ..."""
+    """One :class:`AgentLink` per token, named ``guest-0``, ``guest-1``, ...; guest ``i``'s
+    page cache is the shared pool ``shared_uuids[i]`` when given (see :func:`share_images`)."""
     ids = list(guest_ids) if guest_ids is not None else [None] * len(tokens)
+    uuids = list(shared_uuids) if shared_uuids is not None else [None] * len(tokens)
     links: list[AgentLink] = []
     try:
         for i, token in enumerate(tokens):
             links.append(
-                AgentLink(f"guest-{i}", url, token, live_notices=live_notices, guest_id=ids[i])
+                AgentLink(
+                    f"guest-{i}",
+                    url,
+                    token,
+                    live_notices=live_notices,
+                    guest_id=ids[i],
+                    shared_uuid=uuids[i],
+                )
             )
     except BaseException:
         close_links(links)

@@ -47,6 +47,7 @@ class MemoryBroker:
 
     def add_guest(self, guest_id: int, *, cap_pages: int | None = None) -> None:
         self._guests[guest_id] = _GuestState(cap_pages)
+        self._guests.setdefault(0, _GuestState(None))  # owner of the shared pools
 
     def request_shed(self, guest_id: int, pages: int) -> None:
         """Queue a shed notice: the guest should return ``pages`` persistent pages."""
@@ -138,10 +139,20 @@ class MemoryBackend:
     """One guest's frontswap + cleancache against a :class:`MemoryBroker`, with a fallback
     swap "file" (a dict) for declined stores."""
 
-    def __init__(self, broker: MemoryBroker, guest_id: int) -> None:
+    def __init__(self, broker: MemoryBroker, guest_id: int, *, shared: str | None = None) -> None:
         self.broker = broker
         self.guest_id = guest_id
         self.fallback: dict[int, bytes] = {}
+        # cleancache: a private pool of this guest, or the shared pool ``shared`` (guest 0 in
+        # the key stands for "every guest authorised for it"; gets are not exclusive)
+        self._cache_owner, self._cache_kind = (
+            (0, f"shared:{shared}")
+            if shared
+            else (
+                guest_id,
+                "cache",
+            )
+        )
 
     def swap_store(self, items: Sequence[tuple[int, bytes]]) -> list[str | None]:
         out: list[str | None] = []
@@ -188,13 +199,13 @@ class MemoryBackend:
         return moved
 
     def cache_put(self, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
-        return [
-            self.broker.put((self.guest_id, "cache", inode, index), data)
-            for inode, index, data in items
-        ]
+        owner, kind = self._cache_owner, self._cache_kind
+        return [self.broker.put((owner, kind, inode, index), data) for inode, index, data in items]
 
     def cache_get(self, keys: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        owner, kind = self._cache_owner, self._cache_kind
+        exclusive = kind == "cache"
         return [
-            self.broker.get((self.guest_id, "cache", inode, index), exclusive=True)
+            self.broker.get((owner, kind, inode, index), exclusive=exclusive)
             for inode, index in keys
         ]

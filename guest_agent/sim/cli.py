@@ -25,10 +25,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from guest_agent.client import TmemClient
 from guest_agent.errors import TmemClientError
 from schemas.batch import PAGE_SIZE
 
-from .agent import close_links, connect_links, create_guests, delete_guests, fetch_stats
+from .agent import (
+    close_links,
+    connect_links,
+    create_guests,
+    delete_guests,
+    fetch_stats,
+    share_images,
+)
 from .errors import SimError
 from .images import DEFAULT_IMAGE
 from .report import broker_table, figures_table, what_happened
@@ -66,6 +74,8 @@ def run_against_broker(
 ) -> SimResult:
     """Create (or connect) the guests, run the simulation, clean up; the figures."""
     created: list[tuple[int, str]] = []
+    if config.shared_cache and not admin_token:
+        raise SimError("--shared-cache needs --admin-token (shared pools are authorised by it)")
     if tokens:
         config.guests = len(tokens)
         guest_tokens = list(tokens)
@@ -77,7 +87,15 @@ def run_against_broker(
     else:
         raise SimError("give --admin-token (to create guests) or --tokens")
     try:
-        links = connect_links(url, guest_tokens, guest_ids=ids, live_notices=live_notices)
+        uuids: list[str | None] | None = None
+        if config.shared_cache and admin_token:
+            if any(gid is None for gid in ids):
+                ids = [_guest_id(url, t) for t in guest_tokens]
+            roots = [config.images[i % len(config.images)] for i in range(config.guests)]
+            uuids = list(share_images(url, admin_token, [int(g or 0) for g in ids], roots))
+        links = connect_links(
+            url, guest_tokens, guest_ids=ids, live_notices=live_notices, shared_uuids=uuids
+        )
         try:
             stats = (lambda: fetch_stats(url, admin_token)) if admin_token else None
             if progress:
@@ -88,6 +106,11 @@ def run_against_broker(
     finally:
         if created and admin_token and not keep_guests:
             delete_guests(url, admin_token, [gid for gid, _ in created])
+
+
+def _guest_id(url: str, token: str) -> int:
+    with TmemClient(url, token) as client:
+        return client.self_info().guest_id
 
 
 def _with_progress(
@@ -176,6 +199,9 @@ def simulate(
     live_notices: Annotated[
         bool, typer.Option(help="answer notices in a background thread (not reproducible)")
     ] = False,
+    shared_cache: Annotated[
+        bool, typer.Option(help="guests of one image share a cleancache pool (needs admin)")
+    ] = False,
     keep_guests: Annotated[bool, typer.Option(help="do not delete created guests")] = False,
     verify: Annotated[bool, typer.Option(help="check every page the broker returns")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write all figures")] = None,
@@ -202,6 +228,7 @@ def simulate(
         sample_every=sample_every,
         disk_latency_us=disk_latency_us,
         verify=verify,
+        shared_cache=shared_cache,
     )
     console = Console()
     token_list = [t.strip() for t in tokens.split(",") if t.strip()] if tokens else None

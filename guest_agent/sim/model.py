@@ -169,6 +169,7 @@ class GuestCounters:
     swap_lost: int = 0
     cache_gets: int = 0
     cache_hits: int = 0
+    shared_cache_hits: int = 0
     cache_misses: int = 0
     file_disk_reads: int = 0
     swap_puts: int = 0
@@ -247,6 +248,7 @@ class GuestModel:
         seed: int,
         verify: bool = True,
         pressure_window: int = 10,
+        shared_cache: bool = False,
     ) -> None:
         if spec.ram_pages < 1:
             raise WorkloadError("a guest needs at least one RAM frame")
@@ -261,6 +263,8 @@ class GuestModel:
         self.backend = backend
         self.seed = seed
         self.verify = verify
+        # A shared cleancache pool: gets are not exclusive and other guests fill it too.
+        self.shared_cache = shared_cache
         self.counters = GuestCounters()
         # page -> None, least recently used first
         self.resident: OrderedDict[int, None] = OrderedDict()
@@ -362,16 +366,20 @@ class GuestModel:
             c.cache_gets += len(keys)
             got = self.backend.cache_get(keys)
             for p, data in zip(file_in, got, strict=True):
-                # A private cleancache hit is exclusive: the page has left the broker.
-                self.cached.discard(p)
                 if data is None:
+                    self.cached.discard(p)
                     c.cache_misses += 1
                     c.file_disk_reads += 1
                     self.file_contents(p)  # the read a real guest would do
-                else:
-                    c.cache_hits += 1
-                    if self.verify and data != self.file_contents(p):
-                        c.corrupt_pages += 1
+                    continue
+                c.cache_hits += 1
+                if p not in self.cached:
+                    c.shared_cache_hits += 1  # another guest put it there
+                if not self.shared_cache:
+                    # A private cleancache hit is exclusive: the page has left the broker.
+                    self.cached.discard(p)
+                if self.verify and data != self.file_contents(p):
+                    c.corrupt_pages += 1
 
     def _evict(self, victims: list[int], anon: int) -> None:
         c = self.counters

@@ -133,6 +133,12 @@ def what_happened(result: SimResult) -> str:
         f"They took {_int(t, 'faults'):,} page faults; {hits:,} were served by the broker "
         f"({_int(t, 'swap_tmem_hits'):,} from frontswap, {_int(t, 'cache_hits'):,} from "
         f"cleancache) and {misses:,} missed, a hit rate of {_rate(hits, misses)}.",
+        (
+            f"{_int(t, 'shared_cache_hits'):,} cleancache hits were pages another guest had "
+            "put in the shared pool of their image."
+            if _int(t, "shared_cache_hits")
+            else ""
+        ),
         f"The broker spared {_int(t, 'disk_reads_avoided'):,} disk reads and "
         f"{_int(t, 'disk_writes_avoided'):,} swap writes; "
         f"{_int(t, 'disk_reads'):,} reads still went to disk.",
@@ -182,4 +188,4 @@ def what_happened(result: SimResult) -> str:
         if not bad
         else f"WARNING: {bad} pages came back wrong or were lost."
     )
-    return " ".join(parts)
+    return " ".join(p for p in parts if p)

@@ -50,6 +50,9 @@ class SimConfig:
     sample_every: int = 10
     disk_latency_us: float = 100.0
     verify: bool = True
+    shared_cache: bool = False
+    """Guests of one image share one cleancache pool (``init_shared_fs``) instead of each
+    having a private one."""
 
     def validate(self) -> None:
         """Raise :class:`WorkloadError` for sizes that cannot work."""
@@ -95,11 +98,13 @@ class GuestLink(Protocol):
 class MemoryLink:
     """A guest of the in-memory twin: no notices, pressure reports kept for inspection."""
 
-    def __init__(self, name: str, broker: MemoryBroker, guest_id: int) -> None:
+    def __init__(
+        self, name: str, broker: MemoryBroker, guest_id: int, *, shared: str | None = None
+    ) -> None:
         self.name = name
         self.broker = broker
         self.guest_id = guest_id
-        self.backend: GuestBackend = MemoryBackend(broker, guest_id)
+        self.backend: GuestBackend = MemoryBackend(broker, guest_id, shared=shared)
         self.pressure_reports: list[dict[str, float | int]] = []
 
     def report_pressure(self, pressure: dict[str, float | int]) -> None:
@@ -268,7 +273,15 @@ def build_guests(
             file_pages=min(config.file_pages, image.total_pages),
         )
         timed = TimedBackend(link.backend)
-        model = GuestModel(i, spec, image, timed, seed=config.seed, verify=config.verify)
+        model = GuestModel(
+            i,
+            spec,
+            image,
+            timed,
+            seed=config.seed,
+            verify=config.verify,
+            shared_cache=config.shared_cache,
+        )
         workload = make_workload(
             config.workload,
             PageSpace(spec.anon_pages, spec.file_pages),
@@ -464,5 +477,6 @@ def memory_links(
     links = []
     for i in range(config.guests):
         broker.add_guest(i + 1, cap_pages=cap_pages)
-        links.append(MemoryLink(f"guest-{i}", broker, i + 1))
+        shared = config.images[i % len(config.images)] if config.shared_cache else None
+        links.append(MemoryLink(f"guest-{i}", broker, i + 1, shared=shared))
     return links

@@ -190,3 +190,25 @@ def test_a_small_broker_evicts_cache_pages_but_never_loses_a_swap_page(
     # swap page the broker had no room for went to the fallback file.
     assert t["cache_misses"] > roomy.totals["cache_misses"]
     assert t["swap_lost"] == 0 and t["corrupt_pages"] == 0
+
+
+@pytest.mark.timeout(170)
+def test_guests_of_one_image_share_a_cleancache_pool(broker: BrokerProcess, image: Path) -> None:
+    private = run_against_broker(small(image), broker.url, admin_token=ADMIN, progress=False)
+    shared = run_against_broker(
+        small(image, shared_cache=True), broker.url, admin_token=ADMIN, progress=False
+    )
+    t = shared.totals
+    assert t["shared_cache_hits"] > 0 and private.totals["shared_cache_hits"] == 0
+    assert t["cache_misses"] < private.totals["cache_misses"]
+    assert t["corrupt_pages"] == 0 and t["swap_lost"] == 0
+    # The figures sampled at the end of the run (before the guests went) are exact again:
+    # a file page sits once in the shared pool, whoever put it.
+    exp = expected_at_broker(shared.models.values())
+    st = shared.broker_stats
+    assert st is not None
+    assert (st["logical_pages"], st["unique_pages"], st["zero_pages"]) == (
+        exp.logical_pages,
+        exp.unique_pages,
+        exp.zero_pages,
+    )

@@ -23,12 +23,17 @@ def expected_at_broker(models: Iterable[GuestModel]) -> Expected:
     """Distinct non-zero contents, zero pages and handles the broker should hold."""
     contents: set[bytes] = set()
     zeros = logical = 0
+    shared: set[tuple[str, int, int]] = set()  # a shared pool holds a file page once
     for m in models:
         pages: list[bytes] = []
         for p in m.broker_swap_pages():
             pages.append(anon_page(m.seed, m.guest_no, p, m.version[p], m.image))
         for p in m.broker_cache_pages():
             fp = m.image.locate(p - m.spec.anon_pages)
+            if m.shared_cache:
+                if (m.image.root, fp.file_no, fp.index) in shared:
+                    continue
+                shared.add((m.image.root, fp.file_no, fp.index))
             pages.append(read_file_page(m.image.files[fp.file_no].path, fp.index))
         for data in pages:
             logical += 1

@@ -145,3 +145,20 @@ def test_sheds_are_answered_and_the_guest_resyncs(image_tree: Path) -> None:
         exp.unique_pages,
         exp.zero_pages,
     )
+
+
+def test_a_shared_cache_serves_one_guests_pages_to_another(image_tree: Path) -> None:
+    private, _ = twin_run(config(image_tree))
+    shared, broker = twin_run(config(image_tree, shared_cache=True))
+    assert private.totals["shared_cache_hits"] == 0
+    assert shared.totals["shared_cache_hits"] > 0
+    assert shared.totals["cache_misses"] < private.totals["cache_misses"]
+    assert shared.totals["corrupt_pages"] == 0
+    exp = expected_at_broker(shared.models.values())
+    st = broker.stats()
+    assert (st["logical_pages"], st["unique_pages"], st["zero_pages"]) == (
+        exp.logical_pages,
+        exp.unique_pages,
+        exp.zero_pages,
+    )
+    assert "shared pool" in what_happened(shared)
