@@ -10,18 +10,22 @@ a single loop takes everything pending (up to ``max_round_blocks``), and runs on
 3. replay the requests on the fetched contents, keeping only the last state of each block,
    then one ``write_blocks`` (blocks whose last state is data) and one ``discard_blocks``
    (blocks trimmed or zeroed whole), concurrently since they touch distinct blocks;
-4. ``flush`` when the round holds a FLUSH or a FUA request; then writes are acknowledged.
+4. writes are acknowledged as soon as the round has computed them (write-back, which NBD
+   allows: only FLUSH and FUA promise durability) — unless the round holds a FLUSH or a FUA
+   request: then it stores, calls ``flush``, and only then acknowledges.
 
 So queue depth becomes batch size, and per-block ordering holds: a read sees every write
 queued before it (same round: forwarded; earlier round: already stored), and never a write
 queued after it (the round reads before it writes).
 
 Rounds are pipelined: up to ``max_inflight`` rounds run at once, as long as no two of them touch
-the same block (a round that overlaps one in flight waits for it). The broker acknowledges a
-durable put after a group commit, so overlapping round trips multiply throughput, while the
-block-disjointness keeps every per-block order above. A FLUSH needs no wait: it covers writes
-already *acknowledged*, and writes of rounds still in flight are not. Work that must see the
-export quiet (a shed moving blocks between places) goes through :meth:`Dispatcher.exclusive`.
+the same block (a round that overlaps one in flight waits for it, so a read never overtakes the
+storing of an acknowledged write). The broker acknowledges a durable put after a group commit,
+so overlapping round trips multiply throughput. A round with FLUSH or FUA first waits for every
+round in flight, whose writes may already be acknowledged, so the flush covers them. A store
+that fails after its writes were acknowledged makes reads of those blocks fail (until they are
+rewritten) and the next FLUSH report the error. Work that must see the export quiet (a shed
+moving blocks between places) goes through :meth:`Dispatcher.exclusive`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from guest_agent.nbd.backend import BLOCK_SIZE, ZERO_BLOCK, BlockBackend
+from guest_agent.nbd.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,10 @@ class Dispatcher:
         # rounds are better merged into the next one than sent as extra round trips
         self.min_overlap_blocks = min_overlap_blocks
         self._pending_blocks = 0
+        # write-back failures: blocks whose acknowledged writes were lost, and the error the
+        # next FLUSH reports
+        self._lost: set[int] = set()
+        self._deferred_error: Exception | None = None
         self._inflight: dict[asyncio.Task[None], set[int]] = {}
         self._pending: deque[BlockRequest] = deque()
         self._wake = asyncio.Event()
@@ -186,6 +195,7 @@ class Dispatcher:
             batch: list[BlockRequest] = []
             blocks = 0
             touched: set[int] = set()
+            barrier = False
             while self._pending and (not batch or blocks < self.max_round_blocks):
                 if self._pending[0].kind == EXCLUSIVE:
                     break
@@ -195,9 +205,13 @@ class Dispatcher:
                 blocks += len(span)
                 self._pending_blocks -= len(span)
                 touched.update(span)
-            # wait until the round touches no block of a round in flight, and there is room
+                barrier = barrier or request.kind == FLUSH or request.fua
+            # wait until the round touches no block of a round in flight, and there is room;
+            # a FLUSH/FUA round waits for every round in flight: their writes may already be
+            # acknowledged, so the flush must cover them
             while inflight and (
-                len(inflight) >= self.max_inflight
+                barrier
+                or len(inflight) >= self.max_inflight
                 or any(not touched.isdisjoint(other) for other in inflight.values())
             ):
                 await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
@@ -272,6 +286,11 @@ class Dispatcher:
                 continue
             start, end = request.offset, request.offset + request.length
             if kind == READ:
+                if self._lost and any(b in self._lost and b not in latest for b in request.blocks):
+                    request.future.set_exception(
+                        BackendError("an acknowledged write to this range could not be stored")
+                    )
+                    continue
                 parts: list[bytes | memoryview] = []
                 for block in request.blocks:
                     content = current(block) or ZERO_BLOCK
@@ -317,23 +336,46 @@ class Dispatcher:
 
         writes = [(block, content) for block, content in latest.items() if content is not None]
         discards = [block for block, content in latest.items() if content is None]
-        jobs = []
+        # write-back: without FLUSH/FUA in the round, writes are acknowledged now, before they
+        # are stored (NBD allows it: only FLUSH and FUA promise durability). The round's blocks
+        # stay busy until stored, so nothing reads or rewrites them meanwhile, and a FLUSH
+        # round waits for every round in flight.
+        early = not do_flush
+        if early:
+            for request in batch:
+                if request.kind != READ and not request.future.done():
+                    request.future.set_result(None)
         try:
-            if writes:
-                jobs.append(self.backend.write_blocks(writes))
-            if discards:
-                jobs.append(self.backend.discard_blocks(discards))
-            if len(jobs) == 1:
-                await jobs[0]
-            elif jobs:
-                await asyncio.gather(*jobs)
+            if writes and discards:
+                await asyncio.gather(
+                    self.backend.write_blocks(writes), self.backend.discard_blocks(discards)
+                )
+            elif writes:
+                await self.backend.write_blocks(writes)
+            elif discards:
+                await self.backend.discard_blocks(discards)
             if do_flush:
                 await self.backend.flush()
         except Exception as exc:
+            if early:
+                # acknowledged data is lost: reads of it fail until rewritten, and the next
+                # FLUSH reports the error (as a kernel reports a writeback error on fsync)
+                log.error("nbd: %d acknowledged blocks could not be stored: %s", len(latest), exc)
+                self._lost.update(latest)
+                self._deferred_error = exc
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)
             return
+        if self._lost:
+            self._lost.difference_update(latest)
+        deferred, self._deferred_error = self._deferred_error, None
         for request in batch:
-            if not request.future.done():
+            if request.future.done():
+                continue
+            if request.kind == FLUSH and deferred is not None:
+                request.future.set_exception(deferred)
+            else:
                 request.future.set_result(None)
+        if deferred is not None and not any(r.kind == FLUSH for r in batch):
+            self._deferred_error = deferred  # not reported yet: keep it for the next FLUSH

@@ -42,6 +42,7 @@ async def test_concurrent_requests_become_one_batch() -> None:
     await asyncio.gather(
         *(dispatcher.write(i * BLOCK_SIZE, bytes([i]) * BLOCK_SIZE) for i in range(1, 65))
     )
+    await dispatcher.flush()  # writes are acknowledged before they are stored (write-back)
     assert backend.calls["write"] <= 3
     assert backend.largest_batch >= 32
     reads = await asyncio.gather(*(dispatcher.read(i * BLOCK_SIZE, 10) for i in range(65)))
@@ -103,15 +104,31 @@ async def test_random_concurrent_workload_matches_sequential_model() -> None:
     await dispatcher.stop()
 
 
-async def test_backend_failure_fails_the_round_and_the_loop_goes_on() -> None:
+async def test_failed_store_after_early_ack_is_reported_by_reads_and_flush() -> None:
+    backend = SlowBackend(fail_writes=True)
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    await dispatcher.write(0, b"x" * 100)  # acknowledged (write-back), then the store fails
+    with pytest.raises(BackendError):
+        await dispatcher.read(0, 3)  # never the stale zeros
+    with pytest.raises(BackendError):
+        await dispatcher.flush()  # the next FLUSH reports the lost write
+    await dispatcher.flush()  # ...once
+    backend.fail_writes = False
+    await dispatcher.write(0, b"y" * 100)
+    assert await dispatcher.read(0, 3) == b"yyy"
+    await dispatcher.stop()
+
+
+async def test_fua_write_fails_itself_when_the_store_fails() -> None:
     backend = SlowBackend(fail_writes=True)
     dispatcher = Dispatcher(backend)
     dispatcher.start()
     with pytest.raises(BackendError):
-        await dispatcher.write(0, b"x" * 100)
+        await dispatcher.write(0, b"x" * 100, fua=True)
     backend.fail_writes = False
-    await dispatcher.write(0, b"y" * 100)
-    assert await dispatcher.read(0, 3) == b"yyy"
+    await dispatcher.write(0, b"y" * 100, fua=True)
+    assert backend.blocks[0][:1] == b"y"
     await dispatcher.stop()
 
 
