@@ -163,13 +163,13 @@ def create_app(settings: Settings) -> FastAPI:
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloading
-            hub.close()
+            await hub.close()
             aclose = getattr(journal, "aclose", None)
             if aclose is not None:
                 await aclose()
             else:
                 journal.close()
-            repo.close()
+            await asyncio.to_thread(repo.close)
             box.service = None
 
     app = FastAPI(

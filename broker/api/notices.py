@@ -9,6 +9,7 @@ wakes. Readers call ``await hub.poll(guest_id, after, wait)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime
 
@@ -45,6 +46,10 @@ class NoticeHub:
         self._events: dict[int, asyncio.Event] = {}
         self._closing = False
         self.published = 0
+        self.issued: dict[str, int] = {}  # notices published since start, by type
+        self._active = 0  # polls in progress (they may hold a database connection)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def _event(self, guest_id: int) -> asyncio.Event:
         event = self._events.get(guest_id)
@@ -79,6 +84,7 @@ class NoticeHub:
             )
         )
         self.published += 1
+        self.issued[type_] = self.issued.get(type_, 0) + 1
         log.info("notice %s #%d to guest %d", type_, record.seq, guest_id)
         self._wake(guest_id)
         return to_wire(record)
@@ -87,18 +93,25 @@ class NoticeHub:
         """The guest's notices with ``seq > after``; waits up to ``wait`` s when there are none."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(wait, 0.0), MAX_WAIT_SECONDS)
-        while True:
-            event = self._event(guest_id)
-            records = await run_in_threadpool(self._repo.notices_after, guest_id, after)
-            if records:
-                return [to_wire(r) for r in records]
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._closing:
-                return []
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                return []
+        self._active += 1
+        self._idle.clear()
+        try:
+            while True:
+                event = self._event(guest_id)
+                records = await run_in_threadpool(self._repo.notices_after, guest_id, after)
+                if records:
+                    return [to_wire(r) for r in records]
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self._closing:
+                    return []
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except TimeoutError:
+                    return []
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
 
     async def ack(self, guest_id: int, seq: int, pages_returned: int) -> bool:
         """Store the guest's ack of notice ``seq``; ``False`` when it has no such notice."""
@@ -111,11 +124,14 @@ class NoticeHub:
         """Wake the waiters of a deleted guest (they find nothing and return)."""
         self._wake(guest_id)
 
-    def close(self) -> None:
-        """Wake every waiter so long-polls and WebSockets end at shutdown."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wake every waiter so long-polls and WebSockets end, and wait (up to ``timeout``
+        seconds) until none is left, so the database can be closed under nobody's feet."""
         self._closing = True
         for guest_id in list(self._events):
             self._wake(guest_id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
 
     @property
     def closing(self) -> bool:

@@ -8,6 +8,7 @@ for a duplicate name come back as :class:`broker.core.errors.GuestExists`.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -106,7 +107,14 @@ class Repository:
         self.engine = engine
         self._session = sessionmaker(engine, expire_on_commit=False)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout`` s) for connections still in use by worker threads, then
+        close every connection. A connection returned after ``dispose()`` would otherwise
+        linger, unclosed, in the discarded pool."""
+        checkedout = getattr(self.engine.pool, "checkedout", None)
+        deadline = time.monotonic() + timeout
+        while checkedout is not None and checkedout() > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.engine.dispose()
 
     def _begin(self) -> Session:

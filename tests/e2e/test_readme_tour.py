@@ -1,0 +1,108 @@
+"""The README's curl tour, run verbatim against a real ``tmem-broker serve`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOUR = re.compile(r"<!-- tour:begin -->\s*```sh\n(.*?)```\s*<!-- tour:end -->", re.DOTALL)
+
+
+def tour_script() -> str:
+    match = TOUR.search((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert match, "README.md lost its tour block (<!-- tour:begin --> ... <!-- tour:end -->)"
+    return match.group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def broker_command() -> list[str]:
+    script = Path(sys.executable).with_name("tmem-broker")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "broker.cli"]
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the broker exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the broker did not become ready")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """A broker started the way the README says (data dir ./var), in tmp_path."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TMEM_")}
+    log_path = tmp_path / "broker.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*broker_command(), "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, proc)
+            yield url, tmp_path, log_path
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_readme_tour(broker: tuple[str, Path, Path]) -> None:
+    url, workdir, log_path = broker
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", tour_script()],
+        cwd=workdir,
+        env={**os.environ, "BROKER": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert "got the same page back" in out
+    assert "statuses: 0 0 1 bytes: 4099" in out
+    stats = json.loads(out[-1])
+    assert stats["logical_pages"] == 2  # index 0 and index 1 of oid 42
+    assert stats["unique_pages"] == 1  # the same content, stored once
+    assert stats["used_bytes"] == 4096
+    assert stats["puts"] == 2
+    assert stats["get_hits"] == 2
+    admin_token = (workdir / "var" / "admin-token").read_text().strip()
+    log = log_path.read_text(errors="replace")
+    assert "admin-token" in log  # the path was printed ...
+    assert admin_token not in log  # ... never the token
