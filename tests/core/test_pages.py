@@ -178,7 +178,15 @@ def test_batch_applies_in_order(tmem: Tmem) -> None:
             (OP_GET, 1, 1, None),
         ],
     )
-    assert results == [(0, None), (0, page(1)), (0, None), (0, None), (1, None), (0, None), (1, None)]
+    assert results == [
+        (0, None),
+        (0, page(1)),
+        (0, None),
+        (0, None),
+        (1, None),
+        (0, None),
+        (1, None),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -191,7 +199,9 @@ def test_batch_applies_in_order(tmem: Tmem) -> None:
         (9, 0, 0, None),
     ],
 )
-def test_malformed_batch_changes_nothing(tmem: Tmem, bad: tuple[int, int, int, bytes | None]) -> None:
+def test_malformed_batch_changes_nothing(
+    tmem: Tmem, bad: tuple[int, int, int, bytes | None]
+) -> None:
     pid = make_pool(tmem, "persistent")
     tmem.put(1, pid, 0, 0, page(1))
     before = tmem.stats()
