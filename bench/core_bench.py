@@ -103,7 +103,9 @@ def fill_overhead(load: Load, n: int, *, traced: bool) -> float:
     else:
         used = rss_bytes() - rss0
     stats = tmem.stats()
-    return (used - stats["unique_pages"] * PAGE) / stats["logical_pages"]
+    unique: int = stats["unique_pages"]
+    logical: int = stats["logical_pages"]
+    return (used - unique * PAGE) / logical
 
 
 def measure_memory(load: Load, n: int) -> tuple[float, float]:
