@@ -13,6 +13,7 @@ The shell's own tree (the core has its own in ``broker.core.errors``)::
     ├── RouteNotFound             404  not_found
     ├── MethodNotAllowed          405  method_not_allowed
     ├── ImportDeclined            409  import_declined  an import this broker cannot take whole
+    ├── ExportUnavailable         409  export_unavailable  no export without the journal
     ├── BodyTooLarge              413  body_too_large
     └── Invalid                   422  validation_error
 
@@ -67,6 +68,11 @@ class BadExport(BadInput):
 class ImportDeclined(ApiError):
     status = 409
     code = "import_declined"
+
+
+class ExportUnavailable(ApiError):
+    status = 409
+    code = "export_unavailable"
 
 
 class Unauthorised(ApiError):

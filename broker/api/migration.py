@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from broker.api.deps import AdminDep, ServiceDep
-from broker.api.errors import BadExport, ImportDeclined
+from broker.api.errors import BadExport, ExportUnavailable, ImportDeclined
 from broker.api.service import BrokerService
 from broker.core.errors import GuestExists
 from broker.db.repo import PoolRecord
@@ -61,12 +61,19 @@ def _pool_pages(
     if pages is not None:
         # A snapshot: flushes may still arrive while the export streams.
         return list(pages(guest_id, pool_id))
-    if isinstance(service.journal, LmdbJournal):
-        # After the barrier the journal holds exactly the core's persistent pages.
-        return service.journal.load_pool(guest_id, pool_id)
-    raise ImportDeclined(
-        "export needs --durability sync on this broker (its pages are read back from the journal)"
-    )
+    assert isinstance(service.journal, LmdbJournal)  # _check_exportable
+    # After the barrier the journal holds exactly the core's persistent pages.
+    return service.journal.load_pool(guest_id, pool_id)
+
+
+def _check_exportable(service: BrokerService) -> None:
+    if getattr(service.core, "pool_pages", None) is None and not isinstance(
+        service.journal, LmdbJournal
+    ):
+        raise ExportUnavailable(
+            "export needs --durability sync on this broker (its pages are read back from the "
+            "journal)"
+        )
 
 
 @router.get(
@@ -77,6 +84,7 @@ def _pool_pages(
 async def export_guest(guest_id: int, service: ServiceDep, _admin: AdminDep) -> StreamingResponse:
     """Stream the guest's settings, persistent pools and pages (frozen while it streams)."""
     record = service.guest_record(guest_id)
+    _check_exportable(service)
     was_frozen = record.frozen
     if not was_frozen:
         await service.set_frozen(guest_id, True)
