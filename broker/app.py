@@ -70,18 +70,34 @@ class BodyLimit:
                 response = json_error(413, BodyTooLarge.code, f"body larger than {limit} bytes")
                 await response(scope, receive, send)
                 return
+        # JSON bodies are small: read the whole body here (refusing it as soon as it grows
+        # past the limit), then hand it to the app in one piece.
+        chunks: list[bytes] = []
         seen = 0
-
-        async def bounded() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(f"body larger than {limit} bytes")
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                response = json_error(413, BodyTooLarge.code, f"body larger than {limit} bytes")
+                await response(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
 
-        await self.app(scope, bounded, send)
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 _TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)

@@ -106,3 +106,40 @@ def test_readme_tour(broker: tuple[str, Path, Path]) -> None:
     log = log_path.read_text(errors="replace")
     assert "admin-token" in log  # the path was printed ...
     assert admin_token not in log  # ... never the token
+
+
+@pytest.mark.timeout(120)
+def test_admin_cli_against_the_running_broker(broker: tuple[str, Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from broker.cli import app
+
+    url, workdir, _ = broker
+    common = ["--url", url, "--data-dir", str(workdir / "var")]
+    runner = CliRunner(env={"TMEM_ADMIN_TOKEN": "", "COLUMNS": "200"})
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, ["admin", *args, *common])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    created = run("create-guest", "cli-vm", "--cap-pages", "10", "--weight", "5")
+    token = re.search(r"token \(shown once\): (\S+)", created)
+    assert token is not None
+    assert "cli-vm" in run("list")
+    assert "cap_pages" in run("show", "1")
+    run("freeze", "1")
+    assert "yes" in run("list")  # the frozen column
+    run("thaw", "1")
+    run("flush", "1")
+    run("shared-auth", "6f1d3a2e-1b7c-4e55-9d1a-0e8f2c3b4a5d", "1")
+    assert "logical_pages" in run("stats")
+    request = urllib.request.Request(
+        f"{url}/v1/notices", headers={"Authorization": f"Bearer {token.group(1)}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert [n["type"] for n in json.loads(r.read())] == ["freeze", "thaw"]
+    run("delete", "1")
+    failed = runner.invoke(app, ["admin", "show", "1", *common])
+    assert failed.exit_code == 1
+    assert "unknown_guest" in failed.output
