@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from broker.core.errors import UnknownGuest, UnknownPool
 from broker.store.durable import LmdbJournal
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,17 @@ async def reload_journal(
     last_log_time = start
     last_log_pages = 0
     n = 0
+    gone: set[tuple[int, int]] = set()
     for guest_id, pool_id, oid, index, page in journal.load():
-        restore(guest_id, pool_id, oid, index, page)
+        try:
+            restore(guest_id, pool_id, oid, index, page)
+        except (UnknownGuest, UnknownPool):
+            # Destroyed by an admin while we reloaded (the loop yields between chunks); the
+            # destroy is journaled, so these pages are gone for good.
+            if (guest_id, pool_id) not in gone:
+                gone.add((guest_id, pool_id))
+                log.info("journal: guest %d pool %d went away during the reload", guest_id, pool_id)
+            continue
         n += 1
         if n % chunk == 0:
             now = clock()

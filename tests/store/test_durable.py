@@ -378,6 +378,28 @@ async def test_reload_restores_known_pools_and_drops_destroyed_ones(
     assert any("reloaded 1000/5001 pages" in m and "pages/s" in m for m in messages)
 
 
+async def test_reload_skips_pools_destroyed_while_it_runs(journal: LmdbJournal) -> None:
+    from broker.core.errors import UnknownPool
+
+    for n in range(3000):
+        journal.record_put(1, n % 2, n, 0, page(n + 1))
+    await journal.barrier()
+
+    class Destroyed(FakeTmem):
+        def restore_page(
+            self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes
+        ) -> None:
+            if pool_id == 1 and len(self.restored) > 500:
+                raise UnknownPool("pool 1 was destroyed meanwhile")
+            super().restore_page(guest_id, pool_id, oid, index, data)
+
+    tmem = Destroyed({1: [_Pool(0, "persistent"), _Pool(1, "persistent")]})
+    report = await reload_journal(journal, tmem, chunk=100)
+    assert all(k[1] == 0 for k in list(tmem.restored)[501:])
+    assert report.pages == len(tmem.restored)
+    assert sum(k[1] == 0 for k in tmem.restored) == 1500
+
+
 async def test_reload_of_null_journal_is_empty() -> None:
     report = await reload_journal(NullJournal(), FakeTmem({}))
     assert report.pages == 0
