@@ -43,11 +43,11 @@ def guest_id_of(service: BrokerService, token: str | None) -> int:
     raise Unauthorised("unknown token")
 
 
-def require_guest(service: ServiceDep, credentials: _Credentials) -> int:
+async def require_guest(service: ServiceDep, credentials: _Credentials) -> int:
     return guest_id_of(service, credentials.credentials if credentials else None)
 
 
-def require_admin(service: ServiceDep, credentials: _Credentials) -> None:
+async def require_admin(service: ServiceDep, credentials: _Credentials) -> None:
     if credentials is None:
         raise Unauthorised("missing bearer token")
     if service.tokens.is_admin(credentials.credentials):
