@@ -172,14 +172,19 @@ class BrokerService:
                     compress=body.compress,
                 )
             )
-            self.core.add_guest(
-                record.guest_id,
-                name=record.name,
-                weight=record.weight,
-                cap_pages=record.cap_pages,
-                dedup_domain=record.dedup_domain,
-                compress=record.compress,
-            )
+            try:
+                self.core.add_guest(
+                    record.guest_id,
+                    name=record.name,
+                    weight=record.weight,
+                    cap_pages=record.cap_pages,
+                    dedup_domain=record.dedup_domain,
+                    compress=record.compress,
+                )
+            except BaseException:
+                # The core refused (say, too many dedup domains): the guest must not exist.
+                await run_in_threadpool(self.repo.delete_guest, record.guest_id)
+                raise
             self.guests[record.guest_id] = record
             self.tokens.add(record.token_hash, record.guest_id)
         log.info("created guest %d (%s)", record.guest_id, record.name)
@@ -189,8 +194,14 @@ class BrokerService:
         """Apply a PATCH (only the fields it set); a changed cap sends a ``quota`` notice."""
         async with self.lock:
             old = self.guest_record(guest_id)
-            record = await run_in_threadpool(self.repo.update_guest, guest_id, changes)
+            # The core first: it is the one that may refuse a value. If SQL then fails, the
+            # core gets the old values back, so a failed PATCH changes nothing.
             self.core.update_guest(guest_id, **changes)
+            try:
+                record = await run_in_threadpool(self.repo.update_guest, guest_id, changes)
+            except BaseException:
+                self.core.update_guest(guest_id, **{k: getattr(old, k) for k in changes})
+                raise
             self.guests[guest_id] = record
         if "cap_pages" in changes and changes["cap_pages"] != old.cap_pages:
             await self.hub.publish(guest_id, "quota", cap_pages=record.cap_pages)
