@@ -114,7 +114,7 @@ def test_admin_cli_against_the_running_broker(broker: tuple[str, Path, Path]) ->
 
     from broker.cli import app
 
-    url, workdir, _ = broker
+    url, workdir, log_path = broker
     common = ["--url", url, "--data-dir", str(workdir / "var")]
     runner = CliRunner(env={"TMEM_ADMIN_TOKEN": "", "COLUMNS": "200"})
 
@@ -139,7 +139,18 @@ def test_admin_cli_against_the_running_broker(broker: tuple[str, Path, Path]) ->
     )
     with urllib.request.urlopen(request, timeout=10) as r:
         assert [n["type"] for n in json.loads(r.read())] == ["freeze", "thaw"]
+    # The WebSocket with the token in the query: its first frames are the backlog, and the
+    # token must not reach uvicorn's log lines.
+    from websockets.sync.client import connect
+
+    ws_url = url.replace("http://", "ws://") + f"/v1/notices/ws?after=1&token={token.group(1)}"
+    with connect(ws_url, open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "thaw"
     run("delete", "1")
+    time.sleep(0.2)  # let the broker write its log lines
+    log = log_path.read_text(errors="replace")
+    assert "token=<redacted>" in log  # uvicorn logged the WebSocket's path, redacted
+    assert token.group(1) not in log
     failed = runner.invoke(app, ["admin", "show", "1", *common])
     assert failed.exit_code == 1
     assert "unknown_guest" in failed.output
