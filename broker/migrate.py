@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from schemas.export import EXPORT_CONTENT_TYPE, ExportDecoder, ExportTrailer
+from schemas.export import EXPORT_CONTENT_TYPE, ExportDecoder, ExportError, ExportTrailer
 
 _CHUNK = 1 << 20
 
@@ -185,6 +185,9 @@ def _stream(
         return json.loads(data), decoder.finish()
     except OSError as exc:
         raise MigrationError(f"the stream broke: {exc}") from exc
+    except ExportError as exc:
+        # The destination saw a stream without its trailer: it refuses it whole.
+        raise MigrationError(f"the export stream is damaged: {exc}") from exc
     finally:
         out.close()
         into.close()

@@ -199,3 +199,30 @@ def test_export_import_and_migrate_50k_pages(tmp_path: Path) -> None:
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_failed_move_keeps_the_guest_at_the_source(tmp_path: Path) -> None:
+    from broker.migrate import MigrationError, migrate
+
+    a = BrokerProcess(tmp_path / "a")
+    b = BrokerProcess(tmp_path / "b")
+    a.start()
+    b.start()
+    try:
+        gid, token = a.new_guest("stay")
+        pool = a.new_pool(token)
+        ops = [(OP_PUT, 1, i, content(i + 2)) for i in range(100)]
+        assert all(r.status == STATUS_DONE for r in batch(a, token, pool, ops))
+        b.new_guest("stay")  # the name is taken at the destination: the import answers 409
+        with pytest.raises(MigrationError, match="409"):
+            migrate(a.url, b.url, "stay", from_token=ADMIN, to_token=ADMIN)
+        guest = a.json("GET", f"/v1/guests/{gid}")
+        assert guest["frozen"] is False  # thawed again
+        assert guest["pools"][0]["pages"] == 100
+        results = batch(a, token, pool, [(OP_GET, 1, i, None) for i in range(100)])
+        assert [r.page for r in results] == [content(i + 2) for i in range(100)]
+        with pytest.raises(MigrationError, match="no guest named"):
+            migrate(a.url, b.url, "nobody", from_token=ADMIN, to_token=ADMIN)
+    finally:
+        a.stop()
+        b.stop()
