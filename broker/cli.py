@@ -97,6 +97,9 @@ def serve(
         log_level=settings.log_level,
         # Keep-alive matters for guests that send page after page on one connection.
         timeout_keep_alive=60,
+        # One access-log line per page would cost more than the page itself at tens of
+        # thousands of requests a second: only at debug level (/metrics counts operations).
+        access_log=settings.log_level == "debug",
     )
 
 
