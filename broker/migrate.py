@@ -91,7 +91,11 @@ def _error(body: bytes) -> str:
 
 
 def persistent_pages(guest: dict[str, Any]) -> int:
-    """Logical persistent pages of a guest as ``GET /v1/guests/{id}`` shows them."""
+    """Logical persistent pages of a guest as ``GET /v1/guests/{id}`` shows them: its stats'
+    ``persistent_pages``, else the sum over its persistent pools."""
+    stats = guest.get("stats") or {}
+    if isinstance(stats.get("persistent_pages"), int):
+        return int(stats["persistent_pages"])
     return sum(
         int(p.get("pages") or 0) for p in guest.get("pools", []) if p.get("kind") == "persistent"
     )
