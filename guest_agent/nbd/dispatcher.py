@@ -95,10 +95,13 @@ class Dispatcher:
         self.backend = backend
         self.max_round_blocks = max_round_blocks
         self.max_inflight = max_inflight
-        # a round starts beside others only with at least this many blocks queued: small
-        # rounds are better merged into the next one than sent as extra round trips
+        # a round with reads starts beside others only with at least this many blocks queued:
+        # small read rounds are better merged into the next one than sent as extra round
+        # trips; write-only rounds always may (their writes are acknowledged at once, so the
+        # client's next writes come sooner)
         self.min_overlap_blocks = min_overlap_blocks
         self._pending_blocks = 0
+        self._pending_reads = 0
         # write-back failures: blocks whose acknowledged writes were lost, and the error the
         # next FLUSH reports
         self._lost: set[int] = set()
@@ -131,6 +134,7 @@ class Dispatcher:
             raise RuntimeError("dispatcher is stopping")
         self._pending.append(request)
         self._pending_blocks += len(request.blocks)
+        self._pending_reads += request.kind == READ
         self._wake.set()
         return request.future
 
@@ -177,7 +181,7 @@ class Dispatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if inflight and self._pending_blocks < self.min_overlap_blocks:
+            if inflight and self._pending_reads and self._pending_blocks < self.min_overlap_blocks:
                 await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
                 self._reap()
                 continue
@@ -204,6 +208,7 @@ class Dispatcher:
                 span = request.blocks
                 blocks += len(span)
                 self._pending_blocks -= len(span)
+                self._pending_reads -= request.kind == READ
                 touched.update(span)
                 barrier = barrier or request.kind == FLUSH or request.fua
             # wait until the round touches no block of a round in flight, and there is room;
