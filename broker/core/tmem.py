@@ -119,9 +119,14 @@ from schemas.batch import (
 
 BatchOp = tuple[int, int, int, "bytes | memoryview | None"]
 
-_REF_BITS = 24  # pool refs in LRU keys: up to 16M live ephemeral pools
-_REF_MASK = (1 << _REF_BITS) - 1
-_INDEX_MASK = MAX_INDEX
+# Per-page keys of LRUs and charges. An LRU key is ``oid << 56 | ref << 32 | mixed`` where
+# ``ref`` (24 bits: up to 16M live ephemeral pools) names the pool and ``mixed = (index +
+# (oid & M32) * _MIX) & M32`` (invertible given the oid). The index sits in the low bits,
+# mixed with the oid, because an int hashes to itself: with constant low bits (the pool ref,
+# as a first version had) a million-entry dict degenerates into long probe chains.
+_REF_MASK = (1 << 24) - 1
+_M32 = MAX_INDEX
+_MIX = 0x9E3779B1
 _OPS = (OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT)
 
 _OP_COUNTERS = (
@@ -198,8 +203,8 @@ class _Account:
         self.serial = serial
         self.weight = weight
         self.eph_pages = 0
-        # LRU key: (oid << 32 | index) << 24 | pool ref. OrderedDict: O(1) pop of the oldest
-        # (a plain dict re-scans deleted slots at its front on every pop).
+        # LRU keys: see _MIX. OrderedDict: O(1) pop of the oldest (a plain dict re-scans the
+        # deleted slots at its front on every pop).
         self.lru: OrderedDict[int, None] = OrderedDict()
 
 
@@ -212,6 +217,7 @@ class _Pool(_Ops):
         "charges",
         "domain_bits",
         "exclusive_gets",
+        "lru_tag",
         "members",
         "objects",
         "owner",
@@ -243,6 +249,7 @@ class _Pool(_Ops):
         self.owner = owner  # None for a shared pool
         self.account = account  # None for a persistent pool
         self.ref = ref  # LRU keys name the pool by this (ephemeral pools only)
+        self.lru_tag = ref << 32
         self.domain_bits = domain_bits
         self.objects: dict[int, dict[int, int]] = {}
         # members of a shared pool: guest_id -> that guest's pool id
@@ -251,7 +258,7 @@ class _Pool(_Ops):
         self.zero_pages = 0
         self.charged_bytes = 0
         # charge of each page whose charge is neither 4096 (non-zero) nor 0 (zero page):
-        # compressed pages only, keyed by (oid << 32 | index)
+        # compressed pages only, keyed by oid << 32 | mixed index (see _MIX)
         self.charges: dict[int, int] = {}
 
     @property
@@ -759,7 +766,9 @@ class Tmem:
         else:
             charges = pool.charges
             if charges:
-                pool.charged_bytes -= charges.pop((oid << 32) | index, PAGE_SIZE)
+                pool.charged_bytes -= charges.pop(
+                    (oid << 32) | ((index + (oid & _M32) * _MIX) & _M32), PAGE_SIZE
+                )
             else:
                 pool.charged_bytes -= PAGE_SIZE
             self._unref(key)
@@ -772,7 +781,7 @@ class Tmem:
             assert account is not None
             account.eph_pages -= 1
             if in_lru:
-                del account.lru[(((oid << 32) | index) << _REF_BITS) | pool.ref]
+                del account.lru[(oid << 56) | pool.lru_tag | ((index + (oid & _M32) * _MIX) & _M32)]
 
     def _clear(self, pool: _Pool) -> int:
         """Drop every page of the pool; returns how many."""
@@ -816,10 +825,9 @@ class Tmem:
 
     def _evict_one(self, account: _Account) -> None:
         lru_key = account.lru.popitem(last=False)[0]
-        pool = self._eph_pools[lru_key & _REF_MASK]
-        handle = lru_key >> _REF_BITS
-        oid = handle >> 32
-        index = handle & _INDEX_MASK
+        pool = self._eph_pools[(lru_key >> 32) & _REF_MASK]
+        oid = lru_key >> 56
+        index = ((lru_key & _M32) - (oid & _M32) * _MIX) & _M32
         obj = pool.objects[oid]
         key = obj.pop(index)
         if not obj:
@@ -942,7 +950,7 @@ class Tmem:
                 else:
                     pool.charged_bytes += charge
                     if charge != PAGE_SIZE:
-                        pool.charges[(oid << 32) | index] = charge
+                        pool.charges[(oid << 32) | ((index + (oid & _M32) * _MIX) & _M32)] = charge
                 if persistent:
                     g.persistent_pages += 1  # persistent pools are private: g owns it
                     if self._journal is not None:
@@ -951,7 +959,9 @@ class Tmem:
                     account = pool.account
                     assert account is not None
                     account.eph_pages += 1
-                    account.lru[(((oid << 32) | index) << _REF_BITS) | pool.ref] = None
+                    account.lru[
+                        (oid << 56) | pool.lru_tag | ((index + (oid & _M32) * _MIX) & _M32)
+                    ] = None
                 return STATUS_DONE
             pool.declined_capacity += 1
             g.declined_capacity += 1
@@ -973,7 +983,7 @@ class Tmem:
         else:
             pool.charged_bytes += charge
             if charge != PAGE_SIZE:
-                pool.charges[(oid << 32) | index] = charge
+                pool.charges[(oid << 32) | ((index + (oid & _M32) * _MIX) & _M32)] = charge
         if pool.persistent:
             owner = pool.owner
             assert owner is not None
@@ -982,7 +992,7 @@ class Tmem:
             account = pool.account
             assert account is not None
             account.eph_pages += 1
-            account.lru[(((oid << 32) | index) << _REF_BITS) | pool.ref] = None
+            account.lru[(oid << 56) | pool.lru_tag | ((index + (oid & _M32) * _MIX) & _M32)] = None
 
     def get(self, guest_id: int, pool_id: int, oid: int, index: int) -> bytes | None:
         """The page at the handle or None (a miss). Exclusive (the page leaves) in private
@@ -1013,7 +1023,9 @@ class Tmem:
                     self._journal.record_flush(g.guest_id, pool_id, oid, index)
         elif pool.shared:
             assert pool.account is not None
-            pool.account.lru.move_to_end((((oid << 32) | index) << _REF_BITS) | pool.ref)
+            pool.account.lru.move_to_end(
+                (oid << 56) | pool.lru_tag | ((index + (oid & _M32) * _MIX) & _M32)
+            )
         else:
             del obj[index]
             if not obj:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from broker.core import Status, Tmem
-from tests.core.conftest import PAGE, SHARED_UUID, MakeTmem, page
+from schemas.batch import MAX_INDEX, MAX_OID
+from tests.core.conftest import PAGE, SHARED_UUID, MakeTmem, page, soft_page
 
 
 def fill(tmem: Tmem, guest_id: int, pool_id: int, n: int, base: int) -> None:
@@ -138,3 +139,33 @@ def test_eviction_empties_objects_cleanly(make_tmem: MakeTmem) -> None:
     assert tmem.put(1, eph, 5, 1, page(2)) == Status.DONE
     assert tmem.get(1, eph, 5, 1) == page(2)
     assert tmem.flush_object(1, eph, 5) == 0
+
+
+@pytest.mark.parametrize(
+    "handles",
+    [
+        [(0, 0), (0, 1), (1, 0)],
+        [(MAX_OID, MAX_INDEX), (MAX_OID, 0), (MAX_OID - 1, MAX_INDEX)],
+        [(2**32 + 5, 7), (5, 2**32 - 1), (2**32 - 1, 2**32 - 1)],
+    ],
+)
+@pytest.mark.parametrize("compress", [False, True])
+def test_eviction_finds_the_right_page_for_any_handle(
+    make_tmem: MakeTmem, handles: list[tuple[int, int]], compress: bool
+) -> None:
+    # LRU and charge keys pack (pool, oid, index) into one int; every handle must come back
+    tmem = make_tmem(capacity_pages=2)
+    tmem.update_guest(1, compress=compress)
+    a = tmem.create_pool(1, "ephemeral")
+    b = tmem.create_pool(1, "ephemeral")
+    data = soft_page if compress else page
+    for i, (oid, index) in enumerate(handles):
+        tmem.put(1, a if i % 2 else b, oid, index, data(i))
+    tmem.capacity_bytes = 0  # evicts everything, oldest first
+    assert tmem.stats()["ephemeral_pages"] == 0 and tmem.used_bytes == 0
+    assert tmem.guest_stats(1)["charged_bytes"] == 0
+    for i, (oid, index) in enumerate(handles):
+        tmem.capacity_bytes = 2 * PAGE
+        assert tmem.put(1, a, oid, index, data(i)) == Status.DONE
+    tmem.capacity_bytes = 0
+    assert tmem.stats()["evictions"] == 2 * len(handles)
