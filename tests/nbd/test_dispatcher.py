@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from guest_agent.nbd.backend import BLOCK_SIZE, MemoryBackend
-from guest_agent.nbd.dispatcher import READ, WRITE, BlockRequest, Dispatcher
+from guest_agent.nbd.dispatcher import FLUSH, READ, TRIM, WRITE, ZERO, BlockRequest, Dispatcher
 from guest_agent.nbd.errors import BackendError
 
 pytestmark = pytest.mark.timeout(30)
@@ -187,4 +187,68 @@ async def test_exclusive_runs_with_nothing_in_flight_in_queue_order() -> None:
     assert await exclusive == 42
     await asyncio.gather(write, later)
     assert seen == [0]
+    await dispatcher.stop()
+
+
+class JitterBackend(MemoryBackend):
+    """Every call takes a random time, so rounds in flight finish out of order."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+
+    async def read_blocks(self, blocks: Sequence[int]) -> list[bytes | None]:
+        await asyncio.sleep(self.rng.random() * 0.003)
+        return await super().read_blocks(blocks)
+
+    async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        await asyncio.sleep(self.rng.random() * 0.003)
+        await super().write_blocks(writes)
+
+    async def discard_blocks(self, blocks: Sequence[int]) -> None:
+        await asyncio.sleep(self.rng.random() * 0.003)
+        await super().discard_blocks(blocks)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_out_of_order_completion_keeps_per_block_order(seed: int) -> None:
+    backend = JitterBackend(seed)
+    dispatcher = Dispatcher(backend, min_overlap_blocks=1)
+    dispatcher.start()
+    size = 64 * BLOCK_SIZE
+    model = bytearray(size)
+    rng = random.Random(seed)
+    pending: list[tuple[asyncio.Future[bytes | None], bytes | None]] = []
+    for _ in range(600):
+        offset = rng.randrange(size)
+        length = rng.randrange(1, min(size - offset, 3 * BLOCK_SIZE) + 1)
+        roll = rng.random()
+        if roll < 0.4:
+            data = rng.randbytes(length)
+            request = BlockRequest(WRITE, offset, length, data, fua=rng.random() < 0.05)
+            model[offset : offset + length] = data
+            pending.append((dispatcher.submit(request), None))
+        elif roll < 0.5:
+            request = BlockRequest(TRIM if roll < 0.45 else ZERO, offset, length)
+            if request.kind == ZERO:
+                model[offset : offset + length] = bytes(length)
+            else:
+                # a trim leaves its partial blocks alone and makes whole ones read as zeros
+                first = -(-offset // BLOCK_SIZE) * BLOCK_SIZE
+                last = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
+                if last > first:
+                    model[first:last] = bytes(last - first)
+            pending.append((dispatcher.submit(request), None))
+        elif roll < 0.53:
+            pending.append((dispatcher.submit(BlockRequest(FLUSH, 0, 0)), None))
+        else:
+            future = dispatcher.submit(BlockRequest(READ, offset, length))
+            pending.append((future, bytes(model[offset : offset + length])))
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.random() * 0.002)
+    for future, expected in pending:
+        assert await future == expected
+    await dispatcher.flush()
+    assert await dispatcher.read(0, size) == model
+    assert dispatcher.most_inflight > 1
     await dispatcher.stop()
