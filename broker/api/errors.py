@@ -10,15 +10,14 @@ The shell's own tree (the core has its own in ``broker.core.errors``)::
     ├── Unauthorised              401  unauthorised     no token or a wrong one
     ├── Forbidden                 403  forbidden        a valid token on the wrong side
     ├── UnknownNotice             404  unknown_notice
-    ├── RouteNotFound             404  not_found
-    ├── MethodNotAllowed          405  method_not_allowed
     ├── ImportDeclined            409  import_declined  an import this broker cannot take whole
     ├── ExportUnavailable         409  export_unavailable  no export without the journal
-    ├── BodyTooLarge              413  body_too_large
-    └── Invalid                   422  validation_error
+    └── BodyTooLarge              413  body_too_large
 
 :func:`error_response` maps every class of both trees, plus Starlette's and FastAPI's own
-exceptions, to ``{"error": {"code", "message"}}`` with the class's status. A journal failure
+exceptions (an unknown route: 404 ``not_found``; a wrong method: 405 ``method_not_allowed``;
+a body that fails validation: 422 ``validation_error``, or 400 ``bad_json`` when it is not
+JSON at all), to ``{"error": {"code", "message"}}`` with the class's status. A journal failure
 (``broker.store.errors.StoreError``) is the one 5xx by design: 503 ``journal_unavailable``.
 """
 
@@ -90,24 +89,9 @@ class UnknownNotice(ApiError):
     code = "unknown_notice"
 
 
-class RouteNotFound(ApiError):
-    status = 404
-    code = "not_found"
-
-
-class MethodNotAllowed(ApiError):
-    status = 405
-    code = "method_not_allowed"
-
-
 class BodyTooLarge(ApiError):
     status = 413
     code = "body_too_large"
-
-
-class Invalid(ApiError):
-    status = 422
-    code = "validation_error"
 
 
 def error_body(code: str, message: str, **extra: Any) -> bytes:
