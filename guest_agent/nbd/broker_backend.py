@@ -40,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol, TypeVar
 
-from guest_agent.errors import TmemClientError
+from guest_agent.errors import BrokerUnavailable, RateLimited, ServerError, TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE
 from guest_agent.nbd.errors import BackendError
 
@@ -98,6 +98,7 @@ class BrokerBackend:
         size: int,
         fallback_path: str,
         destroy_pool_on_close: bool = True,
+        read_retry_s: float = 30.0,
     ) -> None:
         self.client = client
         self.pool_id = pool_id
@@ -109,13 +110,20 @@ class BrokerBackend:
         os.ftruncate(self._fd, self.block_count * BLOCK_SIZE)
         self._fallback_dirty = False
         self._destroy_pool_on_close = destroy_pool_on_close
+        # a read of a block only the broker holds waits this long for a broker that restarts
+        # (pages survive a restart) before the request fails with EIO
+        self.read_retry_s = read_retry_s
         self.stats: dict[str, int] = defaultdict(int)
 
     @classmethod
-    async def open(cls, client: PageClient, *, size: int, fallback_path: str) -> BrokerBackend:
+    async def open(
+        cls, client: PageClient, *, size: int, fallback_path: str, read_retry_s: float = 30.0
+    ) -> BrokerBackend:
         """Create the export's persistent pool and open (create, size) the fallback file."""
         pool_id = await client.create_pool("persistent")
-        return cls(client, pool_id, size=size, fallback_path=fallback_path)
+        return cls(
+            client, pool_id, size=size, fallback_path=fallback_path, read_retry_s=read_retry_s
+        )
 
     # --- counts ---------------------------------------------------------------------------
 
@@ -137,7 +145,7 @@ class BrokerBackend:
                 out[i] = self._read_fallback(block)
         if at_broker:
             handles = [block_handle(blocks[i]) for i in at_broker]
-            pages = await self._call(self.client.get_many(self.pool_id, handles))
+            pages = await self._get_many_patiently(handles)
             for i, page in zip(at_broker, pages, strict=True):
                 if page is None:
                     # the broker never drops an acknowledged persistent page; zeros here
@@ -182,10 +190,15 @@ class BrokerBackend:
         if at_broker:
             # page by page (batched), never flush_object: a round running beside this one may
             # be putting another block of the same object
-            await self._call(
-                self.client.flush_many(self.pool_id, [block_handle(b) for b in at_broker])
-            )
-            self.stats["broker_flushes"] += len(at_broker)
+            try:
+                await self.client.flush_many(self.pool_id, [block_handle(b) for b in at_broker])
+            except TmemClientError as exc:
+                # the map already says nowhere, so reads are right; the pages stay at the
+                # broker (counted in the guest's quota) until the pool is destroyed
+                log.warning("nbd: flush of %d discarded blocks failed: %s", len(at_broker), exc)
+                self.stats["broker_flush_errors"] += 1
+            else:
+                self.stats["broker_flushes"] += len(at_broker)
 
     async def flush(self) -> None:
         if self._fallback_dirty:
@@ -245,6 +258,25 @@ class BrokerBackend:
         return len(moved)
 
     # --- helpers --------------------------------------------------------------------------
+
+    async def _get_many_patiently(self, handles: list[tuple[int, int]]) -> list[bytes | None]:
+        """``get_many``, retried while the broker is unreachable, restarting or rate limiting
+        (up to ``read_retry_s``); then :class:`BackendError`."""
+        deadline = asyncio.get_running_loop().time() + self.read_retry_s
+        delay = 0.05
+        while True:
+            try:
+                return await self.client.get_many(self.pool_id, handles)
+            except (BrokerUnavailable, ServerError, RateLimited) as exc:
+                now = asyncio.get_running_loop().time()
+                if now >= deadline:
+                    raise BackendError(f"broker: {exc}") from exc
+                self.stats["broker_read_retries"] += 1
+                log.warning("nbd: broker read failed (%s); retrying", exc)
+                await asyncio.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 1.0)
+            except TmemClientError as exc:
+                raise BackendError(f"broker: {exc}") from exc
 
     @staticmethod
     async def _call(aw: Awaitable[_T]) -> _T:

@@ -3,6 +3,7 @@ a declined put leaves nothing at the handle; persistent pages stay until flushed
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from collections.abc import Sequence
@@ -74,6 +75,8 @@ class FakeClient:
 
     async def flush_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> None:
         self.calls.append("flush_many")
+        if self.down:
+            raise BrokerUnavailable("connection refused")
         for h in handles:
             self.pages.pop(h, None)
 
@@ -82,9 +85,14 @@ def page(byte: int) -> bytes:
     return bytes([byte]) * BLOCK_SIZE
 
 
-async def make(tmp_path: Path, client: FakeClient, blocks: int = 1024) -> BrokerBackend:
+async def make(
+    tmp_path: Path, client: FakeClient, blocks: int = 1024, read_retry_s: float = 0.2
+) -> BrokerBackend:
     return await BrokerBackend.open(
-        client, size=blocks * BLOCK_SIZE, fallback_path=str(tmp_path / "fallback")
+        client,
+        size=blocks * BLOCK_SIZE,
+        fallback_path=str(tmp_path / "fallback"),
+        read_retry_s=read_retry_s,
     )
 
 
@@ -137,8 +145,28 @@ async def test_unreachable_broker_writes_fall_back_reads_fail(tmp_path: Path) ->
     assert backend.location[2] == FALLBACK
     assert await backend.read_blocks([2]) == [page(2)]
     with pytest.raises(BackendError):
-        await backend.read_blocks([1])
+        await backend.read_blocks([1])  # after read_retry_s of retries
+    # discards never fail on the broker: the map forgets the block either way
+    await backend.discard_blocks([1])
+    assert await backend.read_blocks([1]) == [None]
     client.down = False
+    await backend.close()
+
+
+async def test_reads_wait_for_a_restarting_broker(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client, read_retry_s=10)
+    await backend.write_blocks([(1, page(1))])
+    client.down = True
+
+    async def come_back() -> None:
+        await asyncio.sleep(0.2)
+        client.down = False
+
+    back = asyncio.create_task(come_back())
+    assert await backend.read_blocks([1]) == [page(1)]
+    await back
+    assert backend.stats["broker_read_retries"] > 0
     await backend.close()
 
 
