@@ -9,7 +9,7 @@ import contextlib
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Path, Query, Response, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api.auth import bearer
@@ -32,6 +32,13 @@ from schemas.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+# Ids are bounded by what their SQL columns hold (INTEGER, BIGINT), so an absurd id is a 422,
+# never a database error.
+GuestId = Annotated[int, Path(ge=0, le=0x7FFFFFFF)]
+PoolId = Annotated[int, Path(ge=0, le=0x7FFFFFFF)]
+Seq = Annotated[int, Path(ge=0, le=(1 << 63) - 1)]
+After = Annotated[int, Query(ge=0, le=(1 << 63) - 1)]
 
 admin = APIRouter(prefix="/v1", tags=["admin"])
 guest = APIRouter(prefix="/v1", tags=["guest"])
@@ -74,14 +81,14 @@ async def list_guests(service: ServiceDep, _: AdminDep) -> list[dict[str, Any]]:
 
 
 @admin.get("/guests/{guest_id}", response_model=AdminGuestInfo)
-async def show_guest(guest_id: int, service: ServiceDep, _: AdminDep) -> dict[str, Any]:
+async def show_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> dict[str, Any]:
     """One guest, with its pools, stats and latest pressure report."""
     return service.guest_info(guest_id)
 
 
 @admin.patch("/guests/{guest_id}", response_model=AdminGuestInfo)
 async def patch_guest(
-    guest_id: int, body: GuestPatch, service: ServiceDep, _: AdminDep
+    guest_id: GuestId, body: GuestPatch, service: ServiceDep, _: AdminDep
 ) -> dict[str, Any]:
     """Change weight, cap_pages (sends a ``quota`` notice), compress or dedup_domain."""
     changes = body.model_dump(include=body.model_fields_set)
@@ -95,25 +102,25 @@ async def patch_guest(
 
 
 @admin.delete("/guests/{guest_id}", status_code=204, response_class=Response)
-async def delete_guest(guest_id: int, service: ServiceDep, _: AdminDep) -> None:
+async def delete_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
     """Delete a guest: every page of it is gone, its token stops working."""
     await service.delete_guest(guest_id)
 
 
 @admin.post("/guests/{guest_id}/freeze", status_code=204, response_class=Response)
-async def freeze_guest(guest_id: int, service: ServiceDep, _: AdminDep) -> None:
+async def freeze_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
     """Freeze a guest: its puts are declined with ``frozen`` until thawed."""
     await service.set_frozen(guest_id, True)
 
 
 @admin.post("/guests/{guest_id}/thaw", status_code=204, response_class=Response)
-async def thaw_guest(guest_id: int, service: ServiceDep, _: AdminDep) -> None:
+async def thaw_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
     """Thaw a frozen guest."""
     await service.set_frozen(guest_id, False)
 
 
 @admin.post("/guests/{guest_id}/flush", status_code=204, response_class=Response)
-async def flush_guest(guest_id: int, service: ServiceDep, _: AdminDep) -> None:
+async def flush_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
     """Flush every page of every pool of a guest; the pools stay."""
     await service.flush_guest(guest_id)
 
@@ -154,7 +161,7 @@ async def create_pool(body: PoolCreate, service: ServiceDep, guest_id: GuestDep)
 
 
 @guest.delete("/pools/{pool_id}", status_code=204, response_class=Response)
-async def destroy_pool(pool_id: int, service: ServiceDep, guest_id: GuestDep) -> None:
+async def destroy_pool(pool_id: PoolId, service: ServiceDep, guest_id: GuestDep) -> None:
     """Destroy a pool and every page in it (idempotent)."""
     await service.destroy_pool(guest_id, pool_id)
 
@@ -177,7 +184,7 @@ async def pressure(body: Pressure, service: ServiceDep, guest_id: GuestDep) -> N
 async def notices(
     service: ServiceDep,
     guest_id: GuestDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: After = 0,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
 ) -> list[Notice]:
     """Notices with ``seq > after``; waits up to ``wait`` seconds (<= 60) when there are none."""
@@ -185,14 +192,14 @@ async def notices(
 
 
 @guest.post("/notices/{seq}/ack", status_code=204, response_class=Response)
-async def ack_notice(seq: int, body: Ack, service: ServiceDep, guest_id: GuestDep) -> None:
+async def ack_notice(seq: Seq, body: Ack, service: ServiceDep, guest_id: GuestDep) -> None:
     """Acknowledge a notice (for a shed: how many pages the guest returned)."""
     if not await service.hub.ack(guest_id, seq, body.pages_returned):
         raise UnknownNotice(f"no notice {seq}")
 
 
 @guest.websocket("/notices/ws")
-async def notices_ws(websocket: WebSocket, after: Annotated[int, Query(ge=0)] = 0) -> None:
+async def notices_ws(websocket: WebSocket, after: After = 0) -> None:
     """Notices pushed as JSON text frames: first the backlog after ``after``, then new ones.
 
     The token goes in the ``Authorization`` header or the ``token`` query parameter.
