@@ -6,7 +6,10 @@ defends a *guessable* secret against offline guessing, and 256 random bits canno
 so a stolen hash gives no way back to the token. Being fast matters, because every page request
 is authenticated: the hot path hashes the presented token once and looks the hash up in an
 in-memory dict (:class:`TokenRegistry`), never in SQL. The admin token is compared with
-``hmac.compare_digest``. Tokens are never logged: only guest ids are.
+``hmac.compare_digest``. A guest token is found by its digest instead: the dict compares
+digests, never the token, so timing it tells an attacker at most how many leading bytes of a
+SHA-256 digest matched, and steering a digest's prefix is a preimage search; this is what lets
+the hot path stay one dict lookup. Tokens are never logged: only guest ids are.
 """
 
 from __future__ import annotations
