@@ -52,17 +52,35 @@ EXCLUSIVE = 5
 _T = TypeVar("_T")
 
 
+Completion = Callable[["BlockRequest", "bytes | None", "BaseException | None"], None]
+"""Called once when a request completes: (request, read data or None, error or None)."""
+
+
 @dataclass(eq=False)
 class BlockRequest:
-    """One NBD request as the dispatcher sees it; ``future`` gets the read data or ``None``."""
+    """One NBD request as the dispatcher sees it.
+
+    Completion goes to ``on_done`` when given — called synchronously by the round, which saves
+    an event-loop iteration per request over a future's callback — else to :attr:`future`
+    (read data or ``None``).
+    """
 
     kind: int
     offset: int
     length: int
     data: bytes | memoryview | None = None
     fua: bool = False
-    future: asyncio.Future[bytes | None] = field(default_factory=lambda: _new_future())
+    on_done: Completion | None = None
+    tag: int = 0  # the caller's own reference (the server keeps the NBD handle here)
     action: Callable[[], Awaitable[None]] | None = None  # EXCLUSIVE only
+    finished: bool = False
+    _future: asyncio.Future[bytes | None] | None = field(default=None, repr=False)
+
+    @property
+    def future(self) -> asyncio.Future[bytes | None]:
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        return self._future
 
     @property
     def blocks(self) -> range:
@@ -70,9 +88,23 @@ class BlockRequest:
             return range(0)
         return range(self.offset // BLOCK_SIZE, (self.offset + self.length - 1) // BLOCK_SIZE + 1)
 
+    def resolve(self, value: bytes | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.on_done is not None:
+            self.on_done(self, value, None)
+        else:
+            self.future.set_result(value)
 
-def _new_future() -> asyncio.Future[bytes | None]:
-    return asyncio.get_running_loop().create_future()
+    def fail(self, exc: BaseException) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.on_done is not None:
+            self.on_done(self, None, exc)
+        else:
+            self.future.set_exception(exc)
 
 
 class Dispatcher:
@@ -105,6 +137,8 @@ class Dispatcher:
         # write-back failures: blocks whose acknowledged writes were lost, and the error the
         # next FLUSH reports
         self._lost: set[int] = set()
+        # called after a round completed requests: the server sends the replies it gathered
+        self.reply_hooks: list[Callable[[], None]] = []
         self._deferred_error: Exception | None = None
         self._inflight: dict[asyncio.Task[None], set[int]] = {}
         self._pending: deque[BlockRequest] = deque()
@@ -130,13 +164,20 @@ class Dispatcher:
             self._task = None
 
     def submit(self, request: BlockRequest) -> asyncio.Future[bytes | None]:
+        """Queue a request; its :attr:`~BlockRequest.future` completes with it."""
+        future = request.future
+        self.enqueue(request)
+        return future
+
+    def enqueue(self, request: BlockRequest) -> None:
+        """Queue a request that completes through its ``on_done`` (no future is made);
+        raises :class:`RuntimeError` once :meth:`stop` was called."""
         if self._stopping:
             raise RuntimeError("dispatcher is stopping")
         self._pending.append(request)
         self._pending_blocks += len(request.blocks)
         self._pending_reads += request.kind == READ
         self._wake.set()
-        return request.future
 
     async def read(self, offset: int, length: int) -> bytes:
         data = await self.submit(BlockRequest(READ, offset, length))
@@ -192,9 +233,10 @@ class Dispatcher:
                 try:
                     await request.action()
                 except Exception as exc:
-                    request.future.set_exception(exc)
+                    request.fail(exc)
                 else:
-                    request.future.set_result(None)
+                    request.resolve(None)
+                self._replied()
                 continue
             batch: list[BlockRequest] = []
             blocks = 0
@@ -225,6 +267,10 @@ class Dispatcher:
             inflight[task] = touched
             self.most_inflight = max(self.most_inflight, len(inflight))
 
+    def _replied(self) -> None:
+        for hook in self.reply_hooks:
+            hook()
+
     def _reap(self) -> None:
         for task in [t for t in self._inflight if t.done()]:
             del self._inflight[task]
@@ -240,8 +286,8 @@ class Dispatcher:
         except Exception as exc:  # a bug or a backend failure: fail the round, keep serving
             log.exception("nbd round failed")
             for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+                request.fail(exc)
+            self._replied()
 
     async def _round(self, batch: list[BlockRequest]) -> None:
         self.rounds += 1
@@ -292,7 +338,7 @@ class Dispatcher:
             start, end = request.offset, request.offset + request.length
             if kind == READ:
                 if self._lost and any(b in self._lost and b not in latest for b in request.blocks):
-                    request.future.set_exception(
+                    request.fail(
                         BackendError("an acknowledged write to this range could not be stored")
                     )
                     continue
@@ -302,10 +348,7 @@ class Dispatcher:
                     lo = max(start - block * BLOCK_SIZE, 0)
                     hi = min(end - block * BLOCK_SIZE, BLOCK_SIZE)
                     parts.append(content if lo == 0 and hi == BLOCK_SIZE else content[lo:hi])
-                if not request.future.done():
-                    request.future.set_result(
-                        b"".join(parts) if len(parts) != 1 else bytes(parts[0])
-                    )
+                request.resolve(b"".join(parts) if len(parts) != 1 else bytes(parts[0]))
                 continue
             data = request.data
             for block in request.blocks:
@@ -348,8 +391,9 @@ class Dispatcher:
         early = not do_flush
         if early:
             for request in batch:
-                if request.kind != READ and not request.future.done():
-                    request.future.set_result(None)
+                if request.kind != READ:
+                    request.resolve(None)
+        self._replied()  # the reads, and the early acknowledgements
         try:
             if writes and discards:
                 await asyncio.gather(
@@ -369,18 +413,17 @@ class Dispatcher:
                 self._lost.update(latest)
                 self._deferred_error = exc
             for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+                request.fail(exc)
+            self._replied()
             return
         if self._lost:
             self._lost.difference_update(latest)
         deferred, self._deferred_error = self._deferred_error, None
         for request in batch:
-            if request.future.done():
-                continue
             if request.kind == FLUSH and deferred is not None:
-                request.future.set_exception(deferred)
+                request.fail(deferred)
             else:
-                request.future.set_result(None)
+                request.resolve(None)
+        self._replied()
         if deferred is not None and not any(r.kind == FLUSH for r in batch):
             self._deferred_error = deferred  # not reported yet: keep it for the next FLUSH
