@@ -1,12 +1,13 @@
 """An NBD export a real kernel or qemu swaps to, backed by the broker (issue [nbd]).
 
-Layers, each usable alone:
+Design, the block → handle mapping and figures: ``docs/nbd.md``. Layers, each usable alone:
 
 - :mod:`.protocol`: wire constants and framing of the NBD protocol;
 - :mod:`.backend`: the block store protocol (:class:`BlockBackend`) and an in-memory twin;
 - :mod:`.dispatcher`: gathers the block operations of every request in flight into one batch
   per round, so queue depth turns into batch size;
 - :mod:`.broker_backend`: the real store: one persistent broker pool, a fallback file;
+- :mod:`.notices`: shed notices move broker blocks to the fallback file;
 - :mod:`.server`: the asyncio NBD server (handshake and transmission);
 - :mod:`.cli`: ``tmem-agent nbd``.
 """
