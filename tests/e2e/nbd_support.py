@@ -60,10 +60,16 @@ class NbdAgent:
 
     @classmethod
     def for_broker(
-        cls, broker: BrokerProcess, token: str, tmp: Path, *, size: str = "64MiB"
+        cls,
+        broker: BrokerProcess,
+        token: str,
+        tmp: Path,
+        *,
+        size: str = "64MiB",
+        extra: tuple[str, ...] = (),
     ) -> NbdAgent:
         args = ["--broker", broker.url, "--token", token, "--size", size]
-        args += ["--fallback", str(tmp / "fallback.img"), "--log-level", "INFO"]
+        args += ["--fallback", str(tmp / "fallback.img"), "--log-level", "INFO", *extra]
         return cls(args, tmp / "agent.log")
 
     @property

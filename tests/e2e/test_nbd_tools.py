@@ -134,3 +134,14 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def test_unix_socket_and_tcp_serve_one_export(broker: BrokerProcess, tmp_path: Path) -> None:
+    _, token = new_guest(broker, "nbd-unix")
+    sock = tmp_path / "nbd.sock"
+    with NbdAgent.for_broker(broker, token, tmp_path, extra=("--unix", str(sock))) as agent:
+        unix_uri = f"nbd+unix:///?socket={sock}"
+        qemu_io(unix_uri, "write -P 0x7e 1M 12345", "flush")
+        out = qemu_io(agent.uri, "read -P 0x7e 1M 12345")
+        assert "read 12345/12345" in out
+        assert 'export="tmem"' in run(["nbdinfo", "--list", unix_uri]).stdout
