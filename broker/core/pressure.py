@@ -32,14 +32,29 @@ The tunables (:class:`PressureSettings`) and what they do:
     ``policy``. Zero pages cost nothing and are always admitted.
 ``evicted_notice_interval_s``
     ``evicted`` notices are batched: at most one per guest per interval.
+
+:class:`PressurePolicy` puts these together. The service calls ``step(now, reports)`` from a
+background loop (tests call it with a fake clock) and turns the returned :class:`Intent`
+objects into notices; it reports back the sequence number of each shed it sent
+(:meth:`PressurePolicy.shed_sent`) and the guests' acks (:meth:`PressurePolicy.acked`).
+The put path's part (reclaim step, admission gate, the quota limit) is in the core
+(:meth:`broker.core.Tmem.configure_pressure`, :meth:`broker.core.Tmem.set_quota`).
+Sheds and dynamic quotas live in memory only: after a restart the first step re-derives them
+from the pages held (a guest still above its share gets a new quota and a new shed with a
+fresh deadline).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from schemas.batch import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from broker.core.tmem import Tmem
 
 
 @dataclass
@@ -153,13 +168,16 @@ def fair_shares(budget: int, claims: Sequence[Claim]) -> dict[int, int]:
 
 @dataclass(slots=True)
 class Shed:
-    """A shed request to one guest: return ``pages`` persistent pages by ``deadline``."""
+    """A shed request to one guest: return ``pages`` persistent pages by ``deadline``.
+
+    ``seq`` is the notice's sequence number once the service sent it (0 until then)."""
 
     seq: int
     pages: int
     deadline: float
     acked: bool = False
     pages_returned: int = 0
+    overdue: bool = False
 
 
 class AdmissionGate:
@@ -207,3 +225,296 @@ class AdmissionGate:
             self.credit -= 1.0
             return True
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class GuestPressure:
+    """A guest's latest pressure report: PSI ``some avg10`` (percent, None: not reported)
+    and when it arrived (``at``, on the policy's monotonic clock)."""
+
+    psi_some: float | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """Something the service should tell a guest.
+
+    ``kind`` ``quota``: the effective quota is now ``cap_pages``; ``shed``: return ``pages``
+    persistent pages by ``deadline`` (policy clock); ``evicted``: ``pages`` ephemeral pages
+    were evicted since the last such notice."""
+
+    kind: str
+    guest_id: int
+    cap_pages: int | None = None
+    pages: int | None = None
+    deadline: float | None = None
+
+
+NORMAL = "normal"
+RECLAIMING = "reclaiming"
+QUOTAS_LOWERED = "quotas_lowered"
+
+
+@dataclass
+class _Counters:
+    sheds_issued: int = 0
+    sheds_acked: int = 0
+    sheds_met: int = 0
+    sheds_overdue: int = 0
+    pages_returned: int = 0
+    quotas_lowered: int = 0
+    quotas_raised: int = 0
+    reclaim_runs: int = 0
+    reclaimed_pages: int = 0
+    evicted_notices: int = 0
+    steps: int = 0
+    last: dict[str, int] = field(default_factory=dict)
+
+
+class PressurePolicy:
+    """The broker's memory-pressure decisions; see the module docstring for the rules.
+
+    Not thread-safe; call from the thread that uses the ``Tmem`` (the event loop)::
+
+        policy = PressurePolicy(tmem, PressureSettings(), now=clock())
+        for intent in policy.step(clock(), reports):   # reports: guest_id -> GuestPressure
+            seq = send(intent)                          # a notice
+            if intent.kind == "shed":
+                policy.shed_sent(intent.guest_id, seq)
+        policy.acked(guest_id, seq, pages_returned)     # when the guest acks
+    """
+
+    # the largest single eviction a step makes, so one step never holds the loop for long
+    MAX_EVICT_BYTES_PER_STEP = 64 << 20
+
+    def __init__(self, tmem: Tmem, settings: PressureSettings, *, now: float) -> None:
+        self.tmem = tmem
+        self.settings = settings
+        tmem.configure_pressure(settings)
+        self.started = now
+        self.lowered = False
+        self.reclaiming = False
+        self.quotas: dict[int, int] = {}  # dynamic quotas in force
+        self.sheds: dict[int, Shed] = {}  # the open shed of each guest
+        self._unacked: dict[tuple[int, int], Shed] = {}  # closed sheds still awaiting an ack
+        self._last_evicted: dict[int, float] = {}
+        self.counters = _Counters()
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def update_settings(self, settings: PressureSettings) -> None:
+        """Use new settings from the next step on (the core's hooks at once)."""
+        self.settings = settings
+        self.tmem.configure_pressure(settings)
+
+    # -- figures ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.lowered:
+            return QUOTAS_LOWERED
+        return RECLAIMING if self.reclaiming or self.tmem.reclaiming else NORMAL
+
+    def budget_pages(self) -> tuple[int, int]:
+        """(persistent pages above which quotas are lowered, below which they are released)."""
+        cap = self.tmem.capacity_bytes
+        s = self.settings
+        return (
+            math.floor(s.persistent_share * cap) // PAGE_SIZE,
+            math.floor(s.release_share * cap) // PAGE_SIZE,
+        )
+
+    def figures(self) -> dict[str, Any]:
+        """What ``/v1/stats`` shows under ``pressure``."""
+        cap = self.tmem.capacity_bytes
+        s = self.settings
+        trigger, release = self.budget_pages()
+        c = self.counters
+        return {
+            "state": self.state,
+            "high_watermark_bytes": math.floor(s.high_watermark * cap),
+            "low_watermark_bytes": math.floor(s.low_watermark * cap),
+            "persistent_trigger_pages": trigger,
+            "persistent_release_pages": release,
+            "sheds_issued": c.sheds_issued,
+            "sheds_acked": c.sheds_acked,
+            "sheds_met": c.sheds_met,
+            "sheds_overdue": c.sheds_overdue,
+            "sheds_open": len(self.sheds),
+            "guests_overdue": sum(1 for sh in self.sheds.values() if sh.overdue),
+            "pages_returned": c.pages_returned,
+            "quotas_lowered": c.quotas_lowered,
+            "quotas_raised": c.quotas_raised,
+            "reclaim_runs": c.reclaim_runs,
+            "reclaimed_pages": c.reclaimed_pages,
+            "evicted_notices": c.evicted_notices,
+            "steps": c.steps,
+            "dynamic_quotas": {str(g): q for g, q in sorted(self.quotas.items())},
+        }
+
+    # -- feedback from the service ----------------------------------------------------------
+
+    def shed_sent(self, guest_id: int, seq: int) -> None:
+        """The shed intent for ``guest_id`` went out as notice ``seq``."""
+        shed = self.sheds.get(guest_id)
+        if shed is not None and shed.seq == 0:
+            shed.seq = seq
+
+    def acked(self, guest_id: int, seq: int, pages_returned: int) -> bool:
+        """A guest acked notice ``seq``; True when it was one of our sheds."""
+        shed = self.sheds.get(guest_id)
+        if shed is None or shed.seq != seq:
+            shed = self._unacked.pop((guest_id, seq), None)
+        if shed is None or shed.acked:
+            return False
+        shed.acked = True
+        shed.pages_returned = pages_returned
+        self.counters.sheds_acked += 1
+        self.counters.pages_returned += pages_returned
+        return True
+
+    def forget(self, guest_id: int) -> None:
+        """The guest was removed."""
+        self.quotas.pop(guest_id, None)
+        self.sheds.pop(guest_id, None)
+        self._last_evicted.pop(guest_id, None)
+        for key in [k for k in self._unacked if k[0] == guest_id]:
+            del self._unacked[key]
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, now: float, reports: Mapping[int, GuestPressure]) -> list[Intent]:
+        """One round of every rule; returns what the guests must be told, in order."""
+        intents: list[Intent] = []
+        self.counters.steps += 1
+        self._watermarks()
+        held = self.tmem.persistent_pages_of()
+        for gid in [g for g in self.quotas if g not in held]:
+            self.forget(gid)
+        self._quotas(now, held, reports, intents)
+        self._deadlines(now, held)
+        self._evicted(now, held, intents)
+        return intents
+
+    def _watermarks(self) -> None:
+        tmem = self.tmem
+        reclaim = bytes_to_reclaim(tmem.used_bytes, tmem.capacity_bytes, self.settings)
+        self.reclaiming = reclaim > 0
+        if reclaim:
+            self.counters.reclaim_runs += 1
+            self.counters.reclaimed_pages += tmem.evict(min(reclaim, self.MAX_EVICT_BYTES_PER_STEP))
+
+    def _quotas(
+        self,
+        now: float,
+        held: Mapping[int, tuple[int, int, int | None]],
+        reports: Mapping[int, GuestPressure],
+        intents: list[Intent],
+    ) -> None:
+        trigger, release = self.budget_pages()
+        total = sum(pages for pages, _, _ in held.values())
+        if total <= release:
+            if self.lowered:
+                self._release(held, intents)
+            return
+        if total <= trigger:
+            return  # hysteresis: quotas stay as they are between the two shares
+        self.lowered = True
+        ttl = self.settings.pressure_ttl_s
+        claims = []
+        for gid, (pages, weight, cap) in held.items():
+            report = reports.get(gid)
+            psi = report.psi_some if report is not None and now - report.at <= ttl else None
+            claims.append(Claim(gid, effective_weight(weight, psi, self.settings), cap, pages))
+        shares = fair_shares(trigger, claims)
+        # changes smaller than this are not worth a notice (the level moves by a few pages
+        # whenever a small guest grows)
+        slack = max(1, trigger // 256)
+        for gid, (pages, _, cap) in held.items():
+            share = shares.get(gid, 0)
+            old = self.quotas.get(gid)
+            if old is None and cap is not None and share >= cap:
+                continue  # the admin's cap binds before the share does
+            if old is not None and abs(share - old) <= slack:
+                continue
+            self.quotas[gid] = share
+            if old is None or share < old:
+                self.counters.quotas_lowered += 1
+            else:
+                self.counters.quotas_raised += 1
+            shed = self.sheds.get(gid)
+            if pages <= share:
+                # under its share: no grace needed (an open shed is met at the next check)
+                self.tmem.set_quota(gid, share)
+                intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
+                continue
+            if shed is not None and (old is None or share >= old):
+                # a raised quota while a shed is open: the shed stands, with less to return
+                self.tmem.set_quota(gid, share, hold=None if shed.overdue else pages)
+                intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
+                continue
+            # lowered (first time or further): a quota notice and a shed for the excess
+            if shed is not None and shed.seq and not shed.acked:
+                self._unacked[(gid, shed.seq)] = shed
+            overdue = shed is not None and shed.overdue
+            deadline = now + self.settings.shed_deadline_s
+            self.sheds[gid] = Shed(seq=0, pages=pages - share, deadline=deadline, overdue=overdue)
+            # grace until the deadline: it keeps what it holds but cannot grow (an overdue
+            # guest gets no new grace)
+            self.tmem.set_quota(gid, share, hold=None if overdue else pages)
+            self.counters.sheds_issued += 1
+            intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
+            intents.append(Intent("shed", gid, pages=pages - share, deadline=deadline))
+
+    def _release(
+        self, held: Mapping[int, tuple[int, int, int | None]], intents: list[Intent]
+    ) -> None:
+        """Pressure eased: every dynamic quota goes; the guests hear their admin caps again."""
+        self.lowered = False
+        for gid in sorted(self.quotas):
+            if gid not in held:
+                continue
+            self.tmem.set_quota(gid, None)
+            self.counters.quotas_raised += 1
+            intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
+        self.quotas.clear()
+        for gid, shed in self.sheds.items():
+            if not shed.acked and shed.seq:
+                self._unacked[(gid, shed.seq)] = shed
+        self.sheds.clear()
+
+    def _deadlines(self, now: float, held: Mapping[int, tuple[int, int, int | None]]) -> None:
+        for gid in list(self.sheds):
+            shed = self.sheds[gid]
+            pages = held[gid][0] if gid in held else 0
+            quota = self.tmem.quota_of(gid) if gid in held else None
+            if quota is None or pages <= quota:
+                # met: the grace hold goes (nothing to hold any more)
+                del self.sheds[gid]
+                if not shed.overdue:
+                    self.counters.sheds_met += 1
+                if not shed.acked and shed.seq:
+                    self._unacked[(gid, shed.seq)] = shed
+                if gid in held:
+                    self.tmem.set_quota(gid, self.quotas.get(gid))
+            elif not shed.overdue and now >= shed.deadline:
+                # past the deadline and still above: the lowered quota is enforced from now on
+                # (its persistent puts are declined with ``quota`` until it is under)
+                shed.overdue = True
+                self.counters.sheds_overdue += 1
+                self.tmem.set_quota(gid, self.quotas.get(gid))
+
+    def _evicted(
+        self, now: float, held: Mapping[int, tuple[int, int, int | None]], intents: list[Intent]
+    ) -> None:
+        interval = self.settings.evicted_notice_interval_s
+        for gid in held:
+            last = self._last_evicted.get(gid)
+            if last is not None and now - last < interval:
+                continue
+            pages = self.tmem.drain_evicted(gid)
+            if pages:
+                self._last_evicted[gid] = now
+                self.counters.evicted_notices += 1
+                intents.append(Intent("evicted", gid, pages=pages))

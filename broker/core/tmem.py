@@ -43,6 +43,19 @@ Quota
     ``cap_pages`` caps a guest's persistent logical pages (zero pages included). A put that
     replaces a page at the cap is allowed (its old copy is removed first); a guest above its
     cap (after a lowered cap) gets new puts declined with ``quota`` until it is back under.
+    The pressure policy adds a *dynamic* quota (:meth:`Tmem.set_quota`); the effective quota
+    is ``min(cap_pages, quota)``. While a shed is open the put path enforces
+    ``max(effective, hold)`` instead (``hold``: the pages held when the quota was lowered, so
+    the guest cannot grow but is not declined before its deadline). The put path compares
+    one precomputed limit: O(1).
+
+Pressure hooks (see :mod:`broker.core.pressure`)
+    With :meth:`Tmem.configure_pressure`, a put that finds storage above the high watermark
+    evicts at most ``RECLAIM_PER_PUT`` ephemeral pages, and keeps doing so on later puts until
+    storage is under the low watermark (hysteresis). While storage is above the low
+    watermark, ephemeral non-zero puts pass each guest's :class:`AdmissionGate` (hit-rate
+    feedback) and are declined with ``policy`` when it says no (``policy_declines``
+    counts them by sub-reason, ``low_hit_rate``).
 
 Capacity and eviction
     ``used_bytes`` (page storage actually held) never exceeds ``capacity_bytes`` except when
@@ -101,6 +114,7 @@ from broker.core.errors import (
 )
 from broker.core.journal import PersistentJournal
 from broker.core.model import EPHEMERAL, KINDS, PERSISTENT, UNSET, CoreConfig, PoolView, Unset
+from broker.core.pressure import AdmissionGate, PressureSettings
 from broker.core.store import MemoryPageStore, PageStore
 from schemas.batch import (
     MAX_INDEX,
@@ -114,6 +128,7 @@ from schemas.batch import (
     STATUS_DONE,
     STATUS_FROZEN,
     STATUS_MISS,
+    STATUS_POLICY,
     STATUS_QUOTA,
 )
 
@@ -128,6 +143,9 @@ _REF_MASK = (1 << 24) - 1
 _M32 = MAX_INDEX
 _MIX = 0x9E3779B1
 _OPS = (OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT)
+# A put above the high watermark evicts at most this many pages: bounded work per put, and
+# more than the one page a put adds, so puts alone bring storage down to the low watermark.
+RECLAIM_PER_PUT = 2
 
 _OP_COUNTERS = (
     "puts",
@@ -277,10 +295,15 @@ class _Guest(_Ops):
         "domain_bits",
         "evicted_unreported",
         "frozen",
+        "gate",
         "guest_id",
+        "hold",
+        "limit",
         "name",
         "persistent_pages",
+        "policy_low_hit_rate",
         "pools",
+        "quota_pages",
     )
 
     def __init__(
@@ -307,6 +330,26 @@ class _Guest(_Ops):
         self.pools: dict[int, _Pool] = {}
         self.persistent_pages = 0
         self.evicted_unreported = 0
+        # dynamic quota (pressure policy), the shed grace floor, and what the put path checks
+        self.quota_pages: int | None = None
+        self.hold: int | None = None
+        self.limit: int | None = cap_pages
+        self.gate = AdmissionGate()
+        self.policy_low_hit_rate = 0
+
+    def effective_quota(self) -> int | None:
+        """``min(cap_pages, quota_pages)`` (None: unbounded)."""
+        cap, quota = self.cap_pages, self.quota_pages
+        if cap is None:
+            return quota
+        return cap if quota is None else min(cap, quota)
+
+    def relimit(self) -> None:
+        limit = self.effective_quota()
+        if limit is not None and self.hold is not None:
+            hold = self.hold if self.cap_pages is None else min(self.cap_pages, self.hold)
+            limit = max(limit, hold)
+        self.limit = limit
 
     @property
     def weight(self) -> int:
@@ -383,6 +426,13 @@ class Tmem:
         self._next_ref = 1
         self._retired = _Ops()  # counters of removed guests
         self._evictions = 0
+        # pressure hooks (configure_pressure); unconfigured: no reclaim step, no admission
+        self._pressure: PressureSettings | None = None
+        self._high_bytes = self._low_bytes = 0
+        self._reclaim_above = 1 << 62  # the put path's single compare (high, or low once above)
+        self.reclaiming = False
+        self._policy_declines = {"low_hit_rate": 0}
+        self.reclaimed_on_put = 0
 
     # ------------------------------------------------------------------ capacity
 
@@ -397,6 +447,72 @@ class Tmem:
             raise BadRequest(f"capacity_bytes must be an integer >= 0, not {value!r}")
         self._capacity = value
         self._make_room(0)
+        self._set_watermarks()
+
+    # ------------------------------------------------------------------ pressure hooks
+
+    def configure_pressure(self, settings: PressureSettings | None) -> None:
+        """Turn on (or, with None, off) the put path's watermark step and admission gate."""
+        self._pressure = settings
+        self._set_watermarks()
+
+    def _set_watermarks(self) -> None:
+        s = self._pressure
+        if s is None:
+            self._high_bytes = self._low_bytes = self._capacity
+            self._reclaim_above = 1 << 62
+            self.reclaiming = False
+            return
+        self._high_bytes = int(s.high_watermark * self._capacity)
+        self._low_bytes = int(s.low_watermark * self._capacity)
+        self._reclaim_above = self._low_bytes if self.reclaiming else self._high_bytes
+
+    def _reclaim_step(self) -> None:
+        """Evict up to RECLAIM_PER_PUT pages toward the low watermark (called by a put that
+        found storage above ``_reclaim_above``)."""
+        for _ in range(RECLAIM_PER_PUT):
+            if self.used_bytes <= self._low_bytes:
+                break
+            account = self._victim()
+            if account is None:
+                break  # only persistent pages left: nothing to reclaim here
+            self._evict_one(account)
+            self.reclaimed_on_put += 1
+        # hysteresis: keep stepping on later puts until under the low watermark (or nothing
+        # is evictable); then wait for the high watermark again
+        self.reclaiming = self.used_bytes > self._low_bytes and self._victim() is not None
+        self._reclaim_above = self._low_bytes if self.reclaiming else self._high_bytes
+
+    def _admit(self, g: _Guest, data: bytes) -> bool:
+        """The admission gate of an ephemeral put (only while storage is above the low
+        watermark; zero pages always pass)."""
+        s = self._pressure
+        assert s is not None
+        gate = g.gate
+        gate.record_put(s.admission_window)
+        if self.used_bytes <= self._low_bytes or data == ZERO_PAGE or gate.admit(s):
+            return True
+        g.policy_low_hit_rate += 1
+        self._policy_declines["low_hit_rate"] += 1
+        return False
+
+    def set_quota(self, guest_id: int, quota_pages: int | None, *, hold: int | None = None) -> None:
+        """Set the guest's dynamic quota (None: none); ``hold`` lets it keep (not grow past)
+        that many pages until the quota is set again without one (the shed's deadline)."""
+        g = self._guest(guest_id)
+        _check_cap(quota_pages)
+        _check_cap(hold)
+        g.quota_pages = quota_pages
+        g.hold = hold
+        g.relimit()
+
+    def quota_of(self, guest_id: int) -> int | None:
+        """The guest's effective quota, ``min(cap_pages, dynamic quota)``."""
+        return self._guest(guest_id).effective_quota()
+
+    def persistent_pages_of(self) -> dict[int, tuple[int, int, int | None]]:
+        """``guest_id -> (persistent pages, weight, cap_pages)`` for every guest: O(guests)."""
+        return {gid: (g.persistent_pages, g.weight, g.cap_pages) for gid, g in self._guests.items()}
 
     # ------------------------------------------------------------------ guests
 
@@ -476,6 +592,7 @@ class Tmem:
                     self._reweigh(pool)
         if not isinstance(cap_pages, Unset):
             g.cap_pages = cap_pages
+            g.relimit()
         if compress is not None:
             g.compress = bool(compress)
         if dedup_domain is not None and bits != g.domain_bits:
@@ -903,11 +1020,17 @@ class Tmem:
             pool.declined_frozen += 1
             g.declined_frozen += 1
             status = STATUS_FROZEN
-        elif persistent and g.cap_pages is not None and g.persistent_pages >= g.cap_pages:
+        elif persistent and g.limit is not None and g.persistent_pages >= g.limit:
             pool.declined_quota += 1
             g.declined_quota += 1
             status = STATUS_QUOTA
+        elif not persistent and self._pressure is not None and not self._admit(g, data):
+            pool.declined_policy += 1
+            g.declined_policy += 1
+            status = STATUS_POLICY
         else:
+            if self.used_bytes > self._reclaim_above:
+                self._reclaim_step()
             if data == ZERO_PAGE:
                 key = ZERO_KEY
                 charge = 0
@@ -1022,11 +1145,13 @@ class Tmem:
                 if self._journal is not None:
                     self._journal.record_flush(g.guest_id, pool_id, oid, index)
         elif pool.shared:
+            g.gate.hits += 1.0
             assert pool.account is not None
             pool.account.lru.move_to_end(
                 (oid << 56) | pool.lru_tag | ((index + (oid & _M32) * _MIX) & _M32)
             )
         else:
+            g.gate.hits += 1.0
             del obj[index]
             if not obj:
                 del pool.objects[oid]
@@ -1177,6 +1302,7 @@ class Tmem:
             "name": g.name,
             "weight": g.weight,
             "cap_pages": g.cap_pages,
+            "quota_pages": g.effective_quota(),
             "frozen": g.frozen,
             "compress": g.compress,
             "dedup_domain": g.dedup_domain,
@@ -1189,6 +1315,7 @@ class Tmem:
             "compression_ratio": ((pages - zero) * PAGE_SIZE / charged) if charged else 1.0,
         }
         out.update(g.figures(admin=admin))
+        out["policy_declines"] = {"low_hit_rate": g.policy_low_hit_rate}
         return out
 
     def guest_stats(self, guest_id: int) -> dict[str, Any]:
@@ -1242,6 +1369,8 @@ class Tmem:
             "compression_ratio": (unique * PAGE_SIZE / self.used_bytes) if self.used_bytes else 1.0,
         }
         out.update(ops.figures(admin=True))
+        out["policy_declines"] = dict(self._policy_declines)
+        out["reclaimed_on_put"] = self.reclaimed_on_put
         out["guests"] = [self._guest_figures(g, admin=True) for g in self._guests.values()]
         out["shared_pools"] = shared
         return out
