@@ -126,6 +126,13 @@ async def serve(
     finally:
         for c in clients:
             await c.aclose()  # type: ignore[attr-defined]
+    counts = dict(getattr(backend, "stats", {}))
+    counts.update(
+        rounds=dispatcher.rounds,
+        requests=dispatcher.requests,
+        largest_round=dispatcher.largest_round,
+    )
+    print("nbd: stopped; " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
 
 
 def nbd(
