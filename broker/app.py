@@ -156,7 +156,7 @@ def create_app(settings: Settings) -> FastAPI:
             ),
             journal=journal,
         )
-        hub = NoticeHub(repo)
+        hub = NoticeHub(repo, max_notices=settings.max_notices_per_guest)
         service = BrokerService(settings, core, repo, TokenRegistry(admin_token), hub, journal)
         guests, pools = service.load_from_sql()
         log.info("loaded %d guests and %d pools from %s", guests, pools, repo.engine.url.drivername)

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     max_pools_per_guest: Annotated[int, Field(ge=1, le=1024)] = 16
     max_json_bytes: Size = 64 << 10
     migrations_dir: Path | None = None
+    # Per-guest limits (see docs/security.md). Rate limits are token buckets per guest; 0 turns
+    # one off, and both are off by default (a host that wants them sets them for its guests).
+    rate_limit_requests: Annotated[float, Field(ge=0)] = 0.0
+    rate_limit_pages: Annotated[float, Field(ge=0)] = 0.0
+    rate_limit_burst: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    max_waiters_per_guest: Annotated[int, Field(ge=1, le=10_000)] = 16
+    max_notices_per_guest: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("capacity")

@@ -44,7 +44,10 @@ def guest_id_of(service: BrokerService, token: str | None) -> int:
 
 
 async def require_guest(service: ServiceDep, credentials: _Credentials) -> int:
-    return guest_id_of(service, credentials.credentials if credentials else None)
+    guest_id = guest_id_of(service, credentials.credentials if credentials else None)
+    if service.limits.enabled:
+        service.limits.charge(guest_id)  # 429 when over the guest's own request rate
+    return guest_id
 
 
 async def require_admin(service: ServiceDep, credentials: _Credentials) -> None:

@@ -12,7 +12,9 @@ The shell's own tree (the core has its own in ``broker.core.errors``)::
     ├── UnknownNotice             404  unknown_notice
     ├── ImportDeclined            409  import_declined  an import this broker cannot take whole
     ├── ExportUnavailable         409  export_unavailable  no export without the journal
-    └── BodyTooLarge              413  body_too_large
+    ├── BodyTooLarge              413  body_too_large
+    └── RateLimited               429  rate_limited     over the guest's own rate limit
+        └── TooManyWaiters        429  too_many_waiters too many long-polls/WebSockets
 
 :func:`error_response` maps every class of both trees, plus Starlette's and FastAPI's own
 exceptions (an unknown route: 404 ``not_found``; a wrong method: 405 ``method_not_allowed``;
@@ -94,6 +96,21 @@ class BodyTooLarge(ApiError):
     code = "body_too_large"
 
 
+class RateLimited(ApiError):
+    """429 with ``Retry-After: retry_after`` (whole seconds)."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyWaiters(RateLimited):
+    code = "too_many_waiters"
+
+
 def error_body(code: str, message: str, **extra: Any) -> bytes:
     return json.dumps({"error": {"code": code, "message": message, **extra}}).encode()
 
@@ -150,6 +167,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
 
 def error_response(exc: Exception) -> Response:
     """The answer for any error a route raised: ``{"error": {"code", "message"}}``."""
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
+        return json_error(exc.status, exc.code, str(exc), headers=headers)
     if isinstance(exc, TmemError | ApiError):
         return json_error(exc.status, exc.code, str(exc) or exc.code.replace("_", " "))
     if isinstance(exc, StoreError):

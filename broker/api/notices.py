@@ -38,8 +38,12 @@ def to_wire(record: NoticeRecord) -> Notice:
 class NoticeHub:
     """Stores notices and wakes the guests' waiters; see the module docstring."""
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, *, max_notices: int = 1000) -> None:
         self._repo = repo
+        # Each guest's backlog in SQL is bounded: beyond it, the oldest notices that ask
+        # nothing more of the guest are pruned at publish (Repository.prune_notices).
+        self.max_notices = max_notices
+        self.pruned = 0
         # One event per guest with waiters; publish sets it and drops it, so the next waiter
         # makes a fresh one. A waiter takes the event *before* it queries, so a notice
         # published between its query and its wait still wakes it.
@@ -83,6 +87,7 @@ class NoticeHub:
                 pool_id=pool_id,
             )
         )
+        self.pruned += await run_in_threadpool(self._repo.prune_notices, guest_id, self.max_notices)
         self.published += 1
         self.issued[type_] = self.issued.get(type_, 0) + 1
         log.info("notice %s #%d to guest %d", type_, record.seq, guest_id)

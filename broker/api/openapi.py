@@ -134,6 +134,86 @@ def _hot_paths() -> dict[str, Any]:
     }
 
 
+# The errors every /v1 operation can answer, beside those an operation documents itself. All
+# carry the ErrorBody schema (FastAPI's own 422 schema is replaced: the broker answers every
+# validation error with ErrorBody too).
+_V1_ERRORS = {
+    "400": "malformed request (`bad_request`, `bad_json`, `bad_handle`, ...)",
+    "401": "no or unknown token (`unauthorised`)",
+    "403": "a valid token on the wrong side (`forbidden`, `not_authorised`)",
+    "404": "unknown guest, pool, notice or page (`code` tells which)",
+    "422": "a parameter or body failed validation (`validation_error`)",
+}
+_GUEST_ERRORS = {
+    "429": "over the guest's own rate limit or waiter limit (`rate_limited`, "
+    "`too_many_waiters`), with `Retry-After`",
+}
+_BODY_ERRORS = {"413": "body too large (`body_too_large`)"}
+_CONFLICTS = {
+    ("post", "/v1/guests"): "a guest of that name exists (`guest_exists`) or the core refused",
+    ("patch", "/v1/guests/{guest_id}"): "the core refused the change (`conflict`)",
+    ("post", "/v1/pools"): "too many pools (`too_many_pools`) or a conflicting shared pool",
+    ("post", "/v1/guests/import"): "the import cannot be taken whole (`import_declined`)",
+    ("get", "/v1/guests/{guest_id}/export"): "no export without the journal",
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "whole seconds after which a retry would pass",
+        "schema": {"type": "integer"},
+    }
+}
+
+
+def _document_errors(paths: dict[str, Any]) -> None:
+    """Give every /v1 operation its real error answers, each with the ErrorBody schema."""
+    for path, ops in paths.items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, op in ops.items():
+            responses: dict[str, Any] = op.setdefault("responses", {})
+            extra = dict(_V1_ERRORS)
+            if op.get("tags", [None])[0] in ("guest", "pages"):
+                extra.update(_GUEST_ERRORS)
+            if "requestBody" in op:
+                extra.update(_BODY_ERRORS)
+            conflict = _CONFLICTS.get((method, path))
+            if conflict is not None:
+                extra["409"] = conflict
+            for status, description in extra.items():
+                answer = responses.get(status)
+                if answer is None or status == "422":
+                    responses[status] = _err(description)
+                else:
+                    answer.setdefault("content", {"application/json": {"schema": _ERROR}})
+            if "429" in responses:
+                responses["429"]["headers"] = _RETRY_AFTER
+
+
+def _document_streams(paths: dict[str, Any]) -> None:
+    """The export stream, its import and the metrics text: routes that read or write raw
+    bodies FastAPI cannot see."""
+    export = "application/x-tmem-export"
+    stream = {"type": "string", "format": "binary"}
+    imp = paths.get("/v1/guests/import", {}).get("post")
+    if imp is not None:
+        imp.setdefault(
+            "requestBody",
+            {"required": True, "content": {export: {"schema": stream}}},
+        )
+    exp = paths.get("/v1/guests/{guest_id}/export", {}).get("get")
+    if exp is not None:
+        exp["responses"]["200"] = {
+            "description": "the guest's export stream",
+            "content": {export: {"schema": stream}},
+        }
+    metrics = paths.get("/metrics", {}).get("get")
+    if metrics is not None:
+        metrics["responses"]["200"] = {
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+
+
 def install_openapi(app: FastAPI) -> None:
     """Make ``app.openapi()`` return the generated schema with the hot paths added."""
 
@@ -149,6 +229,8 @@ def install_openapi(app: FastAPI) -> None:
         paths = schema.setdefault("paths", {})
         for path, ops in _hot_paths().items():
             paths.setdefault(path, {}).update(ops)
+        _document_streams(paths)
+        _document_errors(paths)
         components = schema.setdefault("components", {})
         components.setdefault("securitySchemes", {})["HTTPBearer"] = {
             "type": "http",

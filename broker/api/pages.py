@@ -92,8 +92,9 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 def page_routes(box: ServiceBox) -> list[Route]:
     """The hot routes, bound to ``box`` (filled by the lifespan)."""
 
-    async def begin(request: Request) -> tuple[BrokerService, int, int]:
-        """Authenticate the guest and parse the pool id: the common start of every route."""
+    async def begin(request: Request, pages: int = 0) -> tuple[BrokerService, int, int]:
+        """Authenticate the guest, charge its rate limits (one request and ``pages`` pages)
+        and parse the pool id: the common start of every route."""
         service = box.service
         assert service is not None  # routes run only after the lifespan started
         if not service.ready.is_set():
@@ -107,6 +108,8 @@ def page_routes(box: ServiceBox) -> list[Route]:
             if service.tokens.is_admin(token):
                 raise Forbidden("page routes are for guests; the admin token is not a guest's")
             raise Unauthorised("unknown token")
+        if service.limits.enabled:
+            service.limits.charge(guest_id, pages=pages)
         params = request.path_params
         return service, guest_id, _decimal(params["pool_id"], 0x7FFFFFFF, "pool_id")
 
@@ -118,7 +121,7 @@ def page_routes(box: ServiceBox) -> list[Route]:
         )
 
     async def put_page(request: Request) -> Response:
-        service, guest_id, pool_id = await begin(request)
+        service, guest_id, pool_id = await begin(request, 1)
         oid, index = handle(request)
         body = await read_body(request, PUT_BODY_LIMIT)
         if len(body) != PAGE_SIZE:
@@ -132,7 +135,7 @@ def page_routes(box: ServiceBox) -> list[Route]:
         return Response(NOT_STORED[status], status_code=409, media_type="application/json")
 
     async def get_page(request: Request) -> Response:
-        service, guest_id, pool_id = await begin(request)
+        service, guest_id, pool_id = await begin(request, 1)
         oid, index = handle(request)
         page = service.core.get(guest_id, pool_id, oid, index)
         journal = service.journal
@@ -166,6 +169,8 @@ def page_routes(box: ServiceBox) -> list[Route]:
             ops = decode_request(body, settings.max_batch_ops)
         except BatchError as exc:
             raise BadBatch(str(exc)) from exc
+        if service.limits.enabled:
+            service.limits.charge(guest_id, requests=0, pages=len(ops))
         results = service.core.batch(guest_id, pool_id, ops)
         if service.journal.pending:
             await service.journal.barrier()

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api.auth import bearer
 from broker.api.deps import AdminDep, GuestDep, ServiceDep
-from broker.api.errors import UnknownNotice
+from broker.api.errors import RateLimited, UnknownNotice, error_response
 from broker.api.notices import MAX_WAIT_SECONDS
+from broker.api.service import BrokerService
 from broker.settings import Size
 from schemas.wire import (
     Ack,
@@ -188,7 +189,11 @@ async def notices(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 0,
 ) -> list[Notice]:
     """Notices with ``seq > after``; waits up to ``wait`` seconds (<= 60) when there are none."""
-    return await service.hub.poll(guest_id, after, wait)
+    if wait <= 0:
+        return await service.hub.poll(guest_id, after, 0)
+    # A waiting poll holds a slot of the guest's bounded waiters (429 when none is free).
+    with service.limits.waiter(guest_id):
+        return await service.hub.poll(guest_id, after, wait)
 
 
 @guest.post("/notices/{seq}/ack", status_code=204, response_class=Response)
@@ -211,6 +216,26 @@ async def notices_ws(websocket: WebSocket, after: After = 0) -> None:
         # Refused at the handshake: the client sees HTTP 403 (the portable way to refuse).
         await websocket.close(code=1008, reason="missing or unknown guest token")
         return
+    try:
+        if service.limits.enabled:
+            service.limits.charge(guest_id)
+        with service.limits.waiter(guest_id):
+            await _push_notices(websocket, service, guest_id, after)
+    except RateLimited as exc:
+        await _refuse_ws(websocket, exc)
+
+
+async def _refuse_ws(websocket: WebSocket, exc: RateLimited) -> None:
+    """Refuse a handshake with 429 where the server can send an HTTP answer, else 1008."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(exc))
+    else:
+        await websocket.close(code=1008, reason=exc.code)
+
+
+async def _push_notices(
+    websocket: WebSocket, service: BrokerService, guest_id: int, after: int
+) -> None:
     await websocket.accept()
     await service.ready.wait()
 

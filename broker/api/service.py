@@ -19,6 +19,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.auth import TokenRegistry, hash_token, new_token
+from broker.api.limits import GuestLimits
 from broker.api.notices import NoticeHub
 from broker.core import Tmem
 from broker.core.errors import BadPageSize, TmemError, UnknownGuest
@@ -60,6 +61,7 @@ class BrokerService:
         self.pressure: dict[int, PressureReport] = {}
         self.ready = asyncio.Event()
         self.started_at = time.time()
+        self.limits = GuestLimits.from_settings(settings)  # per-guest rate and waiter limits
         # Admin and pool changes are serialised: each is a core change plus a SQL write, and
         # two interleaved ones (say, delete guest while creating its pool) must not cross.
         self.lock = asyncio.Lock()
@@ -231,6 +233,7 @@ class BrokerService:
             self.tokens.remove_guest(guest_id)
             self.guests.pop(guest_id, None)
             self.pressure.pop(guest_id, None)
+            self.limits.forget(guest_id)
             self.core.remove_guest(guest_id)
             await self.barrier()
             await run_in_threadpool(self.repo.delete_guest, guest_id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -274,6 +274,37 @@ class Repository:
                 .limit(limit)
             )
             return [_notice(r) for r in session.scalars(stmt)]
+
+    def prune_notices(self, guest_id: int, keep: int) -> int:
+        """Delete the guest's oldest notices beyond its newest ``keep`` that no longer ask
+        anything of it: acked ones, ones whose deadline passed, and informational ones (every
+        type but an unacked ``shed``). Returns how many were deleted. The sequence counter is
+        on the guest row, so numbers are never reused."""
+        with self._begin() as session, session.begin():
+            total = session.scalar(
+                select(func.count()).select_from(NoticeRow).where(NoticeRow.guest_id == guest_id)
+            )
+            excess = (total or 0) - keep
+            if excess <= 0:
+                return 0
+            done = or_(
+                NoticeRow.acked_at.is_not(None),
+                NoticeRow.type != "shed",
+                NoticeRow.deadline < utcnow(),
+            )
+            seqs = list(
+                session.scalars(
+                    select(NoticeRow.seq)
+                    .where(NoticeRow.guest_id == guest_id, done)
+                    .order_by(NoticeRow.seq)
+                    .limit(excess)
+                )
+            )
+            if seqs:
+                session.execute(
+                    delete(NoticeRow).where(NoticeRow.guest_id == guest_id, NoticeRow.seq.in_(seqs))
+                )
+            return len(seqs)
 
     def ack_notice(self, guest_id: int, seq: int, pages_returned: int) -> NoticeRecord | None:
         """Record an ack; ``None`` when the guest has no notice ``seq``."""
