@@ -28,6 +28,7 @@ from broker.api.errors import ApiError, BodyTooLarge, handle_error, json_error
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
 from broker.api.pages import ServiceBox, page_routes
+from broker.api.pressure_loop import PressureLoop
 from broker.api.service import BrokerService
 from broker.core import CoreConfig, Tmem
 from broker.core.errors import TmemError
@@ -173,9 +174,15 @@ def create_app(settings: Settings) -> FastAPI:
             service.ready.set()
 
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
+        # memory-pressure policy: steps once the reload is done (docs/pressure.md)
+        service.pressure_loop = PressureLoop(
+            service, settings.pressure_settings(), interval=settings.pressure_interval_s
+        )
+        await service.pressure_loop.start()
         try:
             yield
         finally:
+            await service.pressure_loop.stop()
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloading

@@ -8,12 +8,14 @@ explicitly to :func:`broker.app.create_app`. Sizes take ``B``, ``KiB``, ``MiB``,
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.core.pressure import PressureSettings
 from schemas.batch import HEADER, PAGE_SIZE
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -70,6 +72,21 @@ class Settings(BaseSettings):
     max_waiters_per_guest: Annotated[int, Field(ge=1, le=10_000)] = 16
     max_notices_per_guest: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Memory-pressure policy (docs/pressure.md; the defaults are PressureSettings'). An admin
+    # changes them at run time with PATCH /v1/settings (kept in SQL, winning over these).
+    high_watermark: Annotated[float, Field(gt=0, le=1)] = 0.95
+    low_watermark: Annotated[float, Field(gt=0, le=1)] = 0.85
+    persistent_share: Annotated[float, Field(gt=0, le=1)] = 0.75
+    release_share: Annotated[float, Field(gt=0, le=1)] = 0.60
+    shed_deadline_s: Annotated[float, Field(gt=0)] = 30.0
+    pressure_boost: Annotated[float, Field(ge=0)] = 1.0
+    pressure_ttl_s: Annotated[float, Field(gt=0)] = 30.0
+    admission_min_hit_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    admission_min_samples: Annotated[int, Field(ge=0)] = 512
+    admission_floor: Annotated[float, Field(gt=0, le=1)] = 0.10
+    admission_window: Annotated[int, Field(ge=1)] = 8192
+    evicted_notice_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    pressure_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
 
     @field_validator("capacity")
     @classmethod
@@ -77,6 +94,16 @@ class Settings(BaseSettings):
         if value < PAGE_SIZE:
             raise ValueError(f"capacity must hold at least one page ({PAGE_SIZE} bytes)")
         return value
+
+    @model_validator(mode="after")
+    def _pressure_is_consistent(self) -> Settings:
+        self.pressure_settings()  # raises ValueError on contradictions (low above high, ...)
+        return self
+
+    def pressure_settings(self) -> PressureSettings:
+        """The memory-pressure tunables as the policy takes them."""
+        names = {f.name for f in fields(PressureSettings)}
+        return PressureSettings(**{n: getattr(self, n) for n in names})
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -34,7 +34,10 @@ async def readyz(request: Request) -> JSONResponse:
     service = box.service
     if service is None or not service.ready.is_set():
         return JSONResponse({"status": "starting"}, status_code=503)
-    return JSONResponse({"status": "ready", "guests": len(service.guests)})
+    body: dict[str, Any] = {"status": "ready", "guests": len(service.guests)}
+    if service.pressure_loop is not None:
+        body["pressure_loop"] = service.pressure_loop.heartbeat()
+    return JSONResponse(body)
 
 
 @router.get("/metrics", response_class=Response)
@@ -66,6 +69,8 @@ class StatsCollector(Collector):
         stats = service.core.stats()
         for key, value in stats.items():
             yield from _family(f"tmem_{key}", key, value, {})
+        if service.pressure_loop is not None:
+            yield from _pressure_families(service.pressure_loop.figures())
         per_guest: dict[str, Metric] = {}
         for guest_id in sorted(service.guests):
             for key, value in service.core.guest_stats(guest_id).items():
@@ -91,3 +96,36 @@ def _family(name: str, key: str, value: Any, labels: dict[str, str]) -> Iterator
         for sub, sub_value in value.items():
             family.add_metric([str(sub)], float(sub_value))
         yield family
+
+
+_PRESSURE_STATES = ("normal", "reclaiming", "quotas_lowered")
+_PRESSURE_COUNTERS = frozenset(
+    {
+        "sheds_issued",
+        "sheds_acked",
+        "sheds_met",
+        "sheds_overdue",
+        "pages_returned",
+        "quotas_lowered",
+        "quotas_raised",
+        "reclaim_runs",
+        "reclaimed_pages",
+        "evicted_notices",
+        "steps",
+    }
+)
+
+
+def _pressure_families(figures: dict[str, Any]) -> Iterator[Metric]:
+    """The pressure policy's figures as ``tmem_pressure_*`` (state as a one-hot gauge)."""
+    state = GaugeMetricFamily(
+        "tmem_pressure_state", "pressure state (1: current)", labels=["state"]
+    )
+    for name in _PRESSURE_STATES:
+        state.add_metric([name], float(figures.get("state") == name))
+    yield state
+    for key, value in figures.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        cls = CounterMetricFamily if key in _PRESSURE_COUNTERS else GaugeMetricFamily
+        yield cls(f"tmem_pressure_{key}", f"pressure policy: {key.replace('_', ' ')}", value=value)

@@ -10,12 +10,13 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response, WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from broker.api.auth import bearer
 from broker.api.deps import AdminDep, GuestDep, ServiceDep
-from broker.api.errors import RateLimited, UnknownNotice, error_response
+from broker.api.errors import BadInput, RateLimited, UnknownNotice, error_response
 from broker.api.notices import MAX_WAIT_SECONDS
+from broker.api.pressure_loop import PressureSettingsPatch, PressureSettingsView
 from broker.api.service import BrokerService
 from broker.settings import Size
 from schemas.wire import (
@@ -55,11 +56,11 @@ class AdminGuestInfo(GuestInfo):
     pressure: PressureView | None = None
 
 
-class BrokerSettings(BaseModel):
+class BrokerSettings(PressureSettingsView):
     capacity_bytes: int
 
 
-class SettingsPatch(BaseModel):
+class SettingsPatch(PressureSettingsPatch):
     model_config = ConfigDict(extra="forbid")
 
     capacity: Annotated[Size, Field(ge=4096)] | None = None
@@ -141,15 +142,29 @@ async def stats(service: ServiceDep, _: AdminDep) -> dict[str, Any]:
 @admin.get("/settings", response_model=BrokerSettings)
 async def get_settings(service: ServiceDep, _: AdminDep) -> BrokerSettings:
     """The settings an admin can change at run time."""
-    return BrokerSettings(capacity_bytes=service.core.capacity_bytes)
+    return _settings_view(service)
+
+
+def _settings_view(service: BrokerService) -> BrokerSettings:
+    pressure = service.pressure_loop.settings.as_dict() if service.pressure_loop else {}
+    return BrokerSettings(capacity_bytes=service.core.capacity_bytes, **pressure)
 
 
 @admin.patch("/settings", response_model=BrokerSettings)
 async def patch_settings(body: SettingsPatch, service: ServiceDep, _: AdminDep) -> BrokerSettings:
-    """Change the page capacity (kept in SQL; it wins over ``--capacity`` after a restart)."""
+    """Change the capacity or pressure tunables (kept in SQL; they win over the flags after a
+    restart)."""
+    changes = body.pressure_changes()
+    if changes and service.pressure_loop is not None:
+        try:
+            service.pressure_loop.settings.updated(changes)
+        except ValueError as exc:
+            raise BadInput(f"pressure settings: {exc}") from exc
     if body.capacity is not None:
         await service.set_capacity(body.capacity)
-    return BrokerSettings(capacity_bytes=service.core.capacity_bytes)
+    if changes and service.pressure_loop is not None:
+        await service.pressure_loop.update_settings(changes)
+    return _settings_view(service)
 
 
 # guest ------------------------------------------------------------------------------------
@@ -201,6 +216,8 @@ async def ack_notice(seq: Seq, body: Ack, service: ServiceDep, guest_id: GuestDe
     """Acknowledge a notice (for a shed: how many pages the guest returned)."""
     if not await service.hub.ack(guest_id, seq, body.pages_returned):
         raise UnknownNotice(f"no notice {seq}")
+    if service.pressure_loop is not None:
+        service.pressure_loop.acked(guest_id, seq, body.pages_returned)
 
 
 @guest.websocket("/notices/ws")

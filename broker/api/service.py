@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.auth import TokenRegistry, hash_token, new_token
 from broker.api.limits import GuestLimits
 from broker.api.notices import NoticeHub
+from broker.api.pressure_loop import PressureLoop
 from broker.core import Tmem
 from broker.core.errors import BadPageSize, TmemError, UnknownGuest
 from broker.db.repo import GuestRecord, PoolRecord, Repository
@@ -65,6 +66,7 @@ class BrokerService:
         # Admin and pool changes are serialised: each is a core change plus a SQL write, and
         # two interleaved ones (say, delete guest while creating its pool) must not cross.
         self.lock = asyncio.Lock()
+        self.pressure_loop: PressureLoop | None = None  # set by the lifespan
 
     # start -------------------------------------------------------------------------------
 
@@ -307,4 +309,6 @@ class BrokerService:
         stats = self.core.stats()
         # Sheds are notices, which the shell sends; the core does not see them.
         stats.setdefault("sheds_issued", self.hub.issued.get("shed", 0))
+        if self.pressure_loop is not None:
+            stats["pressure"] = self.pressure_loop.figures()
         return stats

@@ -1,0 +1,232 @@
+"""The memory-pressure loop: runs :class:`broker.core.pressure.PressurePolicy` in the service.
+
+Lifecycle (design.md convention 7)::
+
+    loop = PressureLoop(service, settings.pressure_settings(), interval=settings.pressure_interval_s)
+    await loop.start()        # reads admin-changed tunables from SQL, then steps every interval
+    await loop.step_once()    # one step (tests call it directly): the notices it sent
+    loop.heartbeat()          # what /readyz reports: steps taken, seconds since the last one
+    await loop.stop()
+
+Each step turns the policy's intents into notices through the ``NoticeHub`` (``quota``,
+``shed`` with an ISO deadline, ``evicted``), and acks (``POST /v1/notices/{seq}/ack``) come
+back through :meth:`PressureLoop.acked`. Sheds and dynamic quotas are not persisted: after a
+restart the first step re-derives them from the pages held (a guest still above its share gets
+a fresh quota and shed). Admin-changed tunables (``PATCH /v1/settings``) are stored in SQL
+under ``pressure`` and win over the ``TMEM_...`` values at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from broker.core.errors import UnknownGuest
+from broker.core.pressure import GuestPressure, Intent, PressurePolicy, PressureSettings
+from schemas.wire import Notice
+
+if TYPE_CHECKING:
+    from broker.api.service import BrokerService
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEY = "pressure"
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class PressureSettingsView(BaseModel):
+    """The pressure tunables as ``GET /v1/settings`` shows them (meaning: docs/pressure.md)."""
+
+    high_watermark: float
+    low_watermark: float
+    persistent_share: float
+    release_share: float
+    shed_deadline_s: float
+    pressure_boost: float
+    pressure_ttl_s: float
+    admission_min_hit_rate: float
+    admission_min_samples: int
+    admission_floor: float
+    admission_window: int
+    evicted_notice_interval_s: float
+
+
+class PressureSettingsPatch(BaseModel):
+    """Any of the pressure tunables (``PATCH /v1/settings``); checked together before use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    high_watermark: Fraction | None = None
+    low_watermark: Fraction | None = None
+    persistent_share: Fraction | None = None
+    release_share: Fraction | None = None
+    shed_deadline_s: Seconds | None = None
+    pressure_boost: Annotated[float, Field(ge=0, le=100)] | None = None
+    pressure_ttl_s: Seconds | None = None
+    admission_min_hit_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    admission_min_samples: Annotated[int, Field(ge=0, le=1 << 30)] | None = None
+    admission_floor: Fraction | None = None
+    admission_window: Annotated[int, Field(ge=1, le=1 << 30)] | None = None
+    evicted_notice_interval_s: Seconds | None = None
+
+    def pressure_changes(self) -> dict[str, Any]:
+        names = PressureSettingsPatch.model_fields
+        return {k: v for k, v in self.model_dump(include=set(names)).items() if v is not None}
+
+
+class PressureLoop:
+    """Runs the pressure policy every ``interval`` seconds; see the module docstring."""
+
+    def __init__(
+        self,
+        service: BrokerService,
+        settings: PressureSettings,
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = service
+        self.interval = interval
+        self.clock = clock
+        self.policy = PressurePolicy(service.core, settings, now=clock())
+        self._task: asyncio.Task[None] | None = None
+        self._step_lock = asyncio.Lock()
+        self.last_step: float | None = None
+        self.failures = 0
+
+    # -- settings ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> PressureSettings:
+        return self.policy.settings
+
+    def load_stored_settings(self, stored: dict[str, Any]) -> None:
+        """Apply the admin-changed tunables kept in SQL (they win over ``TMEM_...``)."""
+        changes = stored.get(SETTINGS_KEY)
+        if not isinstance(changes, dict) or not changes:
+            return
+        try:
+            self.policy.update_settings(self.settings.updated(changes))
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("stored pressure settings not applied: %s", exc)
+            return
+        log.info("pressure settings changed by an admin: %s", changes)
+
+    async def update_settings(self, changes: dict[str, Any]) -> PressureSettings:
+        """Validate, store in SQL (merged with earlier changes) and apply at once.
+
+        Raises ValueError when the result contradicts itself (say, low above high)."""
+        if not changes:
+            return self.settings
+        new = self.settings.updated(changes)
+        repo = self.service.repo
+
+        def store() -> None:
+            stored = repo.settings().get(SETTINGS_KEY)
+            merged = (stored if isinstance(stored, dict) else {}) | changes
+            repo.set_setting(SETTINGS_KEY, merged)
+
+        await run_in_threadpool(store)
+        self.policy.update_settings(new)
+        log.info("pressure settings changed: %s", changes)
+        return new
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load stored tunables and start stepping (once the broker is ready)."""
+        stored = await run_in_threadpool(self.service.repo.settings)
+        self.load_stored_settings(stored)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tmem-pressure-loop")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        await self.service.ready.wait()
+        while True:
+            try:
+                await self.step_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A failed step (say, SQL briefly unavailable for a notice) must not end the
+                # loop: the next step derives everything again from the core's state.
+                self.failures += 1
+                log.exception("pressure step failed")
+            await asyncio.sleep(self.interval)
+
+    def heartbeat(self) -> dict[str, Any]:
+        """For ``/readyz``: whether the loop runs, steps taken, seconds since the last one."""
+        age = None if self.last_step is None else round(self.clock() - self.last_step, 3)
+        return {
+            "running": self._task is not None and not self._task.done(),
+            "steps": self.policy.counters.steps,
+            "last_step_age_s": age,
+            "failures": self.failures,
+        }
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _reports(self, now: float) -> dict[int, GuestPressure]:
+        """The guests' pressure reports on the policy's clock."""
+        wall = datetime.now(UTC)
+        out: dict[int, GuestPressure] = {}
+        for guest_id, pressure in self.service.pressure.items():
+            age = max(0.0, (wall - pressure.received_at).total_seconds())
+            out[guest_id] = GuestPressure(pressure.report.psi_some_avg10, now - age)
+        return out
+
+    async def step_once(self) -> list[Notice]:
+        """One policy step; sends its notices and returns them."""
+        async with self._step_lock:
+            now = self.clock()
+            intents = self.policy.step(now, self._reports(now))
+            sent: list[Notice] = []
+            for intent in intents:
+                notice = await self._send(intent, now)
+                if notice is not None:
+                    sent.append(notice)
+            self.last_step = self.clock()
+            return sent
+
+    async def _send(self, intent: Intent, now: float) -> Notice | None:
+        hub = self.service.hub
+        try:
+            if intent.kind == "shed":
+                assert intent.deadline is not None
+                deadline = datetime.now(UTC) + timedelta(seconds=intent.deadline - now)
+                notice = await hub.publish(
+                    intent.guest_id, "shed", pages=intent.pages, deadline=deadline
+                )
+                self.policy.shed_sent(intent.guest_id, notice.seq)
+                return notice
+            if intent.kind == "quota":
+                return await hub.publish(intent.guest_id, "quota", cap_pages=intent.cap_pages)
+            return await hub.publish(intent.guest_id, intent.kind, pages=intent.pages)
+        except UnknownGuest:
+            self.policy.forget(intent.guest_id)  # deleted while the step ran
+            return None
+
+    def acked(self, guest_id: int, seq: int, pages_returned: int) -> None:
+        """A guest acked notice ``seq`` (the route calls this after storing the ack)."""
+        self.policy.acked(guest_id, seq, pages_returned)
+
+    def figures(self) -> dict[str, Any]:
+        """``/v1/stats`` ``pressure``: the policy's figures and the loop's heartbeat."""
+        return {**self.policy.figures(), "loop": self.heartbeat()}
