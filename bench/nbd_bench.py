@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -28,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.brokerproc import BrokerProcess, free_port  # noqa: E402
+from bench.common import nbdkit_memory  # noqa: E402
+from tests.e2e.brokerproc import BrokerProcess  # noqa: E402
 from tests.e2e.nbd_support import NbdAgent, new_guest  # noqa: E402
 
 JOBS = [
@@ -37,32 +36,6 @@ JOBS = [
     ("randread", 1),
     ("randread", 32),
 ]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
-
-
-@contextmanager
-def nbdkit_memory(size: str) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", size.replace("iB", "")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port)
-        yield f"nbd://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @contextmanager

@@ -1,0 +1,163 @@
+"""What the benches share: the processes they start on free loopback ports, and figures.
+
+::
+
+    with broker_process(tmp, durability="none") as broker:     # tests.e2e.brokerproc
+        guest_id, token = broker.new_guest("bench")
+    with redis_server(tmp, "off") as r:                        # redis.Redis, persistence off
+        r.set("k", page)
+    with redis_server(tmp, "always") as r:                     # appendonly yes, appendfsync always
+        ...
+    with nbdkit_memory("256MiB") as uri:                       # "nbd://127.0.0.1:PORT"
+        ...
+    rss_bytes(pid); summary(latencies_us); machine()
+
+Benchmarks are not tests: nothing here asserts on a time.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.e2e.brokerproc import BrokerProcess, free_port
+
+__all__ = [
+    "BrokerProcess",
+    "broker_process",
+    "free_port",
+    "machine",
+    "nbdkit_memory",
+    "redis_server",
+    "rss_bytes",
+    "summary",
+    "wait_port",
+]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+@contextmanager
+def broker_process(
+    tmp: Path, *, durability: str = "none", capacity: str = "8GiB"
+) -> Iterator[BrokerProcess]:
+    """A real ``tmem-broker serve`` with its own data dir under ``tmp``."""
+    data = tmp / f"broker-{durability}-{time.monotonic_ns()}"
+    with BrokerProcess(data, durability=durability, capacity=capacity) as broker:
+        yield broker
+
+
+REDIS_MODES = {
+    "off": ["--appendonly", "no"],
+    "always": ["--appendonly", "yes", "--appendfsync", "always"],
+}
+
+
+@contextmanager
+def redis_server(tmp: Path, mode: str = "off") -> Iterator[redis.Redis]:
+    """A private ``redis-server`` on a free port (never the shared one on 6379); ``mode`` is
+    ``off`` (no persistence) or ``always`` (AOF, fsync before every reply)."""
+    port = free_port()
+    workdir = tmp / f"redis-{mode}-{port}"
+    workdir.mkdir(parents=True)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", *REDIS_MODES[mode]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def nbdkit_memory(size: str) -> Iterator[str]:
+    """``nbdkit memory SIZE`` (the reference NBD server) on a free port; yields its URI."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", size.replace("iB", "")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield f"nbd://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (``VmRSS`` in /proc), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def summary(us: list[float]) -> dict[str, float]:
+    """p50, p99 (µs) and operations/s of a list of latencies in µs."""
+    s = sorted(us)
+    return {
+        "p50_us": statistics.median(s),
+        "p99_us": s[min(len(s) - 1, int(len(s) * 0.99))],
+        "ops_per_s": len(s) / (sum(s) / 1e6),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures come from: cores, CPU model, load average now."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }

@@ -1,0 +1,470 @@
+"""Side-by-side benchmarks: the broker next to what a user would pick instead, in one run.
+
+Run: ``make bench`` or ``.venv/bin/python -m bench.run_all [--quick] [--only a,b,...]``.
+
+Every target is started here on free loopback ports (a broker, private redis-servers, nbdkit),
+the pairs take turns (A B A B ...) so that the load of a shared machine falls on both alike,
+and one table of medians and ratios is printed; the figures also go to
+``bench/results/latest.json``. The comparisons:
+
+a. single-page put/get through ``TmemClient`` vs redis-py SET/GET (ops/s, p50, p99)
+b. 256-page batches: ``put_many``/``get_many`` vs redis-py MSET/MGET (pages/s)
+c. durable 256-page batches: broker ``--durability sync`` vs Redis ``appendfsync always``
+d. the NBD export (``tmem-agent nbd`` + broker) vs ``nbdkit memory`` under fio (4k random)
+e. memory: broker RSS growth per stored page vs Redis ``used_memory`` per 4 KiB value
+f. dedup: N guests storing the same image: broker memory vs what they stored
+
+Not a test: it never fails on a time. See bench/README.md for how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench.common import (
+    BrokerProcess,
+    broker_process,
+    machine,
+    nbdkit_memory,
+    redis_server,
+    rss_bytes,
+    summary,
+)
+from guest_agent import TmemClient
+
+PAGE = 4096
+BATCH = 256
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+SECTIONS = "abcdef"
+_BASE = os.urandom(PAGE)
+
+# Wide enough for the table when the output is a file or a pipe (make bench | tee).
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def unique_page(i: int, salt: int = 0) -> bytes:
+    """A page no other (i, salt) makes: 16 bytes of identity, then random bytes shared by all
+    (distinct contents, so dedup does not flatter the broker)."""
+    return salt.to_bytes(8, "little") + i.to_bytes(8, "little") + _BASE[16:]
+
+
+@dataclass
+class Row:
+    """One line of the table: the broker's figure next to the baseline's, and the aim."""
+
+    section: str
+    measure: str
+    unit: str
+    broker: float
+    baseline: float
+    baseline_name: str
+    ratio: float
+    aim: str = ""
+    met: bool | None = None
+
+
+@dataclass
+class Config:
+    quick: bool
+    rounds: int
+    single_ops: int
+    batches: int
+    durable_batches: int
+    nbd_size: str
+    nbd_runtime: int
+    nbd_rounds: int
+    memory_pages: int
+    dedup_guests: int
+    dedup_pages: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Config:
+        if quick:
+            return cls(True, 3, 500, 10, 5, "64MiB", 2, 1, 20_000, 3, 2_000)
+        return cls(False, 5, 4000, 100, 40, "256MiB", 5, 2, 1_000_000, 8, 25_000)
+
+
+class Bench:
+    def __init__(self, cfg: Config, tmp: Path, progress: Progress) -> None:
+        self.cfg = cfg
+        self.tmp = tmp
+        self.progress = progress
+        self.rows: list[Row] = []
+        self.raw: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- helpers
+
+    def task(self, name: str, total: int) -> Callable[[], None]:
+        t = self.progress.add_task(name, total=total)
+        return lambda: self.progress.advance(t)
+
+    def guest(self, broker: BrokerProcess, name: str) -> tuple[int, str]:
+        return broker.new_guest(f"{name}-{time.monotonic_ns()}")
+
+    def ratio_row(
+        self, section: str, measure: str, unit: str, ours: float, theirs: float, name: str,
+        aim: float | None = None,
+    ) -> None:  # fmt: skip
+        ratio = ours / theirs if theirs else float("nan")
+        met = None if aim is None else ratio >= aim
+        aim_text = "" if aim is None else f">= {aim:g}x"
+        self.rows.append(Row(section, measure, unit, ours, theirs, name, ratio, aim_text, met))
+
+    # ----------------------------------------------------------------- a
+
+    def a_single(self) -> None:
+        cfg = self.cfg
+        n = cfg.single_ops
+        pages = [unique_page(i, 1) for i in range(n)]
+        tick = self.task("a  single put/get vs redis SET/GET", cfg.rounds)
+        lat: dict[str, list[float]] = {k: [] for k in ("put", "SET", "get", "GET")}
+        rates: dict[str, list[float]] = {k: [] for k in lat}
+        clock = time.perf_counter_ns
+        with (
+            broker_process(self.tmp) as broker,
+            redis_server(self.tmp, "off") as r,
+            TmemClient(broker.url, self.guest(broker, "a")[1]) as client,
+        ):
+            pool = client.create_pool("persistent")
+            keys = [b"p:%d" % i for i in range(n)]
+            ops: dict[str, Callable[[int], object]] = {
+                "put": lambda i: client.put(pool, 1, i, pages[i]),
+                "SET": lambda i: r.set(keys[i], pages[i]),
+                "get": lambda i: client.get(pool, 1, i),
+                "GET": lambda i: r.get(keys[i]),
+            }
+            for fn in ops.values():  # warm up both connections
+                for i in range(min(n, 200)):
+                    fn(i)
+            for _ in range(cfg.rounds):
+                for name, fn in ops.items():  # put SET get GET: each pair back to back
+                    one: list[float] = []
+                    for i in range(n):
+                        t0 = clock()
+                        fn(i)
+                        one.append((clock() - t0) / 1000.0)
+                    lat[name] += one
+                    rates[name].append(summary(one)["ops_per_s"])
+                tick()
+        figures = {k: {**summary(v), "median_ops_per_s": statistics.median(rates[k])} for k, v in
+                   lat.items()}  # fmt: skip
+        self.raw["a"] = {"ops_per_round": n, "rounds": cfg.rounds, **figures}
+        for ours, theirs, what in (("put", "SET", "put one page"), ("get", "GET", "get one page")):
+            o, t = figures[ours], figures[theirs]
+            self.ratio_row("a", f"{what}", "ops/s", o["median_ops_per_s"],
+                           t["median_ops_per_s"], f"redis-py {theirs}", 0.5)  # fmt: skip
+            self.rows.append(Row("a", f"{what} p50", "µs", o["p50_us"], t["p50_us"],
+                                 f"redis-py {theirs}", o["p50_us"] / t["p50_us"]))  # fmt: skip
+            self.rows.append(Row("a", f"{what} p99", "µs", o["p99_us"], t["p99_us"],
+                                 f"redis-py {theirs}", o["p99_us"] / t["p99_us"]))  # fmt: skip
+
+    # ----------------------------------------------------------------- b, c
+
+    def _batches(
+        self, section: str, label: str, durability: str, redis_mode: str, gets: bool, nb: int
+    ) -> dict[str, list[float]]:
+        """Interleaved rounds of ``nb`` 256-page batches, broker vs redis; pages/s per round."""
+        cfg = self.cfg
+        batches = [[(b, i, unique_page(b * BATCH + i, 2)) for i in range(BATCH)] for b in range(nb)]
+        rkeys = [[b"b:%d:%d" % (b, i) for i in range(BATCH)] for b in range(nb)]
+        tick = self.task(label, cfg.rounds)
+        rates: dict[str, list[float]] = {k: [] for k in ("put_many", "MSET", "get_many", "MGET")}
+        with (
+            broker_process(self.tmp, durability=durability) as broker,
+            redis_server(self.tmp, redis_mode) as r,
+            TmemClient(broker.url, self.guest(broker, section)[1], max_batch_ops=BATCH) as client,
+        ):
+            pool = client.create_pool("persistent")
+            handles = [[(oid, index) for oid, index, _ in b] for b in batches]
+            mapping = [dict(zip(rkeys[b], (p for _, _, p in batches[b]), strict=True))
+                       for b in range(nb)]  # fmt: skip
+
+            def put_many() -> None:
+                for b in batches:
+                    client.put_many(pool, b)
+
+            def mset() -> None:
+                for m in mapping:
+                    r.mset(m)
+
+            def get_many() -> None:
+                for h in handles:
+                    client.get_many(pool, h)
+
+            def mget() -> None:
+                for k in rkeys:
+                    r.mget(k)
+
+            ops = {"put_many": put_many, "MSET": mset}
+            if gets:
+                ops |= {"get_many": get_many, "MGET": mget}
+            put_many()  # warm up: every handle holds a page, both sides
+            mset()
+            for _ in range(cfg.rounds):
+                for name, fn in ops.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    rates[name].append(nb * BATCH / (time.perf_counter() - t0))
+                tick()
+        return {k: v for k, v in rates.items() if v}
+
+    def b_batches(self) -> None:
+        rates = self._batches(
+            "b", "b  256-page batches vs MSET/MGET", "none", "off", True, self.cfg.batches
+        )
+        self.raw["b"] = {"batch": BATCH, "batches_per_round": self.cfg.batches, **rates}
+        m = {k: statistics.median(v) for k, v in rates.items()}
+        self.ratio_row("b", "put_many 256 pages", "pages/s", m["put_many"], m["MSET"],
+                       "redis-py MSET", 1.0)  # fmt: skip
+        self.ratio_row("b", "get_many 256 pages", "pages/s", m["get_many"], m["MGET"],
+                       "redis-py MGET", 1.0)  # fmt: skip
+
+    def c_durable(self) -> None:
+        rates = self._batches(
+            "c", "c  durable batches vs appendfsync always", "sync", "always", False,
+            self.cfg.durable_batches,
+        )  # fmt: skip
+        self.raw["c"] = {"batch": BATCH, "batches_per_round": self.cfg.durable_batches, **rates}
+        m = {k: statistics.median(v) for k, v in rates.items()}
+        self.ratio_row("c", "put_many 256, durability sync", "pages/s", m["put_many"], m["MSET"],
+                       "MSET appendfsync always", 1.0)  # fmt: skip
+
+    # ----------------------------------------------------------------- d
+
+    def d_nbd(self) -> None:
+        from bench.nbd_bench import fio
+        from tests.e2e.nbd_support import NbdAgent
+
+        cfg = self.cfg
+        jobs = [("randwrite", 1), ("randwrite", 32), ("randread", 1), ("randread", 32)]
+        tick = self.task("d  NBD export vs nbdkit memory (fio)", cfg.nbd_rounds * len(jobs) + 1)
+        nbytes = cfg.nbd_size.replace("MiB", "m").replace("GiB", "g")
+        iops: dict[str, dict[str, list[float]]] = {"agent": {}, "nbdkit": {}}
+        work = self.tmp / "nbd"
+        work.mkdir()
+        with ExitStack() as stack:
+            broker = stack.enter_context(broker_process(self.tmp, durability="none"))
+            _, token = self.guest(broker, "d")
+            agent = stack.enter_context(NbdAgent.for_broker(broker, token, work, size=cfg.nbd_size))
+            uris = {"agent": agent.uri, "nbdkit": stack.enter_context(nbdkit_memory(cfg.nbd_size))}
+            for uri in uris.values():  # fill, so that reads hit real data
+                fio(uri, "--rw=write", "--bs=1m", "--iodepth=4", f"--size={nbytes}")
+            tick()
+            for _ in range(cfg.nbd_rounds):
+                for rw, depth in jobs:
+                    for name, uri in uris.items():
+                        report: Any = fio(
+                            uri, f"--rw={rw}", "--bs=4k", f"--iodepth={depth}",
+                            f"--size={nbytes}", f"--runtime={cfg.nbd_runtime}", "--time_based",
+                        )  # fmt: skip
+                        side = "write" if "write" in rw else "read"
+                        value = float(report["jobs"][0][side]["iops"])
+                        iops[name].setdefault(f"{rw} qd{depth}", []).append(value)
+                    tick()
+        self.raw["d"] = {"size": cfg.nbd_size, "runtime_s": cfg.nbd_runtime, **iops}
+        for job in iops["agent"]:
+            ours = statistics.median(iops["agent"][job])
+            theirs = statistics.median(iops["nbdkit"][job])
+            aim = 0.5 if job.endswith("qd32") else None
+            self.ratio_row("d", f"fio 4k {job}", "IOPS", ours, theirs, "nbdkit memory", aim)
+
+    # ----------------------------------------------------------------- e
+
+    def _fill_broker(self, broker: BrokerProcess, token: str, items: Iterator[tuple[int, int,
+                     bytes]]) -> None:  # fmt: skip
+        with TmemClient(broker.url, token, max_batch_ops=1024) as client:
+            pool = client.create_pool("persistent")
+            chunk: list[tuple[int, int, bytes]] = []
+            for item in items:
+                chunk.append(item)
+                if len(chunk) == 1024:
+                    assert all(client.put_many(pool, chunk)), "the bench guest has no quota"
+                    chunk = []
+            if chunk:
+                assert all(client.put_many(pool, chunk))
+
+    def broker_bytes_per_page(self, n: int, tick: Callable[[], None] | None = None) -> dict[
+        str, float]:  # fmt: skip
+        """RSS growth of a real broker process storing ``n`` unique pages, per page."""
+        with broker_process(self.tmp, capacity=f"{(n * PAGE >> 30) + 2}GiB") as broker:
+            assert broker.proc is not None
+            pid = broker.proc.pid
+            _, token = self.guest(broker, "e")
+            self._fill_broker(broker, token, ((1, i, unique_page(i, 3)) for i in range(64)))
+            before = rss_bytes(pid)
+            self._fill_broker(broker, token, ((i >> 16, i & 0xFFFF, unique_page(i, 4))
+                                              for i in range(n)))  # fmt: skip
+            after = rss_bytes(pid)
+            stats = broker.json("GET", "/v1/stats")
+        if tick:
+            tick()
+        return {
+            "pages": n,
+            "rss_before": before,
+            "rss_after": after,
+            "bytes_per_page": (after - before - n * PAGE) / n,
+            "logical_pages": stats["logical_pages"],
+            "unique_pages": stats["unique_pages"],
+        }
+
+    def e_memory(self) -> None:
+        n = self.cfg.memory_pages
+        tick = self.task(f"e  memory per page ({n:,} pages)", 2)
+        ours = self.broker_bytes_per_page(n, tick)
+        with redis_server(self.tmp, "off") as r:
+            before = int(r.info("memory")["used_memory"])
+            for b in range(0, n, BATCH):
+                r.mset({b"m:%d" % i: unique_page(i, 4) for i in range(b, min(n, b + BATCH))})
+            info = r.info("memory")
+            used = int(info["used_memory"])
+            theirs = {
+                "pages": n,
+                "used_memory_before": before,
+                "used_memory_after": used,
+                "used_memory_rss": int(info["used_memory_rss"]),
+                "bytes_per_page": (used - before - n * PAGE) / n,
+            }
+        tick()
+        self.raw["e"] = {"broker": ours, "redis": theirs, "quick": self.cfg.quick}
+        ratio = ours["bytes_per_page"] / theirs["bytes_per_page"]
+        note = "" if n >= 1_000_000 else f" (--quick: {n:,} pages, not 1M)"
+        self.rows.append(Row("e", f"overhead per stored 4 KiB page{note}", "B/page",
+                             ours["bytes_per_page"], theirs["bytes_per_page"],
+                             "redis used_memory", ratio, "<= 0.5x", ratio <= 0.5))  # fmt: skip
+
+    # ----------------------------------------------------------------- f
+
+    def f_dedup(self) -> None:
+        cfg = self.cfg
+        g, m = cfg.dedup_guests, cfg.dedup_pages
+        tick = self.task(f"f  dedup: {g} guests, same {m:,}-page image", g + 1)
+        # The per-page metadata comes from section e of this run when it ran, else from a
+        # small measurement of its own.
+        meta_source = self.raw.get("e", {}).get("broker")
+        if meta_source is None:
+            meta_source = self.broker_bytes_per_page(min(20_000, m * 2))
+        meta = float(meta_source["bytes_per_page"])
+        tick()
+
+        def image() -> Iterator[tuple[int, int, bytes]]:
+            # an image: 10% zero pages, 10% repeats of earlier pages, the rest distinct
+            for i in range(m):
+                if i % 10 == 0:
+                    page = bytes(PAGE)
+                elif i % 10 == 1 and i > 10:
+                    page = unique_page(i - 9, 5)
+                else:
+                    page = unique_page(i, 5)
+                yield (i >> 12, i & 0xFFF, page)
+
+        with broker_process(self.tmp) as broker:
+            assert broker.proc is not None
+            pid = broker.proc.pid
+            tokens = [self.guest(broker, f"f{k}")[1] for k in range(g)]
+            self._fill_broker(broker, tokens[0], ((7, i, unique_page(i, 6)) for i in range(64)))
+            base_stats = broker.json("GET", "/v1/stats")
+            before = rss_bytes(pid)
+            for token in tokens:
+                self._fill_broker(broker, token, image())
+                tick()
+            after = rss_bytes(pid)
+            stats = broker.json("GET", "/v1/stats")
+        logical = int(stats["logical_pages"]) - int(base_stats["logical_pages"])
+        distinct = int(stats["unique_pages"]) - int(base_stats["unique_pages"])
+        grown = after - before
+        stored = logical * PAGE
+        expected = distinct * PAGE + logical * meta
+        self.raw["f"] = {
+            "guests": g, "image_pages": m, "logical_pages": logical, "distinct_pages": distinct,
+            "zero_pages": int(stats["zero_pages"]), "rss_growth": grown,
+            "sum_stored_by_guests": stored, "metadata_bytes_per_page": meta,
+            "expected": expected, "used_bytes": stats["used_bytes"],
+        }  # fmt: skip
+        self.rows.append(Row("f", f"{g} guests x {m:,} pages: broker RSS growth vs sum stored",
+                             "bytes", grown, stored, "sum of guests' pages", grown / stored))  # fmt: skip
+        within = grown / expected
+        self.rows.append(Row("f", "RSS growth vs distinct x 4 KiB + metadata", "bytes", grown,
+                             expected, f"{distinct:,} distinct + {meta:.0f} B x {logical:,}",
+                             within, "within 5%", abs(within - 1) <= 0.05))  # fmt: skip
+
+
+def render(rows: list[Row], info: dict[str, Any], quick: bool) -> Table:
+    table = Table(
+        title=f"tmem broker vs baselines — medians ({'--quick' if quick else 'full run'}); "
+        f"{info['nproc']} cores {info['cpu_model']}, load {info['load_average']}"
+    )
+    for col, justify in (("", "left"), ("measure", "left"), ("broker", "right"),
+                         ("baseline", "right"), ("against", "left"), ("ratio", "right"),
+                         ("aim", "left"), ("", "left")):  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        mark = "" if r.met is None else ("[green]met[/]" if r.met else "[red]not met[/]")
+        fmt = "{:,.0f}" if r.unit not in ("µs",) else "{:,.1f}"
+        table.add_row(r.section, f"{r.measure} ({r.unit})", fmt.format(r.broker),
+                      fmt.format(r.baseline), r.baseline_name, f"{r.ratio:.2f}x", r.aim, mark)  # fmt: skip
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and pages")
+    parser.add_argument("--only", default=SECTIONS, help="comma-separated sections, e.g. a,b")
+    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write figures")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()] if "," in args.only else list(
+        args.only.strip())  # fmt: skip
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+    need = {"redis-server": "abce", "nbdkit": "d", "fio": "d"}
+    for tool, sections in need.items():
+        if any(s in sections for s in chosen) and shutil.which(tool) is None:
+            parser.error(f"{tool} is missing (scripts/system-deps.sh installs it)")
+    cfg = Config.make(args.quick)
+    info = machine()
+    console.print(f"machine: {info['nproc']} cores, {info['cpu_model']}, load average "
+                  f"{info['load_average']} (shared machine: figures are noisy; read the "
+                  "ratios)")  # fmt: skip
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="tmem-bench-") as tmpdir,
+        Progress(TextColumn("{task.description}"), BarColumn(), TextColumn(
+            "{task.completed}/{task.total}"), TimeElapsedColumn(), console=console) as progress,
+    ):  # fmt: skip
+        bench = Bench(cfg, Path(tmpdir), progress)
+        run = {"a": bench.a_single, "b": bench.b_batches, "c": bench.c_durable,
+               "d": bench.d_nbd, "e": bench.e_memory, "f": bench.f_dedup}  # fmt: skip
+        for s in SECTIONS:
+            if s in chosen:
+                run[s]()
+    info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    info["seconds"] = round(time.monotonic() - started, 1)
+    console.print(render(bench.rows, info, cfg.quick))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({
+        "machine": info, "config": asdict(cfg), "sections": chosen,
+        "rows": [asdict(r) for r in bench.rows], "raw": bench.raw,
+    }, indent=2, default=float))  # fmt: skip
+    console.print(f"figures: {args.json} (load average after: {info['load_average_after']}, "
+                  f"{info['seconds']} s)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

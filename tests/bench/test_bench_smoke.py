@@ -1,0 +1,78 @@
+"""The side-by-side benchmarks still run: tiny ``--quick`` configurations, no figure checked
+against a time (benchmarks are not tests), only that each section produced its rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_all(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run_all", "--json", str(tmp_path / "out.json"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=160,
+        check=False,
+    )
+
+
+needs_redis = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed"
+)
+
+
+@needs_redis
+@pytest.mark.timeout(170)
+@pytest.mark.parametrize(
+    ("only", "measures"),
+    [
+        ("a", {"put one page", "get one page"}),
+        ("b,c", {"put_many 256 pages", "get_many 256 pages", "put_many 256, durability sync"}),
+        ("e,f", {"overhead per stored 4 KiB page"}),
+    ],
+)
+def test_sections_run_and_write_their_figures(
+    tmp_path: Path, only: str, measures: set[str]
+) -> None:
+    done = run_all(tmp_path, "--quick", "--only", only)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["sections"] == only.split(",")
+    assert report["machine"]["nproc"] >= 1
+    rows = report["rows"]
+    assert {r["section"] for r in rows} == set(only.split(","))
+    names = {r["measure"].split(" (")[0] for r in rows}
+    assert measures <= names, names
+    for r in rows:
+        assert r["broker"] > 0 and r["baseline"] > 0, r
+    assert "tmem broker vs baselines" in done.stdout  # the table was printed
+
+
+@pytest.mark.skipif(
+    not (shutil.which("nbdkit") and shutil.which("fio")), reason="nbdkit or fio missing"
+)
+@pytest.mark.timeout(170)
+def test_nbd_section_runs(tmp_path: Path) -> None:
+    done = run_all(tmp_path, "--quick", "--only", "d")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert {r["measure"] for r in rows} == {
+        f"fio 4k {rw} qd{d}" for rw in ("randwrite", "randread") for d in (1, 32)
+    }
+    assert all(r["broker"] > 0 and r["baseline"] > 0 for r in rows)
+
+
+def test_unknown_section_is_refused(tmp_path: Path) -> None:
+    done = run_all(tmp_path, "--only", "a,z")
+    assert done.returncode == 2
+    assert "unknown section" in done.stderr
+    assert not (tmp_path / "out.json").exists()
