@@ -42,7 +42,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-SUBCOMMAND_MODULES = ("guest_agent.sim.cli", "guest_agent.nbd.cli")
+SUBCOMMAND_MODULES = ("guest_agent.sim.cli", "guest_agent.nbd.cli", "guest_agent.pressure")
 """Modules whose ``register(app)`` :func:`main` calls before running the app."""
 
 BrokerOpt = Annotated[
