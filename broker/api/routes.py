@@ -14,7 +14,15 @@ from pydantic import ConfigDict, Field
 
 from broker.api.auth import bearer
 from broker.api.deps import AdminDep, GuestDep, ServiceDep
-from broker.api.errors import BadInput, RateLimited, UnknownNotice, error_response
+from broker.api.errors import (
+    ApiError,
+    BadInput,
+    Forbidden,
+    RateLimited,
+    Unauthorised,
+    UnknownNotice,
+    error_response,
+)
 from broker.api.notices import MAX_WAIT_SECONDS
 from broker.api.pressure_loop import PressureSettingsPatch, PressureSettingsView
 from broker.api.service import BrokerService
@@ -230,8 +238,12 @@ async def notices_ws(websocket: WebSocket, after: After = 0) -> None:
     token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
     guest_id = service.tokens.guest_for_token(token) if token else None
     if guest_id is None:
-        # Refused at the handshake: the client sees HTTP 403 (the portable way to refuse).
-        await websocket.close(code=1008, reason="missing or unknown guest token")
+        # Refused at the handshake with the status a plain request would get (401, or 403 for
+        # the admin token) where the server can answer HTTP; else close 1008 (clients see 403).
+        if token and service.tokens.is_admin(token):
+            await _refuse_ws(websocket, Forbidden("the notice WebSocket is for guests"))
+        else:
+            await _refuse_ws(websocket, Unauthorised("missing or unknown guest token"))
         return
     try:
         if service.limits.enabled:
@@ -242,8 +254,8 @@ async def notices_ws(websocket: WebSocket, after: After = 0) -> None:
         await _refuse_ws(websocket, exc)
 
 
-async def _refuse_ws(websocket: WebSocket, exc: RateLimited) -> None:
-    """Refuse a handshake with 429 where the server can send an HTTP answer, else 1008."""
+async def _refuse_ws(websocket: WebSocket, exc: ApiError) -> None:
+    """Refuse a handshake with ``exc``'s answer where the server can send one, else 1008."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(error_response(exc))
     else:
