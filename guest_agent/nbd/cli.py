@@ -19,7 +19,7 @@ import contextlib
 import logging
 import re
 import signal
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -27,6 +27,9 @@ from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend, MemoryBackend
 from guest_agent.nbd.dispatcher import Dispatcher
 from guest_agent.nbd.server import NbdServer
+
+if TYPE_CHECKING:
+    from guest_agent.notices import NoticeStream
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -68,17 +71,18 @@ async def serve(
     backend: BlockBackend
     clients: list[object] = []
     follower: asyncio.Task[None] | None = None
+    stream: NoticeStream | None = None
     if memory:
         backend = MemoryBackend()
     else:
         from guest_agent.client import AsyncTmemClient
         from guest_agent.nbd.broker_backend import BrokerBackend
         from guest_agent.nbd.notices import follow_notices, latest_seq
+        from guest_agent.notices import NoticeStream
 
         assert broker and token and fallback
         client = AsyncTmemClient(broker, token, max_connections=8)
-        notice_client = AsyncTmemClient(broker, token, max_connections=1, timeout=90.0)
-        clients += [client, notice_client]
+        clients.append(client)
         broker_backend = await BrokerBackend.open(client, size=size, fallback_path=fallback)
         backend = broker_backend
         log.info("nbd: pool %d at %s, fallback %s", broker_backend.pool_id, broker, fallback)
@@ -91,10 +95,9 @@ async def serve(
         async def shed(pages: int) -> int:
             return await dispatcher.exclusive(lambda: shedder.shed(pages))
 
-        after = await latest_seq(notice_client)
-        follower = asyncio.create_task(
-            follow_notices(notice_client, shed, after=after), name="nbd-notices"
-        )
+        assert broker and token
+        stream = NoticeStream(broker, token, after=await latest_seq(client))
+        follower = asyncio.create_task(follow_notices(stream, shed, client), name="nbd-notices")
     server = NbdServer(dispatcher, size=size, name=name)
     where: list[str] = []
     if listen is not None:
@@ -103,12 +106,12 @@ async def serve(
     if unix is not None:
         await server.listen_unix(unix)
         where.append(f"nbd+unix:///?socket={unix}")
-    print(f"nbd: serving {name!r} ({size} bytes) on {' '.join(where)}", flush=True)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # the ready line comes last: whoever waits for it may stop the agent right away
+    print(f"nbd: serving {name!r} ({size} bytes) on {' '.join(where)}", flush=True)
     serving = asyncio.create_task(server.serve_forever())
     await stop.wait()
     serving.cancel()
@@ -120,6 +123,8 @@ async def serve(
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await follower
+    if stream is not None:
+        await stream.aclose()
     try:
         await backend.flush()
         await backend.close()

@@ -1,6 +1,6 @@
 """Acts on the broker's notices for an export: a ``shed`` moves pages to the fallback file.
 
-``follow_notices`` long-polls ``GET /v1/notices`` (through the client's ``notices``), and for
+``follow_notices`` reads a notice stream (the agent's WebSocket ``NoticeStream``), and for
 each shed notice calls ``shed(pages)`` — in the agent, :meth:`BrokerBackend.shed` run through
 :meth:`Dispatcher.exclusive` — and acks with the number of pages actually moved. Notices issued before the export started are skipped: the export's
 pool is new, so they cannot concern it.
@@ -8,9 +8,8 @@ pool is new, so they cannot concern it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from schemas.wire import Notice
@@ -46,19 +45,13 @@ async def handle_notice(notice: Notice, shed: Shed, client: NoticeClient) -> int
     return moved
 
 
-async def follow_notices(
-    client: NoticeClient, shed: Shed, *, after: int, wait: float = 30.0
-) -> None:
-    """Run until cancelled; transient broker failures are retried after a second."""
-    seq = after
-    while True:
+async def follow_notices(notices: AsyncIterable[Notice], shed: Shed, client: NoticeClient) -> None:
+    """Handle every notice the stream yields until cancelled (in the agent the stream is a
+    :class:`guest_agent.notices.NoticeStream`: WebSocket, long-poll fallback, reconnects);
+    a notice whose handling fails is logged and skipped (the broker re-asks a shed that goes
+    unanswered)."""
+    async for notice in notices:
         try:
-            notices = await client.notices(after=seq, wait=wait)
-            for notice in sorted(notices, key=lambda n: n.seq):
-                await handle_notice(notice, shed, client)
-                seq = max(seq, notice.seq)
-        except asyncio.CancelledError:
-            raise
+            await handle_notice(notice, shed, client)
         except Exception as exc:
-            log.warning("nbd: notices: %s", exc)
-            await asyncio.sleep(1.0)
+            log.warning("nbd: notice %s (%s) failed: %s", notice.seq, notice.type, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from guest_agent.nbd.backend import BLOCK_SIZE
 from guest_agent.nbd.broker_backend import BROKER, FALLBACK, BrokerBackend
+from guest_agent.nbd.errors import BackendError
 from guest_agent.nbd.notices import follow_notices, handle_notice, latest_seq
 from schemas.wire import Notice
 from tests.nbd.test_broker_backend import FakeClient, page
@@ -63,20 +65,41 @@ async def test_shed_notice_is_handled_and_acked_with_the_count(tmp_path: Path) -
     await backend.close()
 
 
-async def test_follower_skips_the_backlog_and_acts_on_new_sheds(tmp_path: Path) -> None:
-    backend = await backend_with_pages(tmp_path, 40)
+async def test_latest_seq_skips_the_backlog() -> None:
     feed = FakeNotices([notice(1, "shed", pages=10), notice(2, "thaw")])
-    after = await latest_seq(feed)
-    assert after == 2
-    task = asyncio.create_task(follow_notices(feed, backend.shed, after=after, wait=1))
-    await asyncio.sleep(0.05)
-    assert feed.acks == []  # the backlog predates the export
-    feed.feed.append(notice(5, "shed", pages=15))
+    assert await latest_seq(feed) == 2
+    assert await latest_seq(FakeNotices([])) == 0
+
+
+async def test_follower_acts_on_each_streamed_shed_and_survives_failures(
+    tmp_path: Path,
+) -> None:
+    backend = await backend_with_pages(tmp_path, 40)
+    feed = FakeNotices([])
+    queue: asyncio.Queue[Notice] = asyncio.Queue()
+
+    async def stream() -> AsyncIterator[Notice]:
+        while True:
+            yield await queue.get()
+
+    calls: list[int] = []
+
+    async def shed(pages: int) -> int:
+        calls.append(pages)
+        if pages == 13:
+            raise BackendError("broker unreachable")
+        return await backend.shed(pages)
+
+    task = asyncio.create_task(follow_notices(stream(), shed, feed))
+    await queue.put(notice(5, "shed", pages=13))  # fails: logged, not acked
+    await queue.put(notice(6, "quota"))
+    await queue.put(notice(7, "shed", pages=15))
     await asyncio.wait_for(feed.acked.wait(), 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert feed.acks == [(5, 15)]
+    assert calls == [13, 15]
+    assert feed.acks == [(7, 15)]
     assert backend.count(FALLBACK) == 15
     assert await backend.read_blocks(list(range(40))) == [page(b) for b in range(40)]
     await backend.close()
