@@ -85,13 +85,15 @@ def serve(
     )
     import uvicorn
 
+    from broker.api.front import HotRoutes
     from broker.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     uvicorn.run(
-        create_app(settings),
+        # The page routes skip FastAPI's middleware stack (broker/api/front.py).
+        HotRoutes(create_app(settings)),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
