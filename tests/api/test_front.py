@@ -134,3 +134,18 @@ def test_front_dispatches_page_routes_itself(tmp_path: Path, sqlite_url: str) ->
         assert r.status_code == 200 and r.content == b"\x00" + page(9)
     # only the two control calls of _session went through the full stack
     assert seen == ["/v1/guests", "/v1/pools"]
+
+
+def test_serve_lets_uvicorn_buffer_a_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from uvicorn.protocols.http import h11_impl, httptools_impl
+
+    from broker.cli import _buffer_whole_batches
+
+    for module in (httptools_impl, h11_impl):
+        monkeypatch.setattr(module, "HIGH_WATER_LIMIT", 65536)
+    limit = make_settings(Path("."), "sqlite://").max_batch_bytes
+    _buffer_whole_batches(limit)
+    assert getattr(httptools_impl, "HIGH_WATER_LIMIT") > limit  # noqa: B009
+    assert getattr(h11_impl, "HIGH_WATER_LIMIT") > limit  # noqa: B009
+    _buffer_whole_batches(1024)  # never lowers it
+    assert getattr(httptools_impl, "HIGH_WATER_LIMIT") > limit  # noqa: B009
