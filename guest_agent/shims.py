@@ -360,6 +360,18 @@ class Frontswap:
                 self._stale.add(handle)
                 self._flush_stale()
 
+    def invalidate_many(self, type: int, offsets: Sequence[int]) -> None:
+        """Forget the pages at these offsets (idempotent): the bookkeeping of
+        :meth:`invalidate_page`, with the broker copies flushed in one batch."""
+        with self._lock:
+            for offset in offsets:
+                key = (type, offset)
+                self.fallback.discard(key)
+                if key in self._broker:
+                    del self._broker[key]
+                    self._stale.add(frontswap_handle(type, offset))
+            self._flush_stale()
+
     def invalidate_area(self, type: int) -> None:
         """Forget every page of swap ``type`` (swapoff); ``init`` it again to reuse it."""
         with self._lock:
@@ -647,14 +659,47 @@ class Cleancache:
     def get_page(self, pool: int, key: int | bytes, index: int) -> bytes | None:
         """The page, or ``None`` (a miss); in a private pool a hit removes the page."""
         oid = _file_key(key)
-        if (self._suspect_pages or self._suspect_objects or self._suspect_pools) and not (
-            self._settle(pool, oid, index)
-        ):
+        if self._pending() and not self._settle(pool, oid, index):
             return None
         try:
             return self.client.get(pool, oid, index)
         except BrokerUnavailable:
             return None
+
+    def _pending(self) -> bool:
+        return bool(self._suspect_pages or self._suspect_objects or self._suspect_pools)
+
+    def put_many(self, pool: int, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
+        """Offer ``(file_key, index, page)`` clean pages in batches; per page ``None`` when
+        stored, else the decline reason (``"unreachable"`` when the broker is down). The
+        guarantees of :meth:`put_page`: a handle whose fate is unknown reads as a miss."""
+        if self._pending():
+            return [
+                None if self.put_page(pool, key, index, page) else "unreachable"
+                for key, index, page in items
+            ]
+        handles = [(_file_key(key), index, page) for key, index, page in items]
+        try:
+            results = self.client.put_many(pool, handles)
+        except BrokerUnavailable:
+            # Some chunks may have landed: gets of these handles miss until flushed.
+            self._suspect_pages.update((pool, oid, index) for oid, index, _ in handles)
+            return ["unreachable"] * len(items)
+        except BrokerError:
+            # A refused batch changed nothing: older copies may still sit at the handles.
+            self._suspect_pages.update((pool, oid, index) for oid, index, _ in handles)
+            raise
+        return [None if r else (r.reason or "declined") for r in results]
+
+    def get_many(self, pool: int, keys: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """Ask for ``(file_key, index)`` pages in batches; per page the bytes or ``None``
+        (in a private pool, hits are exclusive)."""
+        if self._pending():
+            return [self.get_page(pool, key, index) for key, index in keys]
+        try:
+            return self.client.get_many(pool, [(_file_key(key), index) for key, index in keys])
+        except BrokerUnavailable:
+            return [None] * len(keys)
 
     def invalidate_page(self, pool: int, key: int | bytes, index: int) -> None:
         """Drop one page (the file's page changed or went away)."""

@@ -16,10 +16,8 @@ What the simulator adds on top of the agent, and why:
   the shim kept out of the broker on its own (it knows it is at its cap, or pauses after a
   decline) is reported as ``quota (agent)`` (or ``frozen (agent)``, after the reason of the
   broker's last frontswap decline).
-* :class:`BatchedFrontswap` adds a batch invalidate and :class:`BatchedCleancache` batch
-  put/get (the shims have per-page calls only there) using the client's batch calls; while
-  the cleancache shim has invalidations pending it falls back to the per-page calls, which
-  settle them first. Both use the shims' own bookkeeping; they belong in the shims.
+* Pages move in batches through the shims' batch calls (``Frontswap.store_many``,
+  ``load_many``, ``invalidate_many``; ``Cleancache.put_many``, ``get_many``).
 * The shim's timers (the pause after a decline, the backoff when the broker is down) run
   on a :class:`StepClock`, simulated time advanced by the runner, not on the wall clock.
 * Notices are polled between steps (``GET /v1/notices?after=SEQ``) and handed to
@@ -42,7 +40,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from guest_agent.client import PutResult, TmemClient
-from guest_agent.errors import BrokerError, BrokerUnavailable
 from guest_agent.notices import NoticeHandler
 from guest_agent.shims import Cleancache, Frontswap, frontswap_handle
 from guest_agent.transport import HTTPTransport, Request, Response, Transport
@@ -110,65 +107,14 @@ class RecordingClient(TmemClient):
         return results
 
 
-class BatchedCleancache(Cleancache):
-    """:class:`Cleancache` with batch calls; same guarantees as the per-page ones."""
-
-    def _pending(self) -> bool:
-        return bool(self._suspect_pages or self._suspect_objects or self._suspect_pools)
-
-    def put_pages(self, pool: int, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
-        """Offer clean pages; per page ``None`` when stored, else the decline reason."""
-        if self._pending():
-            return [
-                None if self.put_page(pool, key, index, page) else "unreachable"
-                for key, index, page in items
-            ]
-        try:
-            results = self.client.put_many(pool, list(items))
-        except BrokerUnavailable:
-            # Some chunks may have landed: gets of these handles miss until flushed.
-            self._suspect_pages.update((pool, key, index) for key, index, _ in items)
-            return ["unreachable"] * len(items)
-        except BrokerError:
-            # A refused batch changed nothing: older copies may still sit at the handles.
-            self._suspect_pages.update((pool, key, index) for key, index, _ in items)
-            raise
-        return [None if r else (r.reason or "declined") for r in results]
-
-    def get_pages(self, pool: int, keys: Sequence[tuple[int, int]]) -> list[bytes | None]:
-        """Ask for pages; per page the bytes or ``None`` (private pools: hits are exclusive)."""
-        if self._pending():
-            return [self.get_page(pool, key, index) for key, index in keys]
-        try:
-            return self.client.get_many(pool, list(keys))
-        except BrokerUnavailable:
-            return [None] * len(keys)
-
-
-class BatchedFrontswap(Frontswap):
-    """:class:`Frontswap` with a batch invalidate (the shim flushes broker copies one request
-    per page); the same bookkeeping as :meth:`Frontswap.invalidate_page`, one flush batch."""
-
-    def invalidate_pages(self, type: int, offsets: Sequence[int]) -> None:
-        """Forget the pages at these offsets (idempotent)."""
-        with self._lock:
-            for offset in offsets:
-                key = (type, offset)
-                self.fallback.discard(key)
-                if key in self._broker:
-                    del self._broker[key]
-                    self._stale.add(frontswap_handle(type, offset))
-            self._flush_stale()
-
-
 class AgentBackend:
     """A simulated guest's :class:`~guest_agent.sim.model.GuestBackend` on the real agent."""
 
     def __init__(
         self,
         client: RecordingClient,
-        frontswap: BatchedFrontswap,
-        cache: BatchedCleancache,
+        frontswap: Frontswap,
+        cache: Cleancache,
         *,
         shared_uuid: str | None = None,
     ) -> None:
@@ -209,16 +155,16 @@ class AgentBackend:
         return out
 
     def swap_invalidate(self, offsets: Sequence[int]) -> None:
-        self.frontswap.invalidate_pages(SWAP_TYPE, offsets)
+        self.frontswap.invalidate_many(SWAP_TYPE, offsets)
 
     def swap_at_broker(self, offsets: Sequence[int]) -> list[bool]:
         return [self.frontswap.where(SWAP_TYPE, o) == "broker" for o in offsets]
 
     def cache_put(self, items: Sequence[tuple[int, int, bytes]]) -> list[str | None]:
-        return self.cache.put_pages(self.cache_pool, items)
+        return self.cache.put_many(self.cache_pool, items)
 
     def cache_get(self, keys: Sequence[tuple[int, int]]) -> list[bytes | None]:
-        return self.cache.get_pages(self.cache_pool, keys)
+        return self.cache.get_many(self.cache_pool, keys)
 
 
 class AgentLink:
@@ -241,13 +187,13 @@ class AgentLink:
         self.transport = TimedTransport(HTTPTransport(base_url, timeout=60.0))
         self.client = RecordingClient(base_url, token, transport=self.transport)
         self.clock = StepClock(seconds_per_step)
-        self.frontswap = BatchedFrontswap(self.client, fallback=fallback, clock=self.clock)
+        self.frontswap = Frontswap(self.client, fallback=fallback, clock=self.clock)
         try:
             self.frontswap.init(SWAP_TYPE)
             self.backend: GuestBackend = AgentBackend(
                 self.client,
                 self.frontswap,
-                BatchedCleancache(self.client),
+                Cleancache(self.client),
                 shared_uuid=shared_uuid,
             )
         except BaseException:

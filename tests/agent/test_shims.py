@@ -379,3 +379,34 @@ def test_close_destroys_the_pool_unless_asked_not_to() -> None:
     _OPEN.remove(other)
     other.close(destroy_pool=False)
     assert other.pool_id in broker.pools
+
+
+def test_frontswap_invalidate_many_forgets_broker_and_fallback_copies() -> None:
+    broker = FakeBroker(cap_pages=4)
+    fs, _ = make(broker)
+    fs.init(0)
+    placed = fs.store_many(0, [(i, page(0, i)) for i in range(8)])
+    assert sum(placed) == 4  # the rest went to the fallback file
+    fs.invalidate_many(0, [0, 1, 6, 7, 99])
+    assert broker.persistent_pages() == sum(placed[2:6])
+    assert fs.load_many(0, list(range(8))) == [None, None] + [page(0, i) for i in range(2, 6)] + [
+        None,
+        None,
+    ]
+
+
+def test_cleancache_batches_match_the_per_page_calls() -> None:
+    broker = FakeBroker()
+    client = TmemClient("http://b", "tok", transport=broker.transport(), max_batch_ops=3)
+    cc = Cleancache(client)
+    pool = cc.init_fs()
+    items = [(7, i, page(7, i)) for i in range(5)] + [(b"\x02" * 24, 0, page(8, 0))]
+    assert cc.put_many(pool, items) == [None] * 6
+    got = cc.get_many(pool, [(7, 0), (7, 4), (7, 9), (b"\x02" * 24, 0)])
+    assert got == [page(7, 0), page(7, 4), None, page(8, 0)]
+    assert cc.get_many(pool, [(7, 0)]) == [None]  # private pool: hits were exclusive
+    broker.down = True
+    assert cc.put_many(pool, [(7, 1, page(7, 1, 1))]) == ["unreachable"]
+    broker.down = False
+    # the copy whose fate was unknown is flushed before anything is read again
+    assert cc.get_many(pool, [(7, 1)]) == [None]

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.sim.agent import (
-    AgentBackend,
-    BatchedCleancache,
-    BatchedFrontswap,
-    RecordingClient,
-    StepClock,
-)
+from guest_agent.shims import Cleancache, Frontswap
+from guest_agent.sim.agent import AgentBackend, RecordingClient, StepClock
 from guest_agent.sim.images import Image
 from guest_agent.sim.model import GuestModel, GuestSpec
 from guest_agent.sim.workloads import make_workload
@@ -35,9 +30,9 @@ def backend() -> Iterator[Make]:
 
     def make(fake: FakeBroker, clock: StepClock | None = None) -> AgentBackend:
         client = RecordingClient("http://fake", fake.token, transport=fake.transport())
-        fs = BatchedFrontswap(client, clock=clock or StepClock())
+        fs = Frontswap(client, clock=clock or StepClock())
         fs.init(0)
-        made.append(AgentBackend(client, fs, BatchedCleancache(client)))
+        made.append(AgentBackend(client, fs, Cleancache(client)))
         return made[-1]
 
     yield make
