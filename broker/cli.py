@@ -92,6 +92,7 @@ def serve(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     _buffer_whole_batches(settings.max_batch_bytes)
+    _keep_freed_buffers(settings.max_batch_bytes)
     uvicorn.run(
         # The page routes skip FastAPI's middleware stack (broker/api/front.py).
         HotRoutes(create_app(settings)),
@@ -121,6 +122,32 @@ def _buffer_whole_batches(limit: int) -> None:
         current = getattr(module, "HIGH_WATER_LIMIT", None)
         if isinstance(current, int) and current < limit + (64 << 10):
             setattr(module, "HIGH_WATER_LIMIT", limit + (64 << 10))  # noqa: B010
+
+
+def _keep_freed_buffers(batch_bytes: int) -> bool:
+    """Serve batch bodies and answers from reused heap memory, not fresh mappings.
+
+    glibc hands out blocks above its mmap threshold as fresh mappings and unmaps them when
+    freed, so every 1 MiB batch body, its copy and its answer page-faulted 256 fresh pages in
+    again: on this (virtualised) machine that cost ~1.4 ms per MiB allocated and copied, against
+    ~40 µs from reused memory. Raising the threshold above two batches keeps those buffers in
+    the heap; the trim threshold bounds how much freed memory the heap keeps (glibc only;
+    elsewhere nothing changes). Returns whether the thresholds were set.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mmap_threshold = min(max(2 * batch_bytes + (1 << 20), 8 << 20), 32 << 20)  # glibc max 32M
+    ok: bool = mallopt(m_mmap_threshold, mmap_threshold) == 1
+    return bool(mallopt(m_trim_threshold, 4 * mmap_threshold) == 1) and ok
 
 
 @db_app.command("upgrade")

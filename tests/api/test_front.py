@@ -149,3 +149,13 @@ def test_serve_lets_uvicorn_buffer_a_whole_batch(monkeypatch: pytest.MonkeyPatch
     assert getattr(h11_impl, "HIGH_WATER_LIMIT") > limit  # noqa: B009
     _buffer_whole_batches(1024)  # never lowers it
     assert getattr(httptools_impl, "HIGH_WATER_LIMIT") > limit  # noqa: B009
+
+
+@pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists(), reason="not glibc")
+def test_serve_keeps_freed_batch_buffers_in_the_heap() -> None:
+    from broker.cli import _keep_freed_buffers
+
+    # glibc accepts both thresholds (mallopt answers 1); a 1 MiB buffer still works after
+    assert _keep_freed_buffers(make_settings(Path("."), "sqlite://").max_batch_bytes) is True
+    buf = bytearray(1 << 20)
+    assert bytes(buf[:4]) == b"\0\0\0\0"
