@@ -275,13 +275,17 @@ class _Reader:
     """A minimal buffered reader over a socket: lines, exact lengths, chunked bodies.
 
     ``socket.makefile`` would do, but its ``read(n)`` loops in Python through ``readinto``;
-    this keeps one bytearray and slices it."""
+    this keeps one bytearray and slices it. Large bodies are received into a second buffer
+    kept for the connection's life (as large as the largest body so far): a fresh one per
+    response page-faulted every page of it in again, ~0.7 ms per MiB on the project's
+    machine, more than receiving it."""
 
-    __slots__ = ("_buf", "_sock")
+    __slots__ = ("_big", "_buf", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buf = bytearray()
+        self._big = bytearray()
 
     def _fill(self, want: int = 65536) -> bool:
         chunk = self._sock.recv(max(want, 65536))
@@ -313,18 +317,19 @@ class _Reader:
             data = bytes(buf[:n])
             del buf[:n]
             return data
-        # Large bodies: receive straight into one preallocated buffer.
-        out = bytearray(n)
-        view = memoryview(out)
-        have = len(buf)
-        view[:have] = buf
-        buf.clear()
-        while have < n:
-            got = self._sock.recv_into(view[have:], n - have)
-            if not got:
-                raise ConnectionResetError("connection closed inside the body")
-            have += got
-        return bytes(out)
+        # Large bodies: receive straight into the reused buffer, then one copy out.
+        if len(self._big) < n:
+            self._big = bytearray(n)
+        with memoryview(self._big) as view:
+            have = len(buf)
+            view[:have] = buf
+            buf.clear()
+            while have < n:
+                got = self._sock.recv_into(view[have:n], n - have)
+                if not got:
+                    raise ConnectionResetError("connection closed inside the body")
+                have += got
+            return bytes(view[:n])
 
     def read_chunked(self) -> bytes:
         parts: list[bytes] = []

@@ -163,6 +163,24 @@ def test_chunked_large_and_empty_bodies() -> None:
         assert server.connections == 1
 
 
+def test_large_bodies_of_changing_sizes_on_one_connection() -> None:
+    # Large bodies are received into a buffer reused across responses: each answer must be
+    # its own bytes, whole, whatever size came before it.
+    sizes = [300_000, 100_000, 1_200_000, 70_000, 1_200_000]
+    bodies = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+
+    def script(seen: Seen, n: int) -> tuple[bytes | None, bool]:
+        return ok(bodies[int(seen.path.rsplit("/", 1)[1])]), False
+
+    with serve(script) as server:
+        t = HTTPTransport(server.url)
+        got = [t.handle_request(Request("GET", f"/b/{i}")).body for i in range(len(sizes))]
+        t.close()
+    assert [type(b) for b in got] == [bytes] * len(sizes)
+    assert got == bodies
+    assert server.connections == 1
+
+
 def test_read_to_close_and_connection_close() -> None:
     def script(seen: Seen, n: int) -> tuple[bytes | None, bool]:
         if seen.path == "/eof":
