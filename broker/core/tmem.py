@@ -27,9 +27,12 @@ Dedup and compression
 Privacy (no guest may learn whether another guest holds some content)
     * A put's *charge* is its own stored size: 0 for a zero page, the lz4 length when the
       guest compresses and the page shrinks enough, else 4096, whether or not the content is
-      already stored elsewhere. The capacity decision uses the charge, never the actual
-      increase: a put fits when ``used_bytes + charge <= capacity_bytes`` (after evicting
-      ephemeral pages), so a put that would dedup is declined exactly when a fresh one would.
+      already stored elsewhere. The capacity decision uses charges, never actual bytes: a put
+      fits when ``charged_bytes + charge <= capacity_bytes`` (after evicting ephemeral pages),
+      where ``charged_bytes`` is the sum of every page's charge. So a put that would dedup is
+      declined exactly when a fresh one would, and neither does sharing an earlier put made
+      leave room for more later (a guest filling the broker would count one page more when
+      its first page had been shared). Sharing saves memory, not admission.
       The old copy at the handle is removed *before* the decision because both outcomes
       remove it.
     * :meth:`Tmem.guest_stats` and :meth:`Tmem.pool_stats` report only figures that depend on
@@ -436,6 +439,10 @@ class Tmem:
         self._sizes: dict[int, int] = {}
         self._collided: dict[int, int] = {}
         self.used_bytes = 0
+        # The sum of every page's charge (what used_bytes would be without sharing). Capacity
+        # decisions use it, not used_bytes, so how much sharing saved never shows in whether a
+        # put fits (see "Privacy" above).
+        self.charged_bytes = 0
         self.unique_pages = 0
         self._guests: dict[int, _Guest] = {}
         self._shared: dict[str, _Pool] = {}
@@ -917,11 +924,13 @@ class Tmem:
         else:
             charges = pool.charges
             if charges:
-                pool.charged_bytes -= charges.pop(
+                charge = charges.pop(
                     (oid << 32) | ((index + (oid & _M32) * _MIX) & _M32), PAGE_SIZE
                 )
             else:
-                pool.charged_bytes -= PAGE_SIZE
+                charge = PAGE_SIZE
+            pool.charged_bytes -= charge
+            self.charged_bytes -= charge
             self._unref(key)
         if pool.persistent:
             owner = pool.owner
@@ -992,8 +1001,10 @@ class Tmem:
         self._evictions += 1
 
     def _make_room(self, charge: int) -> bool:
-        """Evict until ``used_bytes + charge <= capacity``; False when it cannot."""
-        while self.used_bytes + charge > self._capacity:
+        """Evict until ``max(charged_bytes, used_bytes) + charge <= capacity``; False when it
+        cannot. (``used_bytes`` exceeds ``charged_bytes`` only when a content stored raw is now
+        referenced only by compressing guests.)"""
+        while max(self.charged_bytes, self.used_bytes) + charge > self._capacity:
             account = self._victim()
             if account is None:
                 return False
@@ -1079,7 +1090,8 @@ class Tmem:
                         pool.compress_poor += 1
                         g.compress_poor += 1
                 charge = len(stored)
-            if self.used_bytes + charge <= self._capacity or self._make_room(charge):
+            fits = max(self.charged_bytes, self.used_bytes) + charge <= self._capacity
+            if fits or self._make_room(charge):
                 if charge:
                     digest = self._hash(data)
                     bits = pool.domain_bits
@@ -1106,6 +1118,7 @@ class Tmem:
                     pool.zero_pages += 1
                 else:
                     pool.charged_bytes += charge
+                    self.charged_bytes += charge
                     if charge != PAGE_SIZE:
                         pool.charges[(oid << 32) | ((index + (oid & _M32) * _MIX) & _M32)] = charge
                 if persistent:
@@ -1139,6 +1152,7 @@ class Tmem:
             pool.zero_pages += 1
         else:
             pool.charged_bytes += charge
+            self.charged_bytes += charge
             if charge != PAGE_SIZE:
                 pool.charges[(oid << 32) | ((index + (oid & _M32) * _MIX) & _M32)] = charge
         if pool.persistent:
@@ -1394,6 +1408,7 @@ class Tmem:
         out: dict[str, Any] = {
             "capacity_bytes": self._capacity,
             "used_bytes": self.used_bytes,
+            "charged_bytes": self.charged_bytes,
             "logical_pages": logical,
             "unique_pages": unique,
             "zero_pages": zero,

@@ -111,6 +111,14 @@ class Model:
         self.collect()
         return sum(self.sizes.values())
 
+    def charged(self) -> int:
+        return sum(c for p in self.all_pools() for _, c in p.pages.values())
+
+    def level(self) -> int:
+        """What capacity decisions compare: charges (never what sharing saved), or the
+        bytes held when those are more."""
+        return max(self.charged(), self.used())
+
     def accounts(self) -> list[MAccount]:
         accts = [g.account for g in self.guests.values()]
         accts += [p.account for p in self.shared.values() if p.account is not None]
@@ -244,10 +252,10 @@ class Model:
             charge, poor = self.charge(g, page)
             if poor:
                 g.ops["compress_poor"] += 1
-            while self.used() + charge > self.capacity:
+            while self.level() + charge > self.capacity:
                 if not self.evict_one():
                     break
-            if self.used() + charge > self.capacity:
+            if self.level() + charge > self.capacity:
                 reason = "capacity"
             else:
                 if page != ZERO:
@@ -312,7 +320,7 @@ class Model:
 
     def set_capacity(self, capacity: int) -> None:
         self.capacity = capacity
-        while self.used() > self.capacity and self.evict_one():
+        while self.level() > self.capacity and self.evict_one():
             pass
 
     def evict(self, nbytes: int) -> int:
@@ -358,6 +366,7 @@ class Model:
         return {
             "capacity_bytes": self.capacity,
             "used_bytes": self.used(),
+            "charged_bytes": self.charged(),
             "unique_pages": len(self.sizes),
             "logical_pages": len(pages),
             "zero_pages": sum(1 for page, _ in pages if page == ZERO),

@@ -131,16 +131,17 @@ def test_flush_object_touches_only_that_object(make_tmem: MakeTmem) -> None:
 def test_declined_put_removes_the_old_copy(make_tmem: MakeTmem, reason: str, kind: str) -> None:
     tmem = make_tmem(capacity_pages=2)
     pid = tmem.create_pool(1, kind)
-    tmem.put(1, pid, 1, 1, page(1))
+    # For capacity: a zero page (charged nothing), so removing it cannot make room.
+    tmem.put(1, pid, 1, 1, bytes(PAGE) if reason == "capacity" else page(1))
     expected = {"frozen": Status.FROZEN, "quota": Status.QUOTA, "capacity": Status.CAPACITY}
     if reason == "frozen":
         tmem.freeze(1)
     elif reason == "quota":
         tmem.update_guest(1, cap_pages=0)
     else:
-        # guest 2 shares the old copy (so removing it frees nothing) and fills the rest
+        # guest 2 fills the broker
         other = tmem.create_pool(2, "persistent")
-        tmem.put(2, other, 0, 0, page(1))
+        tmem.put(2, other, 0, 0, page(7))
         tmem.put(2, other, 0, 1, page(8))
     assert tmem.put(1, pid, 1, 1, page(2)) == expected[reason]
     assert tmem.get(1, pid, 1, 1) is None
