@@ -55,7 +55,7 @@ def test_restart_restores_metadata_and_persistent_pages(tmp_path: Path, db_url: 
             assert c.get(page_url(persistent, 3, i), headers=headers).content == page(i)
         assert c.get(page_url(persistent, 3, 4), headers=headers).status_code == 404
         assert c.get(page_url(ephemeral, 3, 0), headers=headers).status_code == 404
-        assert c.get("/v1/settings", headers=ADMIN).json() == {"capacity_bytes": 32 << 20}
+        assert c.get("/v1/settings", headers=ADMIN).json()["capacity_bytes"] == 32 << 20
         # still frozen after the restart
         r = c.put(page_url(persistent, 3, 9), content=page(9), headers=headers)
         assert r.json()["error"]["reason"] == "frozen"
