@@ -130,8 +130,8 @@ def test_policy_declines_are_counted_by_reason(
         assert own["policy_declines"] == {"low_hit_rate": declined}
 
 
-def test_settings_change_at_run_time_and_survive_a_restart(tmp_path: Path, sqlite_url: str) -> None:
-    settings = make_settings(tmp_path, sqlite_url, shed_deadline_s=12.0, **QUIET)
+def test_settings_change_at_run_time_and_survive_a_restart(tmp_path: Path, db_url: str) -> None:
+    settings = make_settings(tmp_path, db_url, shed_deadline_s=12.0, **QUIET)
     with TestClient(create_app(settings)) as c:
         body = c.get("/v1/settings", headers=ADMIN).json()
         assert body["shed_deadline_s"] == 12.0 and body["high_watermark"] == 0.95
@@ -174,3 +174,36 @@ def test_quotas_rise_again_and_the_guest_is_told(
     assert [n["cap_pages"] for n in quotas] == [16, 30]  # lowered, then back to the admin cap
     assert client.get("/v1/self", headers=h2).json()["quota_pages"] == 30
     assert client.get("/v1/stats", headers=ADMIN).json()["pressure"]["state"] == "normal"
+
+
+def test_sheds_and_quotas_are_re_derived_after_a_restart(tmp_path: Path, sqlite_url: str) -> None:
+    settings = make_settings(
+        tmp_path,
+        sqlite_url,
+        durability="sync",
+        persistent_share=0.5,
+        release_share=0.25,
+        **QUIET,
+    )
+    tokens = []
+    with TestClient(create_app(settings)) as c:
+        for name in ("a", "b"):
+            r = c.post("/v1/guests", json={"name": name}, headers=ADMIN)
+            headers = {"Authorization": f"Bearer {r.json()['token']}"}
+            tokens.append(headers)
+            pool = c.post("/v1/pools", json={"kind": "persistent"}, headers=headers).json()
+            for i in range(20):
+                r = c.put(page_url(pool["pool_id"], 1, i), content=page(i), headers=headers)
+                assert r.status_code == 204
+        step(c)
+        before = [n for n in c.get("/v1/notices", headers=tokens[0]).json() if n["type"] == "shed"]
+        assert len(before) == 1
+    with TestClient(create_app(settings)) as c:
+        # a page route waits until the journal is reloaded; then step (the loop may have already)
+        assert c.get(page_url(0, 1, 0), headers=tokens[0]).content == page(0)
+        step(c)
+        sheds = [n for n in c.get("/v1/notices", headers=tokens[0]).json() if n["type"] == "shed"]
+        assert len(sheds) == 2 and sheds[1]["seq"] > sheds[0]["seq"]
+        assert sheds[1]["pages"] == 4
+        assert c.get("/v1/self", headers=tokens[0]).json()["quota_pages"] == 16
+        assert c.get("/v1/stats", headers=ADMIN).json()["pressure"]["sheds_open"] == 2
