@@ -287,6 +287,9 @@ class PressurePolicy:
 
     # the largest single eviction a step makes, so one step never holds the loop for long
     MAX_EVICT_BYTES_PER_STEP = 64 << 20
+    # closed sheds kept for a late ack; beyond this the oldest are forgotten (a guest that
+    # never acks must not grow the broker's memory)
+    MAX_UNACKED = 4096
 
     def __init__(self, tmem: Tmem, settings: PressureSettings, *, now: float) -> None:
         self.tmem = tmem
@@ -390,7 +393,8 @@ class PressurePolicy:
         self.counters.steps += 1
         self._watermarks()
         held = self.tmem.persistent_pages_of()
-        for gid in [g for g in self.quotas if g not in held]:
+        known = self.quotas.keys() | self.sheds.keys() | self._last_evicted.keys()
+        for gid in [g for g in known if g not in held]:
             self.forget(gid)
         self._quotas(now, held, reports, intents)
         self._deadlines(now, held)
@@ -485,6 +489,8 @@ class PressurePolicy:
         self.sheds.clear()
 
     def _deadlines(self, now: float, held: Mapping[int, tuple[int, int, int | None]]) -> None:
+        while len(self._unacked) > self.MAX_UNACKED:
+            del self._unacked[next(iter(self._unacked))]
         for gid in list(self.sheds):
             shed = self.sheds[gid]
             pages = held[gid][0] if gid in held else 0

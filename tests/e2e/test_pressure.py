@@ -249,9 +249,6 @@ def test_eight_guests_at_three_times_capacity_lose_no_persistent_page(
     cold = sum(r.clean_declined for r in runs if r.index not in HOT)
     hot = sum(r.clean_declined for r in runs if r.index in HOT)
     assert stats["policy_declines"]["low_hit_rate"] > 0 and cold > hot
-    # a guest under pressure keeps more than an idle one of the same weight class
-    quotas = {int(k): v for k, v in pressure["dynamic_quotas"].items()}
-    by_name = {g["name"]: g["guest_id"] for g in stats["guests"]}
-    if quotas:
-        assert quotas.get(by_name["vm2"], 0) >= quotas.get(by_name["vm3"], 0)
+    # a guest under pressure keeps more than an idle one of the same weight (vm2 and vm3: 200)
+    assert runs[2].shed_pages <= runs[3].shed_pages
     assert broker.call("GET", "/metrics", token=None)[0] == 200
