@@ -35,6 +35,7 @@ ROUNDS = 12
 WEIGHTS = [100, 100, 200, 200, 100, 300, 100, 100]
 PRESSURED = {2, 5}  # report PSI some 60 %: weigh more in the fair shares
 HOT = {0, 1, 2, 3}  # get their clean pages back (a high hit rate); the others never do
+DEAF = 7  # runs no notice handler: ignores its sheds, so it goes overdue
 
 POLICY_ENV = {
     "TMEM_SHED_DEADLINE_S": "3",
@@ -78,8 +79,19 @@ class GuestRun:
     def start_agent(self) -> None:
         self.fs = Frontswap(TmemClient(self.url, self.token, timeout=30.0), self.fallback)
         self.fs.init(0)
-        self.handler = NoticeHandler(self.fs, on_notice=self.on_notice)
-        self.handler.start()
+        if self.index != DEAF:
+            self.handler = NoticeHandler(self.fs, on_notice=self.on_notice)
+            self.handler.start()
+
+    def rewrite(self, n: int) -> list[bool]:
+        """Swap out ``n`` of its offsets again with new contents; True where the broker took it."""
+        assert self.fs is not None
+        rng = random.Random(1000 + self.index)
+        batch = [(offset, page(rng)) for offset in list(self.expected)[:n]]
+        stored = self.fs.store_many(0, batch)
+        for offset, data in batch:
+            self.expected[offset] = data
+        return stored
 
     def run(self, go: threading.Barrier) -> None:
         try:
@@ -189,14 +201,19 @@ def test_eight_guests_at_three_times_capacity_lose_no_persistent_page(
             t.join(90)
         for run in runs:
             assert run.error is None, f"guest {run.index}: {run.error!r}"
-        # let the open sheds be answered and the last evicted notices go out
-        deadline = time.monotonic() + 15
+        # let the open sheds be answered (all but the deaf guest's, which goes overdue) and the
+        # last evicted notices go out
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             pressure = broker.json("GET", "/v1/stats")["pressure"]
-            if pressure["sheds_open"] == 0 and pressure["sheds_acked"] >= 1:
+            if pressure["sheds_open"] == pressure["guests_overdue"] >= 1:
                 break
             time.sleep(0.1)
         time.sleep(0.6)  # one evicted-notice interval
+        # the overdue guest's puts are declined with quota: its pages go to its own swap
+        deaf_declines = broker.json("GET", "/v1/stats")["puts_declined"]["quota"]
+        assert not any(runs[DEAF].rewrite(64))
+        assert broker.json("GET", "/v1/stats")["puts_declined"]["quota"] >= deaf_declines + 1
         sampler.stop_event.set()
         sampler.join(10)
         checked = fallback = 0
@@ -240,8 +257,11 @@ def test_eight_guests_at_three_times_capacity_lose_no_persistent_page(
     assert sum(r.evicted_pages for r in runs) > 0
     assert checked == sum(len(r.expected) for r in runs) and checked > 0
     assert fallback > 0  # some of it lives in the guests' own swap now
-    # sheds were issued, answered and acked, and they returned pages
+    # sheds were issued, answered and acked, and they returned pages; the deaf guest's went
+    # overdue (and nothing of it was lost: verified above)
     assert pressure["sheds_issued"] > 0 and pressure["sheds_acked"] > 0
+    assert pressure["sheds_overdue"] >= 1 and pressure["guests_overdue"] >= 1
+    assert runs[DEAF].notices == {}
     assert pressure["pages_returned"] > 0
     assert sum(r.notices.get("shed", 0) for r in runs) > 0
     assert "quotas_lowered" in sampler.states
