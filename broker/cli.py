@@ -85,7 +85,7 @@ def serve(
     )
     import uvicorn
 
-    from broker.api.front import HotRoutes
+    from broker.api.front import HotRoutes, corked_protocol
     from broker.app import create_app
 
     logging.basicConfig(
@@ -101,6 +101,7 @@ def serve(
         log_level=settings.log_level,
         # Keep-alive matters for guests that send page after page on one connection.
         timeout_keep_alive=60,
+        http=corked_protocol(),  # head and body in one send (broker/api/front.py)
         # One access-log line per page would cost more than the page itself at tens of
         # thousands of requests a second: only at debug level (/metrics counts operations).
         access_log=settings.log_level == "debug",

@@ -3,7 +3,7 @@
 ::
 
     app = create_app(settings)
-    uvicorn.run(HotRoutes(app), ...)      # what ``tmem-broker serve`` runs
+    uvicorn.run(HotRoutes(app), http=corked_protocol(), ...)   # what ``tmem-broker serve`` runs
 
 Every request to a page route (put/get/flush page, flush object, batch) otherwise walks the
 whole FastAPI stack: its telemetry check (three ``os.environ`` reads), ServerErrorMiddleware,
@@ -14,10 +14,16 @@ matches those five paths by splitting the path once and calls the *same* Starlet
 objects ``page_routes`` built, with the app's own exception handlers in the scope, so errors
 map to the same answers. Anything else (other paths, other methods, lifespan, WebSockets)
 goes to the app unchanged.
+
+:func:`corked_protocol` is the uvicorn HTTP protocol ``serve`` uses: uvicorn's httptools
+protocol, but a response head waits for the write after it, so head and body leave in one send
+(uvicorn sends them apart; one send instead of two took a single-page GET from ~5.8k to ~8.1k
+requests/s on one connection).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.routing import Route
@@ -80,3 +86,60 @@ class HotRoutes:
             if route is not None:
                 return route, {"pool_id": parts[3], "oid": parts[5]}
         return None
+
+
+class _CorkedTransport:
+    """A transport proxy that sends a response head together with the write after it.
+
+    uvicorn writes a response's head and its body separately: two sends, two TCP segments,
+    and a client that wakes for the head alone. The head is held until the next write (the
+    body, or the empty write that ends a body-less answer) and both go out in one
+    ``writelines``; a held head the app never follows (a HEAD answer) leaves at the end of the
+    loop pass.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if data:
+                self._transport.writelines((held, data))
+            else:
+                self._transport.write(held)
+        elif data[:5] == b"HTTP/":
+            self._held = data
+            self._loop.call_soon(self.flush)
+        elif data:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def corked_protocol() -> type[Any]:
+    """uvicorn's httptools protocol with a :class:`_CorkedTransport`: a response's head and
+    body leave in one send (uvicorn writes them separately)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class CorkedHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: Any) -> None:
+            corked: Any = _CorkedTransport(transport, asyncio.get_running_loop())
+            super().connection_made(corked)
+
+    return CorkedHttpToolsProtocol

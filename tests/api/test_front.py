@@ -4,6 +4,7 @@ good requests and for every kind of malformed one; other requests pass through."
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,3 +160,48 @@ def test_serve_keeps_freed_batch_buffers_in_the_heap() -> None:
     assert _keep_freed_buffers(make_settings(Path("."), "sqlite://").max_batch_bytes) is True
     buf = bytearray(1 << 20)
     assert bytes(buf[:4]) == b"\0\0\0\0"
+
+
+class _Recorder:
+    """A transport that records what reaches the socket, one entry per send."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+    def writelines(self, parts: Any) -> None:
+        self.sends.append(b"".join(parts))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+async def test_corked_transport_sends_head_and_body_together() -> None:
+    from broker.api.front import _CorkedTransport
+
+    raw = _Recorder()
+    t = _CorkedTransport(raw, asyncio.get_running_loop())
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
+    t.write(head)
+    assert raw.sends == []  # held for the body
+    t.write(b"page")
+    assert raw.sends == [head + b"page"]
+    t.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    t.write(b"")  # uvicorn's empty write that ends a body-less answer
+    assert raw.sends[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+    t.write(b"HTTP/1.1 200 OK\r\n\r\n")  # a HEAD answer: no write follows
+    await asyncio.sleep(0)  # the end of the loop pass sends it
+    assert raw.sends[-1] == b"HTTP/1.1 200 OK\r\n\r\n"
+    t.write(b"chunk")  # not a head: straight through
+    assert raw.sends[-1] == b"chunk"
+    t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    t.close()  # closing sends what is held first
+    assert raw.sends[-1] == b"HTTP/1.1 200 OK\r\n\r\n" and raw.closed
+    assert len(raw.sends) == 5
+    assert t.get_extra_info("peername") == "info:peername"  # everything else passes through
