@@ -95,6 +95,10 @@ class PressureSettings:
             raise ValueError("admission_floor must be within (0, 1]")
         if self.admission_min_samples < 0 or self.admission_window < 1:
             raise ValueError("admission_min_samples >= 0 and admission_window >= 1")
+        if 2 * self.admission_min_samples > self.admission_window:
+            # the decayed put count swings between window/2 and window: a larger minimum would
+            # be reached only now and then, or never, and the gate would silently stay open
+            raise ValueError("admission_min_samples must be at most admission_window / 2")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -11,6 +11,7 @@ from broker.core.pressure import (
     NORMAL,
     QUOTAS_LOWERED,
     RECLAIMING,
+    AdmissionGate,
     GuestPressure,
     Intent,
     PressurePolicy,
@@ -295,3 +296,18 @@ def test_a_removed_guest_is_forgotten() -> None:
     tmem.remove_guest(1)
     policy.step(1.0, {})
     assert 1 not in policy.quotas and 1 not in policy.sheds
+
+
+def test_an_admission_minimum_the_window_never_reaches_is_refused() -> None:
+    # the decayed put count stays within (window/2, window] once it reached the window: a
+    # minimum above window/2 would leave the gate open most or all of the time, silently
+    with pytest.raises(ValueError, match="admission_min_samples"):
+        PressureSettings(admission_min_samples=600, admission_window=1000)
+    settings = PressureSettings(
+        admission_min_samples=500, admission_window=1000, admission_min_hit_rate=0.5
+    )
+    gate = AdmissionGate()
+    for i in range(10_000):
+        gate.record_put(settings.admission_window)
+        assert i < 1000 or 500 < gate.puts <= 1000
+    assert gate.admit_fraction(settings) == settings.admission_floor
