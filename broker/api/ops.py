@@ -17,7 +17,17 @@ router = APIRouter(tags=["operations"])
 
 # Counters of the core's stats (monotonic); every other number is exported as a gauge.
 _COUNTERS = frozenset(
-    {"puts", "gets", "get_hits", "flushes", "evictions", "sheds_issued", "puts_declined"}
+    {
+        "puts",
+        "gets",
+        "get_hits",
+        "flushes",
+        "evictions",
+        "sheds_issued",
+        "puts_declined",
+        "policy_declines",
+        "reclaimed_on_put",
+    }
 )
 
 

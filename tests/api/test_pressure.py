@@ -128,6 +128,9 @@ def test_policy_declines_are_counted_by_reason(
         assert stats["puts_declined"]["policy"] == declined
         own = c.get("/v1/self", headers=headers).json()["stats"]
         assert own["policy_declines"] == {"low_hit_rate": declined}
+        metrics = c.get("/metrics").text
+        assert f'tmem_policy_declines_total{{reason="low_hit_rate"}} {declined}.0' in metrics
+        assert f'tmem_puts_declined_total{{reason="policy"}} {declined}.0' in metrics
 
 
 def test_settings_change_at_run_time_and_survive_a_restart(tmp_path: Path, db_url: str) -> None:
