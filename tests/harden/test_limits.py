@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from fastapi.testclient import TestClient
@@ -183,7 +184,7 @@ def test_notice_backlog_is_bounded_and_open_sheds_are_kept(
     deadline = datetime.now(UTC) + timedelta(hours=1)
     shed = client.portal.call(lambda: hub.publish(gid, "shed", pages=3, deadline=deadline))
     for i in range(20):
-        client.portal.call(lambda i=i: hub.publish(gid, "evicted", pages=i))
+        client.portal.call(partial(hub.publish, gid, "evicted", pages=i))
     kept = service.repo.notices_after(gid, 0)
     assert len(kept) == 5
     seqs = [n.seq for n in kept]
