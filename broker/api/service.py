@@ -208,7 +208,8 @@ class BrokerService:
                 raise
             self.guests[guest_id] = record
         if "cap_pages" in changes and changes["cap_pages"] != old.cap_pages:
-            await self.hub.publish(guest_id, "quota", cap_pages=record.cap_pages)
+            # the effective quota: the pressure policy's dynamic quota may be lower than the cap
+            await self.hub.publish(guest_id, "quota", cap_pages=self.core.quota_of(guest_id))
 
     async def set_frozen(self, guest_id: int, frozen: bool) -> None:
         """Freeze or thaw (Xen's tmem freeze/thaw) and tell the guest."""

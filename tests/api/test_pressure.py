@@ -210,3 +210,21 @@ def test_sheds_and_quotas_are_re_derived_after_a_restart(tmp_path: Path, sqlite_
         assert sheds[1]["pages"] == 4
         assert c.get("/v1/self", headers=tokens[0]).json()["quota_pages"] == 16
         assert c.get("/v1/stats", headers=ADMIN).json()["pressure"]["sheds_open"] == 2
+
+
+def test_an_admin_cap_change_announces_the_effective_quota(
+    client: TestClient, make_guest: Callable[..., Guest], make_pool: Callable[..., int]
+) -> None:
+    (g1, h1), (_, h2) = make_guest(), make_guest()
+    p1, p2 = make_pool(h1), make_pool(h2)
+    for i in range(20):
+        client.put(page_url(p1, 1, i), content=page(i), headers=h1)
+        client.put(page_url(p2, 1, i), content=page(100 + i), headers=h2)
+    step(client)  # dynamic quota 16
+    assert client.patch(f"/v1/guests/{g1}", json={"cap_pages": 100}, headers=ADMIN).is_success
+    quotas = [n for n in client.get("/v1/notices", headers=h1).json() if n["type"] == "quota"]
+    assert [n["cap_pages"] for n in quotas] == [16, 16]  # min(cap 100, dynamic 16)
+    assert client.patch(f"/v1/guests/{g1}", json={"cap_pages": 10}, headers=ADMIN).is_success
+    quotas = [n for n in client.get("/v1/notices", headers=h1).json() if n["type"] == "quota"]
+    assert quotas[-1]["cap_pages"] == 10
+    assert client.get("/v1/self", headers=h1).json()["quota_pages"] == 10
