@@ -11,7 +11,6 @@ The shell's own tree (the core has its own in ``broker.core.errors``)::
     ├── Forbidden                 403  forbidden        a valid token on the wrong side
     ├── UnknownNotice             404  unknown_notice
     ├── ImportDeclined            409  import_declined  an import this broker cannot take whole
-    ├── ExportUnavailable         409  export_unavailable  no export without the journal
     ├── BodyTooLarge              413  body_too_large
     └── RateLimited               429  rate_limited     over the guest's own rate limit
         └── TooManyWaiters        429  too_many_waiters too many long-polls/WebSockets
@@ -69,11 +68,6 @@ class BadExport(BadInput):
 class ImportDeclined(ApiError):
     status = 409
     code = "import_declined"
-
-
-class ExportUnavailable(ApiError):
-    status = 409
-    code = "export_unavailable"
 
 
 class Unauthorised(ApiError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,11 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from broker.api.deps import AdminDep, ServiceDep
-from broker.api.errors import BadExport, ExportUnavailable, ImportDeclined
+from broker.api.errors import BadExport, ImportDeclined
 from broker.api.service import BrokerService
 from broker.core.errors import GuestExists
 from broker.db.repo import PoolRecord
-from broker.store.durable import LmdbJournal
 from schemas.batch import PAGE_SIZE, STATUS_DONE, STATUS_NAMES
 from schemas.export import (
     EXPORT_CONTENT_TYPE,
@@ -52,30 +51,6 @@ def _persistent_pools(service: BrokerService, guest_id: int) -> list[ExportPool]
     ]
 
 
-def _pool_pages(
-    service: BrokerService, guest_id: int, pool_id: int
-) -> Iterable[tuple[int, int, bytes]]:
-    """The pool's pages as ``(oid, index, page)``, read without side effects (an exclusive-get
-    pool must not lose its pages to the export)."""
-    pages = getattr(service.core, "pool_pages", None)
-    if pages is not None:
-        # A snapshot: flushes may still arrive while the export streams.
-        return list(pages(guest_id, pool_id))
-    assert isinstance(service.journal, LmdbJournal)  # _check_exportable
-    # After the barrier the journal holds exactly the core's persistent pages.
-    return service.journal.load_pool(guest_id, pool_id)
-
-
-def _check_exportable(service: BrokerService) -> None:
-    if getattr(service.core, "pool_pages", None) is None and not isinstance(
-        service.journal, LmdbJournal
-    ):
-        raise ExportUnavailable(
-            "export needs --durability sync on this broker (its pages are read back from the "
-            "journal)"
-        )
-
-
 @router.get(
     "/v1/guests/{guest_id}/export",
     response_class=StreamingResponse,
@@ -84,7 +59,6 @@ def _check_exportable(service: BrokerService) -> None:
 async def export_guest(guest_id: int, service: ServiceDep, _admin: AdminDep) -> StreamingResponse:
     """Stream the guest's settings, persistent pools and pages (frozen while it streams)."""
     record = service.guest_record(guest_id)
-    _check_exportable(service)
     was_frozen = record.frozen
     if not was_frozen:
         await service.set_frozen(guest_id, True)
@@ -119,10 +93,9 @@ async def _export_body(
         yield enc.header(header)
         chunk: list[bytes] = []
         for pool in header.pools:
-            pages: Iterator[tuple[int, int, bytes]] = iter(
-                _pool_pages(service, guest_id, pool.pool_id)
-            )
-            for oid, index, page in pages:
+            # Read from the core, not the journal: the same with --durability none, and the
+            # guest is frozen, so only its flushes can still change the pool meanwhile.
+            for oid, index, page in service.core.pool_pages(guest_id, pool.pool_id):
                 chunk.append(enc.page(pool.pool_id, oid, index, page))
                 if len(chunk) >= _PAGES_PER_CHUNK:
                     yield b"".join(chunk)

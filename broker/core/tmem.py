@@ -90,7 +90,7 @@ from __future__ import annotations
 import time
 import uuid as uuid_module
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from broker.core.content import (
@@ -851,6 +851,25 @@ class Tmem:
             PoolView(pid, p.kind, p.shared, p.uuid, p.exclusive_gets, p.pages)
             for pid, p in sorted(g.pools.items())
         ]
+
+    def pool_pages(self, guest_id: int, pool_id: int) -> Iterator[tuple[int, int, bytes]]:
+        """Every page of a pool as ``(oid, index, page)``, read without side effects: no get
+        is counted, nothing leaves an exclusive-get pool, no LRU moves (for export). The
+        handles are listed when this is called; pages flushed before they are reached are
+        skipped."""
+        _g, pool = self._pool(guest_id, pool_id)
+        handles = [(oid, list(obj)) for oid, obj in pool.objects.items()]
+        return self._read_handles(pool, handles)
+
+    def _read_handles(
+        self, pool: _Pool, handles: list[tuple[int, list[int]]]
+    ) -> Iterator[tuple[int, int, bytes]]:
+        for oid, indexes in handles:
+            for index in indexes:
+                obj = pool.objects.get(oid)
+                key = None if obj is None else obj.get(index)
+                if key is not None:
+                    yield oid, index, self._load(key)
 
     # ------------------------------------------------------------------ contents
 

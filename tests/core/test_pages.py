@@ -227,3 +227,20 @@ def test_restore_page_skips_checks_and_counters(tmem: Tmem) -> None:
         tmem.restore_page(1, eph, 0, 0, page(1))
     with pytest.raises(BadPageSize):
         tmem.restore_page(1, pid, 0, 0, b"x")
+
+
+@pytest.mark.parametrize("kind", POOL_KINDS)
+def test_pool_pages_reads_every_page_without_side_effects(tmem: Tmem, kind: str) -> None:
+    pid = make_pool(tmem, kind)
+    expected = {(oid, index): page(oid * 10 + index) for oid in (1, 2) for index in range(3)}
+    expected[(5, 0)] = bytes(4096)  # a zero page is read back too
+    for (oid, index), data in expected.items():
+        assert tmem.put(1, pid, oid, index, data) == Status.DONE
+    listing = tmem.pool_pages(1, pid)
+    tmem.flush_page(1, pid, 2, 2)  # flushed after the listing, before it is read: skipped
+    del expected[(2, 2)]
+    before = (tmem.guest_stats(1), tmem.stats())
+    assert {(oid, index): data for oid, index, data in listing} == expected
+    assert (tmem.guest_stats(1), tmem.stats()) == before  # no get counted, nothing moved
+    # nothing left an exclusive pool
+    assert tmem.get(1, pid, 1, 0) == page(10)
