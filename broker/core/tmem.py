@@ -1109,7 +1109,10 @@ class Tmem:
                         pool.compress_poor += 1
                         g.compress_poor += 1
                 charge = len(stored)
-            fits = max(self.charged_bytes, self.used_bytes) + charge <= self._capacity
+            level = self.charged_bytes
+            if self.used_bytes > level:  # (rare: see _make_room) a compare, not a max() call
+                level = self.used_bytes
+            fits = level + charge <= self._capacity
             if fits or self._make_room(charge):
                 if charge:
                     digest = self._hash(data)
