@@ -12,6 +12,8 @@ The tunables (:class:`PressureSettings`) and what they do:
     (weight-fair LRU) until it is back under the low watermark: hysteresis in the spirit of
     zswap's ``accept_threshold_percent``, so the broker does not evict a page per put while
     it hovers at the limit.
+    Storage is counted as ``charged_bytes`` (each page's own stored size, shared or not), as
+    in every capacity decision, so no guest can read other guests' contents off evictions.
 ``persistent_share`` / ``release_share`` (fractions of capacity)
     When persistent pages take more than ``persistent_share`` of capacity, each guest's fair
     share of ``persistent_share * capacity`` is computed (:func:`fair_shares`); guests above
@@ -407,7 +409,8 @@ class PressurePolicy:
 
     def _watermarks(self) -> None:
         tmem = self.tmem
-        reclaim = bytes_to_reclaim(tmem.used_bytes, tmem.capacity_bytes, self.settings)
+        # charged_bytes, as every capacity decision: what sharing saved must not show
+        reclaim = bytes_to_reclaim(tmem.charged_bytes, tmem.capacity_bytes, self.settings)
         self.reclaiming = reclaim > 0
         if reclaim:
             self.counters.reclaim_runs += 1

@@ -59,6 +59,8 @@ Pressure hooks (see :mod:`broker.core.pressure`)
     watermark, ephemeral non-zero puts pass each guest's :class:`AdmissionGate` (hit-rate
     feedback) and are declined with ``policy`` when it says no (``policy_declines``
     counts them by sub-reason, ``low_hit_rate``).
+    "Storage" here is ``charged_bytes``, as in every capacity decision, so which pages are
+    evicted or admitted never depends on what other guests share.
 
 Capacity and eviction
     ``used_bytes`` (page storage actually held) never exceeds ``capacity_bytes`` except when
@@ -506,7 +508,7 @@ class Tmem:
         found storage above ``reclaim_above``)."""
         pz = self._pz
         for _ in range(RECLAIM_PER_PUT):
-            if self.used_bytes <= pz.low_bytes:
+            if self.charged_bytes <= pz.low_bytes:
                 break
             account = self._victim()
             if account is None:
@@ -515,7 +517,7 @@ class Tmem:
             pz.reclaimed_on_put += 1
         # hysteresis: keep stepping on later puts until under the low watermark (or nothing
         # is evictable); then wait for the high watermark again
-        pz.reclaiming = self.used_bytes > pz.low_bytes and self._victim() is not None
+        pz.reclaiming = self.charged_bytes > pz.low_bytes and self._victim() is not None
         pz.reclaim_above = pz.low_bytes if pz.reclaiming else pz.high_bytes
 
     def _admit(self, g: _Guest, data: bytes) -> bool:
@@ -531,7 +533,7 @@ class Tmem:
             gate.hits *= 0.5
         else:
             gate.puts = puts
-        if self.used_bytes <= self._pz.low_bytes or data == ZERO_PAGE or gate.admit(s):
+        if self.charged_bytes <= self._pz.low_bytes or data == ZERO_PAGE or gate.admit(s):
             return True
         g.policy_low_hit_rate += 1
         self._pz.low_hit_rate += 1
@@ -1031,12 +1033,13 @@ class Tmem:
         return True
 
     def evict(self, bytes_to_free: int) -> int:
-        """Evict ephemeral pages (weight-fair LRU) until ``used_bytes`` fell by
-        ``bytes_to_free`` or none is left; returns the pages evicted. Evicting a page whose
-        content is shared frees no bytes, so more pages may go than bytes suggest."""
-        target = self.used_bytes - bytes_to_free
+        """Evict ephemeral pages (weight-fair LRU) until ``charged_bytes`` fell by
+        ``bytes_to_free`` or none is left; returns the pages evicted. Like every capacity
+        decision this counts charges, not bytes actually held, so how many pages go never
+        depends on what other guests share."""
+        target = self.charged_bytes - bytes_to_free
         evicted = 0
-        while self.used_bytes > target:
+        while self.charged_bytes > target:
             account = self._victim()
             if account is None:
                 break
@@ -1093,7 +1096,7 @@ class Tmem:
             g.declined_policy += 1
             status = STATUS_POLICY
         else:
-            if self.used_bytes > self._pz.reclaim_above:
+            if self.charged_bytes > self._pz.reclaim_above:
                 self._reclaim_step()
             if data == ZERO_PAGE:
                 key = ZERO_KEY

@@ -324,9 +324,10 @@ class Model:
             pass
 
     def evict(self, nbytes: int) -> int:
-        target = self.used() - nbytes
+        # counts charges, like every capacity decision (what sharing saved must not show)
+        target = self.charged() - nbytes
         n = 0
-        while self.used() > target and self.evict_one():
+        while self.charged() > target and self.evict_one():
             n += 1
         return n
 

@@ -254,16 +254,10 @@ def _a_fills_its_cache(
     return seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open channel (docs/security.md): the pressure watermarks (the loop's reclaim and "
-    "the put path's reclaim step) compare used_bytes, so how much sharing saved decides how "
-    "many of A's ephemeral pages are evicted",
-)
 def test_the_pressure_policy_does_not_tell_either(
     client_factory: Callable[..., TestClient],
 ) -> None:
-    # Strict: once the watermarks compare charged_bytes this passes, and the mark must go.
+    # The watermarks compare charged_bytes, so sharing saved or not, A sees the same.
     seen = {}
     for shared in (True, False):
         client = client_factory(capacity="160KiB", pressure_interval_s=3600)
