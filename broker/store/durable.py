@@ -26,9 +26,9 @@ prefixes and removing one is a range delete. Why the page's last 16 bytes live i
 written per commit; see :mod:`broker.store.writer`).
 
 Group commit: ``record_*`` only appends the encoded record to an in-memory list (O(1), on the
-event loop). A single committer task takes everything recorded so far and sends it, scatter-
-gather (the pages are not copied on this side), to the writer process (:mod:`broker.store.writer`), which applies it in one write
-transaction and fsyncs while the event loop keeps accepting requests; then the task wakes every
+event loop). A single committer task copies everything recorded so far into a shared-memory slot
+and sends its number to the writer process (:mod:`broker.store.writer`; a round larger than a
+slot is sent through the socket instead), which applies it in one write transaction and fsyncs while the event loop keeps accepting requests; then the task wakes every
 barrier waiting for a record at or before that point. Records made while a round commits form
 the next round, so N concurrent writers share one fsync. Records apply in the order they were
 made, so a put then a flush of the same handle in one round ends flushed.
@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -78,6 +79,10 @@ _GUEST_HEAD = bytes((_writer.RANGE, _GUEST.size))
 _PUT_REC = struct.Struct(">BBQH24sII")
 _PUT_REC_BYTES = _PUT_REC.size + PAGE_SIZE
 _IOV_MAX = 1024  # iovecs per sendmsg (Linux's IOV_MAX)
+# Shared memory between the broker and the writer: two slots, round r in slot r % 2 (at most two
+# rounds are in flight). 16 MiB holds ~4000 pages, more than 8 clients' 256-page batches; only
+# the part of a slot that rounds actually used is ever faulted in.
+SLOT_BYTES = 16 << 20
 
 
 def page_key(guest_id: int, pool_id: int, oid: int, index: int) -> bytes:
@@ -113,12 +118,27 @@ class LmdbJournal:
         )
         self._env.reader_check()  # reader slots left by a killed broker
         ours, theirs = socket.socketpair()
-        self._proc = subprocess.Popen(
-            [sys.executable, _writer.__file__, str(theirs.fileno()), str(self.path), str(map_size)],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )
+        shm_fd = os.memfd_create("tmem-journal-rounds", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(shm_fd, 2 * SLOT_BYTES)
+            self._shm = mmap.mmap(shm_fd, 2 * SLOT_BYTES)
+            self._proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    _writer.__file__,
+                    str(theirs.fileno()),
+                    str(self.path),
+                    str(map_size),
+                    str(shm_fd),
+                    str(SLOT_BYTES),
+                ],
+                pass_fds=(theirs.fileno(), shm_fd),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(shm_fd)  # both mappings stay valid without it
         theirs.close()
+        self._slots = memoryview(self._shm)
         ours.setblocking(False)
         self._sock = ours
         self._parts: list[bytes | memoryview] = [b""]  # [0]: the frame head, set per round
@@ -217,14 +237,27 @@ class LmdbJournal:
         await fut
 
     def _take_round(self) -> tuple[int, list[bytes | memoryview], int]:
-        """Everything recorded so far as one request frame, as a list of buffers to send with
-        scatter-gather I/O (no joined copy of the pages): (round id, parts, records up to)."""
+        """Everything recorded so far as one request frame: (round id, buffers to send, records
+        up to). The records go into the round's shared-memory slot, which the writer no longer
+        reads (its round was answered: at most two rounds are in flight); a round too large for
+        a slot is sent inline, scatter-gather."""
         self._round += 1
+        round_id = self._round
         parts = self._parts
-        parts[0] = _writer.REQUEST.pack(self._round, self._bytes)
+        size = self._bytes
         self._parts = [b""]
         self._bytes = 0
-        return self._round, parts, self._recorded
+        if size > SLOT_BYTES:
+            parts[0] = _writer.REQUEST.pack(round_id, size, _writer.INLINE)
+            return round_id, parts, self._recorded
+        slot = round_id & 1
+        pos = slot * SLOT_BYTES
+        view = self._slots
+        for part in parts:
+            end = pos + len(part)
+            view[pos:end] = part
+            pos = end
+        return round_id, [_writer.REQUEST.pack(round_id, size, slot)], self._recorded
 
     def _check_reply(
         self, round_id: int, reply: bytes | bytearray | None, msg: bytes | bytearray
@@ -386,6 +419,8 @@ class LmdbJournal:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._slots.release()
+        self._shm.close()
         self._env.close()
         if self.commits:
             log.info(

@@ -467,7 +467,7 @@ def test_writer_applies_nothing_after_a_failed_round(tmp_path: Path) -> None:
     try:
         good = bytes((writer.PUT, 38)) + page_key(1, 0, 1, 1) + writer.DATA_LEN.pack(4096) + page(1)
         for round_id, body in ((1, good), (2, bytes((9, 1, 0))), (3, good)):
-            ours.sendall(writer.REQUEST.pack(round_id, len(body)) + body)
+            ours.sendall(writer.REQUEST.pack(round_id, len(body), writer.INLINE) + body)
         replies = []
         for _ in range(3):
             head = writer.recv_exact(ours, writer.REPLY.size)
