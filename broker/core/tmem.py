@@ -1333,6 +1333,82 @@ class Tmem:
         key, _ = self._acquire(self._hash(page) | bits, page, stored)
         self._place(pool, oid, index, key, len(stored))
 
+    def restore_pages(
+        self, guest_id: int, pool_id: int, pages: Iterable[tuple[int, int, bytes]]
+    ) -> int:
+        """:meth:`restore_page` for many ``(oid, index, page)`` of one pool (broker start):
+        the same result page by page, with the guest, pool and method lookups done once.
+        Returns how many pages were restored. A malformed page raises (``BadPageSize``,
+        ``BadHandle``) and the pages before it stay restored."""
+        g, pool = self._pool(guest_id, pool_id)
+        if not pool.persistent:
+            raise BadRequest("restore_pages is for persistent pools")
+        # Why a loop of its own: reload restores every persistent page at start, and
+        # restore_page's per-call lookups and checks cost about as much as the page itself.
+        objects = pool.objects
+        charges = pool.charges
+        sizes = self._sizes
+        hasher = self._hash
+        store_get = self._store_get
+        store_put = self._store_put
+        bits = pool.domain_bits
+        packs = g.compress
+        compress_max = self._compress_max
+        n = zero = charged = used = unique = 0
+        try:
+            for oid, index, data in pages:
+                if len(data) != PAGE_SIZE:
+                    raise BadPageSize(f"a page is {PAGE_SIZE} bytes, not {len(data)}")
+                if not (0 <= oid <= MAX_OID and 0 <= index <= MAX_INDEX):
+                    raise BadHandle(f"handle out of range: oid={oid} index={index}")
+                if type(data) is not bytes:
+                    data = bytes(data)
+                obj = objects.get(oid)
+                if obj is not None:
+                    old = obj.pop(index, None)
+                    if old is not None:
+                        if not obj:
+                            del objects[oid]
+                            obj = None
+                        self._drop(pool, oid, index, old)
+                if data == ZERO_PAGE:
+                    key = ZERO_KEY
+                    zero += 1
+                else:
+                    stored = data
+                    if packs:
+                        packed = compress(data)
+                        if len(packed) <= compress_max:
+                            stored = packed
+                    charge = len(stored)
+                    key = hasher(data) | bits
+                    if self._collided or store_get(key) is not None:
+                        key, _ = self._acquire(key, data, stored)
+                    else:  # a new content, as _acquire would store it
+                        store_put(key, stored)
+                        used += charge
+                        unique += 1
+                        if charge != PAGE_SIZE:
+                            sizes[key] = charge
+                    charged += charge
+                    if charge != PAGE_SIZE:
+                        charges[(oid << 32) | ((index + (oid & _M32) * _MIX) & _M32)] = charge
+                if obj is None:
+                    objects[oid] = {index: key}
+                else:
+                    obj[index] = key
+                n += 1
+        finally:
+            # gauges summed once (the _drop and _acquire calls above update theirs as they go)
+            pool.pages += n
+            pool.zero_pages += zero
+            pool.charged_bytes += charged
+            self.charged_bytes += charged
+            self.used_bytes += used
+            self.unique_pages += unique
+            g.persistent_pages += n
+        return n
+
     # ------------------------------------------------------------------ stats
 
     def _pool_figures(self, pool: _Pool) -> dict[str, Any]:
