@@ -363,6 +363,47 @@ class LmdbJournal:
                 page = join((value, key[split:])) if len(value) else ZERO_PAGE
                 yield guest_id, pool_id, from_bytes(oid, "big"), index, page
 
+    def load_chunks(
+        self, chunk: int = 4096
+    ) -> Iterator[tuple[int, int, list[tuple[int, int, bytes]]]]:
+        """Every stored page as ``(guest_id, pool_id, [(oid, index, page), ...])``: lists of at
+        most ``chunk`` pages of one pool, in handle order (for ``Tmem.restore_pages``).
+
+        Reads one consistent snapshot, as :meth:`load`.
+        """
+        unpack = _KEY.unpack_from
+        from_bytes = int.from_bytes
+        join = b"".join
+        split = _KEY.size
+        zero = ZERO_PAGE
+        with self._env.begin(buffers=True) as txn:
+            cur = txn.cursor()
+            if not cur.first():
+                return
+            pages: list[tuple[int, int, bytes]] = []
+            append = pages.append
+            at_guest = at_pool = -1
+            left = chunk
+            last_oid_bytes = b""
+            oid = 0
+            # Why this shape: per page, one key unpack, one join (the only copy of the page)
+            # and one tuple; an object's pages sit side by side, so its oid converts once.
+            for key, value in cur:
+                guest_id, pool_id, oid_bytes, index = unpack(key)
+                if pool_id != at_pool or guest_id != at_guest or not left:
+                    if pages:
+                        yield at_guest, at_pool, pages
+                        pages = []
+                        append = pages.append
+                    at_guest, at_pool, left = guest_id, pool_id, chunk
+                if oid_bytes != last_oid_bytes:
+                    oid = from_bytes(oid_bytes, "big")
+                    last_oid_bytes = oid_bytes
+                append((oid, index, join((value, key[split:])) if len(value) else zero))
+                left -= 1
+            if pages:
+                yield at_guest, at_pool, pages
+
     def load_pool(self, guest_id: int, pool_id: int) -> Iterator[tuple[int, int, bytes]]:
         """The pages of one pool as ``(oid, index, page)``, in handle order."""
         prefix = _POOL.pack(guest_id, pool_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -347,8 +347,14 @@ class FakeTmem:
     def pools(self, guest_id: int) -> list[_Pool]:
         return self._pools[guest_id]
 
-    def restore_page(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:
-        self.restored[(guest_id, pool_id, oid, index)] = data
+    def restore_pages(
+        self, guest_id: int, pool_id: int, pages: Iterable[tuple[int, int, bytes]]
+    ) -> int:
+        n = 0
+        for oid, index, data in pages:
+            self.restored[(guest_id, pool_id, oid, index)] = data
+            n += 1
+        return n
 
 
 async def test_reload_restores_known_pools_and_drops_destroyed_ones(
@@ -382,22 +388,28 @@ async def test_reload_skips_pools_destroyed_while_it_runs(journal: LmdbJournal) 
     from broker.core.errors import UnknownPool
 
     for n in range(3000):
-        journal.record_put(1, n % 2, n, 0, page(n + 1))
+        journal.record_put(1, n % 3, n, 0, page(n + 1))  # 1000 pages in each of pools 0, 1, 2
     await journal.barrier()
 
     class Destroyed(FakeTmem):
-        def restore_page(
-            self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes
-        ) -> None:
-            if pool_id == 1 and len(self.restored) > 500:
-                raise UnknownPool("pool 1 was destroyed meanwhile")
-            super().restore_page(guest_id, pool_id, oid, index, data)
+        calls: list[tuple[int, int]] = []
 
-    tmem = Destroyed({1: [_Pool(0, "persistent"), _Pool(1, "persistent")]})
+        def restore_pages(
+            self, guest_id: int, pool_id: int, pages: Iterable[tuple[int, int, bytes]]
+        ) -> int:
+            self.calls.append((guest_id, pool_id))
+            # pool 1 is destroyed after three of its chunks went in
+            if pool_id == 1 and sum(k[1] == 1 for k in self.restored) >= 300:
+                raise UnknownPool("pool 1 was destroyed meanwhile")
+            return super().restore_pages(guest_id, pool_id, pages)
+
+    pools = [_Pool(p, "persistent") for p in range(3)]
+    tmem = Destroyed({1: pools})
     report = await reload_journal(journal, tmem, chunk=100)
-    assert all(k[1] == 0 for k in list(tmem.restored)[501:])
-    assert report.pages == len(tmem.restored)
-    assert sum(k[1] == 0 for k in tmem.restored) == 1500
+    per_pool = [sum(k[1] == p for k in tmem.restored) for p in range(3)]
+    assert per_pool == [1000, 300, 1000]  # the pools after the destroyed one are all back
+    assert report.pages == 2300
+    assert tmem.calls.count((1, 1)) == 4  # once refused, pool 1 is not asked again
 
 
 async def test_reload_of_null_journal_is_empty() -> None:
@@ -483,3 +495,40 @@ def test_writer_applies_nothing_after_a_failed_round(tmp_path: Path) -> None:
     with env.begin() as txn:
         assert txn.stat()["entries"] == 1  # round 1 only
     env.close()
+
+
+def test_load_chunks_holds_what_load_holds_one_pool_per_chunk(journal: LmdbJournal) -> None:
+    _neighbours(journal)
+    journal.record_put(1, 1, 5, 7, bytes(4096))
+    journal.sync()
+    chunks = list(journal.load_chunks(chunk=5))
+    assert all(0 < len(pages) <= 5 for _g, _p, pages in chunks)
+    flat = [(g, p, o, i, d) for g, p, pages in chunks for o, i, d in pages]
+    assert flat == list(journal.load())
+    assert len(chunks) == 12  # 4 pools of 12 pages (13 in pool (1, 1)): 5 + 5 + 2 or 3 each
+
+
+async def test_reload_into_the_core_restores_every_page_with_gc_as_it_was(
+    journal: LmdbJournal,
+) -> None:
+    import gc
+
+    from broker.core import CoreConfig, Tmem
+
+    expected: dict[tuple[int, int, int], bytes] = {}
+    for n in range(2500):
+        data = bytes(4096) if n % 10 == 0 else page(n % 700)  # zero pages and shared contents
+        journal.record_put(1, n % 2, n // 7, n % 7, data)
+        expected[(n % 2, n // 7, n % 7)] = data
+    await journal.barrier()
+    tmem = Tmem(CoreConfig(capacity_bytes=1 << 30))
+    tmem.add_guest(1, name="one")
+    for _ in range(2):
+        tmem.create_pool(1, "persistent")
+    assert gc.isenabled()
+    report = await reload_journal(journal, tmem, chunk=300)
+    assert gc.isenabled()
+    assert report.pages == 2500
+    got = {(p, o, i): d for p in (0, 1) for o, i, d in tmem.pool_pages(1, p)}
+    assert got == expected
+    assert tmem.stats()["unique_pages"] == len({d for d in expected.values() if any(d)})
