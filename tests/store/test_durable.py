@@ -532,3 +532,32 @@ async def test_reload_into_the_core_restores_every_page_with_gc_as_it_was(
     got = {(p, o, i): d for p in (0, 1) for o, i, d in tmem.pool_pages(1, p)}
     assert got == expected
     assert tmem.stats()["unique_pages"] == len({d for d in expected.values() if any(d)})
+
+
+async def test_rounds_larger_than_a_shared_memory_slot_go_inline(journal: LmdbJournal) -> None:
+    from broker.store.durable import SLOT_BYTES
+
+    count = SLOT_BYTES // 4096 + 100  # one round bigger than a slot
+    for n in range(count):
+        journal.record_put(1, 0, n, 0, page(n + 1))
+    await journal.barrier()  # the big round, inline
+    journal.record_put(1, 0, 0, 0, page(0))  # then small rounds through the slots again
+    await journal.barrier()
+    journal.record_flush(1, 0, 1, 0)
+    await journal.barrier()
+    got = {o: d for o, _i, d in journal.load_pool(1, 0)}
+    assert len(got) == count - 1
+    assert got[0] == page(0) and 1 not in got and got[count - 1] == page(count)
+    assert journal.commits == 3
+
+
+@pytest.mark.parametrize("nonzero_at", [0, 2048, 4079, 4080, 4095])
+def test_a_page_with_one_nonzero_byte_is_not_a_zero_page(
+    journal: LmdbJournal, nonzero_at: int
+) -> None:
+    data = bytearray(4096)
+    data[nonzero_at] = 7
+    journal.record_put(1, 0, 1, 1, bytes(data))
+    journal.record_put(1, 0, 1, 2, bytes(4096))
+    journal.sync()
+    assert stored(journal) == {(1, 0, 1, 1): bytes(data), (1, 0, 1, 2): bytes(4096)}
