@@ -12,9 +12,9 @@ import pytest
 
 from guest_agent.sim.agent import close_links, connect_links, create_guests, fetch_stats
 from guest_agent.sim.cli import run_against_broker
-from guest_agent.sim.runner import SimConfig, run_simulation
+from guest_agent.sim.runner import run_simulation
 from tests.e2e.brokerproc import ADMIN, BrokerProcess
-from tests.sim.expected import copy_image, expected_at_broker
+from tests.sim.expected import copy_image, expected_at_broker, small_config
 
 TMEM_AGENT = str(Path(sys.executable).parent / "tmem-agent")
 
@@ -30,21 +30,6 @@ def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
         yield proc
 
 
-def small(image: Path, **kw: object) -> SimConfig:
-    base: dict[str, object] = dict(
-        guests=4,
-        steps=40,
-        ram_pages=128,
-        anon_pages=400,
-        file_pages=600,
-        accesses_per_step=64,
-        images=[str(image)],
-        sample_every=5,
-    )
-    base.update(kw)
-    return SimConfig(**base)  # type: ignore[arg-type]
-
-
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("workload", ["mix", "scan"])
 def test_four_guests_one_image_dedup_is_exact(
@@ -52,7 +37,7 @@ def test_four_guests_one_image_dedup_is_exact(
 ) -> None:
     # No cap, no capacity pressure: nothing is declined, evicted or shed, so what the broker
     # holds at the end is exactly what the guests' models say they stored and did not take back.
-    config = small(image, workload=workload)
+    config = small_config(image, workload=workload)
     created = create_guests(broker.url, ADMIN, 4)
     links = connect_links(broker.url, [t for _, t in created])
     try:
@@ -93,7 +78,7 @@ def test_same_seed_same_fault_and_put_counts(
     runs = []
     for seed in (7, 7, 8):
         result = run_against_broker(
-            small(image, seed=seed),
+            small_config(image, seed=seed),
             broker.url,
             admin_token=ADMIN,
             cap_pages=cap_pages,
@@ -117,7 +102,7 @@ def test_declines_under_a_cap_fall_back_to_disk_and_pages_stay_correct(
     broker: BrokerProcess, image: Path
 ) -> None:
     result = run_against_broker(
-        small(image), broker.url, admin_token=ADMIN, cap_pages=30, progress=False
+        small_config(image), broker.url, admin_token=ADMIN, cap_pages=30, progress=False
     )
     t = result.totals
     declines = t["declines"]
@@ -161,7 +146,7 @@ def test_cli_prints_the_table_and_writes_json_and_plot(
 def test_tokens_of_existing_guests(broker: BrokerProcess, image: Path) -> None:
     created = create_guests(broker.url, ADMIN, 2)
     result = run_against_broker(
-        small(image, guests=2), broker.url, tokens=[t for _, t in created], progress=False
+        small_config(image, guests=2), broker.url, tokens=[t for _, t in created], progress=False
     )
     assert set(result.guests) == {"guest-0", "guest-1"}
     # No admin token: the guests' own view only, and no dedup ratio.
@@ -180,9 +165,11 @@ def test_tokens_of_existing_guests(broker: BrokerProcess, image: Path) -> None:
 def test_a_small_broker_evicts_cache_pages_but_never_loses_a_swap_page(
     broker: BrokerProcess, tmp_path: Path, image: Path
 ) -> None:
-    roomy = run_against_broker(small(image), broker.url, admin_token=ADMIN, progress=False)
+    roomy = run_against_broker(small_config(image), broker.url, admin_token=ADMIN, progress=False)
     with BrokerProcess(tmp_path / "small", durability="none", capacity="1MiB") as tight:
-        result = run_against_broker(small(image), tight.url, admin_token=ADMIN, progress=False)
+        result = run_against_broker(
+            small_config(image), tight.url, admin_token=ADMIN, progress=False
+        )
     t = result.totals
     assert result.broker_stats is not None
     assert result.broker_stats["evictions"] > 0
@@ -194,9 +181,9 @@ def test_a_small_broker_evicts_cache_pages_but_never_loses_a_swap_page(
 
 @pytest.mark.timeout(170)
 def test_guests_of_one_image_share_a_cleancache_pool(broker: BrokerProcess, image: Path) -> None:
-    private = run_against_broker(small(image), broker.url, admin_token=ADMIN, progress=False)
+    private = run_against_broker(small_config(image), broker.url, admin_token=ADMIN, progress=False)
     shared = run_against_broker(
-        small(image, shared_cache=True), broker.url, admin_token=ADMIN, progress=False
+        small_config(image, shared_cache=True), broker.url, admin_token=ADMIN, progress=False
     )
     t = shared.totals
     assert t["shared_cache_hits"] > 0 and private.totals["shared_cache_hits"] == 0

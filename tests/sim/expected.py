@@ -10,6 +10,7 @@ from pathlib import Path
 
 from guest_agent.sim.images import DEFAULT_IMAGE, ZERO_PAGE, Image, read_file_page
 from guest_agent.sim.model import GuestModel, anon_page
+from guest_agent.sim.runner import SimConfig
 
 
 @dataclass
@@ -52,3 +53,19 @@ def copy_image(dest: Path, *, max_files: int = 120, max_bytes: int = 3 << 20) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f.path, target)
     return dest
+
+
+def small_config(image: Path, **kw: object) -> SimConfig:
+    """A small, fast simulation over ``image`` (4 guests, 40 steps); ``kw`` overrides."""
+    base: dict[str, object] = dict(
+        guests=4,
+        steps=40,
+        ram_pages=128,
+        anon_pages=400,
+        file_pages=600,
+        accesses_per_step=64,
+        images=[str(image)],
+        sample_every=5,
+    )
+    base.update(kw)
+    return SimConfig(**base)  # type: ignore[arg-type]

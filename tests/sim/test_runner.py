@@ -18,24 +18,9 @@ from guest_agent.sim.runner import (
     run_simulation,
 )
 
-from .expected import expected_at_broker
+from .expected import expected_at_broker, small_config
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def config(image: Path, **kw: object) -> SimConfig:
-    base: dict[str, object] = dict(
-        guests=4,
-        steps=40,
-        ram_pages=128,
-        anon_pages=400,
-        file_pages=600,
-        accesses_per_step=64,
-        images=[str(image)],
-        sample_every=5,
-    )
-    base.update(kw)
-    return SimConfig(**base)  # type: ignore[arg-type]
 
 
 def twin_run(cfg: SimConfig, **kw: object) -> tuple[SimResult, MemoryBroker]:
@@ -45,9 +30,9 @@ def twin_run(cfg: SimConfig, **kw: object) -> tuple[SimResult, MemoryBroker]:
 
 
 def test_same_seed_same_counts_other_seed_other_counts(image_tree: Path) -> None:
-    a, _ = twin_run(config(image_tree, seed=11))
-    b, _ = twin_run(config(image_tree, seed=11))
-    c, _ = twin_run(config(image_tree, seed=12))
+    a, _ = twin_run(small_config(image_tree, seed=11))
+    b, _ = twin_run(small_config(image_tree, seed=11))
+    c, _ = twin_run(small_config(image_tree, seed=12))
     assert a.guests == b.guests
     assert a.totals == b.totals
     assert a.totals["faults"] > 0 and a.totals["swap_puts"] > 0
@@ -56,7 +41,7 @@ def test_same_seed_same_counts_other_seed_other_counts(image_tree: Path) -> None
 
 @pytest.mark.parametrize("workload", ["hotcold", "scan", "phases", "mix"])
 def test_dedup_at_the_twin_is_exact(image_tree: Path, workload: str) -> None:
-    result, broker = twin_run(config(image_tree, workload=workload))
+    result, broker = twin_run(small_config(image_tree, workload=workload))
     exp = expected_at_broker(result.models.values())
     st = broker.stats()
     assert exp.logical_pages > 0 and exp.unique_pages > 0
@@ -75,15 +60,15 @@ def test_different_images_share_less(image_tree: Path, tmp_path: Path) -> None:
     for i in range(40):
         # distinct contents: no page of this tree equals a page of the copied /usr/lib files
         (other / f"f{i:02d}").write_bytes(bytes([i + 1]) * (4096 * 20))
-    same, _ = twin_run(config(image_tree))
-    mixed, _ = twin_run(config(image_tree, images=[str(image_tree), str(other)]))
+    same, _ = twin_run(small_config(image_tree))
+    mixed, _ = twin_run(small_config(image_tree, images=[str(image_tree), str(other)]))
     assert same.broker_stats is not None and mixed.broker_stats is not None
     assert mixed.broker_stats["dedup_ratio"] < same.broker_stats["dedup_ratio"]
     assert len(mixed.images) == 2
 
 
 def test_report_json_and_plot(image_tree: Path, tmp_path: Path) -> None:
-    result, _ = twin_run(config(image_tree))
+    result, _ = twin_run(small_config(image_tree))
     console = Console(width=200, record=True)
     console.print(figures_table(result))
     console.print(broker_table(result))
@@ -112,7 +97,7 @@ def test_modelled_time_is_disk_time_avoided_minus_broker_time() -> None:
 
 
 def test_pressure_is_reported_periodically(image_tree: Path) -> None:
-    cfg = config(image_tree, pressure_every=10)
+    cfg = small_config(image_tree, pressure_every=10)
     broker = MemoryBroker()
     links = memory_links(cfg, broker)
     run_simulation(cfg, links)
@@ -123,7 +108,7 @@ def test_pressure_is_reported_periodically(image_tree: Path) -> None:
 
 
 def test_sheds_are_answered_and_the_guest_resyncs(image_tree: Path) -> None:
-    cfg = config(image_tree, notices_every=5)
+    cfg = small_config(image_tree, notices_every=5)
     broker = MemoryBroker()
     links = memory_links(cfg, broker)
 
@@ -148,8 +133,8 @@ def test_sheds_are_answered_and_the_guest_resyncs(image_tree: Path) -> None:
 
 
 def test_a_shared_cache_serves_one_guests_pages_to_another(image_tree: Path) -> None:
-    private, _ = twin_run(config(image_tree))
-    shared, broker = twin_run(config(image_tree, shared_cache=True))
+    private, _ = twin_run(small_config(image_tree))
+    shared, broker = twin_run(small_config(image_tree, shared_cache=True))
     assert private.totals["shared_cache_hits"] == 0
     assert shared.totals["shared_cache_hits"] > 0
     assert shared.totals["cache_misses"] < private.totals["cache_misses"]
