@@ -28,16 +28,23 @@ written per commit; see :mod:`broker.store.writer`).
 Group commit: ``record_*`` only appends the encoded record to an in-memory list (O(1), on the
 event loop). A single committer task copies everything recorded so far into a shared-memory slot
 and sends its number to the writer process (:mod:`broker.store.writer`; a round larger than a
-slot is sent through the socket instead), which applies it in one write transaction and fsyncs while the event loop keeps accepting requests; then the task wakes every
-barrier waiting for a record at or before that point. Records made while a round commits form
-the next round, so N concurrent writers share one fsync. Records apply in the order they were
-made, so a put then a flush of the same handle in one round ends flushed.
+slot is sent through the socket instead). The writer appends the round to its write-ahead log
+(one write, one ``fdatasync``) and answers; the event loop keeps accepting requests meanwhile,
+and the answer wakes every barrier waiting for a record at or before that point. Records made
+while a round commits form the next round, so N concurrent writers share one fsync. Records
+apply in the order they were made, so a put then a flush of the same handle in one round ends
+flushed. The writer applies logged rounds to LMDB in the background and commits LMDB every
+quarter of the log (``wal_bytes``, 64 MiB) or when the broker goes quiet; a start replays what
+the log holds beyond LMDB's last commit. ``wal_bytes=0`` commits each round to LMDB before
+answering instead (why the log is faster: :mod:`broker.store.writer`).
 
 Why a writer process rather than a thread: py-lmdb drops and retakes the GIL around every put,
 so a writer thread waits for the busy event loop once per page. Measured with a CPU-bound
 thread beside it, a writer thread committed 12.5k pages/s instead of 56k (``bench/`` notes).
-Reads (:meth:`LmdbJournal.load`, :meth:`~LmdbJournal.load_pool`) happen in the broker process:
-LMDB readers and a writer in another process see the same committed snapshots.
+Reads (:meth:`LmdbJournal.load`, :meth:`~LmdbJournal.load_pool`, ...) happen in the broker
+process: LMDB readers and a writer in another process see the same committed snapshots. Each
+reader first asks the writer for a checkpoint (:meth:`LmdbJournal.checkpoint`), so it sees every
+acknowledged record.
 """
 
 from __future__ import annotations
@@ -108,7 +115,13 @@ class LmdbJournal:
     Outside an event loop call :meth:`sync` to commit what was recorded.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = DEFAULT_MAP_SIZE,
+        wal_bytes: int = _writer.WAL_BYTES,
+    ) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         # This process only reads; the writer process commits, with sync/metasync: fsync every
@@ -131,6 +144,7 @@ class LmdbJournal:
                     str(map_size),
                     str(shm_fd),
                     str(SLOT_BYTES),
+                    str(wal_bytes),
                 ],
                 pass_fds=(theirs.fileno(), shm_fd),
                 stdin=subprocess.DEVNULL,
@@ -139,13 +153,37 @@ class LmdbJournal:
             os.close(shm_fd)  # both mappings stay valid without it
         theirs.close()
         self._slots = memoryview(self._shm)
-        ours.setblocking(False)
         self._sock = ours
+        # The writer first replays its log into LMDB (what a crash left there); reads of LMDB
+        # must wait for that, and a log it cannot replay must stop the broker, not be skipped.
+        reply = _writer.recv_exact(ours, _writer.REPLY.size)
+        _, status, replayed, micros, msg_len = (
+            _writer.REPLY.unpack(reply) if reply is not None else (0, 1, 0, 0, 0)
+        )
+        if status != 0:
+            msg = (_writer.recv_exact(ours, msg_len) or b"") if msg_len else b""
+            self._close_process()
+            self._slots.release()
+            self._shm.close()
+            self._env.close()
+            raise JournalFailed(
+                f"journal at {self.path} could not be opened: "
+                f"{msg.decode(errors='replace') or 'the writer process exited'}"
+            )
+        if replayed:
+            log.warning(
+                "journal: replayed %d rounds from the log into LMDB in %.1f ms (the last run "
+                "stopped without committing them)",
+                replayed,
+                micros / 1000,
+            )
+        ours.setblocking(False)
         self._parts: list[bytes | memoryview] = [b""]  # [0]: the frame head, set per round
         self._bytes = 0
         self._round = 0
         self._recorded = 0  # records made so far
         self._durable = 0  # records known to be on disk
+        self._checkpointed = 0  # records known to be in LMDB (readable by load() and friends)
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
@@ -344,6 +382,36 @@ class LmdbJournal:
             sock.setblocking(False)
         self._durable = upto
 
+    def checkpoint(self) -> None:
+        """Make every durable record readable from LMDB: the writer applies what its log holds
+        and commits. The readers below call it; outside an event loop, or with no round
+        running."""
+        if self._checkpointed >= self._durable or self._failed is not None or self._closed:
+            return
+        if self._task is not None:
+            return  # a round is on the socket: read what LMDB holds (its last checkpoint)
+        self._round += 1
+        round_id = self._round
+        upto = self._durable
+        sock = self._sock
+        try:
+            sock.setblocking(True)
+            sock.sendall(_writer.REQUEST.pack(round_id, 0, _writer.CHECKPOINT))
+            reply = _writer.recv_exact(sock, _writer.REPLY.size)
+            msg_len = _writer.REPLY.unpack(reply)[4] if reply is not None else 0
+            msg = (_writer.recv_exact(sock, msg_len) or b"") if msg_len else b""
+            got, status = _writer.REPLY.unpack(reply)[:2] if reply is not None else (0, 1)
+            if reply is None or got != round_id or status != 0:
+                raise JournalFailed(
+                    f"journal checkpoint failed: {msg.decode(errors='replace') or 'no answer'}"
+                )
+        except (OSError, JournalFailed) as exc:
+            self._failed = exc
+            raise JournalFailed(f"journal checkpoint failed: {exc}") from exc
+        finally:
+            sock.setblocking(False)
+        self._checkpointed = upto
+
     # -- reading -----------------------------------------------------------------------------
 
     def load(self) -> Iterator[tuple[int, int, int, int, bytes]]:
@@ -351,6 +419,7 @@ class LmdbJournal:
 
         Reads one consistent snapshot; records not yet committed are not included.
         """
+        self.checkpoint()
         unpack = _KEY.unpack_from
         from_bytes = int.from_bytes
         join = b"".join
@@ -371,6 +440,7 @@ class LmdbJournal:
 
         Reads one consistent snapshot, as :meth:`load`.
         """
+        self.checkpoint()
         unpack = _KEY.unpack_from
         from_bytes = int.from_bytes
         join = b"".join
@@ -406,6 +476,7 @@ class LmdbJournal:
 
     def load_pool(self, guest_id: int, pool_id: int) -> Iterator[tuple[int, int, bytes]]:
         """The pages of one pool as ``(oid, index, page)``, in handle order."""
+        self.checkpoint()
         prefix = _POOL.pack(guest_id, pool_id)
         n = len(prefix)
         with self._env.begin(buffers=True) as txn:
@@ -421,6 +492,7 @@ class LmdbJournal:
 
     def pools(self) -> list[tuple[int, int]]:
         """The ``(guest_id, pool_id)`` pairs holding at least one page; skips over the pages."""
+        self.checkpoint()
         out: list[tuple[int, int]] = []
         with self._env.begin() as txn:
             cur = txn.cursor()
@@ -434,6 +506,7 @@ class LmdbJournal:
 
     def count(self) -> int:
         """How many pages the journal holds on disk."""
+        self.checkpoint()
         return int(self._env.stat()["entries"])
 
     # -- closing -----------------------------------------------------------------------------
@@ -454,12 +527,7 @@ class LmdbJournal:
             except JournalFailed:
                 log.exception("journal: the last records could not be committed at close")
         self._closed = True
-        self._sock.close()  # the writer finishes its round, sees EOF and exits
-        try:
-            self._proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        self._close_process()
         self._slots.release()
         self._shm.close()
         self._env.close()
@@ -471,6 +539,15 @@ class LmdbJournal:
                 self.committed_records / self.commits,
                 1000 * self.commit_seconds / self.commits,
             )
+
+    def _close_process(self) -> None:
+        # the writer finishes its round, sees EOF, commits its log to LMDB and exits
+        self._sock.close()
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
 
 async def _recv_exact_async(

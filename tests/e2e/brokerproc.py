@@ -96,12 +96,25 @@ class BrokerProcess:
         except OSError:
             return ""
 
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a crash."""
+    def kill(self, *, children: bool = False) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash. ``children``: its child processes
+        (the journal's writer) die first, as when a whole container is killed."""
         if self.proc is not None and self.proc.poll() is None:
+            if children:
+                for pid in self.child_pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
+
+    def child_pids(self) -> list[int]:
+        assert self.proc is not None
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -58,6 +58,7 @@ def test_round_trip_survives_reopen(tmp_path: Path) -> None:
 def test_zero_page_takes_no_bytes(journal: LmdbJournal) -> None:
     journal.record_put(1, 0, 1, 1, bytes(4096))
     journal.sync()
+    journal.checkpoint()  # from the writer's log into LMDB, where _env reads
     with journal._env.begin() as txn:
         assert [v for _k, v in txn.cursor()] == [b""]
     assert journal._env.stat()["overflow_pages"] == 0
@@ -72,6 +73,7 @@ def test_a_page_takes_one_lmdb_page_and_a_handle_one_key(journal: LmdbJournal) -
     for n in range(100):  # replacing with a different tail must not leave the old key behind
         journal.record_put(1, 0, n, 0, page(n + 1000))
     journal.sync()
+    journal.checkpoint()
     stat = journal._env.stat()
     assert stat["entries"] == 100
     assert stat["overflow_pages"] == 100
@@ -226,19 +228,64 @@ async def test_a_dead_writer_fails_every_waiter_and_later_barriers(journal: Lmdb
         await journal.barrier()
 
 
-async def test_a_commit_the_writer_cannot_make_is_refused(tmp_path: Path) -> None:
-    # A map too small for the round: the writer's transaction fails as on a full disk.
+async def test_a_commit_lmdb_cannot_make_keeps_the_log_and_refuses_later_rounds(
+    tmp_path: Path,
+) -> None:
+    # A map too small for the round: LMDB's transaction fails as on a full disk. The round was
+    # acknowledged from the writer's log, so it must survive: later rounds are refused, a
+    # restart that still cannot apply the log refuses to start, and one that can has the pages.
+    expected = {(1, 0, n, 0): page(n + 1) for n in range(64)}
     j = LmdbJournal(tmp_path / "j", map_size=1 << 16)
     try:
         for n in range(64):
             j.record_put(1, 0, n, 0, page(n + 1))
+        await j.barrier()  # durable: in the log
         with pytest.raises(JournalFailed, match="MapFull"):
-            await j.barrier()
-        assert j.count() == 0  # the failed round left nothing behind
+            j.checkpoint()  # applying the log to LMDB fails
+        j.record_put(1, 0, 99, 0, page(99))
         with pytest.raises(JournalFailed):
             await j.barrier()
     finally:
         j.close()
+    with pytest.raises(JournalFailed, match="MapFull"):
+        LmdbJournal(tmp_path / "j", map_size=1 << 16)
+    j2 = LmdbJournal(tmp_path / "j")
+    try:
+        assert stored(j2) == expected
+    finally:
+        j2.close()
+
+
+async def test_acknowledged_rounds_survive_a_killed_writer(tmp_path: Path) -> None:
+    # Rounds answered from the log but not yet in LMDB: a SIGKILL of the writer, then a start
+    # that replays the log, must show every one of them, and nothing the broker did not record.
+    j = LmdbJournal(tmp_path / "j")
+    acked: dict[tuple[int, int, int, int], bytes] = {}
+    try:
+
+        async def writer(w: int) -> None:
+            for k in range(30):
+                journal_page = page(w * 100 + k + 1)
+                j.record_put(1, 0, w, k, journal_page)
+                if k % 3 == 2:
+                    j.record_flush(1, 0, w, k - 1)
+                await j.barrier()
+                acked[(1, 0, w, k)] = journal_page
+                if k % 3 == 2:
+                    acked.pop((1, 0, w, k - 1))
+
+        await asyncio.gather(*(writer(w) for w in range(8)))
+        assert not j.pending
+    finally:
+        j._proc.kill()
+        j._proc.wait()
+        j.close()
+    j2 = LmdbJournal(tmp_path / "j")
+    try:
+        assert stored(j2) == acked
+        assert j2.count() == len(acked)
+    finally:
+        j2.close()
 
 
 def test_writer_refuses_an_unknown_record_kind(tmp_path: Path) -> None:
