@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     capacity: Size = 1 << 30
     database_url: str | None = None
     durability: Literal["sync", "none"] = "sync"
+    # the durable journal's write-ahead log (docs/durability.md); 0: every round commits to
+    # LMDB before it is answered
+    journal_log: Size = 64 << 20
     admin_token: SecretStr | None = None
     max_batch_ops: Annotated[int, Field(ge=1, le=65536)] = 1024
     max_pools_per_guest: Annotated[int, Field(ge=1, le=1024)] = 16
@@ -93,6 +96,13 @@ class Settings(BaseSettings):
     def _capacity_holds_a_page(cls, value: int) -> int:
         if value < PAGE_SIZE:
             raise ValueError(f"capacity must hold at least one page ({PAGE_SIZE} bytes)")
+        return value
+
+    @field_validator("journal_log")
+    @classmethod
+    def _journal_log_size(cls, value: int) -> int:
+        if value and not (4 << 20) <= value <= (64 << 30):
+            raise ValueError("journal_log must be 0 (off) or between 4MiB and 64GiB")
         return value
 
     @model_validator(mode="after")

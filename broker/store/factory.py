@@ -7,6 +7,7 @@ from typing import Any
 
 from broker.store.durable import LmdbJournal
 from broker.store.null import NullJournal
+from broker.store.writer import WAL_BYTES
 
 JOURNAL_DIR = "journal"
 
@@ -20,4 +21,6 @@ def open_journal(settings: Any) -> NullJournal | LmdbJournal:
         return NullJournal()
     if durability != "sync":
         raise ValueError(f"unknown durability {durability!r}: use 'sync' or 'none'")
-    return LmdbJournal(Path(settings.data_dir) / JOURNAL_DIR)
+    return LmdbJournal(
+        Path(settings.data_dir) / JOURNAL_DIR, wal_bytes=getattr(settings, "journal_log", WAL_BYTES)
+    )
