@@ -172,3 +172,22 @@ def test_rounds_larger_than_the_log_go_straight_to_lmdb(tmp_path: Path, wal_byte
         assert len(got) == 699 and 5 not in got and got[699] == page(699)
     finally:
         j.close()
+
+
+def test_the_journal_log_setting_sizes_the_log_or_turns_it_off(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from broker.settings import Settings
+    from broker.store import open_journal
+
+    for size, expected in (("8MiB", 8 << 20), ("0", None)):
+        data = tmp_path / size
+        j = open_journal(Settings(data_dir=data, journal_log=size))
+        try:
+            log = data / "journal" / writer.WAL_NAME
+            assert (log.stat().st_size if log.exists() else None) == expected
+        finally:
+            j.close()
+    for bad in ("1MiB", "65GiB"):
+        with pytest.raises(ValidationError, match="journal_log"):
+            Settings(journal_log=bad)
