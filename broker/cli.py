@@ -2,8 +2,9 @@
 
 ::
 
-    tmem-broker serve [--host 127.0.0.1] [--port 8470] [--data-dir ./var] [--capacity 1GiB]
-                      [--database-url URL] [--durability sync|none] [--admin-token T]
+    tmem-broker serve [--host 127.0.0.1] [--port 8470] [--uds PATH] [--data-dir ./var]
+                      [--capacity 1GiB] [--database-url URL] [--durability sync|none]
+                      [--admin-token T]
     tmem-broker db upgrade [--database-url URL] [--data-dir ./var]
     tmem-broker admin {create-guest,list,show,freeze,thaw,flush,delete,stats,shared-auth} ...
     tmem-broker migrate --from URL --to URL --guest NAME [--from-token T] [--to-token T]
@@ -16,9 +17,11 @@ commands talk HTTP to a running broker (``--url``, default ``$TMEM_URL`` or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -58,6 +61,10 @@ def _settings(**flags: Any) -> Settings:
 def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on [127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port [8470]")] = None,
+    uds: Annotated[
+        Path | None,
+        typer.Option(help="also listen on this Unix socket (agents: --broker unix:PATH)"),
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="SQLite, journal, admin token [./var]")
     ] = None,
@@ -76,6 +83,7 @@ def serve(
     settings = _settings(
         host=host,
         port=port,
+        uds=uds,
         data_dir=data_dir,
         capacity=capacity,
         database_url=database_url,
@@ -93,9 +101,8 @@ def serve(
     )
     _buffer_whole_batches(settings.max_batch_bytes)
     _keep_freed_buffers(settings.max_batch_bytes)
-    uvicorn.run(
-        # The page routes skip FastAPI's middleware stack (broker/api/front.py).
-        HotRoutes(create_app(settings)),
+    app = HotRoutes(create_app(settings))  # page routes skip FastAPI's middleware stack
+    options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -106,6 +113,58 @@ def serve(
         # thousands of requests a second: only at debug level (/metrics counts operations).
         access_log=settings.log_level == "debug",
     )
+    if settings.uds is None:
+        uvicorn.run(app, **options)
+        return
+    # TCP and the Unix socket: one server, the same front door and protocol on both
+    uds_path = settings.uds
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # here, not after run(): uvicorn re-raises SIGTERM once serving ends
+            with contextlib.suppress(OSError):
+                uds_path.unlink()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, **options)
+    server = Server(config)
+    sockets = [config.bind_socket(), _bind_unix(uds_path)]
+    try:
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sock in sockets:
+            sock.close()
+    if not server.started:
+        with contextlib.suppress(OSError):
+            uds_path.unlink()
+        raise typer.Exit(3)  # uvicorn's startup-failure status
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """A Unix stream socket bound at ``path`` (a stale socket file there is replaced).
+
+    Its mode follows the umask: who may connect is decided by the file's permissions, and
+    every request still needs its bearer token. uvicorn starts listening on it after the
+    app's startup, like on the TCP socket.
+    """
+    if path.is_socket():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            in_use = probe.connect_ex(str(path)) == 0
+        if in_use:
+            err.print(f"[red]cannot listen on {path}[/red]: another process listens there")
+            raise typer.Exit(2)
+        path.unlink()  # left by a broker that did not stop cleanly
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        err.print(f"[red]cannot listen on {path}[/red]: {exc}")
+        raise typer.Exit(2) from exc
+    logging.getLogger("uvicorn.error").info("Uvicorn running on unix socket %s", path)
+    return sock
 
 
 def _buffer_whole_batches(limit: int) -> None:

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8470
+    # also listen on this Unix domain socket (agents on the same host: ``unix:PATH``)
+    uds: Path | None = None
     data_dir: Path = Path("./var")
     capacity: Size = 1 << 30
     database_url: str | None = None

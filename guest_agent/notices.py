@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.client import unix_connect as ws_unix_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from guest_agent.client import AsyncTmemClient
@@ -47,12 +48,15 @@ from guest_agent.errors import (
     TmemClientError,
 )
 from guest_agent.shims import Frontswap
+from guest_agent.transport import unix_socket_path
 from schemas.wire import Notice
 
 __all__ = ["NoticeHandler", "NoticeStream", "run_notices"]
 
 
 def _ws_url(base_url: str, after: int) -> str:
+    if unix_socket_path(base_url) is not None:
+        return f"ws://localhost/v1/notices/ws?after={after}"
     parts = urlsplit(base_url)
     scheme = "wss" if parts.scheme == "https" else "ws"
     path = parts.path.rstrip("/") + "/v1/notices/ws"
@@ -144,7 +148,13 @@ class NoticeStream:
         url = _ws_url(self.base_url, self.last_seq)
         headers = {"Authorization": f"Bearer {self._token}"}
         try:
-            ws = await ws_connect(url, additional_headers=headers, proxy=None, open_timeout=10)
+            unix = unix_socket_path(self.base_url)
+            if unix is not None:
+                ws = await ws_unix_connect(
+                    unix, url, additional_headers=headers, proxy=None, open_timeout=10
+                )
+            else:
+                ws = await ws_connect(url, additional_headers=headers, proxy=None, open_timeout=10)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 401:

@@ -33,13 +33,12 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid as uuidlib
 from collections.abc import Sequence
 from typing import Any
 
 from guest_agent.client import PutResult, TmemClient
+from guest_agent.errors import BrokerUnavailable
 from guest_agent.notices import NoticeHandler
 from guest_agent.shims import Cleancache, Frontswap, frontswap_handle
 from guest_agent.transport import HTTPTransport, Request, Response, Transport
@@ -257,20 +256,23 @@ class AgentLink:
 
 
 def _admin(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
+    # the agent's own transport, so ``url`` may be ``unix:PATH`` as for every agent command
+    headers = [("Authorization", f"Bearer {token}")]
+    data = b""
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers.append(("Content-Type", "application/json"))
+    transport = HTTPTransport(url, timeout=30)
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:300]
-        raise BrokerSetupError(f"{method} {path}: {exc.code} {detail}") from exc
-    except OSError as exc:
+        resp = transport.handle_request(Request(method, path, data, headers))
+    except (BrokerUnavailable, OSError) as exc:
         raise BrokerSetupError(f"{method} {path}: broker unreachable at {url}: {exc}") from exc
-    return json.loads(raw) if raw else None
+    finally:
+        transport.close()
+    if resp.status >= 400:
+        detail = resp.body.decode(errors="replace")[:300]
+        raise BrokerSetupError(f"{method} {path}: {resp.status} {detail}")
+    return json.loads(resp.body) if resp.body else None
 
 
 def create_guests(

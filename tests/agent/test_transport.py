@@ -8,11 +8,12 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from guest_agent.errors import BrokerUnavailable, ProtocolError
-from guest_agent.transport import AsyncHTTPTransport, HTTPTransport, Request
+from guest_agent.transport import AsyncHTTPTransport, HTTPTransport, Request, unix_socket_path
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -31,12 +32,19 @@ Script = Callable[[Seen, int], "tuple[bytes | None, bool]"]
 
 
 class ScriptedServer:
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, unix: Path | None = None) -> None:
         self.script = script
         self.seen: list[Seen] = []
         self.connections = 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
+        self.unix = unix
+        if unix is None:
+            self._sock = socket.create_server(("127.0.0.1", 0))
+            self.port = self._sock.getsockname()[1]
+        else:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.bind(str(unix))
+            self._sock.listen()
+            self.port = 0
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
         self._stop = False
@@ -45,6 +53,8 @@ class ScriptedServer:
 
     @property
     def url(self) -> str:
+        if self.unix is not None:
+            return f"unix:{self.unix}"
         return f"http://127.0.0.1:{self.port}"
 
     def _accept_loop(self) -> None:
@@ -107,8 +117,8 @@ class ScriptedServer:
 
 
 @contextlib.contextmanager
-def serve(script: Script) -> Iterator[ScriptedServer]:
-    server = ScriptedServer(script)
+def serve(script: Script, unix: Path | None = None) -> Iterator[ScriptedServer]:
+    server = ScriptedServer(script, unix)
     try:
         yield server
     finally:
@@ -272,6 +282,48 @@ def test_bad_urls_are_refused() -> None:
         HTTPTransport("ftp://x")
     with pytest.raises(ValueError):
         AsyncHTTPTransport("http://")
+    with pytest.raises(ValueError):
+        HTTPTransport("unix:")
+
+
+def test_unix_socket_addresses() -> None:
+    assert unix_socket_path("unix:/run/tmem/broker.sock") == "/run/tmem/broker.sock"
+    assert unix_socket_path("unix:var/broker.sock") == "var/broker.sock"  # relative to the cwd
+    assert unix_socket_path("http://127.0.0.1:8470") is None
+
+
+def test_keep_alive_on_a_unix_socket(tmp_path: Path) -> None:
+    with serve(echo, unix=tmp_path / "b.sock") as server:
+        t = HTTPTransport(server.url)
+        for i in range(20):
+            r = t.handle_request(Request("PUT", f"/p/{i}", b"x" * 4096))
+            assert r.body == f"PUT /p/{i} 4096".encode()
+        big = t.handle_request(Request("POST", "/big", b"y" * 300_000))
+        assert big.body == b"POST /big 300000"
+        t.close()
+        assert server.connections == 1
+        assert server.seen[0].headers["host"] == "localhost"
+
+
+def test_unix_socket_nobody_listens(tmp_path: Path) -> None:
+    with pytest.raises(BrokerUnavailable):
+        HTTPTransport(f"unix:{tmp_path / 'none.sock'}").handle_request(Request("GET", "/"))
+
+
+async def test_async_transport_on_a_unix_socket(tmp_path: Path) -> None:
+    with serve(echo, unix=tmp_path / "b.sock") as server:
+        t = AsyncHTTPTransport(server.url, max_connections=2)
+        for i in range(20):
+            r = await t.handle_async_request(Request("PUT", f"/p/{i}", b"x" * 4096))
+            assert r.body == f"PUT /p/{i} 4096".encode()
+        big = await t.handle_async_request(Request("POST", "/big", b"y" * 200_000))
+        assert big.body == b"POST /big 200000"
+        await t.aclose()
+        assert server.connections == 1
+        assert server.seen[0].headers["host"] == "localhost"
+    t = AsyncHTTPTransport(f"unix:{tmp_path / 'none.sock'}", timeout=2)
+    with pytest.raises(BrokerUnavailable):
+        await t.handle_async_request(Request("GET", "/"))
 
 
 async def test_async_transport_pools_and_reconnects() -> None:

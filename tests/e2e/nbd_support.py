@@ -7,7 +7,12 @@
         with NbdAgent.for_broker(broker, token, tmp, size="64MiB") as agent:
             subprocess.run(["qemu-io", "-f", "raw", agent.uri, "-c", "read 0 4k"])
 
-``NbdAgent.in_memory(...)`` serves from the agent's memory (no broker).
+``NbdAgent.in_memory(...)`` serves from the agent's memory (no broker). A broker that also
+listens on a Unix socket, and an agent that reaches it there (the co-located setup)::
+
+    with UdsBrokerProcess(tmp / "broker", uds=tmp / "broker.sock") as broker:
+        with NbdAgent.for_broker(broker, token, tmp, url=broker.unix_url) as agent:
+            ...
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +51,39 @@ def persistent_pages(broker: BrokerProcess, guest_id: int) -> int:
     )
 
 
+class UdsBrokerProcess(BrokerProcess):
+    """A :class:`BrokerProcess` that also listens on the Unix socket ``uds``
+    (``tmem-broker serve --uds``, given here as ``TMEM_UDS``); agents reach it at
+    :attr:`unix_url`."""
+
+    def __init__(self, data_dir: Path, *, uds: Path, **kwargs: Any) -> None:
+        super().__init__(data_dir, **kwargs)
+        self.uds = uds
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix:{self.uds}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        saved = os.environ.get("TMEM_UDS")
+        os.environ["TMEM_UDS"] = str(self.uds)  # the child inherits it at Popen
+        try:
+            super().start(timeout)
+        finally:
+            if saved is None:
+                del os.environ["TMEM_UDS"]
+            else:
+                os.environ["TMEM_UDS"] = saved
+        deadline = time.monotonic() + timeout
+        while True:  # both listeners start together; make sure of the second one too
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                if probe.connect_ex(str(self.uds)) == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {self.uds}:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+
 class NbdAgent:
     """One ``tmem-agent nbd`` process listening on a free 127.0.0.1 port."""
 
@@ -67,8 +106,10 @@ class NbdAgent:
         *,
         size: str = "64MiB",
         extra: tuple[str, ...] = (),
+        url: str | None = None,
     ) -> NbdAgent:
-        args = ["--broker", broker.url, "--token", token, "--size", size]
+        """An agent on ``broker`` (at ``url``, e.g. a ``unix:PATH``; by default its TCP URL)."""
+        args = ["--broker", url or broker.url, "--token", token, "--size", size]
         args += ["--fallback", str(tmp / "fallback.img"), "--log-level", "INFO", *extra]
         return cls(args, tmp / "agent.log")
 
