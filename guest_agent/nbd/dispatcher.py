@@ -34,7 +34,6 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from guest_agent.nbd.backend import BLOCK_SIZE, ZERO_BLOCK, BlockBackend
@@ -50,43 +49,71 @@ FLUSH = 4
 EXCLUSIVE = 5
 
 _T = TypeVar("_T")
+_NO_BLOCKS = range(0)
 
 
 Completion = Callable[["BlockRequest", "bytes | None", "BaseException | None"], None]
 """Called once when a request completes: (request, read data or None, error or None)."""
 
 
-@dataclass(eq=False)
 class BlockRequest:
     """One NBD request as the dispatcher sees it.
 
     Completion goes to ``on_done`` when given — called synchronously by the round, which saves
     an event-loop iteration per request over a future's callback — else to :attr:`future`
-    (read data or ``None``).
+    (read data or ``None``). ``blocks`` (the 4 KiB blocks it touches) is computed once here:
+    the dispatcher looks at it several times per request.
     """
 
-    kind: int
-    offset: int
-    length: int
-    data: bytes | memoryview | None = None
-    fua: bool = False
-    on_done: Completion | None = None
-    tag: int = 0  # the caller's own reference (the server keeps the NBD handle here)
-    action: Callable[[], Awaitable[None]] | None = None  # EXCLUSIVE only
-    finished: bool = False
-    _future: asyncio.Future[bytes | None] | None = field(default=None, repr=False)
+    __slots__ = (
+        "_future",
+        "action",
+        "blocks",
+        "data",
+        "finished",
+        "fua",
+        "kind",
+        "length",
+        "offset",
+        "on_done",
+        "tag",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        offset: int,
+        length: int,
+        data: bytes | memoryview | None = None,
+        fua: bool = False,
+        on_done: Completion | None = None,
+        tag: int = 0,  # the caller's own reference (the server keeps the NBD handle here)
+        action: Callable[[], Awaitable[None]] | None = None,  # EXCLUSIVE only
+    ) -> None:
+        self.kind = kind
+        self.offset = offset
+        self.length = length
+        self.data = data
+        self.fua = fua
+        self.on_done = on_done
+        self.tag = tag
+        self.action = action
+        self.finished = False
+        self._future: asyncio.Future[bytes | None] | None = None
+        self.blocks: range = (
+            _NO_BLOCKS
+            if length == 0 or kind >= FLUSH  # FLUSH, EXCLUSIVE
+            else range(offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE + 1)
+        )
+
+    def __repr__(self) -> str:
+        return f"BlockRequest(kind={self.kind}, offset={self.offset}, length={self.length})"
 
     @property
     def future(self) -> asyncio.Future[bytes | None]:
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
         return self._future
-
-    @property
-    def blocks(self) -> range:
-        if self.length == 0 or self.kind in (FLUSH, EXCLUSIVE):
-            return range(0)
-        return range(self.offset // BLOCK_SIZE, (self.offset + self.length - 1) // BLOCK_SIZE + 1)
 
     def resolve(self, value: bytes | None = None) -> None:
         if self.finished:
@@ -304,12 +331,13 @@ class Dispatcher:
                 do_flush = True
                 continue
             do_flush = do_flush or request.fua
-            start, end = request.offset, request.offset + request.length
-            for block in request.blocks:
-                if kind == READ:
+            if kind == READ:
+                for block in request.blocks:
                     if block not in touched:
                         needed[block] = None
-                    continue
+                continue
+            start, end = request.offset, request.offset + request.length
+            for block in request.blocks:
                 whole = start <= block * BLOCK_SIZE and (block + 1) * BLOCK_SIZE <= end
                 if kind == TRIM and not whole:
                     continue  # a trim may leave partial blocks alone
@@ -341,6 +369,12 @@ class Dispatcher:
                     request.fail(
                         BackendError("an acknowledged write to this range could not be stored")
                     )
+                    continue
+                if end - start == BLOCK_SIZE and not start % BLOCK_SIZE:
+                    # one whole block: the common case (a 4 KiB read), no slicing or joining
+                    block = start // BLOCK_SIZE
+                    content = latest[block] if block in latest else base[block]
+                    request.resolve(content or ZERO_BLOCK)
                     continue
                 parts: list[bytes | memoryview] = []
                 for block in request.blocks:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 _WRITE_BUFFER_HIGH = 8 * 1024 * 1024
 _DISCARD_CHUNK = 1024 * 1024
+_READ_CHUNK = 256 * 1024
+_pack_reply = p.SIMPLE_REPLY.pack
 
 
 class NbdServer:
@@ -235,17 +237,32 @@ class NbdServer:
     async def _requests(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Connection
     ) -> None:
-        """The transmission loop: read requests, check them, queue them."""
+        """The transmission loop: read what has arrived, then check and queue every whole
+        request in it before waiting again (a client with 32 requests in flight sends several
+        per segment: one read and one dispatcher wake-up for all of them, not one each)."""
         transport = writer.transport
         reply = conn.reply
+        on_done = conn.on_done
+        enqueue = self.dispatcher.enqueue
+        unpack_from = p.REQUEST.unpack_from
+        head = p.REQUEST.size
+        buf = bytearray()
+        pos = 0  # start of the first unparsed byte in buf
         while True:
-            if transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
-                await writer.drain()
-            try:
-                req = p.parse_request(await reader.readexactly(p.REQUEST.size))
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from exc
-            kind = req.type
+            if len(buf) - pos < head:
+                del buf[:pos]
+                pos = 0
+                if transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
+                    await writer.drain()
+                chunk = await reader.read(_READ_CHUNK)
+                if not chunk:
+                    raise asyncio.IncompleteReadError(bytes(buf), None)
+                buf += chunk
+                continue
+            magic, flags, kind, handle, offset, length = unpack_from(buf, pos)
+            if magic != p.REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            pos += head
             if kind == p.CMD_DISC:
                 await conn.idle.wait()
                 conn.uncork()
@@ -253,51 +270,60 @@ class NbdServer:
                 return
             payload: bytes | None = None
             if kind == p.CMD_WRITE:
-                if req.length > self.max_block:
-                    await _skip(reader, req.length)
-                    reply(req.handle, p.EINVAL)
+                if length > self.max_block:
+                    have = min(len(buf) - pos, length)
+                    pos += have
+                    if have < length:
+                        await _skip(reader, length - have)
+                    reply(handle, p.EINVAL)
                     continue
-                payload = await reader.readexactly(req.length)
-            error = self._check(req)
+                if len(buf) - pos < length:
+                    del buf[:pos]
+                    pos = 0
+                    while len(buf) < length:
+                        chunk = await reader.read(max(length - len(buf), _READ_CHUNK))
+                        if not chunk:
+                            raise asyncio.IncompleteReadError(bytes(buf), length)
+                        buf += chunk
+                payload = bytes(buf[pos : pos + length])
+                pos += length
+            error = self._check(kind, flags, offset, length)
             if error:
-                reply(req.handle, error)
+                reply(handle, error)
                 continue
-            if req.length == 0 and kind != p.CMD_FLUSH:
-                reply(req.handle, 0, b"" if kind == p.CMD_READ else None)
+            if length == 0 and kind != p.CMD_FLUSH:
+                reply(handle, 0, b"" if kind == p.CMD_READ else None)
                 continue
-            fua = bool(req.flags & p.CMD_FLAG_FUA)
+            fua = bool(flags & p.CMD_FLAG_FUA)
             if kind == p.CMD_READ:
-                request = BlockRequest(READ, req.offset, req.length)
+                request = BlockRequest(READ, offset, length, None, False, on_done, handle)
             elif kind == p.CMD_WRITE:
-                request = BlockRequest(WRITE, req.offset, req.length, payload, fua)
+                request = BlockRequest(WRITE, offset, length, payload, fua, on_done, handle)
             elif kind == p.CMD_WRITE_ZEROES:
-                request = BlockRequest(ZERO, req.offset, req.length, None, fua)
+                request = BlockRequest(ZERO, offset, length, None, fua, on_done, handle)
             elif kind == p.CMD_TRIM:
-                request = BlockRequest(TRIM, req.offset, req.length, None, fua)
+                request = BlockRequest(TRIM, offset, length, None, fua, on_done, handle)
             else:
-                request = BlockRequest(FLUSH, 0, 0)
-            request.on_done = conn.on_done
-            request.tag = req.handle
+                request = BlockRequest(FLUSH, 0, 0, None, False, on_done, handle)
             try:
-                self.dispatcher.enqueue(request)
+                enqueue(request)
             except RuntimeError:
-                reply(req.handle, p.ESHUTDOWN)
+                reply(handle, p.ESHUTDOWN)
                 continue
             conn.started()
 
-    def _check(self, req: p.Request) -> int:
+    def _check(self, kind: int, flags: int, offset: int, length: int) -> int:
         """The error a request gets before it reaches the store, or 0."""
-        kind = req.type
         allowed = p.ALLOWED_CMD_FLAGS.get(kind)
         if allowed is None:
             return p.EINVAL  # unknown command (CACHE and BLOCK_STATUS are not advertised)
-        if req.flags & ~allowed:
+        if flags & ~allowed:
             return p.EINVAL
         if kind == p.CMD_FLUSH:
-            return p.EINVAL if req.offset or req.length else 0
-        end = req.offset + req.length
+            return p.EINVAL if offset or length else 0
+        end = offset + length
         if kind == p.CMD_READ:
-            if req.length > self.max_block:
+            if length > self.max_block:
                 return p.EINVAL
             return p.EINVAL if end > self.size else 0
         if kind == p.CMD_WRITE:
@@ -305,7 +331,7 @@ class NbdServer:
         if kind == p.CMD_WRITE_ZEROES:
             if end > self.size:
                 return p.ENOSPC
-            return p.EINVAL if req.length > self.max_block else 0
+            return p.EINVAL if length > self.max_block else 0
         if kind == p.CMD_TRIM:
             return p.EINVAL if end > self.size else 0
         return p.EINVAL
@@ -353,8 +379,10 @@ class _Connection:
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self.uncork)
-        header = p.simple_reply(handle, error)
-        self.corked.append(header + data if data else header)
+        # the header and the data are joined with the other replies in uncork (one copy)
+        self.corked.append(p.simple_reply(handle, error))
+        if data:
+            self.corked.append(data)
 
     def on_done(
         self, request: BlockRequest, value: bytes | None, exc: BaseException | None
@@ -366,5 +394,14 @@ class _Connection:
             if not isinstance(exc, BackendError):
                 log.error("nbd request failed", exc_info=exc)
             self.reply(request.tag, p.EIO)
-        else:
-            self.reply(request.tag, 0, value)
+            return
+        # reply(), inlined: this runs once per request
+        if self.transport.is_closing():
+            return
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.uncork)
+        corked = self.corked
+        corked.append(_pack_reply(p.SIMPLE_REPLY_MAGIC, 0, request.tag))
+        if value:
+            corked.append(value)

@@ -310,6 +310,50 @@ async def test_pipelined_requests_are_batched_and_ordered(served: Served) -> Non
     await client.close()
 
 
+@pytest.mark.timeout(30)
+async def test_requests_split_anywhere_across_segments(served: Served) -> None:
+    # The server parses whole requests out of whatever arrived; headers and payloads cut at
+    # any byte (and an oversized write's payload, skipped partly from the same segment) must
+    # not change a thing.
+    client = await connected(served)
+    rng = random.Random(7)
+    stream = bytearray()
+    model = bytearray(SIZE)
+    expected: dict[int, tuple[int, bytes]] = {}  # handle -> (error, read data)
+    handle = 0
+
+    def request(cmd: int, offset: int, length: int, data: bytes = b"") -> int:
+        nonlocal handle
+        handle += 1
+        stream.extend(p.REQUEST.pack(p.REQUEST_MAGIC, 0, cmd, handle, offset, length) + data)
+        if cmd == p.CMD_READ:
+            client._read_lengths[handle] = length
+        return handle
+
+    for i in range(60):
+        if i == 30:
+            big = (1 << 20) + 4096  # over the test server's maximum: EINVAL, payload dropped
+            expected[request(p.CMD_WRITE, 0, big, b"\xff" * big)] = (p.EINVAL, b"")
+        offset = rng.randrange(16) * 4096 + rng.randrange(2) * 100
+        if rng.random() < 0.5:
+            data = rng.randbytes(4096)
+            expected[request(p.CMD_WRITE, offset, 4096, data)] = (0, b"")
+            model[offset : offset + 4096] = data
+        else:
+            expected[request(p.CMD_READ, offset, 4096)] = (0, bytes(model[offset : offset + 4096]))
+    pos = 0
+    while pos < len(stream):
+        step = rng.choice((1, 3, 27, 28, 29, 500, 4100, 9000, 70000))
+        client.writer.write(bytes(stream[pos : pos + step]))
+        await client.writer.drain()
+        await asyncio.sleep(0)
+        pos += step
+    while expected:
+        got, error, data = await client.reply()
+        assert (error, data) == expected.pop(got)
+    await client.close()
+
+
 async def test_disconnect_answers_outstanding_requests_first(served: Served) -> None:
     client = await connected(served)
     handles = {client.send(p.CMD_WRITE, i * 4096, 4096, bytes([i]) * 4096) for i in range(32)}
