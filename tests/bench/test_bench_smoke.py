@@ -66,8 +66,14 @@ def test_nbd_section_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert {r["measure"] for r in rows} == {
-        f"fio 4k {rw} qd{d}" for rw in ("randwrite", "randread") for d in (1, 32)
+        f"fio 4k {rw} qd{d} ({path})"
+        for rw in ("randwrite", "randread")
+        for d in (1, 32)
+        for path in ("unix socket", "tcp")
     }
+    aims = {r["measure"]: r["aim"] for r in rows}
+    assert aims["fio 4k randread qd32 (unix socket)"] == ">= 0.5x"
+    assert aims["fio 4k randread qd32 (tcp)"] == ""
     assert all(r["broker"] > 0 and r["baseline"] > 0 for r in rows)
 
 
