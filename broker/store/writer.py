@@ -549,6 +549,7 @@ def serve(
             # the broker's rounds.
             _fail(sock, round_id, failed)
             continue
+        spot: tuple[int, int] | None = None
         try:
             n = count_records(body)
             spot = checkpointer.place(length) if checkpointer is not None else None
@@ -566,13 +567,14 @@ def serve(
                 except OSError:
                     checkpointer.forget(spot[1])
                     raise
-                checkpointer.written(spot[1])
         except Exception as exc:  # reported to the broker, which refuses every later barrier
             failed = repr(exc).encode()[:1000]
             _fail(sock, round_id, failed)
             continue
         micros = int((time.perf_counter() - started) * 1e6)
         sock.sendall(REPLY.pack(round_id, 0, n, micros, 0))
+        if spot is not None and checkpointer is not None:
+            checkpointer.written(spot[1])  # after the answer: the checkpointer's wake-up waits
 
 
 def main() -> None:
