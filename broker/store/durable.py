@@ -33,8 +33,8 @@ slot is sent through the socket instead). The writer appends the round to its wr
 and the answer wakes every barrier waiting for a record at or before that point. Records made
 while a round commits form the next round, so N concurrent writers share one fsync. Records
 apply in the order they were made, so a put then a flush of the same handle in one round ends
-flushed. The writer applies logged rounds to LMDB in the background and commits LMDB every
-quarter of the log (``wal_bytes``, 64 MiB) or when the broker goes quiet; a start replays what
+flushed. The writer applies logged rounds to LMDB in the background and commits LMDB when the
+broker goes quiet or half the log (``wal_bytes``, 64 MiB) waits for it; a start replays what
 the log holds beyond LMDB's last commit. ``wal_bytes=0`` commits each round to LMDB before
 answering instead (why the log is faster: :mod:`broker.store.writer`).
 

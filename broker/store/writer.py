@@ -22,8 +22,10 @@ made, so the sync moves only data blocks (1.3 ms for 1 MiB here, against 2.3 ms 
 bytes appended: an append also commits the file system's journal). Committing the round to LMDB
 instead costs applying 256 puts (1.25 ms), LMDB's write of the new pages into a growing file and
 two fsyncs, all before the answer. With the log, a second thread (:class:`Checkpointer`) applies
-acknowledged rounds to LMDB from the log's pages and commits LMDB every ``WAL_BYTES / 4`` or when
-the broker goes quiet; once that commit is on disk it records in the log's head where replay
+acknowledged rounds to LMDB from the log's pages and commits LMDB once the broker has been quiet
+for 50 ms or half the log waits for it (why half: a commit's burst of writes, 16 MiB or more,
+queues ahead of the log's next sync on the same disk; deferred to a quiet moment it costs an
+answer nothing, and half the log is left to absorb rounds while a forced one runs); once that commit is on disk it records in the log's head where replay
 must start, and only then may the log reuse the space. At start (:func:`recover`) the rounds the
 log holds past that point are applied to LMDB again and committed; applying a round twice is
 harmless, since a put, a flush and a range delete each set the state they name.
@@ -366,7 +368,7 @@ class Checkpointer(threading.Thread):
         self.todo: collections.deque[Frame | threading.Event] = collections.deque()
         self.write_pos = HEAD_BYTES
         self.next_seq = seq
-        self.commit_bytes = max(1 << 20, log.size // 4)
+        self.commit_bytes = max(1 << 20, log.size // 2)
         self.failed: bytes | None = None
         self.stopping = False
 
