@@ -49,6 +49,13 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert Settings(port=1234).port == 1234  # explicit values (flags) win
 
 
+def test_the_unix_socket_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("TMEM_UDS", raising=False)
+    assert Settings().uds is None  # TCP only unless asked
+    monkeypatch.setenv("TMEM_UDS", str(tmp_path / "broker.sock"))
+    assert Settings().uds == tmp_path / "broker.sock"
+
+
 def test_settings_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("TMEM_HOST", "TMEM_PORT", "TMEM_DATA_DIR", "TMEM_CAPACITY", "TMEM_DURABILITY"):
         monkeypatch.delenv(key, raising=False)
