@@ -177,9 +177,19 @@ class Bench:
     # ----------------------------------------------------------------- b, c
 
     def _batches(
-        self, section: str, label: str, durability: str, redis_mode: str, gets: bool, nb: int
+        self,
+        section: str,
+        label: str,
+        durability: str,
+        redis_mode: str,
+        gets: bool,
+        nb: int,
+        settle: float = 0.0,
     ) -> dict[str, list[float]]:
-        """Interleaved rounds of ``nb`` 256-page batches, broker vs redis; pages/s per round."""
+        """Interleaved rounds of ``nb`` 256-page batches, broker vs redis; pages/s per round.
+        ``settle``: seconds of pause after each turn, so that work one side defers (the
+        journal's checkpoint into LMDB once the broker goes quiet) is not done during the other
+        side's turn."""
         cfg = self.cfg
         batches = [[(b, i, unique_page(b * BATCH + i, 2)) for i in range(BATCH)] for b in range(nb)]
         rkeys = [[b"b:%d:%d" % (b, i) for i in range(BATCH)] for b in range(nb)]
@@ -218,6 +228,7 @@ class Bench:
             mset()
             for _ in range(cfg.rounds):
                 for name, fn in ops.items():
+                    time.sleep(settle)
                     t0 = time.perf_counter()
                     fn()
                     rates[name].append(nb * BATCH / (time.perf_counter() - t0))
@@ -238,7 +249,7 @@ class Bench:
     def c_durable(self) -> None:
         rates = self._batches(
             "c", "c  durable batches vs appendfsync always", "sync", "always", False,
-            self.cfg.durable_batches,
+            self.cfg.durable_batches, settle=1.0,
         )  # fmt: skip
         self.raw["c"] = {"batch": BATCH, "batches_per_round": self.cfg.durable_batches, **rates}
         m = {k: statistics.median(v) for k, v in rates.items()}
