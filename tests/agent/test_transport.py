@@ -310,15 +310,19 @@ def test_unix_socket_nobody_listens(tmp_path: Path) -> None:
         HTTPTransport(f"unix:{tmp_path / 'none.sock'}").handle_request(Request("GET", "/"))
 
 
+async def _twenty_puts_and_a_big_post_on_one_connection(url: str) -> None:
+    t = AsyncHTTPTransport(url, max_connections=2)
+    for i in range(20):
+        r = await t.handle_async_request(Request("PUT", f"/p/{i}", b"x" * 4096))
+        assert r.body == f"PUT /p/{i} 4096".encode()
+    big = await t.handle_async_request(Request("POST", "/big", b"y" * 200_000))
+    assert big.body == b"POST /big 200000"
+    await t.aclose()
+
+
 async def test_async_transport_on_a_unix_socket(tmp_path: Path) -> None:
     with serve(echo, unix=tmp_path / "b.sock") as server:
-        t = AsyncHTTPTransport(server.url, max_connections=2)
-        for i in range(20):
-            r = await t.handle_async_request(Request("PUT", f"/p/{i}", b"x" * 4096))
-            assert r.body == f"PUT /p/{i} 4096".encode()
-        big = await t.handle_async_request(Request("POST", "/big", b"y" * 200_000))
-        assert big.body == b"POST /big 200000"
-        await t.aclose()
+        await _twenty_puts_and_a_big_post_on_one_connection(server.url)
         assert server.connections == 1
         assert server.seen[0].headers["host"] == "localhost"
     t = AsyncHTTPTransport(f"unix:{tmp_path / 'none.sock'}", timeout=2)
@@ -328,13 +332,7 @@ async def test_async_transport_on_a_unix_socket(tmp_path: Path) -> None:
 
 async def test_async_transport_pools_and_reconnects() -> None:
     with serve(echo) as server:
-        t = AsyncHTTPTransport(server.url, max_connections=2)
-        for i in range(20):
-            r = await t.handle_async_request(Request("PUT", f"/p/{i}", b"x" * 4096))
-            assert r.body == f"PUT /p/{i} 4096".encode()
-        big = await t.handle_async_request(Request("POST", "/big", b"y" * 200_000))
-        assert big.body == b"POST /big 200000"
-        await t.aclose()
+        await _twenty_puts_and_a_big_post_on_one_connection(server.url)
         assert server.connections == 1
 
     dropped: set[str] = set()
