@@ -275,7 +275,8 @@ class Log:
         self.generation += 1
         fields = _HEAD.pack(_HEAD_MAGIC, self.generation, pos, seq, 0)[: _HEAD.size - 8]
         raw = fields + struct.pack(">Q", xxhash.xxh3_64_intdigest(fields))
-        os.pwrite(self.fd, raw, _HEAD_AT[self.generation & 1])
+        if os.pwrite(self.fd, raw, _HEAD_AT[self.generation & 1]) != len(raw):
+            raise OSError("short write of the journal log's head")
         os.fdatasync(self.fd)
 
     def create(self, seq: int) -> None:
@@ -326,10 +327,11 @@ class Log:
 
     def write_frame(self, pos: int, seq: int, body: bytes | bytearray | memoryview) -> None:
         head = _FRAME.pack(_FRAME_MAGIC, seq, len(body), xxhash.xxh3_64_intdigest(body, seed=seq))
-        if len(body):
-            os.pwritev(self.fd, [head, body], pos)
-        else:
-            os.pwrite(self.fd, head, pos)
+        wrote = (
+            os.pwritev(self.fd, [head, body], pos) if len(body) else os.pwrite(self.fd, head, pos)
+        )
+        if wrote != len(head) + len(body):
+            raise OSError(f"short write to the journal log ({wrote} of {len(head) + len(body)})")
         os.fdatasync(self.fd)
 
 
