@@ -298,7 +298,12 @@ class LmdbJournal:
         return round_id, [_writer.REQUEST.pack(round_id, size, slot)], self._recorded
 
     def _check_reply(
-        self, round_id: int, reply: bytes | bytearray | None, msg: bytes | bytearray
+        self,
+        round_id: int,
+        reply: bytes | bytearray | None,
+        msg: bytes | bytearray,
+        *,
+        counts: bool = True,
     ) -> None:
         if reply is None:
             raise JournalFailed("the journal writer process went away")
@@ -307,6 +312,8 @@ class LmdbJournal:
             raise JournalFailed(f"journal writer answered round {got}, expected {round_id}")
         if status != 0:
             raise JournalFailed(f"journal commit failed: {msg.decode(errors='replace')}")
+        if not counts:
+            return
         self.commits += 1
         self.committed_records += records
         self.commit_seconds += micros / 1e6
@@ -367,6 +374,12 @@ class LmdbJournal:
         if not self._bytes:
             return
         round_id, frame, upto = self._take_round()
+        self._ask(round_id, frame, "commit")
+        self._durable = upto
+
+    def _ask(self, round_id: int, frame: list[bytes | memoryview], what: str) -> None:
+        """Send one request and wait for its answer, blocking (no round may be running); a
+        failed answer, or none, fails the journal."""
         sock = self._sock
         try:
             sock.setblocking(True)
@@ -374,13 +387,12 @@ class LmdbJournal:
             reply = _writer.recv_exact(sock, _writer.REPLY.size)
             msg_len = _writer.REPLY.unpack(reply)[4] if reply is not None else 0
             msg = (_writer.recv_exact(sock, msg_len) or b"") if msg_len else b""
-            self._check_reply(round_id, reply, msg)
+            self._check_reply(round_id, reply, msg, counts=what == "commit")
         except (OSError, JournalFailed) as exc:
             self._failed = exc
-            raise JournalFailed(f"journal commit failed: {exc}") from exc
+            raise JournalFailed(f"journal {what} failed: {exc}") from exc
         finally:
             sock.setblocking(False)
-        self._durable = upto
 
     def checkpoint(self) -> None:
         """Make every durable record readable from LMDB: the writer applies what its log holds
@@ -391,25 +403,9 @@ class LmdbJournal:
         if self._task is not None:
             return  # a round is on the socket: read what LMDB holds (its last checkpoint)
         self._round += 1
-        round_id = self._round
         upto = self._durable
-        sock = self._sock
-        try:
-            sock.setblocking(True)
-            sock.sendall(_writer.REQUEST.pack(round_id, 0, _writer.CHECKPOINT))
-            reply = _writer.recv_exact(sock, _writer.REPLY.size)
-            msg_len = _writer.REPLY.unpack(reply)[4] if reply is not None else 0
-            msg = (_writer.recv_exact(sock, msg_len) or b"") if msg_len else b""
-            got, status = _writer.REPLY.unpack(reply)[:2] if reply is not None else (0, 1)
-            if reply is None or got != round_id or status != 0:
-                raise JournalFailed(
-                    f"journal checkpoint failed: {msg.decode(errors='replace') or 'no answer'}"
-                )
-        except (OSError, JournalFailed) as exc:
-            self._failed = exc
-            raise JournalFailed(f"journal checkpoint failed: {exc}") from exc
-        finally:
-            sock.setblocking(False)
+        self._ask(self._round, [_writer.REQUEST.pack(self._round, 0, _writer.CHECKPOINT)],
+                  "checkpoint")  # fmt: skip
         self._checkpointed = upto
 
     # -- reading -----------------------------------------------------------------------------
