@@ -51,6 +51,16 @@ def persistent_pages(broker: BrokerProcess, guest_id: int) -> int:
     )
 
 
+def wait_for_an_acked_shed(broker: BrokerProcess, timeout: float = 60) -> dict[str, Any]:
+    """The broker's pressure stats once a guest acked a shed (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    pressure: dict[str, Any] = broker.json("GET", "/v1/stats")["pressure"]
+    while pressure["sheds_acked"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pressure = broker.json("GET", "/v1/stats")["pressure"]
+    return pressure
+
+
 class UdsBrokerProcess(BrokerProcess):
     """A :class:`BrokerProcess` that also listens on the Unix socket ``uds``
     (``tmem-broker serve --uds``, given here as ``TMEM_UDS``); agents reach it at

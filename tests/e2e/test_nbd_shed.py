@@ -4,13 +4,18 @@ the export moves blocks to its fallback file, acks, and every block still reads 
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.brokerproc import BrokerProcess
-from tests.e2e.nbd_support import NbdAgent, new_guest, persistent_pages, run
+from tests.e2e.nbd_support import (
+    NbdAgent,
+    new_guest,
+    persistent_pages,
+    run,
+    wait_for_an_acked_shed,
+)
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -32,11 +37,7 @@ def test_the_policy_sheds_and_the_export_moves_blocks_home(
         guest_id, token = new_guest(broker, "vm")
         with NbdAgent.for_broker(broker, token, tmp_path) as agent:
             run(["qemu-io", "-f", "raw", agent.uri, "-c", f"write -P 0x5a 0 {WRITTEN_PAGES * 4}k"])
-            deadline = time.monotonic() + 60
-            pressure = broker.json("GET", "/v1/stats")["pressure"]
-            while pressure["sheds_acked"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.2)
-                pressure = broker.json("GET", "/v1/stats")["pressure"]
+            pressure = wait_for_an_acked_shed(broker)
             assert pressure["sheds_issued"] >= 1 and pressure["sheds_acked"] >= 1, pressure
             assert pressure["pages_returned"] > 0
             quota = broker.json("GET", f"/v1/guests/{guest_id}")["quota_pages"]

@@ -7,14 +7,20 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from guest_agent.transport import HTTPTransport, Request
 from tests.e2e.brokerproc import ADMIN
-from tests.e2e.nbd_support import NbdAgent, UdsBrokerProcess, new_guest, persistent_pages, run
+from tests.e2e.nbd_support import (
+    NbdAgent,
+    UdsBrokerProcess,
+    new_guest,
+    persistent_pages,
+    run,
+    wait_for_an_acked_shed,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,11 +83,7 @@ def test_the_export_over_the_unix_socket_stores_and_sheds(
         guest_id, token = new_guest(broker, "vm")
         with NbdAgent.for_broker(broker, token, tmp_path, url=broker.unix_url) as agent:
             run(["qemu-io", "-f", "raw", agent.uri, "-c", f"write -P 0x5a 0 {WRITTEN_PAGES * 4}k"])
-            deadline = time.monotonic() + 60
-            pressure = broker.json("GET", "/v1/stats")["pressure"]
-            while pressure["sheds_acked"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.2)
-                pressure = broker.json("GET", "/v1/stats")["pressure"]
+            pressure = wait_for_an_acked_shed(broker)
             assert pressure["sheds_acked"] >= 1, pressure
             held = persistent_pages(broker, guest_id)
             assert 0 < held < WRITTEN_PAGES
