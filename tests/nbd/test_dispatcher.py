@@ -167,6 +167,46 @@ async def test_disjoint_rounds_overlap_and_overlapping_ones_wait() -> None:
     await dispatcher.stop()
 
 
+class ReadGatedBackend(MemoryBackend):
+    """Reads wait on a gate and are counted, so a test can watch read rounds start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.reading = 0
+
+    async def read_blocks(self, blocks: Sequence[int]) -> list[bytes | None]:
+        self.reading += 1
+        await self.gate.wait()
+        return await super().read_blocks(blocks)
+
+
+async def test_a_read_round_beside_n_in_flight_waits_for_n_times_the_threshold() -> None:
+    backend = ReadGatedBackend()
+    dispatcher = Dispatcher(backend, max_inflight=4, min_overlap_blocks=2)
+    dispatcher.start()
+    reads: list[asyncio.Future[bytes]] = []
+
+    async def queue(*blocks: int) -> None:
+        """Queue one-block reads together (the dispatcher looks once they are all queued)."""
+        for block in blocks:
+            reads.append(asyncio.ensure_future(dispatcher.read(block * BLOCK_SIZE, BLOCK_SIZE)))
+        await asyncio.sleep(0.01)
+
+    await queue(0)
+    assert backend.reading == 1
+    await queue(1, 2)
+    assert backend.reading == 2  # two blocks beside one round (2 x 1): a second round
+    await queue(3, 4, 5, 6)
+    assert backend.reading == 3  # four beside two rounds (2 x 2): a third
+    await queue(7)
+    assert backend.reading == 3  # one beside three rounds waits for a round to end
+    backend.gate.set()
+    assert await asyncio.gather(*reads) == [bytes(BLOCK_SIZE)] * 8
+    assert dispatcher.rounds == 4
+    await dispatcher.stop()
+
+
 async def test_exclusive_runs_with_nothing_in_flight_in_queue_order() -> None:
     backend = GatedBackend()
     dispatcher = Dispatcher(backend)
