@@ -154,15 +154,14 @@ class Dispatcher:
         self.backend = backend
         self.max_round_blocks = max_round_blocks
         self.max_inflight = max_inflight
-        # a round with reads starts beside N rounds in flight only with at least N times this
-        # many blocks queued: a second round starts early (the agent and the broker then work
-        # side by side), further ones only once the queue is deep enough to be worth an extra
-        # round trip. Write-only rounds always may (their writes are acknowledged at once, so
-        # the client's next writes come sooner). Measured in bench/README.md ("d, third
-        # round"): a fixed 16 left a quiet machine's cores a quarter idle at QD 32.
+        # a round starts beside N rounds in flight only with at least N times this many blocks
+        # queued: a second round starts early (the agent and the broker then work side by
+        # side), further ones only once the queue is deep enough to be worth an extra round
+        # trip. Measured in bench/README.md ("d, third round"): reads only beside a fixed 16
+        # left a quiet machine's cores a quarter idle at QD 32, and write rounds that always
+        # started carried half as many requests for more CPU per I/O.
         self.min_overlap_blocks = min_overlap_blocks
         self._pending_blocks = 0
-        self._pending_reads = 0
         # write-back failures: blocks whose acknowledged writes were lost, and the error the
         # next FLUSH reports
         self._lost: set[int] = set()
@@ -205,7 +204,6 @@ class Dispatcher:
             raise RuntimeError("dispatcher is stopping")
         self._pending.append(request)
         self._pending_blocks += len(request.blocks)
-        self._pending_reads += request.kind == READ
         self._wake.set()
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -251,11 +249,7 @@ class Dispatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if (
-                inflight
-                and self._pending_reads
-                and self._pending_blocks < self.min_overlap_blocks * len(inflight)
-            ):
+            if inflight and self._pending_blocks < self.min_overlap_blocks * len(inflight):
                 await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
                 self._reap()
                 continue
@@ -283,7 +277,6 @@ class Dispatcher:
                 span = request.blocks
                 blocks += len(span)
                 self._pending_blocks -= len(span)
-                self._pending_reads -= request.kind == READ
                 touched.update(span)
                 barrier = barrier or request.kind == FLUSH or request.fua
             # wait until the round touches no block of a round in flight, and there is room;

@@ -181,7 +181,7 @@ class ReadGatedBackend(MemoryBackend):
         return await super().read_blocks(blocks)
 
 
-async def test_a_read_round_beside_n_in_flight_waits_for_n_times_the_threshold() -> None:
+async def test_a_round_beside_n_in_flight_waits_for_n_times_the_threshold() -> None:
     backend = ReadGatedBackend()
     dispatcher = Dispatcher(backend, max_inflight=4, min_overlap_blocks=2)
     dispatcher.start()
