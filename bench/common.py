@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from tests.e2e.brokerproc import BrokerProcess, free_port
+from tests.e2e.brokerproc import BrokerProcess, dies_with_us, free_port
 
 __all__ = [
     "BrokerProcess",
@@ -80,8 +80,8 @@ def redis_server(tmp: Path, mode: str = "off") -> Iterator[redis.Redis]:
     workdir = tmp / f"redis-{mode}-{port}"
     workdir.mkdir(parents=True)
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-         "--save", "", *REDIS_MODES[mode]],
+        dies_with_us(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                      str(workdir), "--save", "", *REDIS_MODES[mode]]),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     client = redis.Redis(port=port)
@@ -111,7 +111,9 @@ def nbdkit_memory(size: str) -> Iterator[str]:
     """``nbdkit memory SIZE`` (the reference NBD server) on a free port; yields its URI."""
     port = free_port()
     proc = subprocess.Popen(
-        ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", size.replace("iB", "")],
+        dies_with_us(
+            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", size.replace("iB", "")]
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,22 @@ from typing import Any
 
 ADMIN = "admin-token-for-tests-0123456789"
 TMEM_BROKER = str(Path(sys.executable).parent / "tmem-broker")
+
+
+_SETPRIV = shutil.which("setpriv")
+
+
+def dies_with_us(command: list[str]) -> list[str]:
+    """``command`` run so that it is SIGKILLed when this process dies (util-linux ``setpriv
+    --pdeathsig``, which sets ``PR_SET_PDEATHSIG`` and execs: same pid, kept across exec).
+
+    A test run stopped by a signal never reaches its fixtures' teardown; without this a broker
+    or an agent it started kept running (and serving) for as long as nobody noticed. The signal
+    comes when the *thread* that started the process ends: start them from the main thread (an
+    ``asyncio.to_thread`` worker lives until its event loop closes). Without ``setpriv`` the
+    command runs as given.
+    """
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *command] if _SETPRIV else command
 
 
 def free_port() -> int:
@@ -60,20 +77,22 @@ class BrokerProcess:
         env = {**os.environ, "TMEM_ADMIN_TOKEN": ADMIN}
         logf = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [
-                TMEM_BROKER,
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-                "--capacity",
-                self.capacity,
-                "--durability",
-                self.durability,
-            ],
+            dies_with_us(
+                [
+                    TMEM_BROKER,
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--capacity",
+                    self.capacity,
+                    "--durability",
+                    self.durability,
+                ]
+            ),
             env=env,
             stdout=logf,
             stderr=subprocess.STDOUT,

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.e2e.brokerproc import BrokerProcess, free_port
+from tests.e2e.brokerproc import BrokerProcess, dies_with_us, free_port
 
 AGENT = [str(Path(sys.executable).parent / "tmem-agent"), "nbd"]
 
@@ -130,7 +130,7 @@ class NbdAgent:
     def start(self, timeout: float = 30.0) -> None:
         with self.log.open("ab") as logf:
             self.proc = subprocess.Popen(
-                self.args, stdout=subprocess.PIPE, stderr=logf, cwd=os.getcwd()
+                dies_with_us(self.args), stdout=subprocess.PIPE, stderr=logf, cwd=os.getcwd()
             )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout

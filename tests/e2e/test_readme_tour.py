@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.brokerproc import dies_with_us, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TOUR = re.compile(r"<!-- tour:begin -->\s*```sh\n(.*?)```\s*<!-- tour:end -->", re.DOTALL)
 
@@ -25,13 +26,6 @@ def tour_script() -> str:
     match = TOUR.search((ROOT / "README.md").read_text(encoding="utf-8"))
     assert match, "README.md lost its tour block (<!-- tour:begin --> ... <!-- tour:end -->)"
     return match.group(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def broker_command() -> list[str]:
@@ -62,7 +56,7 @@ def broker(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
     log_path = tmp_path / "broker.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*broker_command(), "serve", "--port", str(port)],
+            dies_with_us([*broker_command(), "serve", "--port", str(port)]),
             cwd=tmp_path,
             env=env,
             stdout=log,
