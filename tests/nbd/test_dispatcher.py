@@ -207,6 +207,23 @@ async def test_a_round_beside_n_in_flight_waits_for_n_times_the_threshold() -> N
     await dispatcher.stop()
 
 
+async def test_a_second_write_round_starts_at_once_a_third_waits_for_the_threshold() -> None:
+    # write-back: at queue depth 1 the next write arrives while the one before is stored
+    backend = GatedBackend()
+    dispatcher = Dispatcher(backend, max_inflight=4, min_overlap_blocks=2)
+    dispatcher.start()
+    writes = []
+    for block in range(3):
+        writes.append(asyncio.ensure_future(dispatcher.write(block * BLOCK_SIZE, b"w" * 4096)))
+        await asyncio.sleep(0.01)
+        # acknowledged, but the store is held: one block beside two rounds (2 x 1) waits
+        assert backend.writing == min(block + 1, 2)
+    backend.gate.set()
+    await asyncio.gather(*writes)
+    assert dispatcher.rounds == 3
+    await dispatcher.stop()
+
+
 async def test_exclusive_runs_with_nothing_in_flight_in_queue_order() -> None:
     backend = GatedBackend()
     dispatcher = Dispatcher(backend)
