@@ -212,12 +212,13 @@ async def test_a_second_write_round_starts_at_once_a_third_waits_for_the_thresho
     backend = GatedBackend()
     dispatcher = Dispatcher(backend, max_inflight=4, min_overlap_blocks=2)
     dispatcher.start()
-    writes = []
+    writes: list[asyncio.Future[None]] = []
     for block in range(3):
         writes.append(asyncio.ensure_future(dispatcher.write(block * BLOCK_SIZE, b"w" * 4096)))
         await asyncio.sleep(0.01)
         # acknowledged, but the store is held: one block beside two rounds (2 x 1) waits
         assert backend.writing == min(block + 1, 2)
+    assert [w.done() for w in writes] == [True, True, False]  # the third is not in a round yet
     backend.gate.set()
     await asyncio.gather(*writes)
     assert dispatcher.rounds == 3
