@@ -254,6 +254,9 @@ class Dispatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            # rounds that ended since the last look: at QD 1 the previous round has always
+            # ended, and waiting on it cost two event-loop passes per request
+            self._reap()
             beside = len(inflight) if self._pending_reads else len(inflight) - 1
             if inflight and self._pending_blocks < self.min_overlap_blocks * beside:
                 await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
