@@ -13,12 +13,15 @@ alone. The all-zero page has the key :data:`ZERO_KEY` and no storage at all.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import lz4.block
 import xxhash
 
 from schemas.batch import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from broker.core.store import PageStore
 
 ZERO_PAGE: Final = bytes(PAGE_SIZE)
 ZERO_KEY: Final = -1
@@ -47,3 +50,135 @@ def decompress(stored: bytes) -> bytes:
 def unpack(stored: bytes) -> bytes:
     """The raw page of a stored value: raw values are exactly 4096 bytes, lz4 blocks shorter."""
     return stored if len(stored) == PAGE_SIZE else decompress(stored)
+
+
+class Contents:
+    """The content table: every stored content once per dedup domain, with its references.
+
+    A content's key is its digest plus the domain bits (see the module docstring); sharing
+    needs a byte-for-byte compare, so a digest collision gets its own key and its own copy.
+    A content's bytes go when its last reference goes. Kept per content, never per page:
+    reference counts only of contents with two or more references (absent: 1), sizes only
+    of contents stored compressed (absent: 4096), and each colliding digest's highest ``k``.
+
+    ``used_bytes`` and ``unique_pages`` are what the store really holds. Dedup looks at raw
+    contents; the stored copy is whatever form its first putter chose (:meth:`pack`).
+    """
+
+    __slots__ = (
+        "collided",
+        "compress_max",
+        "delete",
+        "get",
+        "hash",
+        "put",
+        "refs",
+        "sizes",
+        "store",
+        "unique_pages",
+        "used_bytes",
+    )
+
+    def __init__(self, store: PageStore, hasher: Hasher, compress_max: int) -> None:
+        self.store = store
+        self.hash = hasher
+        # a stored lz4 block is kept only when at most this long, else the raw page
+        self.compress_max = compress_max
+        self.get = store.get
+        self.put = store.put
+        self.delete = store.delete
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.collided: dict[int, int] = {}
+        self.used_bytes = 0
+        self.unique_pages = 0
+
+    def pack(self, page: bytes, compressing: bool) -> tuple[bytes, bool]:
+        """How a non-zero page is stored: ``(stored, poor)``. A compressing putter keeps the
+        lz4 block when it is at most ``compress_max`` long, else the raw page (``poor``)."""
+        if not compressing:
+            return page, False
+        packed = compress(page)
+        if len(packed) <= self.compress_max:
+            return packed, False
+        return page, True
+
+    def load(self, key: int) -> bytes:
+        """The raw page of a content key (the zero key included)."""
+        if key == ZERO_KEY:
+            return ZERO_PAGE
+        stored = self.get(key)
+        assert stored is not None, "content key without stored bytes"
+        return stored if len(stored) == PAGE_SIZE else decompress(stored)
+
+    def reference(self, page: bytes, stored: bytes, bits: int) -> tuple[int, bool]:
+        """A reference to the non-zero content ``page`` in the domain ``bits``, stored as
+        ``stored`` if it is new. Returns ``(key, shared an existing copy)``."""
+        key = self.hash(page) | bits
+        if self.collided or self.get(key) is not None:
+            return self.acquire(key, page, stored)
+        self.add(key, stored)
+        return key, False
+
+    def add(self, key: int, stored: bytes) -> None:
+        """Store a content under a key known to be free."""
+        self.put(key, stored)
+        size = len(stored)
+        if size != PAGE_SIZE:
+            self.sizes[key] = size
+        self.used_bytes += size
+        self.unique_pages += 1
+
+    def acquire(self, base: int, page: bytes, stored: bytes) -> tuple[int, bool]:
+        """:meth:`reference` once the digest (plus domain bits) ``base`` is known to be
+        taken or to have collided: compare with every content of that digest."""
+        existing = self.get(base)
+        if existing is not None and unpack(existing) == page:
+            refs = self.refs
+            refs[base] = refs.get(base, 1) + 1
+            return base, True
+        if existing is None and base not in self.collided:
+            key = base
+        else:
+            top = self.collided.get(base, 0)
+            key = -1
+            for k in range(1, top + 1):
+                candidate = base | (k << COLLISION_SHIFT)
+                other = self.get(candidate)
+                if other is None:
+                    if key < 0:
+                        key = candidate
+                elif unpack(other) == page:
+                    self.refs[candidate] = self.refs.get(candidate, 1) + 1
+                    return candidate, True
+            if key < 0:
+                if existing is None:
+                    key = base
+                else:
+                    top += 1
+                    self.collided[base] = top
+                    key = base | (top << COLLISION_SHIFT)
+        self.add(key, stored)
+        return key, False
+
+    def unref(self, key: int) -> None:
+        """Drop one reference to a non-zero content; its bytes go with the last one."""
+        refs = self.refs
+        count = refs.get(key)
+        if count is None:
+            self.delete(key)
+            size = self.sizes.pop(key, PAGE_SIZE) if self.sizes else PAGE_SIZE
+            self.used_bytes -= size
+            self.unique_pages -= 1
+        elif count == 2:
+            del refs[key]
+        else:
+            refs[key] = count - 1
+
+    def rekey(self, key: int, bits: int) -> int:
+        """A reference to the same content in the domain ``bits``, for a page moving there;
+        the caller drops its reference to ``key`` afterwards."""
+        stored = self.get(key)
+        assert stored is not None
+        page = unpack(stored)
+        return self.acquire(self.hash(page) | bits, page, stored)[0]

@@ -51,12 +51,37 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from schemas.batch import PAGE_SIZE
 
-if TYPE_CHECKING:
-    from broker.core.tmem import Tmem
+
+class PressureTarget(Protocol):
+    """What the policy reads and drives: :class:`broker.core.Tmem` (a protocol here, so that
+    this module and the core's modules do not import each other)."""
+
+    @property
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    def charged_bytes(self) -> int: ...
+
+    @property
+    def reclaiming(self) -> bool: ...
+
+    def configure_pressure(self, settings: PressureSettings | None) -> None: ...
+
+    def evict(self, bytes_to_free: int) -> int: ...
+
+    def persistent_pages_of(self) -> dict[int, tuple[int, int, int | None]]: ...
+
+    def set_quota(
+        self, guest_id: int, quota_pages: int | None, *, hold: int | None = None
+    ) -> None: ...
+
+    def quota_of(self, guest_id: int) -> int | None: ...
+
+    def drain_evicted(self, guest_id: int) -> int: ...
 
 
 @dataclass
@@ -186,53 +211,6 @@ class Shed:
     overdue: bool = False
 
 
-class AdmissionGate:
-    """Hit-rate feedback for one guest's ephemeral puts (zcache wanted "high quality" pages).
-
-    ``puts`` and ``hits`` are decayed counts over roughly the last ``window`` ephemeral puts.
-    :meth:`admit` is deterministic: a credit accumulator admits exactly the fraction the hit
-    rate earns, so two runs with the same operations make the same decisions.
-    """
-
-    __slots__ = ("credit", "hits", "puts")
-
-    def __init__(self) -> None:
-        self.puts = 0.0
-        self.hits = 0.0
-        self.credit = 0.0
-
-    def record_put(self, window: int) -> None:
-        self.puts += 1.0
-        if self.puts > window:
-            # Halve both counts: an exponential window with O(1) work per put.
-            self.puts *= 0.5
-            self.hits *= 0.5
-
-    def record_hit(self) -> None:
-        self.hits += 1.0
-
-    def hit_rate(self) -> float:
-        return self.hits / self.puts if self.puts else 1.0
-
-    def admit_fraction(self, settings: PressureSettings) -> float:
-        if self.puts < settings.admission_min_samples or settings.admission_min_hit_rate <= 0:
-            return 1.0
-        rate = self.hit_rate()
-        if rate >= settings.admission_min_hit_rate:
-            return 1.0
-        return max(settings.admission_floor, rate / settings.admission_min_hit_rate)
-
-    def admit(self, settings: PressureSettings) -> bool:
-        fraction = self.admit_fraction(settings)
-        if fraction >= 1.0:
-            return True
-        self.credit += fraction
-        if self.credit >= 1.0:
-            self.credit -= 1.0
-            return True
-        return False
-
-
 @dataclass(frozen=True, slots=True)
 class GuestPressure:
     """A guest's latest pressure report: PSI ``some avg10`` (percent, None: not reported)
@@ -297,7 +275,7 @@ class PressurePolicy:
     # never acks must not grow the broker's memory)
     MAX_UNACKED = 4096
 
-    def __init__(self, tmem: Tmem, settings: PressureSettings, *, now: float) -> None:
+    def __init__(self, tmem: PressureTarget, settings: PressureSettings, *, now: float) -> None:
         self.tmem = tmem
         self.settings = settings
         tmem.configure_pressure(settings)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.core.admission import AdmissionGate
 from broker.core.pressure import (
-    AdmissionGate,
     Claim,
     PressureSettings,
     bytes_to_reclaim,

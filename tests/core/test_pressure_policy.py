@@ -7,11 +7,11 @@ import itertools
 import pytest
 
 from broker.core import CoreConfig, Tmem
+from broker.core.admission import AdmissionGate
 from broker.core.pressure import (
     NORMAL,
     QUOTAS_LOWERED,
     RECLAIMING,
-    AdmissionGate,
     GuestPressure,
     Intent,
     PressurePolicy,

@@ -1,0 +1,90 @@
+"""Admission of ephemeral puts: hit-rate feedback per guest while memory is tight.
+
+While page storage is above the low watermark (see :mod:`broker.core.eviction`), a guest whose
+ephemeral pages are rarely got back has only a fraction of its ephemeral puts admitted:
+``max(admission_floor, hit_rate / admission_min_hit_rate)`` (the settings are
+:class:`broker.core.pressure.PressureSettings`). The others are declined with ``policy`` and
+counted by sub-reason (``low_hit_rate``). Zero pages cost nothing and are always admitted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from broker.core.content import ZERO_PAGE
+from broker.core.pressure import PressureSettings
+
+if TYPE_CHECKING:
+    from broker.core.registry import Guest
+
+
+class AdmissionGate:
+    """Hit-rate feedback for one guest's ephemeral puts (zcache wanted "high quality" pages).
+
+    ``puts`` and ``hits`` are decayed counts over roughly the last ``window`` ephemeral puts.
+    :meth:`admit` is deterministic: a credit accumulator admits exactly the fraction the hit
+    rate earns, so two runs with the same operations make the same decisions.
+    """
+
+    __slots__ = ("credit", "hits", "puts")
+
+    def __init__(self) -> None:
+        self.puts = 0.0
+        self.hits = 0.0
+        self.credit = 0.0
+
+    def record_put(self, window: int) -> None:
+        """Count an ephemeral put (every one, admitted or not)."""
+        self.puts += 1.0
+        if self.puts > window:
+            # Halve both counts: an exponential window with O(1) work per put.
+            self.puts *= 0.5
+            self.hits *= 0.5
+
+    def record_hit(self) -> None:
+        """Count an ephemeral get that found its page."""
+        self.hits += 1.0
+
+    def hit_rate(self) -> float:
+        return self.hits / self.puts if self.puts else 1.0
+
+    def admit_fraction(self, settings: PressureSettings) -> float:
+        if self.puts < settings.admission_min_samples or settings.admission_min_hit_rate <= 0:
+            return 1.0
+        rate = self.hit_rate()
+        if rate >= settings.admission_min_hit_rate:
+            return 1.0
+        return max(settings.admission_floor, rate / settings.admission_min_hit_rate)
+
+    def admit(self, settings: PressureSettings) -> bool:
+        fraction = self.admit_fraction(settings)
+        if fraction >= 1.0:
+            return True
+        self.credit += fraction
+        if self.credit >= 1.0:
+            self.credit -= 1.0
+            return True
+        return False
+
+
+class Admission:
+    """The broker's admission policy: off until :attr:`settings` is set (pressure hooks)."""
+
+    __slots__ = ("low_hit_rate", "settings")
+
+    def __init__(self) -> None:
+        self.settings: PressureSettings | None = None
+        self.low_hit_rate = 0  # ephemeral puts declined by a gate
+
+    def admit(self, g: Guest, data: bytes, tight: bool) -> bool:
+        """Whether the guest's ephemeral put of ``data`` is admitted; ``tight``: storage is
+        above the low watermark (only then may the gate say no)."""
+        settings = self.settings
+        assert settings is not None
+        gate = g.gate
+        gate.record_put(settings.admission_window)
+        if not tight or data == ZERO_PAGE or gate.admit(settings):
+            return True
+        g.policy_low_hit_rate += 1
+        self.low_hit_rate += 1
+        return False

@@ -1,0 +1,220 @@
+"""Capacity and eviction: accounts, their LRUs, the capacity decision and the watermarks.
+
+Capacity
+    A put fits when ``charged_bytes + charge <= capacity_bytes`` after evicting ephemeral
+    pages (:meth:`Eviction.make_room`). Capacity decisions count charges
+    (:mod:`broker.core.pages`), never bytes actually held, so a put that would dedup is
+    declined exactly when a fresh one would, and sharing an earlier put made never leaves
+    room for more later: sharing saves memory, not admission. Persistent pages are never
+    evicted: a put that cannot fit is declined with ``capacity``.
+
+Eviction accounts
+    Ephemeral pages are evicted least recently used within an *eviction account*, taking
+    from the account furthest over its weighted share: the largest ``ephemeral_pages /
+    weight`` (ties: the older account). Each guest is one account for its private ephemeral
+    pools; each shared pool is an account of its own whose weight is the largest weight of
+    its members. Each eviction is O(1) in pages (a loop over accounts).
+
+Watermarks (pressure hooks; the settings are :class:`broker.core.pressure.PressureSettings`)
+    Once configured, a put that finds storage above the high watermark evicts at most
+    :data:`RECLAIM_PER_PUT` ephemeral pages, and keeps doing so on later puts until storage is
+    under the low watermark (hysteresis). "Storage" is ``charged_bytes``, as in every
+    capacity decision, so which pages are evicted never depends on what other guests share.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from broker.core.errors import TooManyPools
+from broker.core.keys import REF_MASK, lru_handle, lru_ref
+from broker.core.pages import PageTable
+from broker.core.pressure import PressureSettings
+
+if TYPE_CHECKING:
+    from broker.core.registry import Pool
+
+# A put above the high watermark evicts at most this many pages: bounded work per put, and
+# more than the one page a put adds, so puts alone bring storage down to the low watermark.
+RECLAIM_PER_PUT = 2
+# "never": a reclaim threshold no storage reaches
+_NEVER = 1 << 62
+
+
+class Account:
+    """An eviction account: ephemeral pages in LRU order (oldest first) and a weight."""
+
+    __slots__ = ("eph_pages", "lru", "serial", "weight")
+
+    def __init__(self, serial: int, weight: int) -> None:
+        self.serial = serial
+        self.weight = weight
+        self.eph_pages = 0
+        # LRU keys: keys.lru_key. OrderedDict: O(1) pop of the oldest (a plain dict re-scans
+        # the deleted slots at its front on every pop).
+        self.lru: OrderedDict[int, None] = OrderedDict()
+
+
+class Eviction:
+    """The capacity, the eviction accounts and the ephemeral pools their LRU keys name."""
+
+    __slots__ = (
+        "accounts",
+        "capacity",
+        "eph_pools",
+        "evictions",
+        "free_refs",
+        "high_bytes",
+        "low_bytes",
+        "next_ref",
+        "next_serial",
+        "reclaim_above",
+        "reclaimed_on_put",
+        "reclaiming",
+        "settings",
+        "table",
+    )
+
+    def __init__(self, table: PageTable, capacity: int) -> None:
+        self.table = table
+        self.capacity = capacity
+        # accounts in creation order: dict order breaks ratio ties (older first)
+        self.accounts: dict[int, Account] = {}
+        self.next_serial = 0
+        self.eph_pools: dict[int, Pool] = {}  # ref -> pool
+        self.free_refs: list[int] = []
+        self.next_ref = 1
+        self.evictions = 0
+        # watermarks: unconfigured (settings None) there is no reclaim step
+        self.settings: PressureSettings | None = None
+        self.reclaim_above = _NEVER  # a put reclaims when storage is above this
+        self.high_bytes = capacity
+        self.low_bytes = capacity
+        self.reclaiming = False
+        self.reclaimed_on_put = 0
+
+    # ------------------------------------------------------------------ accounts and refs
+
+    def new_account(self, weight: int) -> Account:
+        account = Account(self.next_serial, weight)
+        self.next_serial += 1
+        self.accounts[account.serial] = account
+        return account
+
+    def close_account(self, account: Account) -> None:
+        del self.accounts[account.serial]
+
+    def take_ref(self) -> int:
+        """A reference number for a new ephemeral pool (its pages' LRU keys carry it)."""
+        if self.free_refs:
+            return self.free_refs.pop()
+        ref = self.next_ref
+        if ref > REF_MASK:
+            raise TooManyPools("too many ephemeral pools in the broker")
+        self.next_ref += 1
+        return ref
+
+    def add_pool(self, pool: Pool) -> None:
+        self.eph_pools[pool.ref] = pool
+
+    def remove_pool(self, pool: Pool) -> None:
+        del self.eph_pools[pool.ref]
+        self.free_refs.append(pool.ref)
+
+    # ------------------------------------------------------------------ evicting
+
+    def victim(self) -> Account | None:
+        """The account to evict from: the largest ``eph_pages / weight`` (older on ties)."""
+        best: Account | None = None
+        for account in self.accounts.values():
+            n = account.eph_pages
+            # by cross-multiplication; ">" keeps the older on ties
+            if n and (best is None or n * best.weight > best.eph_pages * account.weight):
+                best = account
+        return best
+
+    def evict_one(self, account: Account) -> None:
+        """Evict the account's least recently used page."""
+        lru_key = account.lru.popitem(last=False)[0]
+        pool = self.eph_pools[lru_ref(lru_key)]
+        oid, index = lru_handle(lru_key)
+        obj = pool.objects[oid]
+        key = obj.pop(index)
+        if not obj:
+            del pool.objects[oid]
+        self.table.drop(pool, oid, index, key, in_lru=False)
+        pool.evictions += 1
+        owner = pool.owner
+        if owner is not None:
+            owner.evictions += 1
+            owner.evicted_unreported += 1
+        self.evictions += 1
+
+    def make_room(self, charge: int) -> bool:
+        """Evict until ``max(charged_bytes, used_bytes) + charge <= capacity``; False when
+        it cannot. (``used_bytes`` exceeds ``charged_bytes`` only when a content stored raw
+        is now referenced only by compressing guests.)"""
+        table = self.table
+        contents = table.contents
+        while max(table.charged_bytes, contents.used_bytes) + charge > self.capacity:
+            account = self.victim()
+            if account is None:
+                return False
+            self.evict_one(account)
+        return True
+
+    def evict(self, bytes_to_free: int) -> int:
+        """Evict ephemeral pages (weight-fair LRU) until ``charged_bytes`` fell by
+        ``bytes_to_free`` or none is left; returns the pages evicted."""
+        table = self.table
+        target = table.charged_bytes - bytes_to_free
+        evicted = 0
+        while table.charged_bytes > target:
+            account = self.victim()
+            if account is None:
+                break
+            self.evict_one(account)
+            evicted += 1
+        return evicted
+
+    # ------------------------------------------------------------------ watermarks
+
+    def configure(self, settings: PressureSettings | None) -> None:
+        """Turn the watermarks on (or, with None, off)."""
+        self.settings = settings
+        self.set_watermarks()
+
+    def set_capacity(self, capacity: int) -> None:
+        """A new capacity: evicts at once down to it, and moves the watermarks."""
+        self.capacity = capacity
+        self.make_room(0)
+        self.set_watermarks()
+
+    def set_watermarks(self) -> None:
+        s = self.settings
+        if s is None:
+            self.high_bytes = self.low_bytes = self.capacity
+            self.reclaim_above = _NEVER
+            self.reclaiming = False
+            return
+        self.high_bytes = int(s.high_watermark * self.capacity)
+        self.low_bytes = int(s.low_watermark * self.capacity)
+        self.reclaim_above = self.low_bytes if self.reclaiming else self.high_bytes
+
+    def reclaim_step(self) -> None:
+        """Evict up to RECLAIM_PER_PUT pages toward the low watermark (called by a put that
+        found storage above ``reclaim_above``)."""
+        table = self.table
+        for _ in range(RECLAIM_PER_PUT):
+            if table.charged_bytes <= self.low_bytes:
+                break
+            account = self.victim()
+            if account is None:
+                break  # only persistent pages left: nothing to reclaim here
+            self.evict_one(account)
+            self.reclaimed_on_put += 1
+        # hysteresis: keep stepping on later puts until under the low watermark (or nothing
+        # is evictable); then wait for the high watermark again
+        self.reclaiming = table.charged_bytes > self.low_bytes and self.victim() is not None
+        self.reclaim_above = self.low_bytes if self.reclaiming else self.high_bytes

@@ -1,0 +1,116 @@
+"""The page table: placing a page at a handle and dropping it, with every gauge that moves.
+
+Each page has a *charge*: its own stored size, 0 for a zero page, the lz4 length when its
+putter compresses and the page shrinks enough, else 4096, whether or not the content is
+shared with other handles. ``charged_bytes`` is the sum of every page's charge (what
+``used_bytes`` would be without sharing); capacity decisions use it (see
+:mod:`broker.core.eviction`). A pool keeps its pages' charges only where they are neither 0
+nor 4096 (``Pool.charges``, by :func:`broker.core.keys.slot_key`).
+
+:meth:`PageTable.place` and :meth:`PageTable.drop` are the one rule for what a page adds and
+takes away: pool gauges, the guest's persistent pages, the account's ephemeral pages and LRU,
+charges and the content reference. The put and get paths of :class:`broker.core.tmem.Tmem`
+write parts of them inline (see the comments there and ``tests/core/test_keys.py``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from broker.core.content import ZERO_KEY, Contents
+from broker.core.keys import lru_key, slot_key
+from schemas.batch import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from broker.core.registry import Pool
+
+
+class PageTable:
+    """Where pages are, and what they are charged."""
+
+    __slots__ = ("charged_bytes", "contents")
+
+    def __init__(self, contents: Contents) -> None:
+        self.contents = contents
+        self.charged_bytes = 0
+
+    def place(self, pool: Pool, oid: int, index: int, key: int, charge: int) -> None:
+        """Put the content ``key`` (charged ``charge`` bytes, 0 for the zero key) at the free
+        handle (oid, index) and count it everywhere."""
+        objects = pool.objects
+        obj = objects.get(oid)
+        if obj is None:
+            objects[oid] = {index: key}
+        else:
+            obj[index] = key
+        pool.pages += 1
+        if charge == 0:
+            pool.zero_pages += 1
+        else:
+            pool.charged_bytes += charge
+            self.charged_bytes += charge
+            if charge != PAGE_SIZE:
+                pool.charges[slot_key(oid, index)] = charge
+        if pool.persistent:
+            owner = pool.owner
+            assert owner is not None
+            owner.persistent_pages += 1
+        else:
+            account = pool.account
+            assert account is not None
+            account.eph_pages += 1
+            account.lru[lru_key(pool.lru_tag, oid, index)] = None
+
+    def drop(self, pool: Pool, oid: int, index: int, key: int, in_lru: bool = True) -> None:
+        """Forget the page ``key`` that was at (oid, index) (already gone from its object):
+        gauges, LRU (unless the caller popped it: ``in_lru=False``), charge and content."""
+        pool.pages -= 1
+        if key == ZERO_KEY:
+            pool.zero_pages -= 1
+        else:
+            charges = pool.charges
+            charge = charges.pop(slot_key(oid, index), PAGE_SIZE) if charges else PAGE_SIZE
+            pool.charged_bytes -= charge
+            self.charged_bytes -= charge
+            self.contents.unref(key)
+        if pool.persistent:
+            owner = pool.owner
+            assert owner is not None
+            owner.persistent_pages -= 1
+        else:
+            account = pool.account
+            assert account is not None
+            account.eph_pages -= 1
+            if in_lru:
+                del account.lru[lru_key(pool.lru_tag, oid, index)]
+
+    def take(self, pool: Pool, oid: int, index: int) -> int | None:
+        """Remove the page at the handle; its content key, or None when there was none."""
+        obj = pool.objects.get(oid)
+        if obj is None:
+            return None
+        key = obj.pop(index, None)
+        if key is None:
+            return None
+        if not obj:
+            del pool.objects[oid]
+        self.drop(pool, oid, index, key)
+        return key
+
+    def take_object(self, pool: Pool, oid: int) -> int:
+        """Remove every page of the object; how many there were."""
+        obj = pool.objects.pop(oid, None)
+        if obj is None:
+            return 0
+        for index, key in obj.items():
+            self.drop(pool, oid, index, key)
+        return len(obj)
+
+    def clear(self, pool: Pool) -> int:
+        """Drop every page of the pool; returns how many."""
+        n = pool.pages
+        for oid, obj in pool.objects.items():
+            for index, key in obj.items():
+                self.drop(pool, oid, index, key)
+        pool.objects.clear()
+        return n

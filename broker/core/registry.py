@@ -1,0 +1,271 @@
+"""Who is there: guests (Xen: clients), their pools, shared pools and who may join them.
+
+Shape (Xen's nouns)::
+
+    Registry
+    ├── guests: guest_id -> Guest           (Xen: client)
+    │     └── pools: pool_id -> Pool        a guest's own pool ids, 0..max_pools-1
+    ├── shared: uuid -> Pool                shared ephemeral pools, joined by authorised guests
+    ├── auth: uuid -> {guest_id}            who may create or join each shared pool
+    └── domains: name -> domain id          dedup domains (content keys carry the id)
+
+    Pool.objects: oid -> {index: content key}   (Xen: pool -> object -> page descriptor)
+
+Per page the core keeps only ints in dicts: the index, and a content key shared by every
+handle with the same content (see :mod:`broker.core.content`). So a page costs no Python
+container of its own and the cyclic garbage collector has nothing per page to scan.
+
+Shared pools are ephemeral, named by a UUID, joined only by guests authorised for it; gets are
+never exclusive. A guest that destroys its shared pool id (or is removed) leaves it; the pool
+and its pages go with its last member. Pages are deduplicated in the dedup domain of the guest
+that created the pool. Each shared pool is an eviction account of its own whose weight is the
+largest weight of its members (:meth:`Registry.reweigh`).
+
+The registry keeps the records; removing pages is the page table's
+(:mod:`broker.core.pages`) and choosing what to evict the eviction module's.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_module
+
+from broker.core.accounting import Ops
+from broker.core.admission import AdmissionGate
+from broker.core.content import DOMAIN_SHIFT, MAX_DOMAINS
+from broker.core.errors import BadRequest, Conflict, TooManyPools, UnknownGuest, UnknownPool
+from broker.core.eviction import Account
+from broker.core.keys import lru_tag
+from broker.core.model import EPHEMERAL, PERSISTENT
+
+
+class Pool(Ops):
+    """A pool: objects of pages, page gauges and (ephemeral) its eviction account."""
+
+    __slots__ = (
+        "account",
+        "charged_bytes",
+        "charges",
+        "domain_bits",
+        "exclusive_gets",
+        "lru_tag",
+        "members",
+        "objects",
+        "owner",
+        "pages",
+        "persistent",
+        "ref",
+        "shared",
+        "uuid",
+        "zero_pages",
+    )
+
+    def __init__(
+        self,
+        *,
+        persistent: bool,
+        shared: bool,
+        uuid: str | None,
+        exclusive_gets: bool,
+        owner: Guest | None,
+        account: Account | None,
+        ref: int,
+        domain_bits: int,
+    ) -> None:
+        super().__init__()
+        self.persistent = persistent
+        self.shared = shared
+        self.uuid = uuid
+        self.exclusive_gets = exclusive_gets
+        self.owner = owner  # None for a shared pool
+        self.account = account  # None for a persistent pool
+        self.ref = ref  # LRU keys name the pool by this (ephemeral pools only)
+        self.lru_tag = lru_tag(ref)
+        self.domain_bits = domain_bits
+        self.objects: dict[int, dict[int, int]] = {}
+        # members of a shared pool: guest_id -> that guest's pool id
+        self.members: dict[int, int] = {}
+        self.pages = 0
+        self.zero_pages = 0
+        self.charged_bytes = 0
+        # charge of each page whose charge is neither 4096 (non-zero) nor 0 (zero page):
+        # compressed pages only, keyed by keys.slot_key
+        self.charges: dict[int, int] = {}
+
+    @property
+    def kind(self) -> str:
+        return PERSISTENT if self.persistent else EPHEMERAL
+
+
+class Guest(Ops):
+    """A guest (Xen: client): settings, pools, its eviction account, its persistent pages.
+
+    ``limit`` is what the put path compares a persistent put with (:meth:`relimit`)."""
+
+    __slots__ = (
+        "account",
+        "cap_pages",
+        "compress",
+        "dedup_domain",
+        "domain_bits",
+        "evicted_unreported",
+        "frozen",
+        "gate",
+        "guest_id",
+        "hold",
+        "limit",
+        "name",
+        "persistent_pages",
+        "policy_low_hit_rate",
+        "pools",
+        "quota_pages",
+    )
+
+    def __init__(
+        self,
+        guest_id: int,
+        name: str,
+        *,
+        cap_pages: int | None,
+        dedup_domain: str,
+        domain_bits: int,
+        compress: bool,
+        frozen: bool,
+        account: Account,
+    ) -> None:
+        super().__init__()
+        self.guest_id = guest_id
+        self.name = name
+        self.cap_pages = cap_pages
+        self.dedup_domain = dedup_domain
+        self.domain_bits = domain_bits
+        self.compress = compress
+        self.frozen = frozen
+        self.account = account
+        self.pools: dict[int, Pool] = {}
+        self.persistent_pages = 0
+        self.evicted_unreported = 0
+        # dynamic quota (pressure policy), the shed grace floor, and what the put path checks
+        self.quota_pages: int | None = None
+        self.hold: int | None = None
+        self.limit: int | None = cap_pages
+        self.gate = AdmissionGate()
+        self.policy_low_hit_rate = 0
+
+    def effective_quota(self) -> int | None:
+        """``min(cap_pages, quota_pages)`` (None: unbounded)."""
+        cap, quota = self.cap_pages, self.quota_pages
+        if cap is None:
+            return quota
+        return cap if quota is None else min(cap, quota)
+
+    def relimit(self) -> None:
+        """Recompute ``limit``: the effective quota, or while a shed is open
+        ``max(effective, hold)`` (the guest may keep, not grow past, what it held)."""
+        limit = self.effective_quota()
+        if limit is not None and self.hold is not None:
+            hold = self.hold if self.cap_pages is None else min(self.cap_pages, self.hold)
+            limit = max(limit, hold)
+        self.limit = limit
+
+    @property
+    def weight(self) -> int:
+        return self.account.weight
+
+
+def check_weight(weight: int) -> None:
+    if type(weight) is not int or weight < 1:
+        raise BadRequest(f"weight must be an integer >= 1, not {weight!r}")
+
+
+def check_cap(cap_pages: int | None) -> None:
+    if cap_pages is not None and (type(cap_pages) is not int or cap_pages < 0):
+        raise BadRequest(f"cap_pages must be null or an integer >= 0, not {cap_pages!r}")
+
+
+def normalise_uuid(value: str) -> str:
+    try:
+        return str(uuid_module.UUID(value))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise BadRequest(f"not a UUID: {value!r}") from exc
+
+
+class Registry:
+    """Guests, pools, shared pools, authorisations and dedup domains (records only)."""
+
+    __slots__ = ("auth", "domains", "guests", "max_pools", "shared")
+
+    def __init__(self, max_pools: int) -> None:
+        self.max_pools = max_pools
+        self.guests: dict[int, Guest] = {}
+        self.shared: dict[str, Pool] = {}
+        self.auth: dict[str, set[int]] = {}
+        self.domains: dict[str, int] = {}
+
+    def guest(self, guest_id: int) -> Guest:
+        """The guest, or :class:`UnknownGuest`."""
+        g = self.guests.get(guest_id)
+        if g is None:
+            raise UnknownGuest(f"no guest {guest_id}")
+        return g
+
+    def pool(self, guest_id: int, pool_id: int) -> tuple[Guest, Pool]:
+        """The guest and its pool, or :class:`UnknownGuest` / :class:`UnknownPool`."""
+        g = self.guests.get(guest_id)
+        if g is None:
+            raise UnknownGuest(f"no guest {guest_id}")
+        pool = g.pools.get(pool_id)
+        if pool is None:
+            raise UnknownPool(f"guest {guest_id} has no pool {pool_id}")
+        return g, pool
+
+    def domain_bits(self, name: str) -> int:
+        """The content-key bits of the dedup domain ``name`` (made known on first use)."""
+        if not isinstance(name, str) or not name:
+            raise BadRequest("dedup_domain must be a non-empty string")
+        domain_id = self.domains.get(name)
+        if domain_id is None:
+            domain_id = len(self.domains)
+            if domain_id >= MAX_DOMAINS:
+                raise Conflict("too many dedup domains")
+            self.domains[name] = domain_id
+        return domain_id << DOMAIN_SHIFT
+
+    def pick_pool_id(self, g: Guest, pool_id: int | None) -> int:
+        """``pool_id`` if it is valid and free, or the lowest free one when None."""
+        if pool_id is None:
+            for candidate in range(self.max_pools):
+                if candidate not in g.pools:
+                    return candidate
+            raise TooManyPools(f"guest {g.guest_id} uses all {self.max_pools} pool ids")
+        if type(pool_id) is not int or not 0 <= pool_id < self.max_pools:
+            raise BadRequest(f"pool_id must be in 0..{self.max_pools - 1}")
+        if pool_id in g.pools:
+            raise Conflict(f"guest {g.guest_id} has a pool {pool_id} already")
+        return pool_id
+
+    def authorise(self, uuid: str, guest_id: int, allow: bool) -> None:
+        """Allow (or stop allowing) the guest to create or join the shared pool ``uuid``."""
+        key = normalise_uuid(uuid)
+        self.guest(guest_id)
+        if allow:
+            self.auth.setdefault(key, set()).add(guest_id)
+        else:
+            allowed = self.auth.get(key)
+            if allowed is not None:
+                allowed.discard(guest_id)
+                if not allowed:
+                    del self.auth[key]
+
+    def is_authorised(self, key: str, guest_id: int) -> bool:
+        """Whether the guest may create or join the shared pool ``key`` (a normalised UUID)."""
+        return guest_id in self.auth.get(key, ())
+
+    def forget_authorisations(self, guest_id: int) -> None:
+        for allowed in self.auth.values():
+            allowed.discard(guest_id)
+
+    def reweigh(self, pool: Pool) -> None:
+        """A shared pool's account weighs as its best-weighted member."""
+        assert pool.account is not None
+        if pool.members:
+            pool.account.weight = max(self.guests[m].weight for m in pool.members)

@@ -1,0 +1,68 @@
+"""Pages in and out without the put and get paths: restore at broker start, and export views.
+
+Restore puts persistent pages back as the journal or a migration holds them: no quota,
+capacity or frozen check, not journaled, not counted as a put; a page replaces what is at its
+handle. Export reads pages without side effects: no get is counted, nothing leaves an
+exclusive-get pool, no LRU moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from broker.core.content import ZERO_KEY, ZERO_PAGE
+from broker.core.errors import BadHandle, BadPageSize, BadRequest
+from broker.core.pages import PageTable
+from broker.core.registry import Guest, Pool
+from schemas.batch import MAX_INDEX, MAX_OID, PAGE_SIZE
+
+
+def restore_pages(
+    table: PageTable, g: Guest, pool: Pool, pages: Iterable[tuple[int, int, bytes]]
+) -> int:
+    """Put ``(oid, index, page)`` back into the guest's persistent pool; how many were
+    restored. A malformed page raises (``BadPageSize``, ``BadHandle``) and the pages before
+    it stay restored."""
+    if not pool.persistent:
+        raise BadRequest("restore is for persistent pools")
+    contents = table.contents
+    take = table.take
+    place = table.place
+    pack = contents.pack
+    reference = contents.reference
+    bits = pool.domain_bits
+    compressing = g.compress
+    n = 0
+    for oid, index, data in pages:
+        if len(data) != PAGE_SIZE:
+            raise BadPageSize(f"a page is {PAGE_SIZE} bytes, not {len(data)}")
+        if not (0 <= oid <= MAX_OID and 0 <= index <= MAX_INDEX):
+            raise BadHandle(f"handle out of range: oid={oid} index={index}")
+        page = data if type(data) is bytes else bytes(data)
+        take(pool, oid, index)
+        if page == ZERO_PAGE:
+            place(pool, oid, index, ZERO_KEY, 0)
+        else:
+            stored = pack(page, compressing)[0]
+            place(pool, oid, index, reference(page, stored, bits)[0], len(stored))
+        n += 1
+    return n
+
+
+def read_pages(
+    table: PageTable, pool: Pool, handles: list[tuple[int, list[int]]]
+) -> Iterator[tuple[int, int, bytes]]:
+    """The pages at ``handles`` (``(oid, [index, ...])``) as ``(oid, index, page)``, read
+    lazily; pages flushed before they are reached are skipped."""
+    load = table.contents.load
+    for oid, indexes in handles:
+        for index in indexes:
+            obj = pool.objects.get(oid)
+            key = None if obj is None else obj.get(index)
+            if key is not None:
+                yield oid, index, load(key)
+
+
+def pool_handles(pool: Pool) -> list[tuple[int, list[int]]]:
+    """Every handle of the pool now, by object."""
+    return [(oid, list(obj)) for oid, obj in pool.objects.items()]
