@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast check bench system-deps services clean
 
+# [test] pulls in [server] (the broker) and [sim] (the simulator's plots) beside the test tools;
+# a guest needs only `pip install tmem-broker` (README, Install).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
