@@ -33,6 +33,7 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check broker guest_agent schemas tests bench scripts migrations
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/lint-imports --no-cache  # the rooms' import contracts (pyproject.toml)
 
 bench: $(STAMP) system-deps services
 	$(PY) -m bench.run_all
