@@ -11,7 +11,9 @@ COPY pyproject.toml README.md ./
 COPY schemas ./schemas
 COPY broker ./broker
 COPY guest_agent ./guest_agent
-RUN pip install .
+# the broker needs its [server] extra (the base install is the guest agent alone); './[server]'
+# rather than '.[server]': hadolint's DL3013 takes the latter for an unpinned package
+RUN pip install './[server]'
 
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 tmem \

@@ -8,6 +8,8 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast check bench system-deps services clean
 
+# [test] pulls in [server] (the broker) and [sim] (the simulator's plots) beside the test tools;
+# a guest needs only `pip install tmem-broker` (README, Install).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -31,6 +33,7 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check broker guest_agent schemas tests bench scripts migrations
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/lint-imports --no-cache  # the rooms' import contracts (pyproject.toml)
 
 bench: $(STAMP) system-deps services
 	$(PY) -m bench.run_all
