@@ -21,6 +21,7 @@ import xxhash
 from schemas.batch import PAGE_SIZE
 
 if TYPE_CHECKING:
+    from broker.core.registry import Domain
     from broker.core.store import PageStore
 
 ZERO_PAGE: Final = bytes(PAGE_SIZE)
@@ -61,8 +62,12 @@ class Contents:
     reference counts only of contents with two or more references (absent: 1), sizes only
     of contents stored compressed (absent: 4096), and each colliding digest's highest ``k``.
 
-    ``used_bytes`` and ``unique_pages`` are what the store really holds. Dedup looks at raw
-    contents; the stored copy is whatever form its first putter chose (:meth:`pack`).
+    ``used_bytes`` and ``unique_pages`` are what the store really holds (``trusted_used``:
+    the part in trusted domains). Dedup looks at raw contents. The stored copy is never
+    larger than the charge of any page referring to it: a content stored raw is replaced by
+    its lz4 block when a compressing putter shares it (:meth:`acquire`). So in an untrusted
+    domain the bytes held never exceed the sum of the charges, and the capacity decision
+    can count charges alone without other guests' contents ever showing in it.
     """
 
     __slots__ = (
@@ -75,6 +80,7 @@ class Contents:
         "refs",
         "sizes",
         "store",
+        "trusted_used",
         "unique_pages",
         "used_bytes",
     )
@@ -91,6 +97,7 @@ class Contents:
         self.sizes: dict[int, int] = {}
         self.collided: dict[int, int] = {}
         self.used_bytes = 0
+        self.trusted_used = 0
         self.unique_pages = 0
 
     def pack(self, page: bytes, compressing: bool) -> tuple[bytes, bool]:
@@ -111,31 +118,66 @@ class Contents:
         assert stored is not None, "content key without stored bytes"
         return stored if len(stored) == PAGE_SIZE else decompress(stored)
 
-    def reference(self, page: bytes, stored: bytes, bits: int) -> tuple[int, bool]:
-        """A reference to the non-zero content ``page`` in the domain ``bits``, stored as
-        ``stored`` if it is new. Returns ``(key, shared an existing copy)``."""
-        key = self.hash(page) | bits
+    def find(self, page: bytes, bits: int) -> int | None:
+        """The key of the non-zero content ``page`` in the domain ``bits``, or None."""
+        base = self.hash(page) | bits
+        existing = self.get(base)
+        if existing is not None and unpack(existing) == page:
+            return base
+        for k in range(1, self.collided.get(base, 0) + 1):
+            candidate = base | (k << COLLISION_SHIFT)
+            other = self.get(candidate)
+            if other is not None and unpack(other) == page:
+                return candidate
+        return None
+
+    def reference(self, page: bytes, stored: bytes, domain: Domain) -> tuple[int, bool]:
+        """A reference to the non-zero content ``page`` in ``domain``, stored as ``stored``
+        if it is new. Returns ``(key, shared an existing copy)``."""
+        key = self.hash(page) | domain.bits
         if self.collided or self.get(key) is not None:
-            return self.acquire(key, page, stored)
-        self.add(key, stored)
+            return self.acquire(key, page, stored, domain)
+        self.add(key, stored, domain)
         return key, False
 
-    def add(self, key: int, stored: bytes) -> None:
+    def add(self, key: int, stored: bytes, domain: Domain) -> None:
         """Store a content under a key known to be free."""
         self.put(key, stored)
         size = len(stored)
         if size != PAGE_SIZE:
             self.sizes[key] = size
         self.used_bytes += size
+        domain.used_bytes += size
+        if domain.trusted:
+            self.trusted_used += size
         self.unique_pages += 1
 
-    def acquire(self, base: int, page: bytes, stored: bytes) -> tuple[int, bool]:
+    def _share(self, key: int, held: bytes, stored: bytes, domain: Domain) -> None:
+        """One more reference to ``key``; a raw copy gives way to the sharer's lz4 block."""
+        refs = self.refs
+        refs[key] = refs.get(key, 1) + 1
+        if len(stored) < len(held):
+            self._shrink(key, held, stored, domain)
+
+    def _shrink(self, key: int, held: bytes, stored: bytes, domain: Domain) -> None:
+        """Keep the content ``key`` (held as ``held``) as the shorter ``stored``."""
+        size = len(stored)
+        if size < len(held):
+            self.delete(key)
+            self.put(key, stored)
+            self.sizes[key] = size
+            saved = len(held) - size
+            self.used_bytes -= saved
+            domain.used_bytes -= saved
+            if domain.trusted:
+                self.trusted_used -= saved
+
+    def acquire(self, base: int, page: bytes, stored: bytes, domain: Domain) -> tuple[int, bool]:
         """:meth:`reference` once the digest (plus domain bits) ``base`` is known to be
         taken or to have collided: compare with every content of that digest."""
         existing = self.get(base)
         if existing is not None and unpack(existing) == page:
-            refs = self.refs
-            refs[base] = refs.get(base, 1) + 1
+            self._share(base, existing, stored, domain)
             return base, True
         if existing is None and base not in self.collided:
             key = base
@@ -149,7 +191,7 @@ class Contents:
                     if key < 0:
                         key = candidate
                 elif unpack(other) == page:
-                    self.refs[candidate] = self.refs.get(candidate, 1) + 1
+                    self._share(candidate, other, stored, domain)
                     return candidate, True
             if key < 0:
                 if existing is None:
@@ -158,10 +200,10 @@ class Contents:
                     top += 1
                     self.collided[base] = top
                     key = base | (top << COLLISION_SHIFT)
-        self.add(key, stored)
+        self.add(key, stored, domain)
         return key, False
 
-    def unref(self, key: int) -> None:
+    def unref(self, key: int, domain: Domain) -> None:
         """Drop one reference to a non-zero content; its bytes go with the last one."""
         refs = self.refs
         count = refs.get(key)
@@ -169,16 +211,25 @@ class Contents:
             self.delete(key)
             size = self.sizes.pop(key, PAGE_SIZE) if self.sizes else PAGE_SIZE
             self.used_bytes -= size
+            domain.used_bytes -= size
+            if domain.trusted:
+                self.trusted_used -= size
             self.unique_pages -= 1
         elif count == 2:
             del refs[key]
         else:
             refs[key] = count - 1
 
-    def rekey(self, key: int, bits: int) -> int:
-        """A reference to the same content in the domain ``bits``, for a page moving there;
-        the caller drops its reference to ``key`` afterwards."""
+    def repack(self, key: int, packed: bytes, domain: Domain) -> None:
+        """Keep the stored raw content ``key`` as its lz4 block ``packed`` from now on."""
+        held = self.get(key)
+        assert held is not None
+        self._shrink(key, held, packed, domain)
+
+    def rekey(self, key: int, domain: Domain) -> int:
+        """A reference to the same content in ``domain``, for a page moving there; the
+        caller drops its reference to ``key`` afterwards."""
         stored = self.get(key)
         assert stored is not None
         page = unpack(stored)
-        return self.acquire(self.hash(page) | bits, page, stored)[0]
+        return self.acquire(self.hash(page) | domain.bits, page, stored, domain)[0]

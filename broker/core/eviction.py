@@ -1,12 +1,15 @@
 """Capacity and eviction: accounts, their LRUs, the capacity decision and the watermarks.
 
 Capacity
-    A put fits when ``charged_bytes + charge <= capacity_bytes`` after evicting ephemeral
-    pages (:meth:`Eviction.make_room`). Capacity decisions count charges
-    (:mod:`broker.core.pages`), never bytes actually held, so a put that would dedup is
-    declined exactly when a fresh one would, and sharing an earlier put made never leaves
-    room for more later: sharing saves memory, not admission. Persistent pages are never
-    evicted: a put that cannot fit is declined with ``capacity``.
+    A put fits when ``counted_bytes + need <= capacity_bytes`` after evicting ephemeral
+    pages (:meth:`Eviction.make_room`), where ``need`` is the put's charge. In an untrusted
+    dedup domain (the default) capacity decisions count charges (:mod:`broker.core.pages`),
+    never bytes actually held, so a put that would dedup is declined exactly when a fresh one
+    would, and sharing an earlier put made never leaves room for more later: sharing saves
+    memory, not admission, and no decision depends on another guest's contents. In a trusted
+    domain the bytes actually held count instead, and a put that shares a content already
+    stored there needs nothing. Persistent pages are never evicted: a put that cannot fit is
+    declined with ``capacity``.
 
 Eviction accounts
     Ephemeral pages are evicted least recently used within an *eviction account*, taking
@@ -18,8 +21,13 @@ Eviction accounts
 Watermarks (pressure hooks; the settings are :class:`broker.core.pressure.PressureSettings`)
     Once configured, a put that finds storage above the high watermark evicts at most
     :data:`RECLAIM_PER_PUT` ephemeral pages, and keeps doing so on later puts until storage is
-    under the low watermark (hysteresis). "Storage" is ``charged_bytes``, as in every
-    capacity decision, so which pages are evicted never depends on what other guests share.
+    under the low watermark (hysteresis). "Storage" is ``counted_bytes``, as in every
+    capacity decision, so which pages are evicted never depends on what other guests of
+    untrusted domains share. While persistent pages alone are above the low watermark,
+    ephemeral pages could never bring storage under it: the target is then the high
+    watermark, so ephemeral puts use the room below it instead of each evicting two pages.
+    ``compress_above`` (the low watermark, or 85 % of capacity when the watermarks are off)
+    is where guests in the ``pressure`` compression mode start compressing new puts.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
 RECLAIM_PER_PUT = 2
 # "never": a reclaim threshold no storage reaches
 _NEVER = 1 << 62
+_DEFAULT_LOW = PressureSettings.low_watermark
 
 
 class Account:
@@ -62,6 +71,7 @@ class Eviction:
     __slots__ = (
         "accounts",
         "capacity",
+        "compress_above",
         "eph_pools",
         "evictions",
         "free_refs",
@@ -93,6 +103,7 @@ class Eviction:
         self.low_bytes = capacity
         self.reclaiming = False
         self.reclaimed_on_put = 0
+        self.compress_above = int(_DEFAULT_LOW * capacity)
 
     # ------------------------------------------------------------------ accounts and refs
 
@@ -152,12 +163,9 @@ class Eviction:
         self.evictions += 1
 
     def make_room(self, charge: int) -> bool:
-        """Evict until ``max(charged_bytes, used_bytes) + charge <= capacity``; False when
-        it cannot. (``used_bytes`` exceeds ``charged_bytes`` only when a content stored raw
-        is now referenced only by compressing guests.)"""
+        """Evict until ``counted_bytes + charge <= capacity``; False when it cannot."""
         table = self.table
-        contents = table.contents
-        while max(table.charged_bytes, contents.used_bytes) + charge > self.capacity:
+        while table.counted_bytes + charge > self.capacity:
             account = self.victim()
             if account is None:
                 return False
@@ -165,12 +173,12 @@ class Eviction:
         return True
 
     def evict(self, bytes_to_free: int) -> int:
-        """Evict ephemeral pages (weight-fair LRU) until ``charged_bytes`` fell by
+        """Evict ephemeral pages (weight-fair LRU) until ``counted_bytes`` fell by
         ``bytes_to_free`` or none is left; returns the pages evicted."""
         table = self.table
-        target = table.charged_bytes - bytes_to_free
+        target = table.counted_bytes - bytes_to_free
         evicted = 0
-        while table.charged_bytes > target:
+        while table.counted_bytes > target:
             account = self.victim()
             if account is None:
                 break
@@ -195,19 +203,22 @@ class Eviction:
         s = self.settings
         if s is None:
             self.high_bytes = self.low_bytes = self.capacity
+            self.compress_above = int(_DEFAULT_LOW * self.capacity)
             self.reclaim_above = _NEVER
             self.reclaiming = False
             return
+        self.compress_above = int(s.low_watermark * self.capacity)
         self.high_bytes = int(s.high_watermark * self.capacity)
         self.low_bytes = int(s.low_watermark * self.capacity)
-        self.reclaim_above = self.low_bytes if self.reclaiming else self.high_bytes
+        self.reclaim_above = self.reclaim_target() if self.reclaiming else self.high_bytes
 
     def reclaim_step(self) -> None:
         """Evict up to RECLAIM_PER_PUT pages toward the low watermark (called by a put that
         found storage above ``reclaim_above``)."""
         table = self.table
+        target = self.reclaim_target()
         for _ in range(RECLAIM_PER_PUT):
-            if table.charged_bytes <= self.low_bytes:
+            if table.counted_bytes <= target:
                 break
             account = self.victim()
             if account is None:
@@ -216,5 +227,12 @@ class Eviction:
             self.reclaimed_on_put += 1
         # hysteresis: keep stepping on later puts until under the low watermark (or nothing
         # is evictable); then wait for the high watermark again
-        self.reclaiming = table.charged_bytes > self.low_bytes and self.victim() is not None
-        self.reclaim_above = self.low_bytes if self.reclaiming else self.high_bytes
+        self.reclaiming = table.counted_bytes > target and self.victim() is not None
+        self.reclaim_above = target if self.reclaiming else self.high_bytes
+
+    def reclaim_target(self) -> int:
+        """Where reclaiming stops: the low watermark, or the high one while persistent pages
+        alone are above the low one (ephemeral pages could not get storage under it)."""
+        if self.table.persistent_charged >= self.low_bytes:
+            return self.high_bytes
+        return self.low_bytes

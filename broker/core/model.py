@@ -38,12 +38,28 @@ class CoreConfig:
     ``capacity_bytes`` is page storage actually held (compressed length for compressed pages,
     nothing for zero pages); it can be changed later through ``Tmem.capacity_bytes``.
     ``compress_max_ratio``: lz4 output is kept only when ``len <= ratio * 4096``, otherwise the
-    page is kept raw and counted as ``compress_poor``.
+    page is kept raw and counted as ``compress_poor``. ``compress_default``: the compression
+    mode of a guest that sets none, in a domain that sets none: ``never``, ``always``, or
+    ``pressure`` (compress new puts once storage is above the low watermark, and the coldest
+    stored pages while above the high one).
     """
 
     capacity_bytes: int
     max_pools_per_guest: int = 16
     compress_max_ratio: float = 0.75
+    compress_default: str = "never"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainView:
+    """A dedup domain as the admin sees it (``GET /v1/domains``)."""
+
+    name: str
+    trusted: bool
+    compress: str | None
+    guests: int
+    charged_bytes: int
+    used_bytes: int
 
 
 @dataclass(frozen=True, slots=True)

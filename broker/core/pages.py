@@ -7,6 +7,10 @@ shared with other handles. ``charged_bytes`` is the sum of every page's charge (
 :mod:`broker.core.eviction`). A pool keeps its pages' charges only where they are neither 0
 nor 4096 (``Pool.charges``, by :func:`broker.core.keys.slot_key`).
 
+``counted_bytes`` is what capacity decisions count: the charges of pages in untrusted dedup
+domains plus the bytes actually held for trusted domains (where a shared content takes no
+more room). With no trusted domain it equals ``charged_bytes``.
+
 :meth:`PageTable.place` and :meth:`PageTable.drop` are the one rule for what a page adds and
 takes away: pool gauges, the guest's persistent pages, the account's ephemeral pages and LRU,
 charges and the content reference. The put and get paths of :class:`broker.core.tmem.Tmem`
@@ -28,11 +32,29 @@ if TYPE_CHECKING:
 class PageTable:
     """Where pages are, and what they are charged."""
 
-    __slots__ = ("charged_bytes", "contents")
+    __slots__ = ("charged_bytes", "contents", "persistent_charged", "trusted_charged")
 
     def __init__(self, contents: Contents) -> None:
         self.contents = contents
         self.charged_bytes = 0
+        self.trusted_charged = 0  # the part of charged_bytes in trusted domains
+        self.persistent_charged = 0  # the part of charged_bytes in persistent pools
+
+    @property
+    def counted_bytes(self) -> int:
+        """Page storage counted against capacity (see the module docstring)."""
+        return self.charged_bytes - self.trusted_charged + self.contents.trusted_used
+
+    def charge(self, pool: Pool, delta: int) -> None:
+        """Add ``delta`` to the charges of a page of ``pool`` (every gauge of them)."""
+        pool.charged_bytes += delta
+        self.charged_bytes += delta
+        domain = pool.domain
+        domain.charged_bytes += delta
+        if domain.trusted:
+            self.trusted_charged += delta
+        if pool.persistent:
+            self.persistent_charged += delta
 
     def place(self, pool: Pool, oid: int, index: int, key: int, charge: int) -> None:
         """Put the content ``key`` (charged ``charge`` bytes, 0 for the zero key) at the free
@@ -47,8 +69,7 @@ class PageTable:
         if charge == 0:
             pool.zero_pages += 1
         else:
-            pool.charged_bytes += charge
-            self.charged_bytes += charge
+            self.charge(pool, charge)
             if charge != PAGE_SIZE:
                 pool.charges[slot_key(oid, index)] = charge
         if pool.persistent:
@@ -70,9 +91,8 @@ class PageTable:
         else:
             charges = pool.charges
             charge = charges.pop(slot_key(oid, index), PAGE_SIZE) if charges else PAGE_SIZE
-            pool.charged_bytes -= charge
-            self.charged_bytes -= charge
-            self.contents.unref(key)
+            self.charge(pool, -charge)
+            self.contents.unref(key, pool.domain)
         if pool.persistent:
             owner = pool.owner
             assert owner is not None
@@ -83,6 +103,16 @@ class PageTable:
             account.eph_pages -= 1
             if in_lru:
                 del account.lru[lru_key(pool.lru_tag, oid, index)]
+
+    def recharge(self, pool: Pool, oid: int, index: int, charge: int) -> None:
+        """The non-zero page at the handle is charged ``charge`` from now on (it was
+        stored raw, 4096, and is kept compressed)."""
+        old = pool.charges.get(slot_key(oid, index), PAGE_SIZE)
+        if charge != PAGE_SIZE:
+            pool.charges[slot_key(oid, index)] = charge
+        else:
+            pool.charges.pop(slot_key(oid, index), None)
+        self.charge(pool, charge - old)
 
     def take(self, pool: Pool, oid: int, index: int) -> int | None:
         """Remove the page at the handle; its content key, or None when there was none."""

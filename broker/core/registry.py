@@ -37,6 +37,43 @@ from broker.core.eviction import Account
 from broker.core.keys import lru_tag
 from broker.core.model import EPHEMERAL, PERSISTENT
 
+# compression modes: a guest's or a domain's setting, and the broker's default
+NEVER = "never"
+ALWAYS = "always"
+PRESSURE = "pressure"
+COMPRESS_MODES = (NEVER, ALWAYS, PRESSURE)
+# Guest.pack: what the put path checks (an int compare)
+PACK_NEVER, PACK_ALWAYS, PACK_PRESSURE = 0, 1, 2
+_PACK = {NEVER: PACK_NEVER, ALWAYS: PACK_ALWAYS, PRESSURE: PACK_PRESSURE}
+
+
+def check_compress_mode(mode: str | None) -> None:
+    if mode is not None and mode not in COMPRESS_MODES:
+        raise BadRequest(
+            f"compress must be one of {', '.join(COMPRESS_MODES)} or null, not {mode!r}"
+        )
+
+
+class Domain:
+    """A dedup domain: identical contents of its guests are stored once.
+
+    ``trusted``: its guests trust each other, so a put sharing a content already stored in
+    the domain takes no more storage in the capacity decision (and a guest can learn that
+    another guest of the domain holds a content: docs/security.md). ``compress``: the
+    domain's compression mode, None to take the broker's default. ``charged_bytes`` and
+    ``used_bytes`` are the domain's share of the broker's figures of those names."""
+
+    __slots__ = ("bits", "charged_bytes", "compress", "domain_id", "name", "trusted", "used_bytes")
+
+    def __init__(self, name: str, domain_id: int) -> None:
+        self.name = name
+        self.domain_id = domain_id
+        self.bits = domain_id << DOMAIN_SHIFT
+        self.trusted = False
+        self.compress: str | None = None
+        self.charged_bytes = 0
+        self.used_bytes = 0
+
 
 class Pool(Ops):
     """A pool: objects of pages, page gauges and (ephemeral) its eviction account."""
@@ -45,6 +82,7 @@ class Pool(Ops):
         "account",
         "charged_bytes",
         "charges",
+        "domain",
         "domain_bits",
         "exclusive_gets",
         "lru_tag",
@@ -69,7 +107,7 @@ class Pool(Ops):
         owner: Guest | None,
         account: Account | None,
         ref: int,
-        domain_bits: int,
+        domain: Domain,
     ) -> None:
         super().__init__()
         self.persistent = persistent
@@ -80,7 +118,8 @@ class Pool(Ops):
         self.account = account  # None for a persistent pool
         self.ref = ref  # LRU keys name the pool by this (ephemeral pools only)
         self.lru_tag = lru_tag(ref)
-        self.domain_bits = domain_bits
+        self.domain = domain
+        self.domain_bits = domain.bits  # read on every put
         self.objects: dict[int, dict[int, int]] = {}
         # members of a shared pool: guest_id -> that guest's pool id
         self.members: dict[int, int] = {}
@@ -105,8 +144,7 @@ class Guest(Ops):
         "account",
         "cap_pages",
         "compress",
-        "dedup_domain",
-        "domain_bits",
+        "domain",
         "evicted_unreported",
         "frozen",
         "gate",
@@ -114,6 +152,7 @@ class Guest(Ops):
         "hold",
         "limit",
         "name",
+        "pack",
         "persistent_pages",
         "policy_low_hit_rate",
         "pools",
@@ -126,9 +165,8 @@ class Guest(Ops):
         name: str,
         *,
         cap_pages: int | None,
-        dedup_domain: str,
-        domain_bits: int,
-        compress: bool,
+        domain: Domain,
+        compress: bool | None,
         frozen: bool,
         account: Account,
     ) -> None:
@@ -136,9 +174,11 @@ class Guest(Ops):
         self.guest_id = guest_id
         self.name = name
         self.cap_pages = cap_pages
-        self.dedup_domain = dedup_domain
-        self.domain_bits = domain_bits
+        self.domain = domain
+        # the guest's own setting (None: the domain's, else the broker's) and the mode
+        # that results (Registry.repack)
         self.compress = compress
+        self.pack = PACK_NEVER
         self.frozen = frozen
         self.account = account
         self.pools: dict[int, Pool] = {}
@@ -171,6 +211,10 @@ class Guest(Ops):
     def weight(self) -> int:
         return self.account.weight
 
+    @property
+    def dedup_domain(self) -> str:
+        return self.domain.name
+
 
 def check_weight(weight: int) -> None:
     if type(weight) is not int or weight < 1:
@@ -192,14 +236,16 @@ def normalise_uuid(value: str) -> str:
 class Registry:
     """Guests, pools, shared pools, authorisations and dedup domains (records only)."""
 
-    __slots__ = ("auth", "domains", "guests", "max_pools", "shared")
+    __slots__ = ("auth", "compress_default", "domains", "guests", "max_pools", "shared")
 
-    def __init__(self, max_pools: int) -> None:
+    def __init__(self, max_pools: int, compress_default: str = NEVER) -> None:
+        check_compress_mode(compress_default)
         self.max_pools = max_pools
+        self.compress_default = compress_default
         self.guests: dict[int, Guest] = {}
         self.shared: dict[str, Pool] = {}
         self.auth: dict[str, set[int]] = {}
-        self.domains: dict[str, int] = {}
+        self.domains: dict[str, Domain] = {}
 
     def guest(self, guest_id: int) -> Guest:
         """The guest, or :class:`UnknownGuest`."""
@@ -218,17 +264,27 @@ class Registry:
             raise UnknownPool(f"guest {guest_id} has no pool {pool_id}")
         return g, pool
 
-    def domain_bits(self, name: str) -> int:
-        """The content-key bits of the dedup domain ``name`` (made known on first use)."""
+    def domain(self, name: str) -> Domain:
+        """The dedup domain ``name`` (made known on first use)."""
         if not isinstance(name, str) or not name:
             raise BadRequest("dedup_domain must be a non-empty string")
-        domain_id = self.domains.get(name)
-        if domain_id is None:
-            domain_id = len(self.domains)
-            if domain_id >= MAX_DOMAINS:
+        domain = self.domains.get(name)
+        if domain is None:
+            if len(self.domains) >= MAX_DOMAINS:
                 raise Conflict("too many dedup domains")
-            self.domains[name] = domain_id
-        return domain_id << DOMAIN_SHIFT
+            domain = self.domains[name] = Domain(name, len(self.domains))
+        return domain
+
+    def compress_mode(self, g: Guest) -> str:
+        """The guest's compression mode: its own setting, else its domain's, else the
+        broker's default."""
+        if g.compress is not None:
+            return ALWAYS if g.compress else NEVER
+        return g.domain.compress or self.compress_default
+
+    def repack(self, g: Guest) -> None:
+        """Recompute what the put path checks after a compression setting changed."""
+        g.pack = _PACK[self.compress_mode(g)]
 
     def pick_pool_id(self, g: Guest, pool_id: int | None) -> int:
         """``pool_id`` if it is valid and free, or the lowest free one when None."""

@@ -13,15 +13,18 @@ from collections.abc import Iterable, Iterator
 from broker.core.content import ZERO_KEY, ZERO_PAGE
 from broker.core.errors import BadHandle, BadPageSize, BadRequest
 from broker.core.pages import PageTable
-from broker.core.registry import Guest, Pool
+from broker.core.registry import Pool
 from schemas.batch import MAX_INDEX, MAX_OID, PAGE_SIZE
 
 
 def restore_pages(
-    table: PageTable, g: Guest, pool: Pool, pages: Iterable[tuple[int, int, bytes]]
+    table: PageTable,
+    pool: Pool,
+    pages: Iterable[tuple[int, int, bytes]],
+    compressing: bool,
 ) -> int:
     """Put ``(oid, index, page)`` back into the guest's persistent pool; how many were
-    restored. A malformed page raises (``BadPageSize``, ``BadHandle``) and the pages before
+    restored (``compressing``: whether the guest compresses now). A malformed page raises (``BadPageSize``, ``BadHandle``) and the pages before
     it stay restored.
 
     One rule with the put path (PageTable.place, Contents.pack and .reference), called per
@@ -36,8 +39,7 @@ def restore_pages(
     place = table.place
     pack = contents.pack
     reference = contents.reference
-    bits = pool.domain_bits
-    compressing = g.compress
+    domain = pool.domain
     n = 0
     for oid, index, data in pages:
         if len(data) != PAGE_SIZE:
@@ -51,7 +53,7 @@ def restore_pages(
             place(pool, oid, index, ZERO_KEY, 0)
         else:
             stored = pack(page, compressing)[0]
-            place(pool, oid, index, reference(page, stored, bits)[0], len(stored))
+            place(pool, oid, index, reference(page, stored, domain)[0], len(stored))
         n += 1
     return n
 

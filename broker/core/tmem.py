@@ -48,6 +48,7 @@ from typing import Any
 
 from broker.core.accounting import Ops
 from broker.core.admission import Admission
+from broker.core.compression import ColdCompressor
 from broker.core.content import ZERO_KEY, ZERO_PAGE, Contents, Hasher, xxh3_128
 from broker.core.errors import (
     BadHandle,
@@ -60,14 +61,27 @@ from broker.core.errors import (
 from broker.core.eviction import Eviction
 from broker.core.journal import PersistentJournal
 from broker.core.keys import M32, MIX
-from broker.core.model import EPHEMERAL, KINDS, PERSISTENT, UNSET, CoreConfig, PoolView, Unset
+from broker.core.model import (
+    EPHEMERAL,
+    KINDS,
+    PERSISTENT,
+    UNSET,
+    CoreConfig,
+    DomainView,
+    PoolView,
+    Unset,
+)
 from broker.core.pages import PageTable
 from broker.core.pressure import PressureSettings
 from broker.core.registry import (
+    PACK_ALWAYS,
+    PACK_PRESSURE,
+    Domain,
     Guest,
     Pool,
     Registry,
     check_cap,
+    check_compress_mode,
     check_weight,
     normalise_uuid,
 )
@@ -125,8 +139,9 @@ class Tmem:
         self._table = PageTable(self._contents)
         self._ev = Eviction(self._table, config.capacity_bytes)
         self._adm = Admission()
-        self._reg = Registry(config.max_pools_per_guest)
+        self._reg = Registry(config.max_pools_per_guest, config.compress_default)
         self._retired = Ops()  # counters of removed guests
+        self._cold = ColdCompressor(self._reg, self._table, self._ev)
 
     # ------------------------------------------------------------------ figures read often
 
@@ -140,6 +155,12 @@ class Tmem:
         """The sum of every page's charge: what ``used_bytes`` would be without sharing.
         Capacity decisions use it (see :mod:`broker.core.eviction`)."""
         return self._table.charged_bytes
+
+    @property
+    def counted_bytes(self) -> int:
+        """Page storage counted against capacity: charges in untrusted dedup domains, bytes
+        actually held in trusted ones (see :mod:`broker.core.eviction`)."""
+        return self._table.counted_bytes
 
     @property
     def unique_pages(self) -> int:
@@ -208,26 +229,27 @@ class Tmem:
         weight: int = 100,
         cap_pages: int | None = None,
         dedup_domain: str = "default",
-        compress: bool = False,
+        compress: bool | None = None,
         frozen: bool = False,
     ) -> None:
-        """Make a guest known. ``guest_id`` is the caller's (the service's database id)."""
+        """Make a guest known. ``guest_id`` is the caller's (the service's database id).
+        ``compress`` None takes the domain's mode, else the broker's default."""
         reg = self._reg
         if guest_id in reg.guests:
             raise GuestExists(f"guest {guest_id} exists")
         check_weight(weight)
         check_cap(cap_pages)
-        bits = reg.domain_bits(dedup_domain)
-        reg.guests[guest_id] = Guest(
+        domain = reg.domain(dedup_domain)
+        g = reg.guests[guest_id] = Guest(
             guest_id,
             name,
             cap_pages=cap_pages,
-            dedup_domain=dedup_domain,
-            domain_bits=bits,
-            compress=bool(compress),
+            domain=domain,
+            compress=None if compress is None else bool(compress),
             frozen=bool(frozen),
             account=self._ev.new_account(weight),
         )
+        reg.repack(g)
 
     def update_guest(
         self,
@@ -235,19 +257,20 @@ class Tmem:
         *,
         weight: int | None = None,
         cap_pages: int | Unset | None = UNSET,
-        compress: bool | None = None,
+        compress: bool | Unset | None = UNSET,
         dedup_domain: str | None = None,
     ) -> None:
-        """Change a guest's settings; arguments left out stay. A lower ``cap_pages`` drops
-        nothing (the guest's new puts are declined until it is under). A new
-        ``dedup_domain`` moves the guest's private pages to that domain (O(its pages))."""
+        """Change a guest's settings; arguments left out stay (``compress`` None: inherit
+        the domain's mode). A lower ``cap_pages`` drops nothing (the guest's new puts are
+        declined until it is under). A new ``dedup_domain`` moves the guest's private pages
+        to that domain (O(its pages))."""
         reg = self._reg
         g = reg.guest(guest_id)
         if weight is not None:
             check_weight(weight)
         if not isinstance(cap_pages, Unset):
             check_cap(cap_pages)
-        bits = reg.domain_bits(dedup_domain) if dedup_domain is not None else g.domain_bits
+        domain = reg.domain(dedup_domain) if dedup_domain is not None else g.domain
         if weight is not None:
             g.account.weight = weight
             for pool in g.pools.values():
@@ -256,27 +279,102 @@ class Tmem:
         if not isinstance(cap_pages, Unset):
             g.cap_pages = cap_pages
             g.relimit()
-        if compress is not None:
-            g.compress = bool(compress)
-        if dedup_domain is not None and bits != g.domain_bits:
-            self._move_domain(g, bits)
-        if dedup_domain is not None:
-            g.dedup_domain = dedup_domain
+        if domain is not g.domain:
+            self._move_domain(g, domain)
+        if not isinstance(compress, Unset):
+            g.compress = None if compress is None else bool(compress)
+        reg.repack(g)
 
-    def _move_domain(self, g: Guest, bits: int) -> None:
+    def _move_domain(self, g: Guest, domain: Domain) -> None:
         """Re-key the guest's private pages into another dedup domain."""
-        contents = self._contents
+        contents, table = self._contents, self._table
+        old = g.domain
         for pool in g.pools.values():
             if pool.shared:
                 continue
+            charged = pool.charged_bytes
+            table.charge(pool, -charged)
             for obj in pool.objects.values():
                 for index, key in obj.items():
                     if key != ZERO_KEY:
-                        obj[index] = contents.rekey(key, bits)
-                        contents.unref(key)
-            pool.domain_bits = bits
-        g.domain_bits = bits
+                        obj[index] = contents.rekey(key, domain)
+                        contents.unref(key, old)
+            pool.domain = domain
+            pool.domain_bits = domain.bits
+            table.charge(pool, charged)
+        g.domain = domain
         self._ev.make_room(0)
+
+    # ------------------------------------------------------------------ dedup domains
+
+    def set_domain(
+        self, name: str, *, trusted: bool | None = None, compress: str | Unset | None = UNSET
+    ) -> list[int]:
+        """Set a dedup domain's trust and compression mode (None: the broker's default);
+        arguments left out stay. Returns the ids of the domain's guests whose own explicit
+        ``compress`` overrides the domain's mode (reported, not guessed: theirs wins).
+        Untrusting a domain may evict ephemeral pages at once (its shared contents count
+        per page again)."""
+        if trusted is not None and type(trusted) is not bool:
+            raise BadRequest(f"trusted must be true or false, not {trusted!r}")
+        if not isinstance(compress, Unset):
+            check_compress_mode(compress)
+        reg, table, contents = self._reg, self._table, self._contents
+        domain = reg.domain(name)
+        if trusted is not None and trusted != domain.trusted:
+            sign = 1 if trusted else -1
+            domain.trusted = trusted
+            table.trusted_charged += sign * domain.charged_bytes
+            contents.trusted_used += sign * domain.used_bytes
+        if not isinstance(compress, Unset):
+            domain.compress = compress
+        overriding = []
+        for g in reg.guests.values():
+            if g.domain is domain:
+                reg.repack(g)
+                explicit = g.compress is not None and domain.compress is not None
+                if explicit and reg.compress_mode(g) != domain.compress:
+                    overriding.append(g.guest_id)
+        self._ev.make_room(0)
+        return overriding
+
+    def domains(self) -> list[DomainView]:
+        """Every dedup domain known (named by a guest or by :meth:`set_domain`)."""
+        members: dict[str, int] = {}
+        for g in self._reg.guests.values():
+            members[g.domain.name] = members.get(g.domain.name, 0) + 1
+        return [
+            DomainView(
+                d.name, d.trusted, d.compress, members.get(d.name, 0), d.charged_bytes, d.used_bytes
+            )
+            for d in self._reg.domains.values()
+        ]
+
+    @property
+    def compress_default(self) -> str:
+        """The compression mode of guests and domains that set none; settable."""
+        return self._reg.compress_default
+
+    @compress_default.setter
+    def compress_default(self, mode: str) -> None:
+        check_compress_mode(mode)
+        if mode is None:
+            raise BadRequest("the broker's compress default must be never, always or pressure")
+        reg = self._reg
+        reg.compress_default = mode
+        for g in reg.guests.values():
+            reg.repack(g)
+
+    def compress_mode_of(self, guest_id: int) -> str:
+        """The guest's compression mode: its own, else its domain's, else the default."""
+        return self._reg.compress_mode(self._reg.guest(guest_id))
+
+    def compress_cold(self, max_pages: int) -> int:
+        """The ``pressure`` mode's background pass: while storage is above the high
+        watermark, keep up to ``max_pages`` stored pages of guests in that mode as lz4
+        blocks, coldest first (ephemeral pages in LRU order, then persistent pages in the
+        order they were put). Returns the pages compressed. Call it from a background loop."""
+        return self._cold.step(max_pages)
 
     def remove_guest(self, guest_id: int) -> None:
         """Every page of the guest goes; it leaves its shared pools (which live on while
@@ -375,7 +473,7 @@ class Tmem:
                 owner=g,
                 account=None if persistent else g.account,
                 ref=0 if persistent else ev.take_ref(),
-                domain_bits=g.domain_bits,
+                domain=g.domain,
             )
             if not persistent:
                 ev.add_pool(pool)
@@ -406,7 +504,7 @@ class Tmem:
                 owner=None,
                 account=ev.new_account(g.weight),
                 ref=ev.take_ref(),
-                domain_bits=g.domain_bits,
+                domain=g.domain,
             )
             ev.add_pool(pool)
             reg.shared[key] = pool
@@ -503,35 +601,43 @@ class Tmem:
         elif (
             not persistent
             and self._adm.settings is not None
-            and not self._adm.admit(g, data, table.charged_bytes > self._ev.low_bytes)
+            and not self._adm.admit(g, data, table.counted_bytes > self._ev.low_bytes)
         ):
             pool.declined_policy += 1
             g.declined_policy += 1
             status = STATUS_POLICY
         else:
             ev = self._ev
-            if table.charged_bytes > ev.reclaim_above:
-                ev.reclaim_step()
             contents = self._contents
+            # PageTable.counted_bytes, inlined
+            level = table.charged_bytes - table.trusted_charged + contents.trusted_used
+            if level > ev.reclaim_above:
+                ev.reclaim_step()
+                level = table.charged_bytes - table.trusted_charged + contents.trusted_used
+            domain = pool.domain
             if data == ZERO_PAGE:
                 stored = data
-                charge = 0
+                charge = need = 0
             else:
                 stored = data
-                if g.compress:
+                pack = g.pack
+                if pack and (pack == PACK_ALWAYS or level > ev.compress_above):
                     stored, poor = contents.pack(data, True)
                     if poor:
                         pool.compress_poor += 1
                         g.compress_poor += 1
-                charge = len(stored)
-            level = table.charged_bytes
-            if contents.used_bytes > level:  # (rare: see Eviction.make_room)
-                level = contents.used_bytes
-            if level + charge <= ev.capacity or ev.make_room(charge):
+                need = charge = len(stored)
+                if (
+                    domain.trusted
+                    and level <= ev.capacity  # (else making room could evict the copy found)
+                    and contents.find(data, domain.bits) is not None
+                ):
+                    need = 0  # a trusted domain holds this content already
+            if level + need <= ev.capacity or ev.make_room(need):
                 if charge:
                     key = contents.hash(data) | pool.domain_bits
                     if contents.collided or contents.get(key) is not None:
-                        key, hit = contents.acquire(key, data, stored)
+                        key, hit = contents.acquire(key, data, stored, domain)
                         if hit:
                             pool.dedup_hits += 1
                             g.dedup_hits += 1
@@ -540,6 +646,9 @@ class Tmem:
                         if charge != PAGE_SIZE:
                             contents.sizes[key] = charge
                         contents.used_bytes += charge
+                        domain.used_bytes += charge
+                        if domain.trusted:
+                            contents.trusted_used += charge
                         contents.unique_pages += 1
                 else:
                     key = ZERO_KEY
@@ -553,8 +662,7 @@ class Tmem:
                 if charge == 0:
                     pool.zero_pages += 1
                 else:
-                    pool.charged_bytes += charge
-                    table.charged_bytes += charge
+                    table.charge(pool, charge)
                     if charge != PAGE_SIZE:
                         pool.charges[(oid << 32) | ((index + (oid & M32) * MIX) & M32)] = charge
                 if persistent:
@@ -684,7 +792,7 @@ class Tmem:
         """Put a persistent page back at broker start: no quota, capacity or frozen check,
         not journaled, not counted as a put. Replaces what is at the handle."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        restore_pages(self._table, g, pool, ((oid, index, data),))
+        restore_pages(self._table, pool, ((oid, index, data),), self._packs_now(g))
 
     def restore_pages(
         self, guest_id: int, pool_id: int, pages: Iterable[tuple[int, int, bytes]]
@@ -693,7 +801,14 @@ class Tmem:
         Returns how many pages were restored. A malformed page raises (``BadPageSize``,
         ``BadHandle``) and the pages before it stay restored."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        return restore_pages(self._table, g, pool, pages)
+        return restore_pages(self._table, pool, pages, self._packs_now(g))
+
+    def _packs_now(self, g: Guest) -> bool:
+        """Whether the guest's puts are compressed now (its mode, and for ``pressure`` the
+        storage level)."""
+        return g.pack == PACK_ALWAYS or (
+            g.pack == PACK_PRESSURE and self._table.counted_bytes > self._ev.compress_above
+        )
 
     # ------------------------------------------------------------------ stats
 

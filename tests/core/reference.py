@@ -82,7 +82,8 @@ class Model:
         self.retired_ops = dict.fromkeys(OPS, 0)
         self.retired_declined = dict.fromkeys(DECLINES, 0)
         self.evictions = 0
-        # stored size of each live content (domain, page), fixed by whoever stored it first
+        # stored size of each live content (domain, page): the smallest charge of any page
+        # that referred to it while it lived (a raw copy gives way to a sharer's lz4 block)
         self.sizes: dict[tuple[str, bytes], int] = {}
 
     # -- helpers
@@ -115,9 +116,9 @@ class Model:
         return sum(c for p in self.all_pools() for _, c in p.pages.values())
 
     def level(self) -> int:
-        """What capacity decisions compare: charges (never what sharing saved), or the
-        bytes held when those are more."""
-        return max(self.charged(), self.used())
+        """What capacity decisions compare: charges, never what sharing saved (the bytes
+        held are never more: see self.sizes)."""
+        return self.charged()
 
     def accounts(self) -> list[MAccount]:
         accts = [g.account for g in self.guests.values()]
@@ -260,8 +261,10 @@ class Model:
             else:
                 if page != ZERO:
                     key = (pool.domain, page)
+                    self.collect()  # contents whose last page went are gone
                     if key in self.sizes:
                         g.ops["dedup_hits"] += 1
+                        self.sizes[key] = min(self.sizes[key], charge)
                     else:
                         self.sizes[key] = charge
                 pool.pages[(oid, index)] = (page, charge)

@@ -52,8 +52,8 @@ def _reference_put(t: Tmem, gid: int, pid: int, oid: int, index: int, data: byte
     if data == ZERO_PAGE:
         table.place(pool, oid, index, ZERO_KEY, 0)
         return
-    stored, _poor = contents.pack(data, g.compress)
-    key, _hit = contents.reference(data, stored, pool.domain_bits)
+    stored, _poor = contents.pack(data, bool(g.compress))
+    key, _hit = contents.reference(data, stored, pool.domain)
     table.place(pool, oid, index, key, len(stored))
 
 
@@ -61,7 +61,11 @@ def _state(t: Tmem) -> dict[str, Any]:
     c = t._contents
     out: dict[str, Any] = {
         "charged": t._table.charged_bytes,
+        "trusted_charged": t._table.trusted_charged,
+        "persistent_charged": t._table.persistent_charged,
         "used": c.used_bytes,
+        "trusted_used": c.trusted_used,
+        "domains": [(d.charged_bytes, d.used_bytes) for d in t._reg.domains.values()],
         "unique": c.unique_pages,
         "refs": dict(c.refs),
         "sizes": dict(c.sizes),

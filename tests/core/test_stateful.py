@@ -236,6 +236,8 @@ class TmemMachine(RuleBasedStateMachine):
     def capacity_holds(self) -> None:
         stats = self.core.stats()
         assert stats["used_bytes"] == self.core.used_bytes
+        # a stored copy is never larger than any page's charge for it (no trusted domain)
+        assert self.core.used_bytes <= self.core.charged_bytes
         # over capacity only when no ephemeral page is left to evict (persistent pages alone)
         assert self.core.used_bytes <= self.core.capacity_bytes or stats["ephemeral_pages"] == 0
 

@@ -1,0 +1,103 @@
+"""Compression as policy: the ``pressure`` mode's background pass over cold pages.
+
+A guest's mode is its own ``compress`` setting, else its dedup domain's, else the broker's
+default (:meth:`broker.core.registry.Registry.compress_mode`): ``never``, ``always``, or
+``pressure`` — zswap's habit: new puts are compressed once storage is above the low watermark
+(the put path), and while storage is above the high watermark this pass keeps the coldest
+stored pages of such guests as lz4 blocks: ephemeral pages in LRU order, then persistent
+pages in the order they were put. Pages that compress poorly stay raw. A page compressed here
+is charged its lz4 length from then on, like a page put compressed.
+
+Which pages the pass takes depends only on the guest's own pages, and it runs only while
+``counted_bytes`` (charges, in untrusted domains) is above the watermark: nothing in it
+depends on another guest's contents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from broker.core.content import ZERO_KEY, unpack
+from broker.core.eviction import Eviction
+from broker.core.keys import lru_handle, lru_ref, slot_key
+from broker.core.pages import PageTable
+from broker.core.registry import PACK_PRESSURE, Guest, Pool, Registry
+from schemas.batch import PAGE_SIZE
+
+# A step looks at most this many handles per page it may compress (pages compressed already
+# or compressing poorly are skipped), so one step's work stays bounded.
+EXAMINE_PER_PAGE = 8
+
+
+class ColdCompressor:
+    """One pass at a time over the cold pages of guests in the ``pressure`` mode."""
+
+    __slots__ = ("_pass", "compressed", "ev", "reg", "table")
+
+    def __init__(self, reg: Registry, table: PageTable, ev: Eviction) -> None:
+        self.reg = reg
+        self.table = table
+        self.ev = ev
+        self._pass: Iterator[tuple[Guest, int, Pool, int, int]] | None = None
+        self.compressed = 0  # pages compressed by the pass, ever
+
+    def step(self, max_pages: int) -> int:
+        """Compress up to ``max_pages`` pages while storage is above the high watermark."""
+        table, ev = self.table, self.ev
+        if table.counted_bytes <= ev.high_bytes or max_pages <= 0:
+            self._pass = None
+            return 0
+        if self._pass is None:
+            self._pass = self._handles()
+        done = 0
+        for examined, (g, pool_id, pool, oid, index) in enumerate(self._pass, 1):
+            if g.pools.get(pool_id) is pool and self._compress(pool, oid, index):
+                done += 1
+            if (
+                done >= max_pages
+                or examined >= EXAMINE_PER_PAGE * max_pages
+                or table.counted_bytes <= ev.high_bytes
+            ):
+                self.compressed += done
+                return done
+        self._pass = None  # every cold page seen: the next step starts a new pass
+        self.compressed += done
+        return done
+
+    def _handles(self) -> Iterator[tuple[Guest, int, Pool, int, int]]:
+        """Handles of pressure-mode guests' private pools, coldest first. Lists are taken
+        lazily (one LRU or one object at a time), so pages put meanwhile wait for the next
+        pass and pages gone meanwhile are skipped."""
+        for g in list(self.reg.guests.values()):
+            if g.pack != PACK_PRESSURE:
+                continue
+            own = [(pid, p) for pid, p in g.pools.items() if not p.shared]
+            by_ref = {p.ref: (pid, p) for pid, p in own if not p.persistent}
+            for lru_key in list(g.account.lru):
+                entry = by_ref.get(lru_ref(lru_key))
+                if entry is not None:
+                    oid, index = lru_handle(lru_key)
+                    yield g, entry[0], entry[1], oid, index
+            for pid, pool in own:
+                if not pool.persistent:
+                    continue
+                for oid in list(pool.objects):
+                    for index in list(pool.objects.get(oid, ())):
+                        yield g, pid, pool, oid, index
+
+    def _compress(self, pool: Pool, oid: int, index: int) -> bool:
+        obj = pool.objects.get(oid)
+        key = None if obj is None else obj.get(index)
+        if key is None or key == ZERO_KEY:
+            return False
+        if pool.charges.get(slot_key(oid, index), PAGE_SIZE) != PAGE_SIZE:
+            return False  # compressed already
+        contents = self.table.contents
+        held = contents.get(key)
+        assert held is not None
+        packed, poor = contents.pack(unpack(held), True)
+        if poor:
+            return False
+        contents.repack(key, packed, pool.domain)
+        self.table.recharge(pool, oid, index, len(packed))
+        return True
