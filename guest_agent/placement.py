@@ -128,12 +128,13 @@ def retry(
 ) -> _T:
     """``call()``, retried along ``policy`` while it raises a :data:`TRANSIENT` error; the
     last error propagates once the policy gives up. ``on_retry(exc)`` runs before each sleep."""
-    delays = policy.delays()
     deadline = None if policy.deadline is None else clock() + policy.deadline
+    delays: Iterator[float] | None = None  # made at the first failure: none on the fast path
     while True:
         try:
             return call()
         except TRANSIENT as exc:
+            delays = delays or policy.delays()
             delay = _next_delay(delays, deadline, clock())
             if delay is None:
                 raise
@@ -150,12 +151,13 @@ async def aretry(
 ) -> _T:
     """:func:`retry` for coroutines: sleeps with ``asyncio.sleep`` on the loop's clock."""
     clock = asyncio.get_running_loop().time
-    delays = policy.delays()
     deadline = None if policy.deadline is None else clock() + policy.deadline
+    delays: Iterator[float] | None = None  # made at the first failure: none on the fast path
     while True:
         try:
             return await call()
         except TRANSIENT as exc:
+            delays = delays or policy.delays()
             delay = _next_delay(delays, deadline, clock())
             if delay is None:
                 raise
