@@ -5,12 +5,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from guest_agent import Cleancache, Frontswap, TmemClient
 from guest_agent.errors import NotInitialised, PageUnavailable
 from guest_agent.shims import RetryPolicy, frontswap_handle
+from schemas.batch import OP_FLUSH_PAGE, OP_GET, decode_request
 from schemas.wire import Notice
 
 from .fake_broker import FakeBroker
@@ -145,6 +147,34 @@ def test_shed_moves_the_oldest_pages_home_and_flushes_them() -> None:
     assert all(fs.load(0, i) == page(0, i) for i in range(10))
     assert fs.shed(100) == 4
     assert broker.persistent_pages() == 0 and fs.shed(1) == 0
+
+
+def test_shed_syncs_the_fallback_before_the_broker_flushes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = FakeBroker()
+    fs, _ = make(broker, max_batch_ops=4)
+    fs.init(0)
+    for i in range(6):
+        fs.store(0, i, page(0, i))
+    order: list[str] = []
+    real_sync = fs.fallback.sync
+    monkeypatch.setattr(fs.fallback, "sync", lambda: (order.append("sync"), real_sync())[1])
+    real_handle = broker.handle
+
+    def handle(request: Any) -> Any:
+        if request.method == "POST" and request.target.endswith("/batch"):
+            op = decode_request(request.body, 1024)[0][0]
+            order.append("flush" if op == OP_FLUSH_PAGE else "get" if op == OP_GET else str(op))
+        return real_handle(request)
+
+    monkeypatch.setattr(broker, "handle", handle)
+    client = TmemClient("http://b", "tok", transport=broker.transport(), max_batch_ops=4)
+    fs.client = client
+    assert fs.shed(6) == 6
+    # per batch of 4: the pages are fetched, synced in the fallback, and only then flushed
+    assert order == ["get", "sync", "flush", "get", "sync", "flush"]
+    assert all(fs.load(0, i) == page(0, i) for i in range(6))
 
 
 def test_unreachable_broker_stores_locally_and_loads_fail_only_after_retries() -> None:
