@@ -125,22 +125,34 @@ def retry(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     on_retry: Callable[[Exception], None] | None = None,
+    failed: Exception | None = None,
+    started: float | None = None,
 ) -> _T:
     """``call()``, retried along ``policy`` while it raises a :data:`TRANSIENT` error; the
-    last error propagates once the policy gives up. ``on_retry(exc)`` runs before each sleep."""
-    deadline = None if policy.deadline is None else clock() + policy.deadline
+    last error propagates once the policy gives up. ``on_retry(exc)`` runs before each sleep.
+
+    A caller that made the first try itself (a hot path that should cost no wrapper when the
+    broker answers) passes its error as ``failed`` and the ``clock()`` before it as
+    ``started``: the schedule goes on as if that try had been made here."""
+    deadline = None
+    if policy.deadline is not None:
+        deadline = (clock() if started is None else started) + policy.deadline
     delays: Iterator[float] | None = None  # made at the first failure: none on the fast path
+    error = failed
     while True:
-        try:
-            return call()
-        except TRANSIENT as exc:
-            delays = delays or policy.delays()
-            delay = _next_delay(delays, deadline, clock())
-            if delay is None:
-                raise
-            if on_retry is not None:
-                on_retry(exc)
-            sleep(delay)
+        if error is None:
+            try:
+                return call()
+            except TRANSIENT as exc:
+                error = exc
+        delays = delays or policy.delays()
+        delay = _next_delay(delays, deadline, clock())
+        if delay is None:
+            raise error
+        if on_retry is not None:
+            on_retry(error)
+        sleep(delay)
+        error = None
 
 
 async def aretry(
@@ -148,22 +160,31 @@ async def aretry(
     policy: RetryPolicy,
     *,
     on_retry: Callable[[Exception], None] | None = None,
+    failed: Exception | None = None,
+    started: float | None = None,
 ) -> _T:
-    """:func:`retry` for coroutines: sleeps with ``asyncio.sleep`` on the loop's clock."""
+    """:func:`retry` for coroutines: sleeps with ``asyncio.sleep``; ``started`` is on the
+    running loop's clock (``loop.time()``)."""
     clock = asyncio.get_running_loop().time
-    deadline = None if policy.deadline is None else clock() + policy.deadline
-    delays: Iterator[float] | None = None  # made at the first failure: none on the fast path
+    deadline = None
+    if policy.deadline is not None:
+        deadline = (clock() if started is None else started) + policy.deadline
+    delays: Iterator[float] | None = None
+    error = failed
     while True:
-        try:
-            return await call()
-        except TRANSIENT as exc:
-            delays = delays or policy.delays()
-            delay = _next_delay(delays, deadline, clock())
-            if delay is None:
-                raise
-            if on_retry is not None:
-                on_retry(exc)
-            await asyncio.sleep(delay)
+        if error is None:
+            try:
+                return await call()
+            except TRANSIENT as exc:
+                error = exc
+        delays = delays or policy.delays()
+        delay = _next_delay(delays, deadline, clock())
+        if delay is None:
+            raise error
+        if on_retry is not None:
+            on_retry(error)
+        await asyncio.sleep(delay)
+        error = None
 
 
 class Placement(Generic[K]):

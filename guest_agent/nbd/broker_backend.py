@@ -58,7 +58,7 @@ from typing import Literal, Protocol, TypeVar
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE
 from guest_agent.nbd.errors import BackendError
-from guest_agent.placement import Placement, RetryPolicy, aretry
+from guest_agent.placement import TRANSIENT, Placement, RetryPolicy, aretry
 
 log = logging.getLogger(__name__)
 
@@ -333,11 +333,21 @@ class BrokerBackend:
         """``get_many``, retried along the placement's policy while the broker is
         unreachable, restarting or rate limiting; then :class:`BackendError`."""
         pool_id = self.pool_id
+        started = asyncio.get_running_loop().time()
+        try:
+            # the first try inline: a broker that answers costs no retry wrapper
+            return await self.client.get_many(pool_id, handles)
+        except TRANSIENT as exc:
+            failed: Exception = exc
+        except TmemClientError as exc:
+            raise BackendError(f"broker: {exc}") from exc
         try:
             return await aretry(
                 lambda: self.client.get_many(pool_id, handles),
                 self.placement.policy,
                 on_retry=self._read_retried,
+                failed=failed,
+                started=started,
             )
         except TmemClientError as exc:
             raise BackendError(f"broker: {exc}") from exc
