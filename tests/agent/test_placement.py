@@ -203,3 +203,29 @@ def test_take_stale_hands_over_the_keys_once() -> None:
     placement.stale.update({(1, 2), (3, 4)})
     assert sorted(placement.take_stale()) == [(1, 2), (3, 4)]
     assert placement.take_stale() == [] and not placement.stale
+
+
+def test_retry_goes_on_from_a_first_try_the_caller_made() -> None:
+    clock = Clock()
+    started = clock()
+    clock.now += 1.5  # the caller's own first try took this long and failed
+    calls = 0
+
+    def call() -> None:
+        nonlocal calls
+        calls += 1
+        raise BrokerUnavailable("down")
+
+    policy = RetryPolicy(attempts=None, backoff=0.25, deadline=2.0)
+    with pytest.raises(BrokerUnavailable):
+        retry(
+            call,
+            policy,
+            sleep=clock.sleep,
+            clock=clock,
+            failed=BrokerUnavailable("first"),
+            started=started,
+        )
+    # it slept before its first call, and the deadline counts from the caller's try
+    assert clock.slept[0] == 0.25 and clock.now == pytest.approx(started + 2.0)
+    assert calls == len(clock.slept) == 2  # each sleep is followed by one call
