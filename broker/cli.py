@@ -313,15 +313,10 @@ def create_guest(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Create a guest and print its token (shown only this once)."""
-    body: dict[str, Any] = {
-        "name": name,
-        "weight": weight,
-        "cap_pages": cap_pages,
-        "dedup_domain": dedup_domain,
-        "compress": compress,
-    }
     with _client(url, admin_token, data_dir) as client:
-        created = client.create_guest(**body).model_dump(mode="json")
+        created = client.create_guest(
+            name, weight=weight, cap_pages=cap_pages, dedup_domain=dedup_domain, compress=compress
+        ).model_dump(mode="json")
     console.print(_guest_table([created]))
     console.print(f"token (shown once): [bold]{created['token']}[/bold]")
 
