@@ -35,7 +35,10 @@ offering puts that would exceed the guest's cap (from ``GET /v1/self`` at ``init
 some, a new ``quota`` notice arrives or ``RetryPolicy.recheck_interval`` passes. A ``freeze``
 notice stops puts until ``thaw`` (a ``frozen`` decline, for ``recheck_interval``).
 ``shed(n)`` (what a ``shed`` notice triggers, see :mod:`guest_agent.notices`) moves the ``n``
-oldest broker pages back into the fallback and flushes them from the broker.
+oldest broker pages back into the fallback, syncs it and flushes them from the broker.
+
+These rules are :class:`~guest_agent.placement.Placement`'s (written once, and followed by the
+NBD export too); the shim keeps the map of where each page lives and does the I/O.
 
 Thread safety: every public method holds one lock, so a notice handler thread may call
 :meth:`Frontswap.handle_notice` while the guest stores and loads.
