@@ -16,27 +16,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.api import migration, ops, routes
+from broker.api import admin, guest_control, ops
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
-from broker.api.errors import ApiError, BodyTooLarge, handle_error, json_error
+from broker.api.body import JsonBodyLimit
+from broker.api.errors import exception_handlers
+from broker.api.guest_pages import GuestPages
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
-from broker.api.pages import ServiceBox, page_routes
-from broker.api.pressure_loop import PressureLoop
-from broker.api.service import BrokerService
+from broker.api.service import BrokerService, ServiceBox
 from broker.core import CoreConfig, Tmem
-from broker.core.errors import TmemError
 from broker.db.engine import make_engine, upgrade
 from broker.db.repo import Repository
 from broker.settings import Settings
 from broker.store import open_journal, reload_journal
-from broker.store.errors import StoreError
 
 log = logging.getLogger("broker")
 
@@ -46,59 +41,9 @@ RAM, stores identical pages once and tells guests when to give memory back. Ever
 needs `Authorization: Bearer <token>` (the admin token or a guest token)."""
 
 
-class BodyLimit:
-    """Refuses JSON bodies larger than ``limit`` with 413 before reading them whole.
-
-    The page routes and the batch enforce their own (larger, exact) limits and pass through.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        # The import stream is pages too (checked record by record, bounded by capacity).
-        if "/pages/" in path or path.endswith("/batch") or path == "/v1/guests/import":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                response = json_error(413, BodyTooLarge.code, f"body larger than {limit} bytes")
-                await response(scope, receive, send)
-                return
-        # JSON bodies are small: read the whole body here (refusing it as soon as it grows
-        # past the limit), then hand it to the app in one piece.
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:
-                response = json_error(413, BodyTooLarge.code, f"body larger than {limit} bytes")
-                await response(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+# The JSON routers, by audience (the guests' pages are plain routes: GuestPages). Their order
+# is the OpenAPI document's.
+ROUTERS: tuple[APIRouter, ...] = (admin.router, guest_control.router, ops.router)
 
 
 _TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
@@ -175,9 +120,6 @@ def create_app(settings: Settings) -> FastAPI:
 
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
-        service.pressure_loop = PressureLoop(
-            service, settings.pressure_settings(), interval=settings.pressure_interval_s
-        )
         await service.pressure_loop.start()
         try:
             yield
@@ -200,24 +142,17 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
-        exception_handlers={
-            TmemError: handle_error,
-            ApiError: handle_error,
-            StoreError: handle_error,
-            RequestValidationError: handle_error,
-            StarletteHTTPException: handle_error,
-        },
+        exception_handlers=exception_handlers(),
     )
+    pages = GuestPages(box)
     app.state.settings = settings
     app.state.box = box
     app.state.metrics = metrics
-    for route in page_routes(box):
-        app.router.routes.append(route)
-    app.include_router(routes.admin)
-    app.include_router(migration.router)  # export/import (durability)
-    app.include_router(routes.guest)
-    app.include_router(ops.router)
-    app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
+    app.state.guest_pages = pages  # front.HotRoutes calls these endpoints directly
+    app.router.routes.extend(pages.routes())
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
     install_openapi(app)
     install_log_redaction()
     return app

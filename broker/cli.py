@@ -22,8 +22,7 @@ import json
 import logging
 import os
 import socket
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.settings import Settings
+from guest_agent.admin import AdminClient
+from guest_agent.errors import BrokerError, BrokerUnavailable, ProtocolError
 
 app = typer.Typer(
     help="tmem broker: a host-side transcendent-memory service.", no_args_is_help=True
@@ -230,34 +231,20 @@ def db_upgrade(
 # admin ------------------------------------------------------------------------------------
 
 
-class _Client:
-    def __init__(self, url: str, token: str) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read())["error"]
-                message = f"{exc.code} {detail['code']}: {detail['message']}"
-            except (ValueError, KeyError, TypeError):
-                message = f"{exc.code} {exc.reason}"
-            err.print(f"[red]error[/red] {message}")
-            raise typer.Exit(1) from exc
-        except urllib.error.URLError as exc:
-            err.print(f"[red]cannot reach the broker at {self.url}[/red]: {exc.reason}")
-            raise typer.Exit(1) from exc
-        return json.loads(raw) if raw else None
+@contextlib.contextmanager
+def _reporting(url: str) -> Iterator[None]:
+    """Turn the admin client's failures into a red line and exit status 1."""
+    try:
+        yield
+    except BrokerError as exc:
+        err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
+        raise typer.Exit(1) from exc
+    except (BrokerUnavailable, ProtocolError) as exc:
+        err.print(f"[red]cannot reach the broker at {url}[/red]: {exc}")
+        raise typer.Exit(1) from exc
+    except ValueError as exc:  # the address is not http(s):// or unix:PATH
+        err.print(f"[red]bad broker address[/red]: {exc}")
+        raise typer.Exit(2) from exc
 
 
 UrlOpt = Annotated[
@@ -271,7 +258,8 @@ DataDirOpt = Annotated[
 ]
 
 
-def _client(url: str | None, token: str | None, data_dir: Path | None) -> _Client:
+@contextlib.contextmanager
+def _client(url: str | None, token: str | None, data_dir: Path | None) -> Iterator[AdminClient]:
     url = url or os.environ.get("TMEM_URL") or "http://127.0.0.1:8470"
     token = token or os.environ.get("TMEM_ADMIN_TOKEN")
     if not token:
@@ -283,7 +271,8 @@ def _client(url: str | None, token: str | None, data_dir: Path | None) -> _Clien
                 f"[red]no admin token[/red]: pass --admin-token, set TMEM_ADMIN_TOKEN or keep {path}"
             )
             raise typer.Exit(2) from exc
-    return _Client(url, token)
+    with _reporting(url), AdminClient(url, token) as client:
+        yield client
 
 
 def _guest_table(guests: list[dict[str, Any]]) -> Table:
@@ -324,14 +313,10 @@ def create_guest(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Create a guest and print its token (shown only this once)."""
-    body = {
-        "name": name,
-        "weight": weight,
-        "cap_pages": cap_pages,
-        "dedup_domain": dedup_domain,
-        "compress": compress,
-    }
-    created = _client(url, admin_token, data_dir).call("POST", "/v1/guests", body)
+    with _client(url, admin_token, data_dir) as client:
+        created = client.create_guest(
+            name, weight=weight, cap_pages=cap_pages, dedup_domain=dedup_domain, compress=compress
+        ).model_dump(mode="json")
     console.print(_guest_table([created]))
     console.print(f"token (shown once): [bold]{created['token']}[/bold]")
 
@@ -341,7 +326,9 @@ def list_guests(
     url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None
 ) -> None:
     """List the guests."""
-    console.print(_guest_table(_client(url, admin_token, data_dir).call("GET", "/v1/guests")))
+    with _client(url, admin_token, data_dir) as client:
+        guests = [g.model_dump(mode="json") for g in client.list_guests()]
+    console.print(_guest_table(guests))
 
 
 @admin_app.command("show")
@@ -349,7 +336,8 @@ def show(
     guest_id: int, url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None
 ) -> None:
     """Show one guest with its pools, stats and pressure."""
-    guest = _client(url, admin_token, data_dir).call("GET", f"/v1/guests/{guest_id}")
+    with _client(url, admin_token, data_dir) as client:
+        guest = client.guest(guest_id).model_dump(mode="json")
     pools = guest.pop("pools", [])
     stats = guest.pop("stats", {})
     console.print(_kv_table(f"guest {guest_id}", guest))
@@ -367,12 +355,17 @@ def show(
     console.print(_kv_table("stats", stats))
 
 
-def _guest_action(action: str, method: str = "POST") -> Any:
+def _guest_action(action: str) -> Any:
     def command(
         guest_id: int, url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None
     ) -> None:
-        path = f"/v1/guests/{guest_id}" + ("" if action == "delete" else f"/{action}")
-        _client(url, admin_token, data_dir).call(method, path)
+        with _client(url, admin_token, data_dir) as client:
+            {
+                "freeze": client.freeze,
+                "thaw": client.thaw,
+                "flush": client.flush_guest,
+                "delete": client.delete_guest,
+            }[action](guest_id)
         console.print(f"guest {guest_id}: {action} done")
 
     command.__doc__ = {
@@ -387,13 +380,14 @@ def _guest_action(action: str, method: str = "POST") -> Any:
 admin_app.command("freeze")(_guest_action("freeze"))
 admin_app.command("thaw")(_guest_action("thaw"))
 admin_app.command("flush")(_guest_action("flush"))
-admin_app.command("delete")(_guest_action("delete", "DELETE"))
+admin_app.command("delete")(_guest_action("delete"))
 
 
 @admin_app.command("stats")
 def stats(url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None) -> None:
     """Global figures and one row per guest."""
-    figures = _client(url, admin_token, data_dir).call("GET", "/v1/stats")
+    with _client(url, admin_token, data_dir) as client:
+        figures = client.stats()
     guests = figures.pop("guests", [])
     console.print(_kv_table("broker", figures))
     if guests:
@@ -414,8 +408,8 @@ def shared_auth(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Allow a guest to create or join the shared pool UUID (or withdraw it with --deny)."""
-    body = {"uuid": uuid, "guest_id": guest_id, "allow": not deny}
-    _client(url, admin_token, data_dir).call("POST", "/v1/shared-auth", body)
+    with _client(url, admin_token, data_dir) as client:
+        client.shared_auth(uuid, guest_id, allow=not deny)
     console.print(f"guest {guest_id} {'may not' if deny else 'may'} use shared pool {uuid}")
 
 

@@ -17,16 +17,14 @@ guest is thawed (unless it was frozen before) and keeps all its pages.
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from schemas.export import EXPORT_CONTENT_TYPE, ExportDecoder, ExportError, ExportTrailer
-
-_CHUNK = 1 << 20
+from guest_agent.admin import AdminClient
+from guest_agent.errors import BrokerError, TmemClientError
+from schemas.export import ExportDecoder, ExportError, ExportTrailer
+from schemas.wire import Imported
 
 
 class MigrationError(RuntimeError):
@@ -44,50 +42,17 @@ class MigrationResult:
     source_guest_id: int
 
 
-class _Broker:
-    """A tiny admin client on http.client: it streams bodies both ways without buffering."""
-
-    def __init__(self, url: str, token: str, timeout: float) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise MigrationError(f"not a broker URL: {url!r}")
-        self.url = url.rstrip("/")
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._https = parts.scheme == "https"
-        self._token = token
-        self._timeout = timeout
-
-    def connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self._timeout)
-
-    def headers(self, **extra: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}", **extra}
-
-    def json(self, method: str, path: str, expect: int = 200) -> Any:
-        conn = self.connect()
-        try:
-            conn.request(method, path, headers=self.headers())
-            resp = conn.getresponse()
-            body = resp.read()
-        except OSError as exc:
-            raise MigrationError(f"{self.url}: {method} {path} failed: {exc}") from exc
-        finally:
-            conn.close()
-        if resp.status != expect:
-            raise MigrationError(
-                f"{self.url}: {method} {path} answered {resp.status}: {_error(body)}"
-            )
-        return json.loads(body) if body else None
-
-
-def _error(body: bytes) -> str:
+@contextlib.contextmanager
+def _step(broker: AdminClient, what: str) -> Iterator[None]:
+    """One admin call of the move: its failure becomes a :class:`MigrationError` naming it."""
     try:
-        err = json.loads(body)["error"]
-        return f"{err['code']}: {err['message']}"
-    except (ValueError, KeyError, TypeError):
-        return body[:200].decode(errors="replace")
+        yield
+    except BrokerError as exc:
+        raise MigrationError(
+            f"{broker.base_url}: {what} answered {exc.status}: {exc.code}: {exc.message}"
+        ) from exc
+    except TmemClientError as exc:
+        raise MigrationError(f"{broker.base_url}: {what} failed: {exc}") from exc
 
 
 def persistent_pages(guest: dict[str, Any]) -> int:
@@ -99,6 +64,13 @@ def persistent_pages(guest: dict[str, Any]) -> int:
     return sum(
         int(p.get("pages") or 0) for p in guest.get("pools", []) if p.get("kind") == "persistent"
     )
+
+
+def _client(url: str, token: str, timeout: float) -> AdminClient:
+    try:
+        return AdminClient(url, token, timeout=timeout)
+    except ValueError as exc:
+        raise MigrationError(f"not a broker URL: {url!r}") from exc
 
 
 def migrate(
@@ -115,86 +87,81 @@ def migrate(
 
     ``progress(pages_sent, pages_total)`` is called as the stream passes through.
     """
-    src = _Broker(from_url, from_token, timeout)
-    dst = _Broker(to_url, to_token, timeout)
-    guests = src.json("GET", "/v1/guests")
-    if isinstance(guests, dict):
-        guests = guests.get("guests", [])
-    match = [g for g in guests if g.get("name") == guest_name]
-    if not match:
-        raise MigrationError(f"{from_url} has no guest named {guest_name!r}")
-    guest = match[0]
-    source_id = int(guest["guest_id"])
-    total = persistent_pages(guest)
-    was_frozen = bool(guest.get("frozen"))
+    with _client(from_url, from_token, timeout) as src, _client(to_url, to_token, timeout) as dst:
+        return _migrate(src, dst, guest_name, progress)
+
+
+def _migrate(
+    src: AdminClient,
+    dst: AdminClient,
+    guest_name: str,
+    progress: Callable[[int, int], None] | None,
+) -> MigrationResult:
+    with _step(src, "GET /v1/guests"):
+        guest = src.find_guest(guest_name)
+    if guest is None:
+        raise MigrationError(f"{src.base_url} has no guest named {guest_name!r}")
+    source_id = guest.guest_id
+    total = persistent_pages(guest.model_dump(mode="json"))
+    was_frozen = guest.frozen
     if not was_frozen:
-        src.json("POST", f"/v1/guests/{source_id}/freeze", expect=204)
+        with _step(src, f"POST /v1/guests/{source_id}/freeze"):
+            src.freeze(source_id)
     try:
         imported, trailer = _stream(src, dst, source_id, total, progress)
-        new_id = int(imported["guest_id"])
-        there = dst.json("GET", f"/v1/guests/{new_id}")
-        held = persistent_pages(there)
+        new_id = imported.guest_id
+        with _step(dst, f"GET /v1/guests/{new_id}"):
+            there = dst.guest(new_id)
+        held = persistent_pages(there.model_dump(mode="json"))
         if held != trailer.pages:
             raise MigrationError(
-                f"verification failed: the stream carried {trailer.pages} pages, {to_url} guest "
-                f"{new_id} holds {held}; the source guest was kept"
+                f"verification failed: the stream carried {trailer.pages} pages, {dst.base_url} "
+                f"guest {new_id} holds {held}; the source guest was kept"
             )
     except BaseException:
         if not was_frozen:
             # Report the original failure; if the thaw fails too the guest stays frozen there.
-            with contextlib.suppress(MigrationError):
-                src.json("POST", f"/v1/guests/{source_id}/thaw", expect=204)
+            with contextlib.suppress(MigrationError), _step(src, "thaw"):
+                src.thaw(source_id)
         raise
-    src.json("DELETE", f"/v1/guests/{source_id}", expect=204)
-    return MigrationResult(
-        new_id, str(imported["token"]), trailer.pages, trailer.zero_pages, source_id
-    )
+    with _step(src, f"DELETE /v1/guests/{source_id}"):
+        src.delete_guest(source_id)
+    return MigrationResult(new_id, imported.token, trailer.pages, trailer.zero_pages, source_id)
 
 
 def _stream(
-    src: _Broker,
-    dst: _Broker,
+    src: AdminClient,
+    dst: AdminClient,
     source_id: int,
     total: int,
     progress: Callable[[int, int], None] | None,
-) -> tuple[dict[str, Any], ExportTrailer]:
-    out = src.connect()
-    into = dst.connect()
+) -> tuple[Imported, ExportTrailer]:
+    decoder = ExportDecoder()
     try:
-        out.request("GET", f"/v1/guests/{source_id}/export", headers=src.headers())
-        resp = out.getresponse()
-        if resp.status != 200:
-            raise MigrationError(f"export answered {resp.status}: {_error(resp.read())}")
-        decoder = ExportDecoder()
+        with _step(src, "export"):
+            export = src.export_guest(source_id)
+        with export:
 
-        def body() -> Iterator[bytes]:
-            while chunk := resp.read1(_CHUNK):
-                decoder.feed(chunk)  # raises on a corrupted stream: the import is never completed
-                if progress is not None:
-                    progress(decoder.pages, max(total, decoder.pages))
-                yield chunk
-            decoder.finish()
+            def body() -> Iterator[bytes]:
+                for chunk in export:
+                    decoder.feed(chunk)  # raises on a corrupted stream: the import never completes
+                    if progress is not None:
+                        progress(decoder.pages, max(total, decoder.pages))
+                    yield chunk
+                decoder.finish()
 
-        into.request(
-            "POST",
-            "/v1/guests/import",
-            body=body(),
-            headers=dst.headers(**{"Content-Type": EXPORT_CONTENT_TYPE}),
-            encode_chunked=True,
-        )
-        answer = into.getresponse()
-        data = answer.read()
-        if answer.status != 201:
-            raise MigrationError(f"import at {dst.url} answered {answer.status}: {_error(data)}")
-        return json.loads(data), decoder.finish()
-    except OSError as exc:
+            try:
+                imported = dst.import_guest(body())
+            except BrokerError as exc:
+                raise MigrationError(
+                    f"import at {dst.base_url} answered {exc.status}: {exc.code}: {exc.message}"
+                ) from exc
+        return imported, decoder.finish()
+    except TmemClientError as exc:
         raise MigrationError(f"the stream broke: {exc}") from exc
     except ExportError as exc:
         # The destination saw a stream without its trailer: it refuses it whole.
         raise MigrationError(f"the export stream is damaged: {exc}") from exc
-    finally:
-        out.close()
-        into.close()
 
 
 def run(

@@ -9,8 +9,10 @@
 
 Depends on ``schemas`` and its own dependencies only, never on ``broker``. Modules: ``client``
 (sync and async clients), ``transport`` (keep-alive HTTP/1.1 and the in-memory twin),
-``errors`` (the exception tree), ``shims`` (frontswap, cleancache), ``fallback`` (the local
-swap file), ``notices`` (notice stream and runner), ``cli`` (``tmem-agent``).
+``errors`` (the exception tree), ``shims`` (frontswap, cleancache), ``placement`` (broker or
+fallback: the rules and the retry policy every persistent caller shares), ``fallback`` (the
+local swap file), ``notices`` (notice stream and runner), ``admin`` (the admin API's client,
+for operators' tools and the simulator), ``cli`` (``tmem-agent``).
 """
 
 from __future__ import annotations

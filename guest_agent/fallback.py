@@ -102,6 +102,11 @@ class FallbackStore:
         self._free.append(slot)
         return True
 
+    def sync(self) -> None:
+        """Make the pages written so far durable (``fsync``); a shed calls it before the
+        broker's copies are flushed."""
+        os.fsync(self._fd)
+
     def close(self) -> None:
         """Close the file (an anonymous one is deleted)."""
         self._file.close()

@@ -35,7 +35,10 @@ offering puts that would exceed the guest's cap (from ``GET /v1/self`` at ``init
 some, a new ``quota`` notice arrives or ``RetryPolicy.recheck_interval`` passes. A ``freeze``
 notice stops puts until ``thaw`` (a ``frozen`` decline, for ``recheck_interval``).
 ``shed(n)`` (what a ``shed`` notice triggers, see :mod:`guest_agent.notices`) moves the ``n``
-oldest broker pages back into the fallback and flushes them from the broker.
+oldest broker pages back into the fallback, syncs it and flushes them from the broker.
+
+These rules are :class:`~guest_agent.placement.Placement`'s (written once, and followed by the
+NBD export too); the shim keeps the map of where each page lives and does the I/O.
 
 Thread safety: every public method holds one lock, so a notice handler thread may call
 :meth:`Frontswap.handle_notice` while the guest stores and loads.
@@ -62,7 +65,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from guest_agent.client import TmemClient
 from guest_agent.errors import (
@@ -70,12 +72,11 @@ from guest_agent.errors import (
     BrokerUnavailable,
     NotInitialised,
     PageUnavailable,
-    RateLimited,
-    ServerError,
     ShimError,
     TmemClientError,
 )
 from guest_agent.fallback import FallbackStore
+from guest_agent.placement import TRANSIENT, Placement, RetryPolicy, retry
 from schemas.batch import MAX_OID, OP_FLUSH_OBJECT, PAGE_SIZE
 from schemas.wire import Notice
 
@@ -83,36 +84,11 @@ __all__ = ["Cleancache", "Frontswap", "RetryPolicy", "frontswap_handle"]
 
 Key = tuple[int, int]  # (swap type, offset)
 Handle = tuple[int, int]  # (oid, index) in the frontswap pool
-_TRANSIENT = (BrokerUnavailable, ServerError, RateLimited)
 
 
 def frontswap_handle(type: int, offset: int) -> Handle:
     """Xen's mapping of a swap ``(type, offset)`` to ``(oid, index)``."""
     return (type << 4) | (offset & 0xF), offset >> 4
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff for loads of broker-held pages.
-
-    ``attempts`` tries in all, sleeping ``backoff``, ``backoff*multiplier``, ... (at most
-    ``max_backoff``) between them. ``down_interval`` is how long stores skip the broker after
-    it was found unreachable before trying it again; ``recheck_interval`` how long they skip
-    it after a ``quota`` or ``frozen`` decline when no notice lifts that first.
-    """
-
-    attempts: int = 8
-    backoff: float = 0.05
-    multiplier: float = 2.0
-    max_backoff: float = 1.0
-    down_interval: float = 1.0
-    recheck_interval: float = 5.0
-
-    def delays(self) -> Iterator[float]:
-        delay = self.backoff
-        for _ in range(max(self.attempts - 1, 0)):
-            yield delay
-            delay = min(delay * self.multiplier, self.max_backoff)
 
 
 class Frontswap:
@@ -136,21 +112,15 @@ class Frontswap:
     ) -> None:
         self.client = client
         self.fallback = fallback if isinstance(fallback, FallbackStore) else FallbackStore(fallback)
-        self.retry = retry or RetryPolicy()
         self.pool_id = pool_id
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.RLock()
         self._types: set[int] = set()
         self._broker: dict[Key, None] = {}  # keys the broker holds, oldest first (shed order)
-        self._stale: set[Handle] = set()  # broker handles to flush, never to read
-        self.cap_pages: int | None = None
-        # Until when puts are not offered: after a quota or frozen decline (re-checked after
-        # ``retry.recheck_interval`` in case the notice that lifts it was missed), or for good
-        # after a freeze notice (until thaw).
-        self._quota_full_until = 0.0
-        self._frozen_until = 0.0
-        self._down_until = 0.0
+        # where pages go, the pauses, the cap and the stale broker handles (flushed, never read)
+        self.placement: Placement[Handle] = Placement(retry, clock=clock)
+        self._stale = self.placement.stale
         self.stats = {"broker_stores": 0, "fallback_stores": 0, "declined": 0, "shed_pages": 0}
 
     # --- bookkeeping
@@ -170,26 +140,30 @@ class Frontswap:
             return "broker"
         return "fallback" if key in self.fallback else None
 
-    def _paused(self) -> bool:
-        now = self._clock()
-        return self._frozen_until > now or self._quota_full_until > now
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry/backoff policy (see :class:`~guest_agent.placement.RetryPolicy`)."""
+        return self.placement.policy
 
-    def _broker_down(self) -> bool:
-        return self._down_until > self._clock()
+    @property
+    def cap_pages(self) -> int | None:
+        """The guest's persistent cap as last heard (``GET /v1/self``, quota notices)."""
+        return self.placement.cap_pages
 
-    def _mark_down(self) -> None:
-        self._down_until = self._clock() + self.retry.down_interval
+    @cap_pages.setter
+    def cap_pages(self, value: int | None) -> None:
+        self.placement.cap_pages = value
 
     def _ensure_pool(self) -> bool:
         if self.pool_id is not None:
             return True
-        if self._broker_down():
+        if self.placement.broker_down():
             return False
         try:
             self.pool_id = self.client.create_pool("persistent")
             info = self.client.self_info()
         except BrokerUnavailable:
-            self._mark_down()
+            self.placement.mark_down()
             return False
         cap = info.quota_pages if info.quota_pages is not None else info.cap_pages
         if cap is not None and self.cap_pages is None:
@@ -198,28 +172,24 @@ class Frontswap:
 
     def _room_for(self, new_pages: int) -> int:
         """How many new broker pages may be offered now."""
-        if self._paused():
-            return 0
-        if self.cap_pages is None:
-            return new_pages
-        return max(0, min(new_pages, self.cap_pages - self.broker_pages))
+        return self.placement.room_for(new_pages, self.broker_pages)
 
     def _can_offer(self) -> bool:
-        return not self._broker_down() and self._ensure_pool()
+        return self.placement.may_offer() and self._ensure_pool()
 
     def _flush_stale(self) -> None:
-        if not self._stale or self.pool_id is None or self._broker_down():
+        if not self._stale or self.pool_id is None or self.placement.broker_down():
             return
         handles = list(self._stale)
         try:
             self.client.flush_many(self.pool_id, handles)
-        except BrokerUnavailable:
-            self._mark_down()
-            return
         except BrokerError:
             return
+        except BrokerUnavailable as exc:
+            self.placement.call_failed(exc)
+            return
         self._stale.difference_update(handles)
-        self._quota_full_until = 0.0
+        self.placement.freed()
 
     def _forget_broker_copy(self, key: Key) -> None:
         """The map stops pointing at the broker for ``key``; flush the copy or mark it stale."""
@@ -227,15 +197,13 @@ class Frontswap:
             return
         del self._broker[key]
         handle = frontswap_handle(*key)
-        if self.pool_id is not None and not self._broker_down():
+        if self.pool_id is not None and not self.placement.broker_down():
             try:
                 self.client.flush_page(self.pool_id, *handle)
-                self._quota_full_until = 0.0
+                self.placement.freed()
                 return
-            except BrokerUnavailable:
-                self._mark_down()
-            except BrokerError:
-                pass
+            except (BrokerUnavailable, BrokerError) as exc:
+                self.placement.call_failed(exc)
         self._stale.add(handle)
 
     def _check_type(self, type: int) -> None:
@@ -264,24 +232,16 @@ class Frontswap:
         with self._lock:
             self._check_type(type)
             self._flush_stale()
-            if (
-                self._frozen_until <= self._clock()
-                and self._can_offer()
-                and (key in self._broker or self._room_for(1))
-            ):
+            if self._can_offer() and (key in self._broker or self._room_for(1)):
                 assert self.pool_id is not None
                 oid, index = frontswap_handle(type, offset)
                 try:
                     result = self.client.put(self.pool_id, oid, index, page)
-                except BrokerUnavailable:
-                    self._mark_down()
-                    self._broker.pop(key, None)
-                    self._stale.add((oid, index))  # the put may or may not have landed
-                except BrokerError:
-                    # 4xx changes nothing: an older copy may still be there.
-                    if key in self._broker:
-                        del self._broker[key]
+                except TmemClientError as exc:
+                    # landed or not, the map no longer points at the broker (rule 4)
+                    if self.placement.put_failed(exc) or key in self._broker:
                         self._stale.add((oid, index))
+                    self._broker.pop(key, None)
                 else:
                     self._stale.discard((oid, index))
                     if result:
@@ -293,10 +253,7 @@ class Frontswap:
                     # Declined: the broker removed any older copy itself.
                     self._broker.pop(key, None)
                     self.stats["declined"] += 1
-                    if result.reason == "quota":
-                        self._quota_full_until = self._clock() + self.retry.recheck_interval
-                    elif result.reason == "frozen":
-                        self._frozen_until = self._clock() + self.retry.recheck_interval
+                    self.placement.note_decline(result.reason)
             else:
                 self._forget_broker_copy(key)
             self.fallback.discard(key)
@@ -320,28 +277,26 @@ class Frontswap:
             return self._load_from_broker([key])[0]
 
     def _load_from_broker(self, keys: Sequence[Key]) -> list[bytes]:
-        assert self.pool_id is not None
+        pool_id = self.pool_id
+        assert pool_id is not None
         handles = [frontswap_handle(*k) for k in keys]
-        delays = self.retry.delays()
-        while True:
-            try:
-                if len(handles) == 1:
-                    pages: list[bytes | None] = [self.client.get(self.pool_id, *handles[0])]
-                else:
-                    pages = self.client.get_many(self.pool_id, handles)
-                break
-            except _TRANSIENT as exc:
-                delay = next(delays, None)
-                if delay is None:
-                    self._mark_down()
-                    raise PageUnavailable(
-                        f"{len(keys)} page(s) held only by the broker, which stayed unreachable "
-                        f"after {self.retry.attempts} attempts: {exc}"
-                    ) from exc
-                self._sleep(delay)
-            except BrokerError as exc:
-                raise PageUnavailable(f"the broker refused to return a page: {exc}") from exc
-        self._down_until = 0.0
+
+        def get() -> list[bytes | None]:
+            if len(handles) == 1:
+                return [self.client.get(pool_id, *handles[0])]
+            return self.client.get_many(pool_id, handles)
+
+        try:
+            pages = retry(get, self.retry, sleep=self._sleep, clock=self._clock)
+        except TRANSIENT as exc:
+            self.placement.mark_down()
+            raise PageUnavailable(
+                f"{len(keys)} page(s) held only by the broker, which stayed unreachable "
+                f"after {self.retry.attempts} attempts: {exc}"
+            ) from exc
+        except BrokerError as exc:
+            raise PageUnavailable(f"the broker refused to return a page: {exc}") from exc
+        self.placement.mark_up()
         out: list[bytes] = []
         for key, page in zip(keys, pages, strict=True):
             if page is None:
@@ -386,14 +341,13 @@ class Frontswap:
                 return
             oids = [(type << 4) | low for low in range(16)]
             try:
-                if self._broker_down():
+                if self.placement.broker_down():
                     raise BrokerUnavailable("broker marked down")
                 self.client.batch(self.pool_id, [(OP_FLUSH_OBJECT, oid, 0, None) for oid in oids])
-                self._stale = {h for h in self._stale if h[0] >> 4 != type}
-                self._quota_full_until = 0.0
+                self._stale.difference_update([h for h in self._stale if h[0] >> 4 == type])
+                self.placement.freed()
             except TmemClientError as exc:
-                if isinstance(exc, BrokerUnavailable):
-                    self._mark_down()
+                self.placement.call_failed(exc)
                 self._stale.update(frontswap_handle(*k) for k in gone)
 
     # --- batches
@@ -425,7 +379,7 @@ class Frontswap:
             last[offset] = i
         out = [False] * len(pages)
         offered: list[int] = []
-        if self._frozen_until <= self._clock() and self._can_offer():
+        if self._can_offer():
             new = sum(1 for i in last.values() if (type, pages[i][0]) not in self._broker)
             room = self._room_for(new)
             for i in last.values():
@@ -443,12 +397,12 @@ class Frontswap:
             try:
                 results = self.client.put_many(self.pool_id, triples)
             except TmemClientError as exc:
-                if isinstance(exc, BrokerUnavailable):
-                    self._mark_down()
+                landed = self.placement.put_failed(exc)  # rule 4
                 for i in offered:
                     key = (type, pages[i][0])
+                    if landed or key in self._broker:
+                        self._stale.add(frontswap_handle(*key))
                     self._broker.pop(key, None)
-                    self._stale.add(frontswap_handle(*key))
                 to_fallback.extend(offered)
             else:
                 for i, result in zip(offered, results, strict=True):
@@ -462,10 +416,7 @@ class Frontswap:
                         self.stats["broker_stores"] += 1
                     else:
                         self.stats["declined"] += 1
-                        if result.reason == "quota":
-                            self._quota_full_until = self._clock() + self.retry.recheck_interval
-                        elif result.reason == "frozen":
-                            self._frozen_until = self._clock() + self.retry.recheck_interval
+                        self.placement.note_decline(result.reason)
                         to_fallback.append(i)
         moved_out = [
             (type, pages[i][0]) for i in to_fallback if (type, pages[i][0]) in self._broker
@@ -537,10 +488,11 @@ class Frontswap:
                     del self._broker[key]
                 handles = [frontswap_handle(*k) for k in moved]
                 try:
+                    # the fallback copies are on disk before the broker's go (rule 6)
+                    self.fallback.sync()
                     self.client.flush_many(self.pool_id, handles)
-                except TmemClientError as exc:
-                    if isinstance(exc, BrokerUnavailable):
-                        self._mark_down()
+                except (TmemClientError, OSError) as exc:
+                    self.placement.call_failed(exc)
                     self._stale.update(handles)  # in the fallback now; flushed later
                     break
                 returned += len(moved)
@@ -548,7 +500,7 @@ class Frontswap:
                     break  # the fallback is full
             self.stats["shed_pages"] += returned
             if returned:
-                self._quota_full_until = 0.0
+                self.placement.freed()
         return returned
 
     def handle_notice(self, notice: Notice) -> int | None:
@@ -556,13 +508,7 @@ class Frontswap:
         with self._lock:
             if notice.type == "shed":
                 return self.shed(notice.pages or 0)
-            if notice.type == "quota":
-                self.cap_pages = notice.cap_pages
-                self._quota_full_until = 0.0
-            elif notice.type == "freeze":
-                self._frozen_until = float("inf")
-            elif notice.type == "thaw":
-                self._frozen_until = 0.0
+            self.placement.handle_notice(notice)
             return None
 
     def close(self, *, destroy_pool: bool = True) -> None:

@@ -41,7 +41,7 @@ import inspect
 import select
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -55,6 +55,7 @@ __all__ = [
     "MockTransport",
     "Request",
     "Response",
+    "StreamedResponse",
     "Transport",
     "unix_socket_path",
 ]
@@ -137,11 +138,14 @@ class _Origin:
         return cls(parts.scheme, parts.hostname, port, parts.netloc)
 
 
-def _request_head(origin: _Origin, request: Request) -> bytes:
+def _request_head(origin: _Origin, request: Request, *, chunked: bool = False) -> bytes:
     lines = [f"{request.method} {request.target} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
     for name, value in request.headers:
         lines.append(f"{name}: {value}\r\n")
-    lines.append(f"Content-Length: {len(request.body)}\r\n\r\n")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n\r\n")
+    else:
+        lines.append(f"Content-Length: {len(request.body)}\r\n\r\n")
     return "".join(lines).encode("latin-1")
 
 
@@ -272,6 +276,20 @@ class HTTPTransport:
         else:
             sock.sendall(head)
             sock.sendall(body)
+        status, headers = self._read_head(rfile)
+        length = _body_length(request.method, status, headers)
+        if length is None:
+            data = rfile.read_to_eof()
+        elif length == -1:
+            data = rfile.read_chunked()
+        else:
+            data = rfile.read_exact(length)
+        if not _keeps_alive(headers, length):
+            self.close()
+        return Response(status, data, headers)
+
+    @staticmethod
+    def _read_head(rfile: _Reader) -> tuple[int, dict[str, str]]:
         while True:
             status = _parse_status(rfile.readline())
             headers: dict[str, str] = {}
@@ -286,17 +304,73 @@ class HTTPTransport:
                 raise ProtocolError("too many response headers")
             if 100 <= status < 200:
                 continue  # interim answers (100 Continue) precede the real one
-            break
-        length = _body_length(request.method, status, headers)
-        if length is None:
-            data = rfile.read_to_eof()
-        elif length == -1:
-            data = rfile.read_chunked()
-        else:
-            data = rfile.read_exact(length)
+            return status, headers
+
+    # --- streamed bodies (admin calls: a guest's export can be larger than memory) --------
+
+    def send_chunked(self, request: Request, chunks: Iterable[bytes]) -> Response:
+        """Send ``request`` with ``chunks`` as its body (chunked transfer encoding, so its
+        length need not be known) and return the whole response. ``request.body`` is ignored.
+
+        It opens a fresh connection and is never replayed (``chunks`` is consumed once).
+        Failures of the connection raise :class:`~guest_agent.errors.BrokerUnavailable`; an
+        exception raised by ``chunks`` itself propagates as is, and the connection is
+        dropped mid-body so the server sees a truncated request, never a complete one."""
+        self.close()
+        head = _request_head(self._origin, request, chunked=True)
+        try:
+            sock, rfile = self._connect()
+            sock.sendall(head)
+        except OSError as exc:
+            self.close()
+            raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+        try:
+            for chunk in chunks:  # an exception from the producer propagates unchanged
+                if not chunk:
+                    continue
+                try:
+                    sock.sendall(b"%x\r\n" % len(chunk))
+                    sock.sendall(chunk)
+                    sock.sendall(b"\r\n")
+                except OSError as exc:
+                    raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
+            try:
+                sock.sendall(b"0\r\n\r\n")
+                status, headers = self._read_head(rfile)
+                length = _body_length(request.method, status, headers)
+                if length is None:
+                    data = rfile.read_to_eof()
+                elif length == -1:
+                    data = rfile.read_chunked()
+                else:
+                    data = rfile.read_exact(length)
+            except (_Dropped, OSError) as exc:
+                raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
+        except BaseException:
+            self.close()
+            raise
         if not _keeps_alive(headers, length):
             self.close()
         return Response(status, data, headers)
+
+    def stream(self, request: Request) -> StreamedResponse:
+        """Send ``request`` on a fresh connection and return the answer with its body still
+        to be read: iterate :meth:`StreamedResponse.iter_bytes`, and close it (it is a
+        context manager). The connection belongs to the answer, not to this transport."""
+        self.close()
+        head = _request_head(self._origin, request)
+        try:
+            sock, rfile = self._connect()
+            sock.sendall(head + bytes(request.body) if request.body else head)
+            status, headers = self._read_head(rfile)
+        except (_Dropped, OSError) as exc:
+            self.close()
+            raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
+        except BaseException:
+            self.close()
+            raise
+        self._sock = self._rfile = None  # handed over to the answer
+        return StreamedResponse(status, headers, sock, rfile, request.method)
 
     def close(self) -> None:
         """Close the connection; the next request opens a new one."""
@@ -366,6 +440,16 @@ class _Reader:
                 have += got
             return bytes(view[:n])
 
+    def read_some(self, n: int) -> bytes:
+        """Up to ``n`` bytes (at least one), buffered ones first; ``b""`` at the end of the
+        stream."""
+        buf = self._buf
+        if buf:
+            data = bytes(buf[:n])
+            del buf[:n]
+            return data
+        return self._sock.recv(n)
+
     def read_chunked(self) -> bytes:
         parts: list[bytes] = []
         while True:
@@ -389,6 +473,90 @@ class _Reader:
         data = bytes(self._buf)
         self._buf.clear()
         return data
+
+
+class StreamedResponse:
+    """An answer whose body is read piece by piece (:meth:`HTTPTransport.stream`).
+
+    ::
+
+        with transport.stream(Request("GET", "/v1/guests/1/export", b"", headers)) as answer:
+            if answer.status != 200:
+                ...  # answer.read() is the (small) error body
+            for piece in answer.iter_bytes():
+                ...
+
+    Connection failures while reading raise :class:`~guest_agent.errors.BrokerUnavailable`.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        headers: dict[str, str],
+        sock: socket.socket,
+        rfile: _Reader,
+        method: str,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self._sock: socket.socket | None = sock
+        self._rfile = rfile
+        self._length = _body_length(method, status, headers)
+
+    def iter_bytes(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The body in pieces of at most ``size`` bytes; the connection closes at its end."""
+        rfile = self._rfile
+        try:
+            if self._length == -1:
+                while True:
+                    line = rfile.readline()
+                    if not line:
+                        raise ConnectionResetError("connection closed inside a chunked body")
+                    try:
+                        left = int(line.split(b";", 1)[0].strip(), 16)
+                    except ValueError as exc:
+                        raise ProtocolError(f"bad chunk size line {line[:40]!r}") from exc
+                    if left == 0:
+                        break
+                    while left:
+                        piece = rfile.read_some(min(left, size))
+                        if not piece:
+                            raise ConnectionResetError("connection closed inside a chunk")
+                        left -= len(piece)
+                        yield piece
+                    rfile.read_exact(2)
+            elif self._length is None:
+                while piece := rfile.read_some(size):
+                    yield piece
+            else:
+                left = self._length
+                while left:
+                    piece = rfile.read_some(min(left, size))
+                    if not piece:
+                        raise ConnectionResetError("connection closed inside the body")
+                    left -= len(piece)
+                    yield piece
+        except OSError as exc:
+            raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
+        finally:
+            self.close()
+
+    def read(self) -> bytes:
+        """The whole (remaining) body."""
+        return b"".join(self.iter_bytes())
+
+    def close(self) -> None:
+        """Drop the connection (a body not read to its end cannot be reused)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def __enter__(self) -> StreamedResponse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]

@@ -18,13 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
 
+from guest_agent.admin import AdminClient
 from guest_agent.sim.cli import pages_of, parse_size, print_result, run_against_broker
 from guest_agent.sim.runner import SimConfig
 
@@ -35,14 +34,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/readyz", timeout=2) as resp:
-            return int(resp.status) == 200
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 @contextlib.contextmanager
@@ -62,11 +53,12 @@ def broker_process(data_dir: Path, *, timeout: float = 60.0) -> Iterator[tuple[s
         )  # fmt: skip
     try:
         deadline = time.monotonic() + timeout
-        while not _ready(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the broker did not start:\n{tail}")
-            time.sleep(0.1)
+        with AdminClient(url, timeout=2) as health:
+            while not health.ready():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the broker did not start:\n{tail}")
+                time.sleep(0.1)
         token_file = data_dir / "admin-token"
         yield url, token_file.read_text().strip()
     finally:

@@ -10,6 +10,13 @@ in-memory dict (:class:`TokenRegistry`), never in SQL. The admin token is compar
 digests, never the token, so timing it tells an attacker at most how many leading bytes of a
 SHA-256 digest matched, and steering a digest's prefix is a preimage search; this is what lets
 the hot path stay one dict lookup. Tokens are never logged: only guest ids are.
+
+This module is the one authentication path of the HTTP shell: the FastAPI dependencies
+(``deps.py``), the plain Starlette page routes (``guest_pages.py``) and the notice WebSocket all
+do::
+
+    token = bearer_token(scope)               # the Authorization: Bearer header, parsed once
+    guest_id = tokens.guest(token)            # or tokens.admin(token); 401/403 when refused
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ import logging
 import os
 import secrets
 from pathlib import Path
+
+from starlette.types import Scope
+
+from broker.api.errors import Forbidden, Unauthorised
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +71,44 @@ class TokenRegistry:
     def is_admin(self, token: str) -> bool:
         return hmac.compare_digest(hash_token(token), self._admin_hash)
 
+    def guest(self, token: str | None) -> int:
+        """The guest id of ``token``; :class:`Unauthorised` when it is missing or unknown,
+        :class:`Forbidden` when it is the admin token (which is not a guest's)."""
+        if token is None:
+            raise Unauthorised("missing bearer token")
+        guest_id = self._guests.get(hash_token(token))
+        if guest_id is not None:
+            return guest_id
+        if self.is_admin(token):
+            raise Forbidden("this endpoint is for guests; the admin token is not a guest's")
+        raise Unauthorised("unknown token")
+
+    def admin(self, token: str | None) -> None:
+        """Returns when ``token`` is the admin token; :class:`Unauthorised` when it is missing or
+        unknown, :class:`Forbidden` when it is a guest's."""
+        if token is None:
+            raise Unauthorised("missing bearer token")
+        if self.is_admin(token):
+            return
+        if self.guest_for_token(token) is not None:
+            raise Forbidden("this endpoint needs the admin token")
+        raise Unauthorised("unknown token")
+
     def __len__(self) -> int:
         return len(self._guests)
 
 
-def bearer(header: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or ``None``."""
-    if not header or header[:7].lower() != "bearer ":
-        return None
-    token = header[7:].strip()
-    return token or None
+def bearer_token(scope: Scope) -> str | None:
+    """The token of the request's ``Authorization: Bearer <token>`` header, or ``None``.
+
+    Reads the raw ASGI headers (no ``Headers`` object: this runs on every page request).
+    """
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if value[:7].lower() != b"bearer ":
+                return None
+            return value[7:].strip().decode("latin-1") or None
+    return None
 
 
 def load_or_create_admin_token(data_dir: Path) -> tuple[str, Path, bool]:

@@ -1,8 +1,8 @@
 """FastAPI dependencies of the JSON routes, as ``Annotated`` aliases.
 
-``ServiceDep`` is the broker; ``GuestDep`` authenticates a guest token and is its guest id;
-``AdminDep`` authenticates the admin token. The page routes (``pages.py``) do the same checks
-inline, without FastAPI's dependency machinery.
+``ServiceDep`` is the broker; ``GuestDep`` authenticates a guest token (and charges the guest's
+request rate) and is its guest id; ``AdminDep`` authenticates the admin token. Both go through
+``auth`` (``bearer_token`` and the ``TokenRegistry``), the same path the page routes take.
 """
 
 from __future__ import annotations
@@ -10,13 +10,30 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
+from fastapi.security.base import SecurityBase
+from starlette.requests import HTTPConnection
 
-from broker.api.errors import Forbidden, Unauthorised
+from broker.api.auth import bearer_token
 from broker.api.service import BrokerService
 
-_bearer = HTTPBearer(auto_error=False, description="the admin token or a guest token")
-_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+class BearerToken(SecurityBase):
+    """The request's bearer token (or ``None``), parsed by :func:`broker.api.auth.bearer_token`.
+
+    A ``SecurityBase`` so that OpenAPI documents the operations that use it with the
+    ``HTTPBearer`` scheme, as FastAPI's own ``HTTPBearer`` would.
+    """
+
+    def __init__(self) -> None:
+        self.model = HTTPBearerModel(description="the admin token or a guest token")
+        self.scheme_name = "HTTPBearer"
+
+    async def __call__(self, conn: HTTPConnection) -> str | None:
+        return bearer_token(conn.scope)
+
+
+_Token = Annotated[str | None, Depends(BearerToken())]
 
 
 async def get_service(request: Request) -> BrokerService:
@@ -31,33 +48,15 @@ async def get_service(request: Request) -> BrokerService:
 ServiceDep = Annotated[BrokerService, Depends(get_service)]
 
 
-def guest_id_of(service: BrokerService, token: str | None) -> int:
-    """The guest id of a token, or the fitting 401/403."""
-    if token is None:
-        raise Unauthorised("missing bearer token")
-    guest_id = service.tokens.guest_for_token(token)
-    if guest_id is not None:
-        return guest_id
-    if service.tokens.is_admin(token):
-        raise Forbidden("this endpoint is for guests; the admin token is not a guest's")
-    raise Unauthorised("unknown token")
-
-
-async def require_guest(service: ServiceDep, credentials: _Credentials) -> int:
-    guest_id = guest_id_of(service, credentials.credentials if credentials else None)
+async def require_guest(service: ServiceDep, token: _Token) -> int:
+    guest_id = service.tokens.guest(token)
     if service.limits.enabled:
         service.limits.charge(guest_id)  # 429 when over the guest's own request rate
     return guest_id
 
 
-async def require_admin(service: ServiceDep, credentials: _Credentials) -> None:
-    if credentials is None:
-        raise Unauthorised("missing bearer token")
-    if service.tokens.is_admin(credentials.credentials):
-        return
-    if service.tokens.guest_for_token(credentials.credentials) is not None:
-        raise Forbidden("this endpoint needs the admin token")
-    raise Unauthorised("unknown token")
+async def require_admin(service: ServiceDep, token: _Token) -> None:
+    service.tokens.admin(token)
 
 
 GuestDep = Annotated[int, Depends(require_guest)]

@@ -183,6 +183,25 @@ def error_response(exc: Exception) -> Response:
     return json_error(500, "internal_error", "the broker hit a bug; see its log")
 
 
+# Every class error_response answers for; anything else is a bug and stays a 500 of the server.
+HANDLED: tuple[type[Exception], ...] = (
+    TmemError,
+    ApiError,
+    StoreError,
+    RequestValidationError,
+    StarletteHTTPException,
+)
+
+
 async def handle_error(_request: Request, exc: Exception) -> Response:
-    """The exception handler registered for every error class (see ``create_app``)."""
+    """The exception handler of the FastAPI app (registered for each of :data:`HANDLED`)."""
     return error_response(exc)
+
+
+def exception_handlers() -> dict[Any, Any]:
+    """``FastAPI(exception_handlers=...)``: :func:`handle_error` for every class of :data:`HANDLED`.
+
+    The page routes (plain ASGI endpoints) catch :data:`HANDLED` and call
+    :func:`error_response` themselves, so both paths answer through the same function.
+    """
+    return dict.fromkeys(HANDLED, handle_error)

@@ -10,10 +10,10 @@ whole FastAPI stack: its telemetry check (three ``os.environ`` reads), ServerErr
 the body-limit middlewares, ExceptionMiddleware, AsyncExitStackMiddleware and a scan of the
 route list. Profiled in-process that stack cost more than the route itself (a put: ~34 µs, of
 which the endpoint and the core ~12 µs; bench/README.md "What we changed"). ``HotRoutes``
-matches those five paths by splitting the path once and calls the *same* Starlette route
-objects ``page_routes`` built, with the app's own exception handlers in the scope, so errors
-map to the same answers. Anything else (other paths, other methods, lifespan, WebSockets)
-goes to the app unchanged.
+matches those five paths by splitting the path once and calls the *same* ASGI endpoints the
+app's router serves (``app.state.guest_pages``, a ``guest_pages.GuestPages``); they answer
+their own errors through ``errors.error_response``, so the answers are the app's. Anything else
+(other paths, other methods, lifespan, WebSockets) goes to the app unchanged.
 
 :func:`corked_protocol` is the uvicorn HTTP protocol ``serve`` uses: uvicorn's httptools
 protocol, but a response head waits for the write after it, so head and body leave in one send
@@ -26,10 +26,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-_PAGE_METHODS = {"PUT": "put_page", "GET": "get_page", "DELETE": "flush_page"}
+from broker.api.guest_pages import GuestPages
 
 
 class HotRoutes:
@@ -38,23 +37,14 @@ class HotRoutes:
 
     def __init__(self, app: Any) -> None:
         self.app: ASGIApp = app
-        self.fastapi = app
-        by_name: dict[str, Route] = {}
-        flush_object: Route | None = None
-        for route in app.router.routes:
-            if not isinstance(route, Route):
-                continue
-            if route.name in ("put_page", "get_page", "flush_page", "batch"):
-                by_name[route.name] = route
-            elif route.path == "/v1/pools/{pool_id}/objects/{oid}" and "DELETE" in (
-                route.methods or ()
-            ):
-                flush_object = route
-        self.page = {method: by_name[name] for method, name in _PAGE_METHODS.items()}
-        self.batch = by_name["batch"]
-        self.flush_object = flush_object
-        # what ExceptionMiddleware would put in the scope: the app's handlers, by class
-        self.handlers: tuple[dict[Any, Any], dict[int, Any]] = (dict(app.exception_handlers), {})
+        pages: GuestPages = app.state.guest_pages
+        self.page: dict[str, ASGIApp] = {
+            "PUT": pages.put_page,
+            "GET": pages.get_page,
+            "DELETE": pages.flush_page,
+        }
+        self.batch: ASGIApp = pages.batch
+        self.flush_object: ASGIApp = pages.flush_object
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -62,29 +52,24 @@ class HotRoutes:
             if path.startswith("/v1/pools/") and not scope.get("root_path"):
                 target = self._match(scope["method"], path)
                 if target is not None:
-                    route, params = target
-                    scope["app"] = self.fastapi
+                    endpoint, params = target
                     scope["path_params"] = params
-                    scope["endpoint"] = route.endpoint
-                    scope["starlette.exception_handlers"] = self.handlers
-                    await route.app(scope, receive, send)
+                    await endpoint(scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
-    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    def _match(self, method: str, path: str) -> tuple[ASGIApp, dict[str, str]] | None:
         # "/v1/pools/P/objects/O/pages/I" -> ["", "v1", "pools", P, "objects", O, "pages", I]
         parts = path.split("/")
         n = len(parts)
         if n == 8 and parts[4] == "objects" and parts[6] == "pages":
-            route = self.page.get(method)
-            if route is not None and parts[3] and parts[5] and parts[7]:
-                return route, {"pool_id": parts[3], "oid": parts[5], "index": parts[7]}
+            endpoint = self.page.get(method)
+            if endpoint is not None and parts[3] and parts[5] and parts[7]:
+                return endpoint, {"pool_id": parts[3], "oid": parts[5], "index": parts[7]}
         elif n == 5 and parts[4] == "batch" and method == "POST" and parts[3]:
             return self.batch, {"pool_id": parts[3]}
         elif n == 6 and parts[4] == "objects" and method == "DELETE" and parts[3] and parts[5]:
-            route = self.flush_object
-            if route is not None:
-                return route, {"pool_id": parts[3], "oid": parts[5]}
+            return self.flush_object, {"pool_id": parts[3], "oid": parts[5]}
         return None
 
 

@@ -1,4 +1,5 @@
-"""Migration routes: ``GET /v1/guests/{id}/export`` and ``POST /v1/guests/import`` (admin).
+"""Migration: what ``GET /v1/guests/{id}/export`` and ``POST /v1/guests/import`` (admin routes,
+``admin.py``) do.
 
 Xen's tmem save/restore, over HTTP: the export streams ``application/x-tmem-export``
 (:mod:`schemas.export`) with the guest's settings, persistent pools and pages, the guest frozen
@@ -13,16 +14,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from broker.api.deps import AdminDep, ServiceDep
 from broker.api.errors import BadExport, ImportDeclined
 from broker.api.service import BrokerService
 from broker.core.errors import GuestExists
-from broker.db.repo import PoolRecord
 from schemas.batch import PAGE_SIZE, STATUS_DONE, STATUS_NAMES
 from schemas.export import (
     EXPORT_CONTENT_TYPE,
@@ -34,11 +31,9 @@ from schemas.export import (
     ExportPage,
     ExportPool,
 )
-from schemas.wire import GuestCreate, Imported
+from schemas.wire import GuestCreate, Imported, PoolCreate
 
 log = logging.getLogger(__name__)
-
-router = APIRouter(tags=["admin"])
 
 _PAGES_PER_CHUNK = 256  # ~1 MiB per body chunk; the loop yields between chunks
 
@@ -51,13 +46,9 @@ def _persistent_pools(service: BrokerService, guest_id: int) -> list[ExportPool]
     ]
 
 
-@router.get(
-    "/v1/guests/{guest_id}/export",
-    response_class=StreamingResponse,
-    responses={200: {"content": {EXPORT_CONTENT_TYPE: {}}}},
-)
-async def export_guest(guest_id: int, service: ServiceDep, _admin: AdminDep) -> StreamingResponse:
-    """Stream the guest's settings, persistent pools and pages (frozen while it streams)."""
+async def export_guest(service: BrokerService, guest_id: int) -> StreamingResponse:
+    """The export of ``guest_id`` as a streaming answer; the guest stays frozen while it streams
+    (and is thawed after, unless it was frozen before)."""
     record = service.guest_record(guest_id)
     was_frozen = record.frozen
     if not was_frozen:
@@ -110,14 +101,14 @@ async def _export_body(
 
 
 async def _read_stream(
-    request: Request, service: BrokerService
+    body: AsyncIterator[bytes], service: BrokerService
 ) -> tuple[ExportHeader, list[ExportPage]]:
     """Decode and check the whole body; nothing is created before it returns."""
     dec = ExportDecoder()
     pages: list[ExportPage] = []
     limit = service.core.capacity_bytes // PAGE_SIZE
     try:
-        async for chunk in request.stream():
+        async for chunk in body:
             for item in dec.feed(chunk):
                 if isinstance(item, ExportPage):
                     pages.append(item)
@@ -139,10 +130,10 @@ async def _read_stream(
     return dec.header, pages
 
 
-@router.post("/v1/guests/import", status_code=201, response_model=Imported)
-async def import_guest(request: Request, service: ServiceDep, _admin: AdminDep) -> Imported:
-    """Recreate an exported guest here: new id and token, same name, pools and pages."""
-    header, pages = await _read_stream(request, service)
+async def import_guest(service: BrokerService, body: AsyncIterator[bytes]) -> Imported:
+    """Recreate the guest of the export stream ``body`` (a request's body chunks): new id and
+    token, same name, pools and pages; all of it, or (on any failure) nothing."""
+    header, pages = await _read_stream(body, service)
     g = header.guest
     # Created without a cap so that a guest over its cap (a shed in progress) still arrives
     # whole; the cap is set once the pages are in.
@@ -170,15 +161,10 @@ async def _apply(
     service: BrokerService, guest_id: int, header: ExportHeader, pages: list[ExportPage]
 ) -> None:
     core = service.core
-    async with service.lock:
-        for pool in header.pools:
-            core.create_pool(
-                guest_id, "persistent", exclusive_gets=pool.exclusive_gets, pool_id=pool.pool_id
-            )
-            record = PoolRecord(
-                guest_id, pool.pool_id, "persistent", False, None, pool.exclusive_gets
-            )
-            await run_in_threadpool(service.repo.add_pool, record)
+    for pool in header.pools:
+        # The route's own way (core and SQL, or neither), keeping the exported pool ids.
+        body = PoolCreate(kind="persistent", exclusive_gets=pool.exclusive_gets)
+        await service.create_pool(guest_id, body, pool_id=pool.pool_id)
     # Through the core's put, so dedup applies as pages arrive and each page is journaled. Nobody
     # holds the new guest's token yet, so no guest request interleaves with this.
     put = core.put

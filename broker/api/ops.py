@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from broker.api.pages import ServiceBox
+from broker.api.service import ServiceBox
 
 router = APIRouter(tags=["operations"])
 

@@ -2,7 +2,8 @@
 
 Lifecycle (design.md convention 7)::
 
-    loop = PressureLoop(service, settings.pressure_settings(), interval=settings.pressure_interval_s)
+    loop = PressureLoop(core, repo, hub, reports, settings.pressure_settings(),
+                        ready=ready, interval=settings.pressure_interval_s)
     await loop.start()        # reads admin-changed tunables from SQL, then steps every interval
     await loop.step_once()    # one step (tests call it directly): the notices it sent
     loop.heartbeat()          # what /readyz reports: steps taken, seconds since the last one
@@ -22,19 +23,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from broker.api.notices import NoticeHub
+from broker.core import Tmem
 from broker.core.errors import UnknownGuest
 from broker.core.pressure import GuestPressure, Intent, PressurePolicy, PressureSettings
-from schemas.wire import Notice
-
-if TYPE_CHECKING:
-    from broker.api.service import BrokerService
+from broker.db.repo import Repository
+from schemas.wire import Notice, Pressure
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +86,40 @@ class PressureSettingsPatch(BaseModel):
         return {k: v for k, v in self.model_dump(include=set(names)).items() if v is not None}
 
 
+@dataclass(frozen=True, slots=True)
+class PressureReport:
+    """A guest's latest ``POST /v1/self/pressure`` and when it arrived."""
+
+    report: Pressure
+    received_at: datetime
+
+
 class PressureLoop:
-    """Runs the pressure policy every ``interval`` seconds; see the module docstring."""
+    """Runs the pressure policy every ``interval`` seconds; see the module docstring.
+
+    ``reports`` are the guests' latest pressure reports (read at each step, kept by the
+    service); ``ready`` is set once the journal is reloaded, and the loop steps only after it.
+    """
 
     def __init__(
         self,
-        service: BrokerService,
+        core: Tmem,
+        repo: Repository,
+        hub: NoticeHub,
+        reports: Mapping[int, PressureReport],
         settings: PressureSettings,
         *,
+        ready: asyncio.Event,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.service = service
+        self.repo = repo
+        self.hub = hub
+        self.reports = reports
+        self.ready = ready
         self.interval = interval
         self.clock = clock
-        self.policy = PressurePolicy(service.core, settings, now=clock())
+        self.policy = PressurePolicy(core, settings, now=clock())
         self._task: asyncio.Task[None] | None = None
         self._step_lock = asyncio.Lock()
         self.last_step: float | None = None
@@ -129,7 +150,7 @@ class PressureLoop:
         if not changes:
             return self.settings
         new = self.settings.updated(changes)
-        repo = self.service.repo
+        repo = self.repo
 
         def store() -> None:
             stored = repo.settings().get(SETTINGS_KEY)
@@ -145,7 +166,7 @@ class PressureLoop:
 
     async def start(self) -> None:
         """Load stored tunables and start stepping (once the broker is ready)."""
-        stored = await run_in_threadpool(self.service.repo.settings)
+        stored = await run_in_threadpool(self.repo.settings)
         self.load_stored_settings(stored)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="tmem-pressure-loop")
@@ -158,7 +179,7 @@ class PressureLoop:
                 await task
 
     async def _run(self) -> None:
-        await self.service.ready.wait()
+        await self.ready.wait()
         while True:
             try:
                 await self.step_once()
@@ -187,7 +208,7 @@ class PressureLoop:
         """The guests' pressure reports on the policy's clock."""
         wall = datetime.now(UTC)
         out: dict[int, GuestPressure] = {}
-        for guest_id, pressure in self.service.pressure.items():
+        for guest_id, pressure in self.reports.items():
             age = max(0.0, (wall - pressure.received_at).total_seconds())
             out[guest_id] = GuestPressure(pressure.report.psi_some_avg10, now - age)
         return out
@@ -206,7 +227,7 @@ class PressureLoop:
             return sent
 
     async def _send(self, intent: Intent, now: float) -> Notice | None:
-        hub = self.service.hub
+        hub = self.hub
         try:
             if intent.kind == "shed":
                 assert intent.deadline is not None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.auth import TokenRegistry, hash_token, new_token
 from broker.api.limits import GuestLimits
 from broker.api.notices import NoticeHub
-from broker.api.pressure_loop import PressureLoop
+from broker.api.pressure_loop import PressureLoop, PressureReport
 from broker.core import Tmem
 from broker.core.errors import BadPageSize, TmemError, UnknownGuest
 from broker.db.repo import GuestRecord, PoolRecord, Repository
@@ -32,12 +31,10 @@ from schemas.wire import GuestCreate, GuestInfo, PoolCreate, PoolInfo, Pressure
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class PressureReport:
-    """A guest's latest ``POST /v1/self/pressure`` and when it arrived."""
+class ServiceBox:
+    """Where the lifespan puts the service, so routes built before it started can reach it."""
 
-    report: Pressure
-    received_at: datetime
+    service: BrokerService | None = None
 
 
 class BrokerService:
@@ -66,7 +63,16 @@ class BrokerService:
         # Admin and pool changes are serialised: each is a core change plus a SQL write, and
         # two interleaved ones (say, delete guest while creating its pool) must not cross.
         self.lock = asyncio.Lock()
-        self.pressure_loop: PressureLoop | None = None  # set by the lifespan
+        # memory-pressure policy (docs/pressure.md); the lifespan starts and stops it
+        self.pressure_loop = PressureLoop(
+            core,
+            repo,
+            hub,
+            self.pressure,
+            settings.pressure_settings(),
+            ready=self.ready,
+            interval=settings.pressure_interval_s,
+        )
 
     # start -------------------------------------------------------------------------------
 
@@ -259,7 +265,11 @@ class BrokerService:
 
     # pools -------------------------------------------------------------------------------
 
-    async def create_pool(self, guest_id: int, body: PoolCreate) -> PoolInfo:
+    async def create_pool(
+        self, guest_id: int, body: PoolCreate, *, pool_id: int | None = None
+    ) -> PoolInfo:
+        """Create a pool in the core and in SQL (or in neither). ``pool_id``: the id an imported
+        pool had (by default the core picks the next free one)."""
         if body.page_size != PAGE_SIZE:
             raise BadPageSize(f"page_size must be {PAGE_SIZE}, not {body.page_size}")
         uuid = str(body.uuid) if body.uuid is not None else None
@@ -271,6 +281,7 @@ class BrokerService:
                 shared=body.shared,
                 uuid=uuid,
                 exclusive_gets=body.exclusive_gets,
+                pool_id=pool_id,
             )
             record = PoolRecord(
                 guest_id, pool_id, body.kind, body.shared, uuid, body.exclusive_gets

@@ -19,6 +19,21 @@ index alone names the block, so a page is easy to recognise in broker stats and 
 Discards flush page by page (in batches), never whole objects: a round running beside the
 discarding one may be putting another block of the same object.
 
+Placement: which of the two places a block goes to, and what a failure leaves behind, follows
+:class:`guest_agent.placement.Placement` — the rules the Frontswap shim follows too — with
+:func:`export_policy`: reads wait out a restarting broker for ``read_retry_s`` (backoff 50 ms
+doubling to 1 s), and every write is offered to the broker (no pause after an outage or a
+decline: the export hears no thaw or quota notices, and a decline costs a round trip, never a
+block). A broker copy the map stopped pointing at (a put that failed and may have landed, a
+flush that failed) is *stale*: never read; flushed when its block is next written or
+discarded, or by the next :meth:`BrokerBackend.shed`, which counts it as returned.
+
+As a persistent overlay (another export on top, e.g. a copy-on-write image): ``read_blocks``
+answers ``None`` for a block the overlay does not hold (``location[block] == NOWHERE``),
+``write_blocks`` / ``discard_blocks`` / ``flush`` put, forget and make durable, with the
+fallback file behind the broker; the same calling rules as for the dispatcher hold (calls on
+disjoint blocks may run side by side; ``shed`` alone).
+
 Durability: the broker acknowledges a persistent put only once it is durable (durability
 ``sync``), so :meth:`BrokerBackend.flush` only has to ``fsync`` the fallback file when it was
 written since the last flush. A shed writes the pages to the fallback file and fsyncs it
@@ -40,9 +55,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol, TypeVar
 
-from guest_agent.errors import BrokerUnavailable, RateLimited, ServerError, TmemClientError
+from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE
 from guest_agent.nbd.errors import BackendError
+from guest_agent.placement import TRANSIENT, Placement, RetryPolicy, aretry
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +69,15 @@ FALLBACK = 2
 BLOCKS_PER_OBJECT = 256
 _T = TypeVar("_T")
 _OBJECT_SHIFT = 8
+
+
+def export_policy(read_retry_s: float = 30.0) -> RetryPolicy:
+    """The export's :class:`~guest_agent.placement.RetryPolicy`: reads retry for
+    ``read_retry_s`` seconds however many tries that takes (pages survive a broker restart, and
+    a swap device's read error is a crashed process), and puts are always offered."""
+    return RetryPolicy(
+        attempts=None, deadline=read_retry_s, down_interval=0.0, recheck_interval=0.0
+    )
 
 
 def block_handle(block: int) -> tuple[int, int]:
@@ -99,6 +124,7 @@ class BrokerBackend:
         fallback_path: str,
         destroy_pool_on_close: bool = True,
         read_retry_s: float = 30.0,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.client = client
         self.pool_id = pool_id
@@ -110,9 +136,10 @@ class BrokerBackend:
         os.ftruncate(self._fd, self.block_count * BLOCK_SIZE)
         self._fallback_dirty = False
         self._destroy_pool_on_close = destroy_pool_on_close
-        # a read of a block only the broker holds waits this long for a broker that restarts
-        # (pages survive a restart) before the request fails with EIO
-        self.read_retry_s = read_retry_s
+        # a read of a block only the broker holds waits read_retry_s for a broker that
+        # restarts (pages survive a restart) before the request fails with EIO; ``policy``
+        # replaces the whole policy
+        self.placement: Placement[int] = Placement(policy or export_policy(read_retry_s))
         self.stats: dict[str, int] = defaultdict(int)
 
     @classmethod
@@ -156,16 +183,28 @@ class BrokerBackend:
         return out
 
     async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
-        pages = [(*block_handle(block), data) for block, data in writes]
-        try:
-            results = list(await self.client.put_many(self.pool_id, pages))
-        except Exception as exc:
-            # the broker is unreachable or failed: keep the data locally rather than fail
-            # the write (for a swap device a failed write is lost memory)
-            log.warning("nbd: broker put failed (%s); %d blocks to fallback", exc, len(writes))
-            self.stats["broker_errors"] += 1
-            results = [False] * len(writes)
+        placement = self.placement
         location = self.location
+        stale = placement.stale
+        results: Sequence[object]
+        if placement.may_offer():
+            pages = [(*block_handle(block), data) for block, data in writes]
+            try:
+                results = await self.client.put_many(self.pool_id, pages)
+            except Exception as exc:
+                # the broker is unreachable or failed: keep the data locally rather than fail
+                # the write (for a swap device a failed write is lost memory)
+                log.warning("nbd: broker put failed (%s); %d blocks to fallback", exc, len(writes))
+                self.stats["broker_errors"] += 1
+                landed = placement.put_failed(exc)
+                stale.update(b for b, _ in writes if landed or location[b] == BROKER)
+                results = [False] * len(writes)
+            else:
+                if stale:  # stored or declined, each handle now holds this write or nothing
+                    stale.difference_update([b for b, _ in writes])
+        else:
+            stale.update(b for b, _ in writes if location[b] == BROKER)
+            results = [False] * len(writes)
         declined = 0
         for (block, data), result in zip(writes, results, strict=True):
             if result:
@@ -176,6 +215,8 @@ class BrokerBackend:
                 self._write_fallback(block, data)
                 location[block] = FALLBACK
                 declined += 1
+        if declined:
+            placement.note_declines(results)
         self.stats["broker_puts"] += len(writes) - declined
         self.stats["fallback_writes"] += declined
 
@@ -187,16 +228,23 @@ class BrokerBackend:
             location[block] = NOWHERE
         if in_file:
             self._punch(in_file)
+        stale = self.placement.stale
+        if stale:  # this call owns these blocks: their stale copies go in the same batch
+            gone = [b for b in blocks if b in stale]
+            stale.difference_update(gone)
+            at_broker.extend(gone)
         if at_broker:
             # page by page (batched), never flush_object: a round running beside this one may
             # be putting another block of the same object
             try:
                 await self.client.flush_many(self.pool_id, [block_handle(b) for b in at_broker])
             except TmemClientError as exc:
-                # the map already says nowhere, so reads are right; the pages stay at the
-                # broker (counted in the guest's quota) until the pool is destroyed
+                # the map already says nowhere, so reads are right; the copies are stale,
+                # flushed by a later write or discard of their block or the next shed
                 log.warning("nbd: flush of %d discarded blocks failed: %s", len(at_broker), exc)
                 self.stats["broker_flush_errors"] += 1
+                self.placement.call_failed(exc)
+                stale.update(at_broker)
             else:
                 self.stats["broker_flushes"] += len(at_broker)
 
@@ -225,11 +273,14 @@ class BrokerBackend:
         Not safe beside other calls (it picks any broker block): run it through
         :meth:`Dispatcher.exclusive <guest_agent.nbd.dispatcher.Dispatcher.exclusive>`.
 
-        The pages are fetched, written to the fallback file, fsynced, and only then flushed at
-        the broker, so a crash in between leaves a copy in at least one durable place.
+        Stale broker copies are flushed first and count. The pages are fetched, written to
+        the fallback file, fsynced, and only then flushed at the broker, so a crash in between
+        leaves a copy in at least one durable place; if that flush fails they stay stale.
         """
         if pages <= 0:
             return 0
+        returned = await self._flush_stale()
+        pages -= returned
         location = self.location
         chosen: list[int] = []
         # highest blocks first: swap allocates from the start, so the tail is the coldest
@@ -241,7 +292,7 @@ class BrokerBackend:
             chosen.append(block)
             block -= 1
         if not chosen:
-            return 0
+            return returned
         handles = [block_handle(b) for b in chosen]
         contents = await self._call(self.client.get_many(self.pool_id, handles))
         moved: list[int] = []
@@ -251,32 +302,59 @@ class BrokerBackend:
             self._write_fallback(block, page)
             moved.append(block)
         await asyncio.to_thread(os.fsync, self._fd)
-        await self._call(self.client.flush_many(self.pool_id, [block_handle(b) for b in moved]))
         for block in moved:
             location[block] = FALLBACK
+        try:
+            await self.client.flush_many(self.pool_id, [block_handle(b) for b in moved])
+        except TmemClientError as exc:
+            self.placement.call_failed(exc)
+            self.placement.stale.update(moved)  # in the file now; flushed by a later shed
+            raise BackendError(f"broker: {exc}") from exc
         self.stats["shed_blocks"] += len(moved)
-        return len(moved)
+        return returned + len(moved)
+
+    async def _flush_stale(self) -> int:
+        """Flush every stale broker copy (only beside no other call); how many went."""
+        stale = self.placement.take_stale()
+        if not stale:
+            return 0
+        try:
+            await self.client.flush_many(self.pool_id, [block_handle(b) for b in stale])
+        except TmemClientError as exc:
+            self.placement.call_failed(exc)
+            self.placement.stale.update(stale)
+            raise BackendError(f"broker: {exc}") from exc
+        self.stats["stale_flushed"] += len(stale)
+        return len(stale)
 
     # --- helpers --------------------------------------------------------------------------
 
     async def _get_many_patiently(self, handles: list[tuple[int, int]]) -> list[bytes | None]:
-        """``get_many``, retried while the broker is unreachable, restarting or rate limiting
-        (up to ``read_retry_s``); then :class:`BackendError`."""
-        deadline = asyncio.get_running_loop().time() + self.read_retry_s
-        delay = 0.05
-        while True:
-            try:
-                return await self.client.get_many(self.pool_id, handles)
-            except (BrokerUnavailable, ServerError, RateLimited) as exc:
-                now = asyncio.get_running_loop().time()
-                if now >= deadline:
-                    raise BackendError(f"broker: {exc}") from exc
-                self.stats["broker_read_retries"] += 1
-                log.warning("nbd: broker read failed (%s); retrying", exc)
-                await asyncio.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, 1.0)
-            except TmemClientError as exc:
-                raise BackendError(f"broker: {exc}") from exc
+        """``get_many``, retried along the placement's policy while the broker is
+        unreachable, restarting or rate limiting; then :class:`BackendError`."""
+        pool_id = self.pool_id
+        started = asyncio.get_running_loop().time()
+        try:
+            # the first try inline: a broker that answers costs no retry wrapper
+            return await self.client.get_many(pool_id, handles)
+        except TRANSIENT as exc:
+            failed: Exception = exc
+        except TmemClientError as exc:
+            raise BackendError(f"broker: {exc}") from exc
+        try:
+            return await aretry(
+                lambda: self.client.get_many(pool_id, handles),
+                self.placement.policy,
+                on_retry=self._read_retried,
+                failed=failed,
+                started=started,
+            )
+        except TmemClientError as exc:
+            raise BackendError(f"broker: {exc}") from exc
+
+    def _read_retried(self, exc: Exception) -> None:
+        self.stats["broker_read_retries"] += 1
+        log.warning("nbd: broker read failed (%s); retrying", exc)
 
     @staticmethod
     async def _call(aw: Awaitable[_T]) -> _T:

@@ -29,16 +29,17 @@ What the simulator adds on top of the agent, and why:
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from guest_agent.admin import AdminClient
 from guest_agent.client import PutResult, TmemClient
-from guest_agent.errors import BrokerUnavailable
+from guest_agent.errors import BrokerUnavailable, TmemClientError
 from guest_agent.notices import NoticeHandler
 from guest_agent.shims import Cleancache, Frontswap, frontswap_handle
 from guest_agent.transport import HTTPTransport, Request, Response, Transport
@@ -252,27 +253,19 @@ class AgentLink:
         self.client.close()
 
 
-# -- admin side (plain HTTP: a handful of calls, not the hot path) -----------------------------
+# -- admin side (the one admin client: a handful of calls, not the hot path) -------------------
 
 
-def _admin(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
-    # the agent's own transport, so ``url`` may be ``unix:PATH`` as for every agent command
-    headers = [("Authorization", f"Bearer {token}")]
-    data = b""
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers.append(("Content-Type", "application/json"))
-    transport = HTTPTransport(url, timeout=30)
+@contextlib.contextmanager
+def _admin(url: str, token: str, what: str) -> Iterator[AdminClient]:
+    """An :class:`AdminClient` whose failures become :class:`BrokerSetupError` naming ``what``."""
     try:
-        resp = transport.handle_request(Request(method, path, data, headers))
-    except (BrokerUnavailable, OSError) as exc:
-        raise BrokerSetupError(f"{method} {path}: broker unreachable at {url}: {exc}") from exc
-    finally:
-        transport.close()
-    if resp.status >= 400:
-        detail = resp.body.decode(errors="replace")[:300]
-        raise BrokerSetupError(f"{method} {path}: {resp.status} {detail}")
-    return json.loads(resp.body) if resp.body else None
+        with AdminClient(url, token, timeout=30) as admin:
+            yield admin
+    except BrokerUnavailable as exc:
+        raise BrokerSetupError(f"{what}: broker unreachable at {url}: {exc}") from exc
+    except TmemClientError as exc:
+        raise BrokerSetupError(f"{what}: {exc}") from exc
 
 
 def create_guests(
@@ -286,19 +279,18 @@ def create_guests(
     """Create ``count`` guests (``POST /v1/guests``); ``(guest_id, token)`` of each."""
     prefix = prefix or f"sim-{os.urandom(4).hex()}-"
     out = []
-    for i in range(count):
-        body: dict[str, Any] = {"name": f"{prefix}{i}"}
-        if cap_pages is not None:
-            body["cap_pages"] = cap_pages
-        created = _admin(url, admin_token, "POST", "/v1/guests", body)
-        out.append((int(created["guest_id"]), str(created["token"])))
+    with _admin(url, admin_token, "POST /v1/guests") as admin:
+        for i in range(count):
+            created = admin.create_guest(f"{prefix}{i}", cap_pages=cap_pages)
+            out.append((created.guest_id, created.token))
     return out
 
 
 def delete_guests(url: str, admin_token: str, guest_ids: Sequence[int]) -> None:
     """Remove guests the simulation created (every page of theirs goes too)."""
-    for gid in guest_ids:
-        _admin(url, admin_token, "DELETE", f"/v1/guests/{gid}")
+    with _admin(url, admin_token, "DELETE /v1/guests/{id}") as admin:
+        for gid in guest_ids:
+            admin.delete_guest(gid)
 
 
 def share_images(
@@ -309,19 +301,18 @@ def share_images(
     an earlier run left in a shared pool."""
     by_root: dict[str, str] = {}
     out = []
-    for gid, root in zip(guest_ids, image_roots, strict=True):
-        pool_uuid = by_root.setdefault(root, str(uuidlib.uuid4()))
-        _admin(url, admin_token, "POST", "/v1/shared-auth", {"uuid": pool_uuid, "guest_id": gid})
-        out.append(pool_uuid)
+    with _admin(url, admin_token, "POST /v1/shared-auth") as admin:
+        for gid, root in zip(guest_ids, image_roots, strict=True):
+            pool_uuid = by_root.setdefault(root, str(uuidlib.uuid4()))
+            admin.shared_auth(pool_uuid, gid)
+            out.append(pool_uuid)
     return out
 
 
 def fetch_stats(url: str, admin_token: str) -> dict[str, Any]:
     """``GET /v1/stats``."""
-    stats = _admin(url, admin_token, "GET", "/v1/stats")
-    if not isinstance(stats, dict):
-        raise BrokerSetupError("GET /v1/stats did not answer an object")
-    return stats
+    with _admin(url, admin_token, "GET /v1/stats") as admin:
+        return admin.stats()
 
 
 def connect_links(

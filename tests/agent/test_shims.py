@@ -5,12 +5,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from guest_agent import Cleancache, Frontswap, TmemClient
-from guest_agent.errors import NotInitialised, PageUnavailable
+from guest_agent.errors import NotInitialised, PageUnavailable, ProtocolError
 from guest_agent.shims import RetryPolicy, frontswap_handle
+from guest_agent.transport import Response
+from schemas.batch import OP_FLUSH_PAGE, OP_GET, decode_request
 from schemas.wire import Notice
 
 from .fake_broker import FakeBroker
@@ -147,6 +150,34 @@ def test_shed_moves_the_oldest_pages_home_and_flushes_them() -> None:
     assert broker.persistent_pages() == 0 and fs.shed(1) == 0
 
 
+def test_shed_syncs_the_fallback_before_the_broker_flushes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = FakeBroker()
+    fs, _ = make(broker, max_batch_ops=4)
+    fs.init(0)
+    for i in range(6):
+        fs.store(0, i, page(0, i))
+    order: list[str] = []
+    real_sync = fs.fallback.sync
+    monkeypatch.setattr(fs.fallback, "sync", lambda: (order.append("sync"), real_sync())[1])
+    real_handle = broker.handle
+
+    def handle(request: Any) -> Any:
+        if request.method == "POST" and request.target.endswith("/batch"):
+            op = decode_request(request.body, 1024)[0][0]
+            order.append("flush" if op == OP_FLUSH_PAGE else "get" if op == OP_GET else str(op))
+        return real_handle(request)
+
+    monkeypatch.setattr(broker, "handle", handle)
+    client = TmemClient("http://b", "tok", transport=broker.transport(), max_batch_ops=4)
+    fs.client = client
+    assert fs.shed(6) == 6
+    # per batch of 4: the pages are fetched, synced in the fallback, and only then flushed
+    assert order == ["get", "sync", "flush", "get", "sync", "flush"]
+    assert all(fs.load(0, i) == page(0, i) for i in range(6))
+
+
 def test_unreachable_broker_stores_locally_and_loads_fail_only_after_retries() -> None:
     broker = FakeBroker()
     retry = RetryPolicy(attempts=4, backoff=0.1, multiplier=2, max_backoff=0.25, down_interval=1)
@@ -186,6 +217,54 @@ def test_a_page_overwritten_during_an_outage_never_comes_back_stale() -> None:
     assert frontswap_handle(0, 5) not in pool.pages
     assert frontswap_handle(0, 6) not in pool.pages
     assert fs.broker_pages == 1
+
+
+def test_a_put_answered_with_garbage_goes_to_the_fallback_and_its_copy_is_flushed() -> None:
+    broker = FakeBroker()
+    fs, _ = make(broker)
+    fs.init(0)
+    garble = True
+    real_handle = broker.handle
+
+    def handle(request: Any) -> Any:
+        response = real_handle(request)  # the broker applies the request ...
+        if garble and request.method == "PUT":
+            raise ProtocolError("an answer that is not HTTP")  # ... the answer is lost
+        return response
+
+    broker.handle = handle  # type: ignore[method-assign]
+    fs.client = TmemClient("http://b", "tok", transport=broker.transport())
+    assert fs.store(0, 1, page(0, 1)) is False  # kept, in the fallback
+    assert fs.where(0, 1) == "fallback" and fs.load(0, 1) == page(0, 1)
+    assert broker.persistent_pages() == 1 and fs.broker_pages == 1  # a stale copy, counted
+    garble = False
+    assert fs.store(0, 2, page(0, 2)) is True  # the next store flushes the stale copy first
+    assert broker.persistent_pages() == 1 and fs.load(0, 1) == page(0, 1)
+
+
+def test_a_refused_batch_leaves_only_older_copies_stale() -> None:
+    broker = FakeBroker()
+    fs, _ = make(broker)
+    fs.init(0)
+    fs.store(0, 1, page(0, 1))
+    refuse = True
+    real_handle = broker.handle
+
+    def handle(request: Any) -> Any:
+        if refuse and request.target.endswith("/batch"):
+            return Response(400, b'{"error": {"code": "bad_batch", "message": "no"}}')
+        return real_handle(request)
+
+    broker.handle = handle  # type: ignore[method-assign]
+    fs.client = TmemClient("http://b", "tok", transport=broker.transport())
+    assert fs.store_many(0, [(1, page(0, 1, 1)), (2, page(0, 2))]) == [False, False]
+    # the refusal changed nothing: offset 1's old broker copy is stale, offset 2 never landed
+    assert fs.broker_pages == 1 and broker.persistent_pages() == 1
+    assert fs.load_many(0, [1, 2]) == [page(0, 1, 1), page(0, 2)]
+    refuse = False
+    assert fs.store(0, 3, page(0, 3)) is True  # the next store flushes the stale copy first
+    assert broker.persistent_pages() == 1 and fs.broker_pages == 1
+    assert fs.load_many(0, [1, 2, 3]) == [page(0, 1, 1), page(0, 2), page(0, 3)]
 
 
 def test_a_broker_that_lost_a_persistent_page_is_an_error_not_a_silent_miss() -> None:

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from starlette.testclient import WebSocketDenialResponse
 
-from broker.api.auth import TokenRegistry, hash_token, new_token
+from broker.api.auth import TokenRegistry, bearer_token, hash_token, new_token
+from broker.api.errors import Forbidden, Unauthorised
 from broker.app import RedactTokens, create_app
 from tests.api.conftest import ADMIN, ADMIN_TOKEN, Guest, error_code, make_settings, page, page_url
 
@@ -86,6 +88,77 @@ def test_bearer_scheme_is_case_insensitive(client: TestClient, guest: Guest) -> 
         client.get(page_url(0, 1, 0), headers={"Authorization": f"BEARER {token}"}).status_code
         == 404
     )
+
+
+# Every form a refused Authorization header takes, and the admin token on a guest route.
+REFUSED_HEADERS = [
+    ({}, 401),
+    ({"Authorization": "Bearer"}, 401),
+    ({"Authorization": "Bearer    "}, 401),
+    ({"Authorization": f"Basic {ADMIN_TOKEN}"}, 401),
+    ({"Authorization": f"Bearer{ADMIN_TOKEN}"}, 401),
+    ({"Authorization": "Bearer nope"}, 401),
+    (ADMIN, 403),
+    ({"Authorization": f"bEaReR   {ADMIN_TOKEN}  "}, 403),
+]
+
+
+@pytest.mark.parametrize(("headers", "status"), REFUSED_HEADERS)
+def test_every_guest_route_refuses_a_header_alike(
+    client: TestClient, headers: dict[str, str], status: int
+) -> None:
+    # One authentication path: a JSON route, the page routes and the batch (plain Starlette
+    # routes) give the very same answer, message included, and so does the notice WebSocket.
+    answers = [
+        client.get("/v1/self", headers=headers),
+        client.get(page_url(0, 1, 0), headers=headers),
+        client.put(page_url(0, 1, 0), content=page(1), headers=headers),
+        client.post("/v1/pools/0/batch", content=b"", headers=headers),
+    ]
+    first = answers[0]
+    assert first.status_code == status
+    assert error_code(first) in ("unauthorised", "forbidden")
+    for r in answers[1:]:
+        assert (r.status_code, r.json()) == (first.status_code, first.json())
+    with (
+        pytest.raises(WebSocketDenialResponse) as denied,
+        client.websocket_connect("/v1/notices/ws", headers=headers),
+    ):
+        pass
+    assert denied.value.status_code == first.status_code
+    assert denied.value.json() == first.json()
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        (None, None),
+        (b"Bearer abc", "abc"),
+        (b"bearer   abc  ", "abc"),
+        (b"BEARER a b", "a b"),
+        (b"Bearer", None),
+        (b"Bearer   ", None),
+        (b"Bearerabc", None),
+        (b"Basic abc", None),
+    ],
+)
+def test_bearer_token_parses_the_header_once(header: bytes | None, token: str | None) -> None:
+    headers = [(b"host", b"x")] + ([(b"authorization", header)] if header is not None else [])
+    assert bearer_token({"type": "http", "headers": headers}) == token
+
+
+def test_registry_resolves_a_guest_or_the_admin() -> None:
+    registry = TokenRegistry("admin")
+    token = new_token()
+    registry.add(hash_token(token), 7)
+    assert registry.guest(token) == 7
+    registry.admin("admin")
+    for call, wrong_side in ((registry.guest, "admin"), (registry.admin, token)):
+        with pytest.raises(Forbidden):
+            call(wrong_side)
+        for bad in (None, "nope"):
+            with pytest.raises(Unauthorised):
+                call(bad)
 
 
 def test_admin_token_file_is_generated_once_with_mode_0600(

@@ -137,6 +137,30 @@ def test_front_dispatches_page_routes_itself(tmp_path: Path, sqlite_url: str) ->
     assert seen == ["/v1/guests", "/v1/pools"]
 
 
+def test_front_leaves_starlette_private_scope_keys_alone(tmp_path: Path, sqlite_url: str) -> None:
+    # The page endpoints answer their errors themselves: the front door needs none of the
+    # handler tables Starlette's ExceptionMiddleware keeps in the scope.
+    app = create_app(make_settings(tmp_path, sqlite_url))
+    front = HotRoutes(app)
+    endpoint = app.state.guest_pages.get_page
+    handler = endpoint.handler
+    scopes: list[dict[str, Any]] = []
+
+    async def spy(scope: Any, receive: Any) -> Any:
+        scopes.append(dict(scope))
+        return await handler(scope, receive)
+
+    endpoint.handler = spy
+    with TestClient(front) as client:
+        guest, pool = _session(client)
+        assert client.get(f"/v1/pools/{pool}/objects/1/pages/2", headers=guest).status_code == 404
+        r = client.get("/v1/pools/x/objects/1/pages/2", headers=guest)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_handle")
+    assert len(scopes) == 2
+    for scope in scopes:
+        assert not [key for key in scope if key.startswith("starlette.")], scope.keys()
+
+
 def test_serve_lets_uvicorn_buffer_a_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     from uvicorn.protocols.http import h11_impl, httptools_impl
 

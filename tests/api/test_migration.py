@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
-from broker.app import create_app
+from broker.app import create_app, service_of
+from broker.db.repo import PoolRecord
 from schemas.export import (
     EXPORT_CONTENT_TYPE,
     ExportGuest,
@@ -174,3 +176,36 @@ def test_export_works_without_the_journal(tmp_path: Path) -> None:
         assert {(p.pool_id, p.oid, p.index): p.page for p in pages}[(0, 1, 4)] == page(4)
         assert c.get(page_url(2, 9, 0), headers=auth).status_code == 200
         assert c.get(f"/v1/guests/{gid}", headers=ADMIN).json()["frozen"] is False
+
+
+def test_an_import_whose_pool_cannot_be_stored_leaves_nothing(
+    src: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gid, _ = filled_guest(src)
+    stream = src.get(f"/v1/guests/{gid}/export", headers=ADMIN).content
+    app = create_app(
+        make_settings(tmp_path / "dst", f"sqlite:///{tmp_path / 'dst.sqlite3'}", durability="sync")
+    )
+    with TestClient(app, raise_server_exceptions=False) as dst:
+        repo = service_of(app).repo
+        real = repo.add_pool
+        stored: list[int] = []
+
+        def add_pool(record: PoolRecord) -> None:
+            # SQL takes the first pool and fails on the second, as a full disk would
+            if stored:
+                raise OperationalError("INSERT INTO pools", {}, Exception("disk I/O error"))
+            real(record)
+            stored.append(record.pool_id)
+
+        monkeypatch.setattr(repo, "add_pool", add_pool)
+        r = dst.post("/v1/guests/import", content=stream, headers=ADMIN)
+        assert r.status_code == 500 and stored == [0]
+        monkeypatch.setattr(repo, "add_pool", real)
+        nothing_imported(dst)
+        assert repo.pools() == []
+        # the pools the core refused to keep can be made again by the next import
+        assert dst.post("/v1/guests/import", content=stream, headers=ADMIN).status_code == 201
+    with broker(tmp_path, "dst") as again:  # and after a restart: the one whole import only
+        guests = again.get("/v1/guests", headers=ADMIN).json()
+        assert [(g["name"], len(g["pools"])) for g in guests] == [("vm", 2)]

@@ -35,6 +35,7 @@ class FakeClient:
         self.pools: set[int] = set()
         self.down = False
         self.declining = False  # decline every put, as a frozen guest's are
+        self.land_then_fail = False  # store the puts, then lose the answer
         self.calls: list[str] = []
 
     async def create_pool(self, kind: str) -> int:
@@ -63,6 +64,8 @@ class FakeClient:
             else:
                 self.pages[key] = bytes(page)
                 out.append(True)
+        if self.land_then_fail:
+            raise BrokerUnavailable("connection reset after the batch was applied")
         return out
 
     async def get_many(
@@ -167,6 +170,46 @@ async def test_reads_wait_for_a_restarting_broker(tmp_path: Path) -> None:
     assert await backend.read_blocks([1]) == [page(1)]
     await back
     assert backend.stats["broker_read_retries"] > 0
+    await backend.close()
+
+
+async def test_a_put_that_may_have_landed_is_never_read_and_a_shed_flushes_it(
+    tmp_path: Path,
+) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(5, page(1))])
+    client.land_then_fail = True
+    await backend.write_blocks([(5, page(2)), (6, page(3))])
+    client.land_then_fail = False
+    assert backend.location[5] == FALLBACK and backend.location[6] == FALLBACK
+    assert len(client.pages) == 2  # the broker holds copies the map no longer points at
+    assert await backend.read_blocks([5, 6]) == [page(2), page(3)]
+    assert await backend.shed(1) == 2  # the stale copies go first, and count
+    assert not client.pages
+    assert await backend.read_blocks([5, 6]) == [page(2), page(3)]
+    await backend.close()
+
+
+async def test_a_discard_the_broker_missed_is_flushed_with_the_next_one(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(1, page(1)), (2, page(2))])
+    client.down = True
+    await backend.discard_blocks([1])
+    client.down = False
+    assert client.pages == {block_handle(1): page(1), block_handle(2): page(2)}
+    await backend.discard_blocks([1, 2])  # the block's own call flushes its stale copy
+    assert not client.pages
+    assert await backend.read_blocks([1, 2]) == [None, None]
+    # a rewrite replaces a stale copy at the broker: nothing left to flush afterwards
+    await backend.write_blocks([(3, page(3))])
+    client.down = True
+    await backend.discard_blocks([3])
+    client.down = False
+    await backend.write_blocks([(3, page(4))])
+    assert not backend.placement.stale
+    assert await backend.read_blocks([3]) == [page(4)]
     await backend.close()
 
 

@@ -1,0 +1,173 @@
+"""Admin: the JSON routes that need the admin token (guests, freeze/thaw/flush, shared-pool
+authorisation, stats, settings) and the guests' export and import (``migration.py``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import ConfigDict, Field
+
+from broker.api import migration
+from broker.api.deps import AdminDep, ServiceDep
+from broker.api.errors import BadInput
+from broker.api.pressure_loop import PressureSettingsPatch, PressureSettingsView
+from broker.api.service import BrokerService
+from broker.settings import Size
+from schemas.export import EXPORT_CONTENT_TYPE
+from schemas.wire import (
+    GuestCreate,
+    GuestCreated,
+    GuestInfo,
+    GuestPatch,
+    Imported,
+    Pressure,
+    SharedAuth,
+)
+
+# Ids are bounded by what their SQL columns hold (INTEGER), so an absurd id is a 422, never a
+# database error.
+GuestId = Annotated[int, Path(ge=0, le=0x7FFFFFFF)]
+
+router = APIRouter(prefix="/v1", tags=["admin"])
+
+
+class PressureView(Pressure):
+    received_at: str
+
+
+class AdminGuestInfo(GuestInfo):
+    """A guest as admins see it: ``GuestInfo`` plus its latest pressure report."""
+
+    pressure: PressureView | None = None
+
+
+class BrokerSettings(PressureSettingsView):
+    capacity_bytes: int
+
+
+class SettingsPatch(PressureSettingsPatch):
+    model_config = ConfigDict(extra="forbid")
+
+    capacity: Annotated[Size, Field(ge=4096)] | None = None
+
+
+# guests, stats, settings ------------------------------------------------------------------
+
+
+@router.post("/guests", status_code=201, response_model=GuestCreated)
+async def create_guest(body: GuestCreate, service: ServiceDep, _: AdminDep) -> dict[str, Any]:
+    """Create a guest; the answer carries its token, which is never shown again."""
+    record, token = await service.create_guest(body)
+    return {**service.guest_info(record.guest_id), "token": token}
+
+
+@router.get("/guests", response_model=list[AdminGuestInfo])
+async def list_guests(service: ServiceDep, _: AdminDep) -> list[dict[str, Any]]:
+    """Every guest, with its pools, stats and latest pressure report."""
+    return [service.guest_info(gid) for gid in sorted(service.guests)]
+
+
+@router.get("/guests/{guest_id}", response_model=AdminGuestInfo)
+async def show_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> dict[str, Any]:
+    """One guest, with its pools, stats and latest pressure report."""
+    return service.guest_info(guest_id)
+
+
+@router.patch("/guests/{guest_id}", response_model=AdminGuestInfo)
+async def patch_guest(
+    guest_id: GuestId, body: GuestPatch, service: ServiceDep, _: AdminDep
+) -> dict[str, Any]:
+    """Change weight, cap_pages (sends a ``quota`` notice), compress or dedup_domain."""
+    changes = body.model_dump(include=body.model_fields_set)
+    for key in ("weight", "compress", "dedup_domain"):
+        if key in changes and changes[key] is None:
+            del changes[key]  # null means "unchanged" for these; only cap_pages can be null
+    service.guest_record(guest_id)
+    if changes:
+        await service.update_guest(guest_id, changes)
+    return service.guest_info(guest_id)
+
+
+@router.delete("/guests/{guest_id}", status_code=204, response_class=Response)
+async def delete_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
+    """Delete a guest: every page of it is gone, its token stops working."""
+    await service.delete_guest(guest_id)
+
+
+@router.post("/guests/{guest_id}/freeze", status_code=204, response_class=Response)
+async def freeze_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
+    """Freeze a guest: its puts are declined with ``frozen`` until thawed."""
+    await service.set_frozen(guest_id, True)
+
+
+@router.post("/guests/{guest_id}/thaw", status_code=204, response_class=Response)
+async def thaw_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
+    """Thaw a frozen guest."""
+    await service.set_frozen(guest_id, False)
+
+
+@router.post("/guests/{guest_id}/flush", status_code=204, response_class=Response)
+async def flush_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
+    """Flush every page of every pool of a guest; the pools stay."""
+    await service.flush_guest(guest_id)
+
+
+@router.post("/shared-auth", status_code=204, response_class=Response)
+async def shared_auth(body: SharedAuth, service: ServiceDep, _: AdminDep) -> None:
+    """Allow (or stop allowing) a guest to create or join the shared pool ``uuid``."""
+    await service.set_shared_auth(str(body.uuid), body.guest_id, body.allow)
+
+
+@router.get("/stats")
+async def stats(service: ServiceDep, _: AdminDep) -> dict[str, Any]:
+    """Global figures (capacity, use, dedup, counters) and one entry per guest."""
+    return service.stats()
+
+
+@router.get("/settings", response_model=BrokerSettings)
+async def get_settings(service: ServiceDep, _: AdminDep) -> BrokerSettings:
+    """The settings an admin can change at run time."""
+    return _settings_view(service)
+
+
+def _settings_view(service: BrokerService) -> BrokerSettings:
+    pressure = service.pressure_loop.settings.as_dict()
+    return BrokerSettings(capacity_bytes=service.core.capacity_bytes, **pressure)
+
+
+@router.patch("/settings", response_model=BrokerSettings)
+async def patch_settings(body: SettingsPatch, service: ServiceDep, _: AdminDep) -> BrokerSettings:
+    """Change the capacity or pressure tunables (kept in SQL; they win over the flags after a
+    restart)."""
+    changes = body.pressure_changes()
+    if changes:
+        try:
+            service.pressure_loop.settings.updated(changes)
+        except ValueError as exc:
+            raise BadInput(f"pressure settings: {exc}") from exc
+    if body.capacity is not None:
+        await service.set_capacity(body.capacity)
+    if changes:
+        await service.pressure_loop.update_settings(changes)
+    return _settings_view(service)
+
+
+# migration (Xen's tmem save/restore; migration.py) ----------------------------------------
+
+
+@router.get(
+    "/guests/{guest_id}/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {EXPORT_CONTENT_TYPE: {}}}},
+)
+async def export_guest(guest_id: int, service: ServiceDep, _admin: AdminDep) -> StreamingResponse:
+    """Stream the guest's settings, persistent pools and pages (frozen while it streams)."""
+    return await migration.export_guest(service, guest_id)
+
+
+@router.post("/guests/import", status_code=201, response_model=Imported)
+async def import_guest(request: Request, service: ServiceDep, _admin: AdminDep) -> Imported:
+    """Recreate an exported guest here: new id and token, same name, pools and pages."""
+    return await migration.import_guest(service, request.stream())

@@ -1,0 +1,174 @@
+"""Guest pages: the hot path (single-page put/get/flush, object flush and the binary batch).
+
+These are plain ASGI endpoints inside the FastAPI app (FastAPI's per-request machinery costs
+about three times a plain route on this machine; see docs in api-v1 and reference.md), and
+``front.HotRoutes`` calls the same endpoints without the app's middleware stack. Each does: one
+token hash and dict lookup (``auth``), a strict decimal parse of the path, a bounded body read
+(``body.read_body``), one core call, and the journal barrier when the call recorded something.
+Page bytes stay raw. The shell's errors are answered by ``errors.error_response`` here, as the
+app's exception handler answers them for every other route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from broker.api.auth import bearer_token
+from broker.api.body import read_body
+from broker.api.errors import HANDLED, MISS, NOT_STORED, BadBatch, error_response
+from broker.api.service import BrokerService, ServiceBox
+from broker.core.errors import BadHandle, BadPageSize
+from schemas.batch import (
+    BATCH_CONTENT_TYPE,
+    MAX_INDEX,
+    MAX_OID,
+    PAGE_SIZE,
+    BatchError,
+    decode_request,
+    encode_results,
+)
+
+# A put whose body is not one page is a 400 (bad_page_size) when it is small enough to be a
+# plausible mistake (a page of another size); anything bigger is a 413 before it is read.
+PUT_BODY_LIMIT = 64 << 10
+_OCTET = "application/octet-stream"
+
+_NO_CONTENT = Response(status_code=204)
+
+PAGE_PATH = "/v1/pools/{pool_id}/objects/{oid}/pages/{index}"
+OBJECT_PATH = "/v1/pools/{pool_id}/objects/{oid}"
+BATCH_PATH = "/v1/pools/{pool_id}/batch"
+
+Handler = Callable[[Scope, Receive], Awaitable[Response]]
+
+
+def _decimal(text: str, limit: int, what: str) -> int:
+    if not (0 < len(text) <= len(str(limit)) and text.isascii() and text.isdigit()):
+        raise BadHandle(f"{what} must be a decimal integer 0..{limit}")
+    value = int(text)
+    if value > limit:
+        raise BadHandle(f"{what} must be a decimal integer 0..{limit}")
+    return value
+
+
+class PageEndpoint:
+    """One hot route as a plain ASGI app: runs ``handler(scope, receive)`` and sends its answer;
+    an error of :data:`~broker.api.errors.HANDLED` becomes its answer (``error_response``)."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.handler(scope, receive)
+        except HANDLED as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
+
+
+class GuestPages:
+    """The hot routes' endpoints, bound to ``box`` (filled by the lifespan).
+
+    ``put_page``, ``get_page``, ``flush_page``, ``flush_object`` and ``batch`` are ASGI apps
+    (they read ``scope["path_params"]``); :meth:`routes` mounts them in the app.
+    """
+
+    def __init__(self, box: ServiceBox) -> None:
+        self.box = box
+        self.put_page = PageEndpoint(self._put_page)
+        self.get_page = PageEndpoint(self._get_page)
+        self.flush_page = PageEndpoint(self._flush_page)
+        self.flush_object = PageEndpoint(self._flush_object)
+        self.batch = PageEndpoint(self._batch)
+
+    def routes(self) -> list[Route]:
+        """The Starlette routes of the endpoints (the app's router serves them)."""
+        return [
+            Route(PAGE_PATH, self.put_page, methods=["PUT"], name="put_page"),
+            Route(PAGE_PATH, self.get_page, methods=["GET"], name="get_page"),
+            Route(PAGE_PATH, self.flush_page, methods=["DELETE"], name="flush_page"),
+            Route(OBJECT_PATH, self.flush_object, methods=["DELETE"], name="flush_object"),
+            Route(BATCH_PATH, self.batch, methods=["POST"], name="batch"),
+        ]
+
+    async def _begin(self, scope: Scope, pages: int = 0) -> tuple[BrokerService, int, int]:
+        """Authenticate the guest, charge its rate limits (one request and ``pages`` pages)
+        and parse the pool id: the common start of every route."""
+        service = self.box.service
+        assert service is not None  # routes run only after the lifespan started
+        if not service.ready.is_set():
+            await service.ready.wait()  # the journal is still being reloaded
+        guest_id = service.tokens.guest(bearer_token(scope))
+        if service.limits.enabled:
+            service.limits.charge(guest_id, pages=pages)
+        return service, guest_id, _decimal(scope["path_params"]["pool_id"], 0x7FFFFFFF, "pool_id")
+
+    @staticmethod
+    def _handle(scope: Scope) -> tuple[int, int]:
+        params = scope["path_params"]
+        return (
+            _decimal(params["oid"], MAX_OID, "oid"),
+            _decimal(params["index"], MAX_INDEX, "index"),
+        )
+
+    async def _put_page(self, scope: Scope, receive: Receive) -> Response:
+        service, guest_id, pool_id = await self._begin(scope, 1)
+        oid, index = self._handle(scope)
+        body = await read_body(scope, receive, PUT_BODY_LIMIT)
+        if len(body) != PAGE_SIZE:
+            raise BadPageSize(f"a page is exactly {PAGE_SIZE} bytes, not {len(body)}")
+        status = service.core.put(guest_id, pool_id, oid, index, body)
+        journal = service.journal
+        if journal.pending:
+            await journal.barrier()
+        if status == 0:
+            return _NO_CONTENT
+        return Response(NOT_STORED[status], status_code=409, media_type="application/json")
+
+    async def _get_page(self, scope: Scope, receive: Receive) -> Response:
+        service, guest_id, pool_id = await self._begin(scope, 1)
+        oid, index = self._handle(scope)
+        page = service.core.get(guest_id, pool_id, oid, index)
+        journal = service.journal
+        if journal.pending:  # an exclusive get removed a persistent page
+            await journal.barrier()
+        if page is None:
+            return MISS
+        return Response(page, media_type=_OCTET)
+
+    async def _flush_page(self, scope: Scope, receive: Receive) -> Response:
+        service, guest_id, pool_id = await self._begin(scope)
+        oid, index = self._handle(scope)
+        service.core.flush_page(guest_id, pool_id, oid, index)
+        if service.journal.pending:
+            await service.journal.barrier()
+        return _NO_CONTENT
+
+    async def _flush_object(self, scope: Scope, receive: Receive) -> Response:
+        service, guest_id, pool_id = await self._begin(scope)
+        oid = _decimal(scope["path_params"]["oid"], MAX_OID, "oid")
+        service.core.flush_object(guest_id, pool_id, oid)
+        if service.journal.pending:
+            await service.journal.barrier()
+        return _NO_CONTENT
+
+    async def _batch(self, scope: Scope, receive: Receive) -> Response:
+        service, guest_id, pool_id = await self._begin(scope)
+        settings = service.settings
+        body = await read_body(scope, receive, settings.max_batch_bytes)
+        try:
+            ops = decode_request(body, settings.max_batch_ops)
+        except BatchError as exc:
+            raise BadBatch(str(exc)) from exc
+        if service.limits.enabled:
+            service.limits.charge(guest_id, requests=0, pages=len(ops))
+        results = service.core.batch(guest_id, pool_id, ops)
+        if service.journal.pending:
+            await service.journal.barrier()
+        return Response(encode_results(results), media_type=BATCH_CONTENT_TYPE)

@@ -1,0 +1,242 @@
+"""The one admin client of the broker (api-v1.md, "Admin endpoints").
+
+``tmem-broker admin ...``, ``tmem-broker migrate`` and the simulator all talk to the broker's
+admin API through it::
+
+    with AdminClient("http://127.0.0.1:8470", admin_token) as admin:
+        created = admin.create_guest("vm-1", cap_pages=1024)   # GuestCreated: .guest_id, .token
+        for guest in admin.list_guests():                     # AdminGuest (GuestInfo + pressure)
+            ...
+        admin.freeze(created.guest_id); admin.thaw(created.guest_id)
+        figures = admin.stats()                               # GET /v1/stats, a dict
+        with admin.export_guest(created.guest_id) as stream:  # a guest's export, piece by piece
+            imported = other.import_guest(stream)             # Imported: .guest_id, .token
+
+It lives in ``guest_agent`` (never ``broker``) so an operator's or a simulator's machine needs no
+server stack, and it rides the agent's own transport: the address may be ``http(s)://`` or
+``unix:PATH``, as for every agent command. Failures raise the agent's exception tree
+(:mod:`guest_agent.errors`): :class:`~guest_agent.errors.BrokerUnavailable` when the broker
+cannot be reached, a :class:`~guest_agent.errors.BrokerError` subclass carrying ``status``,
+``code`` and ``message`` when it answers an error.
+
+Request bodies are sent as given and validated by the broker (a bad name is its 422, reported
+like any other error); answers are parsed into :mod:`schemas` models.
+
+Not thread-safe: one keep-alive connection, like :class:`~guest_agent.client.TmemClient`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from pydantic import ConfigDict, ValidationError
+
+from guest_agent.client import _json, _raise_for
+from guest_agent.errors import BrokerUnavailable, ProtocolError
+from guest_agent.transport import HTTPTransport, Request, Response, StreamedResponse, Transport
+from schemas.export import EXPORT_CONTENT_TYPE
+from schemas.wire import GuestCreated, GuestInfo, Imported
+
+__all__ = ["AdminClient", "AdminGuest", "ExportStream"]
+
+
+class AdminGuest(GuestInfo):
+    """A guest as ``GET /v1/guests`` shows it: :class:`~schemas.wire.GuestInfo` and whatever
+    the broker adds for admins (its latest ``pressure`` report), kept as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ExportStream:
+    """``GET /v1/guests/{id}/export`` as it arrives: iterate it for the stream's bytes (pieces
+    of at most 1 MiB); close it (it is a context manager) if not read to the end."""
+
+    def __init__(self, answer: StreamedResponse | Response) -> None:
+        self._answer = answer
+
+    def __iter__(self) -> Iterator[bytes]:
+        if isinstance(self._answer, Response):  # a transport that does not stream
+            if self._answer.body:
+                yield self._answer.body
+            return
+        yield from self._answer.iter_bytes()
+
+    def close(self) -> None:
+        if isinstance(self._answer, StreamedResponse):
+            self._answer.close()
+
+    def __enter__(self) -> ExportStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AdminClient:
+    """Synchronous client of the admin endpoints (see the module doc).
+
+    Without a ``token`` only :meth:`ready` is of use (the health endpoints need none).
+    ``transport`` replaces the network (e.g. :class:`~guest_agent.transport.MockTransport`;
+    exports and imports then go through it whole instead of streamed); ``timeout`` bounds the
+    connect and every read, so for a migration it is the longest pause the stream may take.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str = "",
+        *,
+        transport: Transport | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.base_url = base_url
+        self._transport: Transport = transport or HTTPTransport(base_url, timeout=timeout)
+        self._auth = [("Authorization", f"Bearer {token}")]
+        self._h_json = [*self._auth, ("Content-Type", "application/json")]
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the client reconnects if used again)."""
+        close = getattr(self._transport, "close", None)
+        if close is not None:
+            close()
+
+    def _call(self, method: str, path: str, body: Any = None) -> Response:
+        if body is None:
+            request = Request(method, path, b"", self._auth)
+        else:
+            request = Request(method, path, json.dumps(body).encode(), self._h_json)
+        response = self._transport.handle_request(request)
+        if not 200 <= response.status < 300:
+            _raise_for(response)
+        return response
+
+    # --- health
+    def ready(self) -> bool:
+        """True when ``GET /readyz`` answers 200; False while the broker starts, reloads or
+        cannot be reached yet (for start-up loops)."""
+        try:
+            response = self._transport.handle_request(Request("GET", "/readyz", b"", []))
+        except BrokerUnavailable:
+            return False
+        return response.status == 200
+
+    # --- guests
+    def list_guests(self) -> list[AdminGuest]:
+        """``GET /v1/guests``: every guest with its pools, stats and pressure."""
+        data = _json(self._call("GET", "/v1/guests"))
+        if isinstance(data, dict):  # an envelope, should the answer ever grow one
+            data = data.get("guests", [])
+        return _parse_list(data)
+
+    def guest(self, guest_id: int) -> AdminGuest:
+        """``GET /v1/guests/{id}``."""
+        return _parse(AdminGuest, _json(self._call("GET", f"/v1/guests/{int(guest_id)}")))
+
+    def find_guest(self, name: str) -> AdminGuest | None:
+        """The guest called ``name``, or ``None``."""
+        return next((g for g in self.list_guests() if g.name == name), None)
+
+    def create_guest(
+        self,
+        name: str,
+        *,
+        weight: int = 100,
+        cap_pages: int | None = None,
+        dedup_domain: str = "default",
+        compress: bool = False,
+    ) -> GuestCreated:
+        """``POST /v1/guests``; the answer carries the guest's token (shown only this once)."""
+        body = {
+            "name": name,
+            "weight": weight,
+            "cap_pages": cap_pages,
+            "dedup_domain": dedup_domain,
+            "compress": compress,
+        }
+        return _parse(GuestCreated, _json(self._call("POST", "/v1/guests", body)))
+
+    def delete_guest(self, guest_id: int) -> None:
+        """``DELETE /v1/guests/{id}``: the guest and every page it has."""
+        self._call("DELETE", f"/v1/guests/{int(guest_id)}")
+
+    def freeze(self, guest_id: int) -> None:
+        """Freeze a guest: its puts are declined (``frozen``) until :meth:`thaw`."""
+        self._call("POST", f"/v1/guests/{int(guest_id)}/freeze")
+
+    def thaw(self, guest_id: int) -> None:
+        """Thaw a frozen guest."""
+        self._call("POST", f"/v1/guests/{int(guest_id)}/thaw")
+
+    def flush_guest(self, guest_id: int) -> None:
+        """Flush every page of a guest (its pools stay)."""
+        self._call("POST", f"/v1/guests/{int(guest_id)}/flush")
+
+    def shared_auth(self, uuid: str, guest_id: int, *, allow: bool = True) -> None:
+        """Allow (or with ``allow=False`` withdraw) a guest's use of shared pool ``uuid``."""
+        body = {"uuid": str(uuid), "guest_id": guest_id, "allow": allow}
+        self._call("POST", "/v1/shared-auth", body)
+
+    def stats(self) -> dict[str, Any]:
+        """``GET /v1/stats``: the global figures and one entry per guest."""
+        data = _json(self._call("GET", "/v1/stats"))
+        if not isinstance(data, dict):
+            raise ProtocolError("GET /v1/stats did not answer an object")
+        return data
+
+    # --- migration
+    def export_guest(self, guest_id: int) -> ExportStream:
+        """``GET /v1/guests/{id}/export``, streamed (see :class:`ExportStream`)."""
+        request = Request("GET", f"/v1/guests/{int(guest_id)}/export", b"", self._auth)
+        stream = getattr(self._transport, "stream", None)
+        if stream is None:
+            response = self._transport.handle_request(request)
+            if response.status != 200:
+                _raise_for(response)
+            return ExportStream(response)
+        answer: StreamedResponse = stream(request)
+        if answer.status != 200:
+            with answer:
+                _raise_for(Response(answer.status, answer.read(), answer.headers))
+        return ExportStream(answer)
+
+    def import_guest(self, stream: Iterable[bytes]) -> Imported:
+        """``POST /v1/guests/import`` of an export stream, sent as it is produced (chunked).
+
+        An exception raised while producing ``stream`` propagates after the connection was
+        dropped mid-body: the broker refuses a truncated stream whole."""
+        headers = [*self._auth, ("Content-Type", EXPORT_CONTENT_TYPE)]
+        send_chunked = getattr(self._transport, "send_chunked", None)
+        if send_chunked is None:
+            body = b"".join(stream)
+            response = self._transport.handle_request(
+                Request("POST", "/v1/guests/import", body, headers)
+            )
+        else:
+            response = send_chunked(Request("POST", "/v1/guests/import", b"", headers), stream)
+        if response.status != 201:
+            _raise_for(response)
+        return _parse(Imported, _json(response))
+
+
+def _parse_list(data: Any) -> list[AdminGuest]:
+    if not isinstance(data, list):
+        raise ProtocolError("GET /v1/guests did not answer a list")
+    return [_parse(AdminGuest, item) for item in data]
+
+
+_M = TypeVar("_M", GuestInfo, AdminGuest, GuestCreated, Imported)
+
+
+def _parse(model: type[_M], data: Any) -> _M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(f"bad {model.__name__} answer: {exc}") from exc
