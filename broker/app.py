@@ -98,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
         core = Tmem(
             CoreConfig(
                 capacity_bytes=settings.capacity,
+                compress_default=settings.compress,
                 max_pools_per_guest=settings.max_pools_per_guest,
             ),
             journal=journal,

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     uds: Path | None = None
     data_dir: Path = Path("./var")
     capacity: Size = 1 << 30
+    # the compression mode of guests and domains that set none (docs/pressure.md)
+    compress: Literal["never", "always", "pressure"] = "never"
     database_url: str | None = None
     durability: Literal["sync", "none"] = "sync"
     # the durable journal's write-ahead log (docs/durability.md); 0: every round commits to

@@ -70,7 +70,8 @@ class ExportGuest(BaseModel):
     weight: int = Field(default=100, ge=1)
     cap_pages: int | None = Field(default=None, ge=0)
     dedup_domain: str = Field(default="default", min_length=1, max_length=200)
-    compress: bool = False
+    # null: the guest inherits its domain's (else the broker's) compression mode
+    compress: bool | None = False
 
 
 class ExportPool(BaseModel):

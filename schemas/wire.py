@@ -7,9 +7,10 @@ import uuid as uuidlib
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 PoolKind = Literal["persistent", "ephemeral"]
+CompressMode = Literal["never", "always", "pressure"]
 NoticeType = Literal["quota", "shed", "freeze", "thaw", "evicted"]
 
 _Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$")]
@@ -67,12 +68,14 @@ class GuestCreate(_Request):
     weight: _Weight = 100
     cap_pages: _Cap | None = None
     dedup_domain: _Domain = "default"
-    compress: bool = False
+    # null or left out: the dedup domain's compression mode, else the broker's
+    compress: bool | None = None
 
 
 class GuestPatch(_Request):
     weight: _Weight | None = None
     cap_pages: _Cap | None = None
+    # an explicit null: inherit the domain's (else the broker's) mode from now on
     compress: bool | None = None
     dedup_domain: _Domain | None = None
 
@@ -84,7 +87,9 @@ class GuestInfo(BaseModel):
     cap_pages: int | None
     quota_pages: int | None = None
     dedup_domain: str
-    compress: bool
+    compress: bool | None
+    # what applies: the guest's own setting, else its domain's, else the broker's default
+    compress_mode: CompressMode | None = None
     frozen: bool
     pools: list[PoolInfo] = []
     stats: dict[str, Any] = {}
@@ -128,3 +133,24 @@ class Pressure(_Request):
 class Imported(BaseModel):
     guest_id: int
     token: str
+
+
+class DomainPut(_Request):
+    """``PUT /v1/domains/{name}``: fields left out keep their value; an explicit null
+    ``compress`` takes the broker's default."""
+
+    trusted: StrictBool | None = None
+    compress: CompressMode | None = None
+
+
+class DomainInfo(BaseModel):
+    name: str
+    trusted: bool
+    compress: CompressMode | None
+    # the mode the domain's guests without a setting of their own get
+    compress_mode: CompressMode
+    guests: int
+    charged_bytes: int
+    used_bytes: int
+    # guests of the domain whose own explicit compress setting differs from the domain's
+    overridden_by: list[int] = []

@@ -17,6 +17,9 @@ from broker.api.service import BrokerService
 from broker.settings import Size
 from schemas.export import EXPORT_CONTENT_TYPE
 from schemas.wire import (
+    CompressMode,
+    DomainInfo,
+    DomainPut,
     GuestCreate,
     GuestCreated,
     GuestInfo,
@@ -45,12 +48,17 @@ class AdminGuestInfo(GuestInfo):
 
 class BrokerSettings(PressureSettingsView):
     capacity_bytes: int
+    compress: CompressMode
 
 
 class SettingsPatch(PressureSettingsPatch):
     model_config = ConfigDict(extra="forbid")
 
     capacity: Annotated[Size, Field(ge=4096)] | None = None
+    compress: CompressMode | None = None
+
+
+DomainName = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
 # guests, stats, settings ------------------------------------------------------------------
@@ -81,9 +89,10 @@ async def patch_guest(
 ) -> dict[str, Any]:
     """Change weight, cap_pages (sends a ``quota`` notice), compress or dedup_domain."""
     changes = body.model_dump(include=body.model_fields_set)
-    for key in ("weight", "compress", "dedup_domain"):
+    for key in ("weight", "dedup_domain"):
         if key in changes and changes[key] is None:
-            del changes[key]  # null means "unchanged" for these; only cap_pages can be null
+            del changes[key]  # null means "unchanged" for these
+    # cap_pages null: no cap; compress null: inherit the domain's (else the broker's) mode
     service.guest_record(guest_id)
     if changes:
         await service.update_guest(guest_id, changes)
@@ -134,7 +143,11 @@ async def get_settings(service: ServiceDep, _: AdminDep) -> BrokerSettings:
 
 def _settings_view(service: BrokerService) -> BrokerSettings:
     pressure = service.pressure_loop.settings.as_dict()
-    return BrokerSettings(capacity_bytes=service.core.capacity_bytes, **pressure)
+    return BrokerSettings(
+        capacity_bytes=service.core.capacity_bytes,
+        compress=service.core.compress_default,
+        **pressure,
+    )
 
 
 @router.patch("/settings", response_model=BrokerSettings)
@@ -149,9 +162,28 @@ async def patch_settings(body: SettingsPatch, service: ServiceDep, _: AdminDep) 
             raise BadInput(f"pressure settings: {exc}") from exc
     if body.capacity is not None:
         await service.set_capacity(body.capacity)
+    if body.compress is not None:
+        await service.set_compress_default(body.compress)
     if changes:
         await service.pressure_loop.update_settings(changes)
     return _settings_view(service)
+
+
+# dedup domains ----------------------------------------------------------------------------
+
+
+@router.get("/domains", response_model=list[DomainInfo])
+async def list_domains(service: ServiceDep, _: AdminDep) -> list[DomainInfo]:
+    """Dedup domains: trust, compression mode, guests and the storage they take."""
+    return service.domain_infos()
+
+
+@router.put("/domains/{name}", response_model=DomainInfo)
+async def put_domain(
+    name: DomainName, body: DomainPut, service: ServiceDep, _: AdminDep
+) -> DomainInfo:
+    """Set a dedup domain's trust and compression mode (fields left out keep their value)."""
+    return await service.put_domain(name, body)
 
 
 # migration (Xen's tmem save/restore; migration.py) ----------------------------------------

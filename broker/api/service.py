@@ -23,10 +23,18 @@ from broker.api.notices import NoticeHub
 from broker.api.pressure_loop import PressureLoop, PressureReport
 from broker.core import Tmem
 from broker.core.errors import BadPageSize, TmemError, UnknownGuest
-from broker.db.repo import GuestRecord, PoolRecord, Repository
+from broker.db.repo import DomainRecord, GuestRecord, PoolRecord, Repository
 from broker.settings import Settings
 from schemas.batch import PAGE_SIZE
-from schemas.wire import GuestCreate, GuestInfo, PoolCreate, PoolInfo, Pressure
+from schemas.wire import (
+    DomainInfo,
+    DomainPut,
+    GuestCreate,
+    GuestInfo,
+    PoolCreate,
+    PoolInfo,
+    Pressure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,10 @@ class BrokerService:
         Returns ``(guests, pools)`` loaded. Admin-changed settings win over the flags.
         """
         stored = self.repo.settings()
+        if "compress_default" in stored:
+            self.core.compress_default = str(stored["compress_default"])
+        for d in self.repo.domains():
+            self.core.set_domain(d.name, trusted=d.trusted, compress=d.compress)
         if "capacity_bytes" in stored:
             self.core.capacity_bytes = int(stored["capacity_bytes"])
             log.info(
@@ -153,6 +165,7 @@ class BrokerService:
             quota_pages=stats.get("quota_pages", g.cap_pages),
             dedup_domain=g.dedup_domain,
             compress=g.compress,
+            compress_mode=self.core.compress_mode_of(guest_id),
             frozen=g.frozen,
             pools=self.pool_infos(guest_id),
             stats=stats,
@@ -254,6 +267,48 @@ class BrokerService:
             self.guest_record(guest_id)
             await run_in_threadpool(self.repo.set_shared_auth, uuid, guest_id, allow)
             self.core.authorise_shared(uuid, guest_id, allow)
+
+    # dedup domains --------------------------------------------------------------------------
+
+    def domain_infos(self, overridden: dict[str, list[int]] | None = None) -> list[DomainInfo]:
+        """Every dedup domain known: named by a guest, or set by an admin."""
+        default = self.core.compress_default
+        return [
+            DomainInfo(
+                name=d.name,
+                trusted=d.trusted,
+                compress=d.compress,
+                compress_mode=d.compress or default,
+                guests=d.guests,
+                charged_bytes=d.charged_bytes,
+                used_bytes=d.used_bytes,
+                overridden_by=(overridden or {}).get(d.name, []),
+            )
+            for d in self.core.domains()
+        ]
+
+    async def put_domain(self, name: str, body: DomainPut) -> DomainInfo:
+        """Set a domain's trust and compression mode (kept in SQL); the answer names the
+        guests whose own explicit setting overrides the domain's mode."""
+        async with self.lock:
+            current = {d.name: d for d in self.core.domains()}.get(name)
+            trusted = current.trusted if current is not None else False
+            compress = current.compress if current is not None else None
+            if "trusted" in body.model_fields_set and body.trusted is not None:
+                trusted = body.trusted
+            if "compress" in body.model_fields_set:
+                compress = body.compress
+            record = DomainRecord(name, trusted, compress)
+            await run_in_threadpool(self.repo.put_domain, record)
+            overridden = self.core.set_domain(name, trusted=trusted, compress=compress)
+        log.info("domain %s: trusted=%s compress=%s", name, trusted, compress)
+        (info,) = [d for d in self.domain_infos({name: overridden}) if d.name == name]
+        return info
+
+    async def set_compress_default(self, mode: str) -> None:
+        async with self.lock:
+            self.core.compress_default = mode  # raises on a bad mode before SQL changes
+            await run_in_threadpool(self.repo.set_setting, "compress_default", mode)
 
     async def set_capacity(self, capacity_bytes: int) -> None:
         async with self.lock:

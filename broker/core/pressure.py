@@ -12,8 +12,9 @@ The tunables (:class:`PressureSettings`) and what they do:
     (weight-fair LRU) until it is back under the low watermark: hysteresis in the spirit of
     zswap's ``accept_threshold_percent``, so the broker does not evict a page per put while
     it hovers at the limit.
-    Storage is counted as ``charged_bytes`` (each page's own stored size, shared or not), as
-    in every capacity decision, so no guest can read other guests' contents off evictions.
+    Storage is counted as ``counted_bytes``, as in every capacity decision: each page's own
+    stored size, shared or not, in untrusted dedup domains (so no guest can read other
+    guests' contents off evictions), and the bytes actually held in trusted ones.
 ``persistent_share`` / ``release_share`` (fractions of capacity)
     When persistent pages take more than ``persistent_share`` of capacity, each guest's fair
     share of ``persistent_share * capacity`` is computed (:func:`fair_shares`); guests above
@@ -64,7 +65,7 @@ class PressureTarget(Protocol):
     def capacity_bytes(self) -> int: ...
 
     @property
-    def charged_bytes(self) -> int: ...
+    def counted_bytes(self) -> int: ...
 
     @property
     def reclaiming(self) -> bool: ...
@@ -72,6 +73,8 @@ class PressureTarget(Protocol):
     def configure_pressure(self, settings: PressureSettings | None) -> None: ...
 
     def evict(self, bytes_to_free: int) -> int: ...
+
+    def compress_cold(self, max_pages: int) -> int: ...
 
     def persistent_pages_of(self) -> dict[int, tuple[int, int, int | None]]: ...
 
@@ -251,6 +254,7 @@ class _Counters:
     quotas_raised: int = 0
     reclaim_runs: int = 0
     reclaimed_pages: int = 0
+    compressed_pages: int = 0
     evicted_notices: int = 0
     steps: int = 0
     last: dict[str, int] = field(default_factory=dict)
@@ -271,6 +275,8 @@ class PressurePolicy:
 
     # the largest single eviction a step makes, so one step never holds the loop for long
     MAX_EVICT_BYTES_PER_STEP = 64 << 20
+    # at most this many cold pages compressed per step (~6 us each: ~25 ms a step)
+    MAX_COMPRESS_PER_STEP = 4096
     # closed sheds kept for a late ack; beyond this the oldest are forgotten (a guest that
     # never acks must not grow the broker's memory)
     MAX_UNACKED = 4096
@@ -335,6 +341,7 @@ class PressurePolicy:
             "quotas_raised": c.quotas_raised,
             "reclaim_runs": c.reclaim_runs,
             "reclaimed_pages": c.reclaimed_pages,
+            "compressed_pages": c.compressed_pages,
             "evicted_notices": c.evicted_notices,
             "steps": c.steps,
             "dynamic_quotas": {str(g): q for g, q in sorted(self.quotas.items())},
@@ -387,8 +394,12 @@ class PressurePolicy:
 
     def _watermarks(self) -> None:
         tmem = self.tmem
-        # charged_bytes, as every capacity decision: what sharing saved must not show
-        reclaim = bytes_to_reclaim(tmem.charged_bytes, tmem.capacity_bytes, self.settings)
+        # Guests in the pressure compression mode first keep their coldest pages compressed
+        # (a no-op when none is in that mode or storage is under the high watermark).
+        self.counters.compressed_pages += tmem.compress_cold(self.MAX_COMPRESS_PER_STEP)
+        # counted_bytes, as every capacity decision: in untrusted domains what sharing saved
+        # must not show
+        reclaim = bytes_to_reclaim(tmem.counted_bytes, tmem.capacity_bytes, self.settings)
         self.reclaiming = reclaim > 0
         if reclaim:
             self.counters.reclaim_runs += 1

@@ -855,6 +855,7 @@ class Tmem:
             "quota_pages": g.effective_quota(),
             "frozen": g.frozen,
             "compress": g.compress,
+            "compress_mode": self._reg.compress_mode(g),
             "dedup_domain": g.dedup_domain,
             "pools": len(g.pools),
             "logical_pages": pages,
@@ -911,6 +912,7 @@ class Tmem:
             "capacity_bytes": self._ev.capacity,
             "used_bytes": self.used_bytes,
             "charged_bytes": self.charged_bytes,
+            "counted_bytes": self._table.counted_bytes,
             "logical_pages": logical,
             "unique_pages": unique,
             "zero_pages": zero,
@@ -922,6 +924,8 @@ class Tmem:
         out.update(ops.figures(admin=True))
         out["policy_declines"] = {"low_hit_rate": self._adm.low_hit_rate}
         out["reclaimed_on_put"] = self._ev.reclaimed_on_put
+        out["compress_default"] = self._reg.compress_default
+        out["compressed_cold"] = self._cold.compressed
         out["guests"] = [self._guest_figures(g, admin=True) for g in self._reg.guests.values()]
         out["shared_pools"] = shared
         return out

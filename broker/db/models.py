@@ -47,12 +47,24 @@ class GuestRow(Base):
     weight: Mapped[int] = mapped_column(Integer, default=100)
     cap_pages: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     dedup_domain: Mapped[str] = mapped_column(String(64), default="default")
-    compress: Mapped[bool] = mapped_column(Boolean, default=False)
+    # null: the guest takes its dedup domain's compression mode, else the broker's
+    compress: Mapped[bool | None] = mapped_column(Boolean, nullable=True, default=None)
     frozen: Mapped[bool] = mapped_column(Boolean, default=False)
     # The last notice sequence number issued to this guest; bumped atomically per notice so
     # sequence numbers stay strictly increasing across restarts.
     notice_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DomainRow(Base):
+    """A dedup domain's settings; domains named only by guests have no row (defaults)."""
+
+    __tablename__ = "domains"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # never / always / pressure; null: the broker's default
+    compress: Mapped[str | None] = mapped_column(String(16), nullable=True, default=None)
 
 
 class PoolRow(Base):

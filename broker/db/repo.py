@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.core.errors import GuestExists, UnknownGuest
-from broker.db.models import GuestRow, NoticeRow, PoolRow, SettingRow, SharedAuthRow
+from broker.db.models import DomainRow, GuestRow, NoticeRow, PoolRow, SettingRow, SharedAuthRow
 
 
 def utcnow() -> datetime:
@@ -38,9 +38,16 @@ class GuestRecord:
     weight: int
     cap_pages: int | None
     dedup_domain: str
-    compress: bool
+    compress: bool | None
     frozen: bool
     notice_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRecord:
+    name: str
+    trusted: bool
+    compress: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +137,7 @@ class Repository:
         weight: int,
         cap_pages: int | None,
         dedup_domain: str,
-        compress: bool,
+        compress: bool | None,
     ) -> GuestRecord:
         row = GuestRow(
             name=name,
@@ -318,6 +325,25 @@ class Repository:
             return _notice(row)
 
     # settings -----------------------------------------------------------------------------
+
+    # dedup domains --------------------------------------------------------------------------
+
+    def domains(self) -> list[DomainRecord]:
+        with self._begin() as session:
+            rows = session.scalars(select(DomainRow).order_by(DomainRow.name))
+            return [DomainRecord(r.name, r.trusted, r.compress) for r in rows]
+
+    def put_domain(self, record: DomainRecord) -> None:
+        """Insert or replace a domain's settings."""
+        with self._begin() as session, session.begin():
+            row = session.get(DomainRow, record.name)
+            if row is None:
+                session.add(
+                    DomainRow(name=record.name, trusted=record.trusted, compress=record.compress)
+                )
+            else:
+                row.trusted = record.trusted
+                row.compress = record.compress
 
     def settings(self) -> dict[str, Any]:
         with self._begin() as session:

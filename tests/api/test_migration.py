@@ -70,8 +70,9 @@ def test_export_carries_settings_persistent_pools_and_pages(src: TestClient) -> 
     assert r.status_code == 200
     assert r.headers["content-type"].startswith(EXPORT_CONTENT_TYPE)
     header, pages, trailer = decode_export(r.content)
+    # compress None: the guest was made without one and inherits its domain's mode
     assert header.guest == ExportGuest(
-        name="vm", weight=300, cap_pages=50, dedup_domain="blue", compress=False
+        name="vm", weight=300, cap_pages=50, dedup_domain="blue", compress=None
     )
     assert header.pools == [ExportPool(pool_id=0), ExportPool(pool_id=2, exclusive_gets=True)]
     assert trailer.pages == 40 and trailer.zero_pages == 20

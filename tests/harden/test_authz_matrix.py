@@ -54,7 +54,7 @@ def guest_row(a: int, b: int | None = None, body: Any = None, **kw: Any) -> Row:
 
 BATCH_GET = encode_request([(OP_GET, 1, 0, None)])
 
-# (method, path template) -> row; "{guest_id}" is A's id, "{seq}" is 1, "{pool_id}" is 0.
+# (method, path template) -> row; "{guest_id}" is A's id, "{seq}" is 1, "{pool_id}" is 0, "{name}" is "tenant".
 MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/openapi.json"): Row(PUBLIC),
     ("GET", "/docs"): Row(PUBLIC),
@@ -75,6 +75,8 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/shared-auth"): admin_row(204, {"uuid": UUID, "guest_id": 0, "allow": True}),
     ("GET", "/v1/stats"): admin_row(200),
     ("GET", "/v1/settings"): admin_row(200),
+    ("GET", "/v1/domains"): admin_row(200),
+    ("PUT", "/v1/domains/{name}"): admin_row(200, {"trusted": True}),
     ("PATCH", "/v1/settings"): admin_row(200, {"capacity": "64MiB"}),
     ("GET", "/v1/guests/{guest_id}/export"): admin_row(200),
     ("POST", "/v1/guests/import"): admin_row(
@@ -126,7 +128,7 @@ def test_every_route_has_a_row(client_factory: Callable[..., TestClient]) -> Non
 
 
 def _fill(path: str, guest_id: int) -> str:
-    return path.format(guest_id=guest_id, pool_id=0, oid=1, index=0, seq=1)
+    return path.format(guest_id=guest_id, pool_id=0, oid=1, index=0, seq=1, name="tenant")
 
 
 def _call(client: TestClient, method: str, path: str, row: Row, auth: dict[str, str]) -> int:
