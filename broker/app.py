@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.api import migration, ops, routes
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.errors import ApiError, BodyTooLarge, handle_error, json_error
+from broker.api.metrics import FiguresCollector, RequestTimer, request_histogram
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
 from broker.api.pages import ServiceBox, page_routes
@@ -140,7 +141,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The broker's ASGI app; ``settings`` are used as given (no environment is read here)."""
     box = ServiceBox()
     metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(ops.StatsCollector(box))
+    metrics.register(FiguresCollector(box))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -211,6 +212,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.box = box
     app.state.metrics = metrics
+    app.state.request_histogram = request_histogram(metrics)  # HotRoutes times with it too
     for route in page_routes(box):
         app.router.routes.append(route)
     app.include_router(routes.admin)
@@ -218,6 +220,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes.guest)
     app.include_router(ops.router)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
+    # outermost: times every request, the 413s of BodyLimit included
+    app.add_middleware(RequestTimer, histogram=app.state.request_histogram)
     install_openapi(app)
     install_log_redaction()
     return app

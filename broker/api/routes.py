@@ -26,6 +26,7 @@ from broker.api.errors import (
 from broker.api.notices import MAX_WAIT_SECONDS
 from broker.api.pressure_loop import PressureSettingsPatch, PressureSettingsView
 from broker.api.service import BrokerService
+from broker.core.figures import as_json
 from broker.settings import Size
 from schemas.wire import (
     Ack,
@@ -144,7 +145,7 @@ async def shared_auth(body: SharedAuth, service: ServiceDep, _: AdminDep) -> Non
 @admin.get("/stats")
 async def stats(service: ServiceDep, _: AdminDep) -> dict[str, Any]:
     """Global figures (capacity, use, dedup, counters) and one entry per guest."""
-    return service.stats()
+    return as_json(service.stats())
 
 
 @admin.get("/settings", response_model=BrokerSettings)

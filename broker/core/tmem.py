@@ -93,8 +93,8 @@ import time
 import uuid as uuid_module
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
+from broker.core import figures
 from broker.core.content import (
     COLLISION_SHIFT,
     DOMAIN_SHIFT,
@@ -117,6 +117,7 @@ from broker.core.errors import (
     UnknownGuest,
     UnknownPool,
 )
+from broker.core.figures import BrokerFigures, GuestFigures, PoolFigures
 from broker.core.journal import PersistentJournal
 from broker.core.model import EPHEMERAL, KINDS, PERSISTENT, UNSET, CoreConfig, PoolView, Unset
 from broker.core.pressure import AdmissionGate, PressureSettings
@@ -192,29 +193,6 @@ class _Ops:
     def add(self, other: _Ops) -> None:
         for name in _OP_COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def figures(self, *, admin: bool) -> dict[str, Any]:
-        declined = {
-            "quota": self.declined_quota,
-            "capacity": self.declined_capacity,
-            "frozen": self.declined_frozen,
-            "policy": self.declined_policy,
-        }
-        out: dict[str, Any] = {
-            "puts": self.puts,
-            "puts_stored": self.puts - sum(declined.values()),
-            "puts_declined": declined,
-            "gets": self.gets,
-            "get_hits": self.get_hits,
-            "flushes": self.flushes,
-            "flushes_found": self.flushes_found,
-            "object_flushes": self.object_flushes,
-            "evictions": self.evictions,
-            "compress_poor": self.compress_poor,
-        }
-        if admin:
-            out["dedup_hits"] = self.dedup_hits
-        return out
 
 
 class _Account:
@@ -1411,119 +1389,37 @@ class Tmem:
 
     # ------------------------------------------------------------------ stats
 
-    def _pool_figures(self, pool: _Pool) -> dict[str, Any]:
-        nonzero = pool.pages - pool.zero_pages
-        return {
-            "logical_pages": pool.pages,
-            "zero_pages": pool.zero_pages,
-            "charged_bytes": pool.charged_bytes,
-            "compression_ratio": (nonzero * PAGE_SIZE / pool.charged_bytes)
-            if pool.charged_bytes
-            else 1.0,
-        }
-
-    def pool_stats(self, guest_id: int, pool_id: int, *, admin: bool = False) -> dict[str, Any]:
+    def pool_stats(self, guest_id: int, pool_id: int, *, admin: bool = False) -> PoolFigures:
         """Figures of one pool (its operation counters count every member's operations).
         ``admin`` adds dedup hits, which a guest must not see."""
         _, pool = self._pool(guest_id, pool_id)
-        out: dict[str, Any] = {
-            "pool_id": pool_id,
-            "kind": pool.kind,
-            "shared": pool.shared,
-            "uuid": pool.uuid,
-        }
-        out.update(self._pool_figures(pool))
-        out.update(pool.figures(admin=admin))
-        return out
+        return figures.pool_figures(pool_id, pool, admin=admin)
 
-    def _guest_figures(self, g: _Guest, *, admin: bool) -> dict[str, Any]:
-        pages = zero = charged = eph = 0
-        for pool in g.pools.values():
-            if pool.shared:
-                continue
-            pages += pool.pages
-            zero += pool.zero_pages
-            charged += pool.charged_bytes
-            if not pool.persistent:
-                eph += pool.pages
-        out: dict[str, Any] = {
-            "guest_id": g.guest_id,
-            "name": g.name,
-            "weight": g.weight,
-            "cap_pages": g.cap_pages,
-            "quota_pages": g.effective_quota(),
-            "frozen": g.frozen,
-            "compress": g.compress,
-            "dedup_domain": g.dedup_domain,
-            "pools": len(g.pools),
-            "logical_pages": pages,
-            "zero_pages": zero,
-            "persistent_pages": g.persistent_pages,
-            "ephemeral_pages": eph,
-            "charged_bytes": charged,
-            "compression_ratio": ((pages - zero) * PAGE_SIZE / charged) if charged else 1.0,
-        }
-        out.update(g.figures(admin=admin))
-        out["policy_declines"] = {"low_hit_rate": g.policy_low_hit_rate}
-        return out
-
-    def guest_stats(self, guest_id: int) -> dict[str, Any]:
+    def guest_stats(self, guest_id: int) -> GuestFigures:
         """The guest's own figures, safe to show it: its private pools' pages, its charges
         (``charged_bytes``: what its pages take on their own, whether or not shared) and
         its operations. Nothing here depends on other guests' contents."""
-        return self._guest_figures(self._guest(guest_id), admin=False)
+        return figures.guest_figures(self._guest(guest_id), admin=False)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> BrokerFigures:
         """Global figures (the admin's ``GET /v1/stats``), with one admin entry per guest
         (``guests``) and per shared pool (``shared_pools``)."""
         ops = _Ops()
         ops.add(self._retired)
-        logical = zero = persistent = ephemeral = 0
         for g in self._guests.values():
             ops.add(g)
-            for pool in g.pools.values():
-                if pool.shared:
-                    continue
-                logical += pool.pages
-                zero += pool.zero_pages
-                if pool.persistent:
-                    persistent += pool.pages
-                else:
-                    ephemeral += pool.pages
-        shared = []
-        for pool in self._shared.values():
-            logical += pool.pages
-            zero += pool.zero_pages
-            ephemeral += pool.pages
-            shared.append(
-                {
-                    "uuid": pool.uuid,
-                    "members": sorted(pool.members),
-                    "weight": pool.account.weight if pool.account else 0,
-                    "evictions": pool.evictions,
-                    **self._pool_figures(pool),
-                }
-            )
         ops.evictions = self._evictions
-        unique = self.unique_pages
-        out: dict[str, Any] = {
-            "capacity_bytes": self._capacity,
-            "used_bytes": self.used_bytes,
-            "charged_bytes": self.charged_bytes,
-            "logical_pages": logical,
-            "unique_pages": unique,
-            "zero_pages": zero,
-            "persistent_pages": persistent,
-            "ephemeral_pages": ephemeral,
-            "dedup_ratio": ((logical - zero) / unique) if unique else 1.0,
-            "compression_ratio": (unique * PAGE_SIZE / self.used_bytes) if self.used_bytes else 1.0,
-        }
-        out.update(ops.figures(admin=True))
-        out["policy_declines"] = {"low_hit_rate": self._pz.low_hit_rate}
-        out["reclaimed_on_put"] = self._pz.reclaimed_on_put
-        out["guests"] = [self._guest_figures(g, admin=True) for g in self._guests.values()]
-        out["shared_pools"] = shared
-        return out
+        return figures.broker_figures(
+            ops=ops,
+            guests=self._guests.values(),
+            shared=self._shared.values(),
+            capacity_bytes=self._capacity,
+            used_bytes=self.used_bytes,
+            charged_bytes=self.charged_bytes,
+            unique_pages=self.unique_pages,
+            low_hit_rate=self._pz.low_hit_rate,
+            reclaimed_on_put=self._pz.reclaimed_on_put,
+        )
 
     def guests(self) -> Iterable[int]:
         """Ids of the known guests, in the order they were added."""
