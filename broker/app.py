@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.api import migration, ops, routes
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.errors import ApiError, BodyTooLarge, handle_error, json_error
-from broker.api.metrics import FiguresCollector, RequestTimer, request_histogram
+from broker.api.metrics import FiguresCollector, RequestTimer, RequestTimes
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
 from broker.api.pages import ServiceBox, page_routes
@@ -142,6 +142,8 @@ def create_app(settings: Settings) -> FastAPI:
     box = ServiceBox()
     metrics = CollectorRegistry(auto_describe=False)
     metrics.register(FiguresCollector(box))
+    request_times = RequestTimes()
+    metrics.register(request_times)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -212,7 +214,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.box = box
     app.state.metrics = metrics
-    app.state.request_histogram = request_histogram(metrics)  # HotRoutes times with it too
+    app.state.request_times = request_times  # HotRoutes times with it too
     for route in page_routes(box):
         app.router.routes.append(route)
     app.include_router(routes.admin)
@@ -221,7 +223,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ops.router)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
     # outermost: times every request, the 413s of BodyLimit included
-    app.add_middleware(RequestTimer, histogram=app.state.request_histogram)
+    app.add_middleware(RequestTimer, times=request_times)
     install_openapi(app)
     install_log_redaction()
     return app

@@ -58,9 +58,9 @@ class HotRoutes:
         # what ExceptionMiddleware would put in the scope: the app's handlers, by class
         self.handlers: tuple[dict[Any, Any], dict[int, Any]] = (dict(app.exception_handlers), {})
         # the requests served here skip the app's RequestTimer: they are timed here instead
-        timed = app.state.request_histogram
-        self._observe_pages = timed.labels("guest_pages").observe
-        self._observe_batch = timed.labels("batch").observe
+        times = app.state.request_times.families
+        self._observe_pages = times["guest_pages"].observe
+        self._observe_batch = times["batch"].observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

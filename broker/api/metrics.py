@@ -12,19 +12,27 @@ Use::
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FiguresCollector(box))
-    app.add_middleware(RequestTimer, histogram=request_histogram(registry))
+    times = RequestTimes()
+    registry.register(times)
+    app.add_middleware(RequestTimer, times=times)
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import Field, dataclass, fields
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -211,7 +219,7 @@ _FAMILY: dict[str, Callable[..., Metric]] = {
 
 class FiguresCollector(Collector):
     """Reads the figures at scrape time (O(guests + pools)), so the hot path keeps no
-    Prometheus objects of its own beyond the request histogram."""
+    Prometheus objects of its own."""
 
     def __init__(self, box: ServiceBox) -> None:
         self._box = box
@@ -255,29 +263,54 @@ def route_family(path: str) -> str:
     return "admin"
 
 
-def request_histogram(registry: CollectorRegistry) -> Histogram:
-    """``tmem_request_duration_seconds`` in ``registry``, one child per route family."""
-    histogram = Histogram(
-        REQUEST_DURATION.name,
-        REQUEST_DURATION.help,
-        REQUEST_DURATION.labels,
-        buckets=REQUEST_BUCKETS,
-        registry=registry,
-    )
-    for family in REQUEST_FAMILIES:
-        histogram.labels(family)  # every family shows, at 0, from the first scrape
-    return histogram
+class Timings:
+    """Durations of one route family: bucket counts (not yet cumulative; the last one is
+    +Inf) and their sum. ``observe`` is the hot path's whole cost of timing."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(REQUEST_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one request that took ``seconds``."""
+        # bisect_left: the first bucket whose upper bound is >= seconds (Prometheus' "le")
+        self.counts[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class RequestTimes(Collector):
+    """``tmem_request_duration_seconds``: request durations by route family, kept as plain
+    counts and exported as one histogram family at scrape time.
+
+    Not a prometheus-client ``Histogram``: its ``observe`` takes a lock per bucket and for the
+    sum, 2.3 µs a request on this machine against 0.3 µs here. The counts are touched only from
+    the event loop's thread (the timers and the scrape both run there), so they need no lock.
+    """
+
+    def __init__(self) -> None:
+        self.families = {family: Timings() for family in REQUEST_FAMILIES}
+
+    def collect(self) -> Iterator[Metric]:
+        spec = REQUEST_DURATION
+        family = HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+        bounds = [str(b) for b in REQUEST_BUCKETS] + ["+Inf"]  # "5e-05", ..., "1.0"
+        for name, timings in self.families.items():
+            cumulative = list(itertools.accumulate(timings.counts))
+            family.add_metric([name], list(zip(bounds, cumulative, strict=True)), timings.total)
+        yield family
 
 
 class RequestTimer:
-    """ASGI middleware: observes each HTTP request's duration in ``histogram`` by route
+    """ASGI middleware: counts each HTTP request's duration in ``times`` by route
     family. A notices long poll (``?wait=``) is left out: its time is the wait it asked for.
     Per request: a path test, two ``perf_counter`` calls and one ``observe``. Under ``serve``
     the page routes and the batch never reach it: ``HotRoutes`` (front.py) times those."""
 
-    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+    def __init__(self, app: ASGIApp, times: RequestTimes) -> None:
         self.app = app
-        self._observe = {f: histogram.labels(f).observe for f in REQUEST_FAMILIES}
+        self._observe = {name: t.observe for name, t in times.families.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
