@@ -103,8 +103,8 @@ def fill_overhead(load: Load, n: int, *, traced: bool) -> float:
     else:
         used = rss_bytes() - rss0
     stats = tmem.stats()
-    unique: int = stats["unique_pages"]
-    logical: int = stats["logical_pages"]
+    unique = stats.unique_pages
+    logical = stats.logical_pages
     return (used - unique * PAGE) / logical
 
 

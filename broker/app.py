@@ -24,6 +24,7 @@ from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.body import JsonBodyLimit
 from broker.api.errors import exception_handlers
 from broker.api.guest_pages import GuestPages
+from broker.api.metrics import FiguresCollector, RequestTimer, RequestTimes
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
 from broker.api.service import BrokerService, ServiceBox
@@ -85,7 +86,9 @@ def create_app(settings: Settings) -> FastAPI:
     """The broker's ASGI app; ``settings`` are used as given (no environment is read here)."""
     box = ServiceBox()
     metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(ops.StatsCollector(box))
+    metrics.register(FiguresCollector(box))
+    request_times = RequestTimes()
+    metrics.register(request_times)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -150,10 +153,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.box = box
     app.state.metrics = metrics
     app.state.guest_pages = pages  # front.HotRoutes calls these endpoints directly
+    app.state.request_times = request_times  # HotRoutes times with it too
     app.router.routes.extend(pages.routes())
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
+    # outermost: times every request, the 413s of JsonBodyLimit included
+    app.add_middleware(RequestTimer, times=request_times)
     install_openapi(app)
     install_log_redaction()
     return app

@@ -13,6 +13,7 @@ declare -A want=(
   [cpio]=cpio
   [gcc]=gcc
   [xz]=xz-utils
+  [promtool]=prometheus
 )
 missing=()
 for cmd in "${!want[@]}"; do

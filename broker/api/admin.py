@@ -14,6 +14,7 @@ from broker.api.deps import AdminDep, ServiceDep
 from broker.api.errors import BadInput
 from broker.api.pressure_loop import PressureSettingsPatch, PressureSettingsView
 from broker.api.service import BrokerService
+from broker.core.figures import as_json
 from broker.settings import Size
 from schemas.export import EXPORT_CONTENT_TYPE
 from schemas.wire import (
@@ -132,7 +133,7 @@ async def shared_auth(body: SharedAuth, service: ServiceDep, _: AdminDep) -> Non
 @router.get("/stats")
 async def stats(service: ServiceDep, _: AdminDep) -> dict[str, Any]:
     """Global figures (capacity, use, dedup, counters) and one entry per guest."""
-    return service.stats()
+    return as_json(service.stats())
 
 
 @router.get("/settings", response_model=BrokerSettings)

@@ -12,8 +12,9 @@ route list. Profiled in-process that stack cost more than the route itself (a pu
 which the endpoint and the core ~12 µs; bench/README.md "What we changed"). ``HotRoutes``
 matches those five paths by splitting the path once and calls the *same* ASGI endpoints the
 app's router serves (``app.state.guest_pages``, a ``guest_pages.GuestPages``); they answer
-their own errors through ``errors.error_response``, so the answers are the app's. Anything else
-(other paths, other methods, lifespan, WebSockets) goes to the app unchanged.
+their own errors through ``errors.error_response``, so the answers are the app's, and times
+them in the app's ``tmem_request_duration_seconds`` (as its ``RequestTimer`` middleware would).
+Anything else (other paths, other methods, lifespan, WebSockets) goes to the app unchanged.
 
 :func:`corked_protocol` is the uvicorn HTTP protocol ``serve`` uses: uvicorn's httptools
 protocol, but a response head waits for the write after it, so head and body leave in one send
@@ -24,6 +25,7 @@ requests/s on one connection).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -45,6 +47,10 @@ class HotRoutes:
         }
         self.batch: ASGIApp = pages.batch
         self.flush_object: ASGIApp = pages.flush_object
+        # the requests served here skip the app's RequestTimer: they are timed here instead
+        times = app.state.request_times.families
+        self._observe_pages = times["guest_pages"].observe
+        self._observe_batch = times["batch"].observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -54,7 +60,12 @@ class HotRoutes:
                 if target is not None:
                     endpoint, params = target
                     scope["path_params"] = params
-                    await endpoint(scope, receive, send)
+                    observe = self._observe_batch if endpoint is self.batch else self._observe_pages
+                    start = time.perf_counter()
+                    try:
+                        await endpoint(scope, receive, send)
+                    finally:
+                        observe(time.perf_counter() - start)
                     return
         await self.app(scope, receive, send)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.notices import NoticeHub
 from broker.core import Tmem
 from broker.core.errors import UnknownGuest
+from broker.core.figures import LoopFigures, PressureFigures
 from broker.core.pressure import GuestPressure, Intent, PressurePolicy, PressureSettings
 from broker.db.repo import Repository
 from schemas.wire import Notice, Pressure
@@ -192,15 +194,15 @@ class PressureLoop:
                 log.exception("pressure step failed")
             await asyncio.sleep(self.interval)
 
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self) -> LoopFigures:
         """For ``/readyz``: whether the loop runs, steps taken, seconds since the last one."""
         age = None if self.last_step is None else round(self.clock() - self.last_step, 3)
-        return {
-            "running": self._task is not None and not self._task.done(),
-            "steps": self.policy.counters.steps,
-            "last_step_age_s": age,
-            "failures": self.failures,
-        }
+        return LoopFigures(
+            running=self._task is not None and not self._task.done(),
+            steps=self.policy.counters.steps,
+            last_step_age_s=age,
+            failures=self.failures,
+        )
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -248,6 +250,6 @@ class PressureLoop:
         """A guest acked notice ``seq`` (the route calls this after storing the ack)."""
         self.policy.acked(guest_id, seq, pages_returned)
 
-    def figures(self) -> dict[str, Any]:
+    def figures(self) -> PressureFigures:
         """``/v1/stats`` ``pressure``: the policy's figures and the loop's heartbeat."""
-        return {**self.policy.figures(), "loop": self.heartbeat()}
+        return dataclasses.replace(self.policy.figures(), loop=self.heartbeat())

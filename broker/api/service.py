@@ -23,6 +23,7 @@ from broker.api.notices import NoticeHub
 from broker.api.pressure_loop import PressureLoop, PressureReport
 from broker.core import Tmem
 from broker.core.errors import BadPageSize, TmemError, UnknownGuest
+from broker.core.figures import StatsFigures, as_json
 from broker.db.repo import DomainRecord, GuestRecord, PoolRecord, Repository
 from broker.settings import Settings
 from schemas.batch import PAGE_SIZE
@@ -156,19 +157,19 @@ class BrokerService:
     def guest_info(self, guest_id: int) -> dict[str, Any]:
         """The guest as ``GuestInfo`` fields, with pools, its own stats and its pressure."""
         g = self.guest_record(guest_id)
-        stats = self.core.guest_stats(guest_id)
+        own = self.core.guest_stats(guest_id)
         info = GuestInfo(
             guest_id=g.guest_id,
             name=g.name,
             weight=g.weight,
             cap_pages=g.cap_pages,
-            quota_pages=stats.get("quota_pages", g.cap_pages),
+            quota_pages=own.quota_pages,
             dedup_domain=g.dedup_domain,
             compress=g.compress,
             compress_mode=self.core.compress_mode_of(guest_id),
             frozen=g.frozen,
             pools=self.pool_infos(guest_id),
-            stats=stats,
+            stats=as_json(own),
         ).model_dump(mode="json")
         pressure = self.pressure.get(guest_id)
         info["pressure"] = (
@@ -371,11 +372,12 @@ class BrokerService:
         if self.journal.pending:
             await self.journal.barrier()
 
-    def stats(self) -> dict[str, Any]:
-        """``GET /v1/stats``: the core's global figures, one entry per guest and per shared pool."""
-        stats = self.core.stats()
-        # Sheds are notices, which the shell sends; the core does not see them.
-        stats.setdefault("sheds_issued", self.hub.issued.get("shed", 0))
-        if self.pressure_loop is not None:
-            stats["pressure"] = self.pressure_loop.figures()
-        return stats
+    def stats(self) -> StatsFigures:
+        """``GET /v1/stats``: the core's global figures, one entry per guest and per shared
+        pool, the shed notices sent and the pressure policy's figures."""
+        return StatsFigures(
+            broker=self.core.stats(),
+            # Sheds are notices, which the shell sends; the core does not see them.
+            sheds_issued=self.hub.issued.get("shed", 0),
+            pressure=None if self.pressure_loop is None else self.pressure_loop.figures(),
+        )

@@ -6,8 +6,6 @@ pages (see :mod:`broker.core.figures` for what is shown to whom).
 
 from __future__ import annotations
 
-from typing import Any
-
 OP_COUNTERS = (
     "puts",
     "declined_quota",
@@ -49,26 +47,3 @@ class Ops:
         """Add another set of counters to these."""
         for name in OP_COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def figures(self, *, admin: bool) -> dict[str, Any]:
-        declined = {
-            "quota": self.declined_quota,
-            "capacity": self.declined_capacity,
-            "frozen": self.declined_frozen,
-            "policy": self.declined_policy,
-        }
-        out: dict[str, Any] = {
-            "puts": self.puts,
-            "puts_stored": self.puts - sum(declined.values()),
-            "puts_declined": declined,
-            "gets": self.gets,
-            "get_hits": self.get_hits,
-            "flushes": self.flushes,
-            "flushes_found": self.flushes_found,
-            "object_flushes": self.object_flushes,
-            "evictions": self.evictions,
-            "compress_poor": self.compress_poor,
-        }
-        if admin:
-            out["dedup_hits"] = self.dedup_hits
-        return out

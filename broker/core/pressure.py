@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from broker.core.figures import PRESSURE_STATES, PressureFigures
 from schemas.batch import PAGE_SIZE
 
 
@@ -238,9 +239,8 @@ class Intent:
     deadline: float | None = None
 
 
-NORMAL = "normal"
-RECLAIMING = "reclaiming"
-QUOTAS_LOWERED = "quotas_lowered"
+# declared with the figures, which export the state as a one-hot gauge
+NORMAL, RECLAIMING, QUOTAS_LOWERED = PRESSURE_STATES
 
 
 @dataclass
@@ -318,34 +318,34 @@ class PressurePolicy:
             math.floor(s.release_share * cap) // PAGE_SIZE,
         )
 
-    def figures(self) -> dict[str, Any]:
-        """What ``/v1/stats`` shows under ``pressure``."""
+    def figures(self) -> PressureFigures:
+        """What ``/v1/stats`` shows under ``pressure`` (the loop adds its heartbeat)."""
         cap = self.tmem.capacity_bytes
         s = self.settings
         trigger, release = self.budget_pages()
         c = self.counters
-        return {
-            "state": self.state,
-            "high_watermark_bytes": math.floor(s.high_watermark * cap),
-            "low_watermark_bytes": math.floor(s.low_watermark * cap),
-            "persistent_trigger_pages": trigger,
-            "persistent_release_pages": release,
-            "sheds_issued": c.sheds_issued,
-            "sheds_acked": c.sheds_acked,
-            "sheds_met": c.sheds_met,
-            "sheds_overdue": c.sheds_overdue,
-            "sheds_open": len(self.sheds),
-            "guests_overdue": sum(1 for sh in self.sheds.values() if sh.overdue),
-            "pages_returned": c.pages_returned,
-            "quotas_lowered": c.quotas_lowered,
-            "quotas_raised": c.quotas_raised,
-            "reclaim_runs": c.reclaim_runs,
-            "reclaimed_pages": c.reclaimed_pages,
-            "compressed_pages": c.compressed_pages,
-            "evicted_notices": c.evicted_notices,
-            "steps": c.steps,
-            "dynamic_quotas": {str(g): q for g, q in sorted(self.quotas.items())},
-        }
+        return PressureFigures(
+            state=self.state,
+            high_watermark_bytes=math.floor(s.high_watermark * cap),
+            low_watermark_bytes=math.floor(s.low_watermark * cap),
+            persistent_trigger_pages=trigger,
+            persistent_release_pages=release,
+            sheds_issued=c.sheds_issued,
+            sheds_acked=c.sheds_acked,
+            sheds_met=c.sheds_met,
+            sheds_overdue=c.sheds_overdue,
+            sheds_open=len(self.sheds),
+            guests_overdue=sum(1 for sh in self.sheds.values() if sh.overdue),
+            pages_returned=c.pages_returned,
+            quotas_lowered=c.quotas_lowered,
+            quotas_raised=c.quotas_raised,
+            reclaim_runs=c.reclaim_runs,
+            reclaimed_pages=c.reclaimed_pages,
+            compressed_pages=c.compressed_pages,
+            evicted_notices=c.evicted_notices,
+            steps=c.steps,
+            dynamic_quotas={str(g): q for g, q in sorted(self.quotas.items())},
+        )
 
     # -- feedback from the service ----------------------------------------------------------
 

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
 
+from broker.core import figures
 from broker.core.accounting import Ops
 from broker.core.admission import Admission
 from broker.core.compression import ColdCompressor
@@ -59,6 +59,7 @@ from broker.core.errors import (
     NotAuthorised,
 )
 from broker.core.eviction import Eviction
+from broker.core.figures import BrokerFigures, GuestFigures, PoolFigures
 from broker.core.journal import PersistentJournal
 from broker.core.keys import M32, MIX
 from broker.core.model import (
@@ -812,120 +813,39 @@ class Tmem:
 
     # ------------------------------------------------------------------ stats
 
-    def _pool_figures(self, pool: Pool) -> dict[str, Any]:
-        nonzero = pool.pages - pool.zero_pages
-        return {
-            "logical_pages": pool.pages,
-            "zero_pages": pool.zero_pages,
-            "charged_bytes": pool.charged_bytes,
-            "compression_ratio": (nonzero * PAGE_SIZE / pool.charged_bytes)
-            if pool.charged_bytes
-            else 1.0,
-        }
-
-    def pool_stats(self, guest_id: int, pool_id: int, *, admin: bool = False) -> dict[str, Any]:
+    def pool_stats(self, guest_id: int, pool_id: int, *, admin: bool = False) -> PoolFigures:
         """Figures of one pool (its operation counters count every member's operations).
         ``admin`` adds dedup hits, which a guest must not see."""
         _, pool = self._reg.pool(guest_id, pool_id)
-        out: dict[str, Any] = {
-            "pool_id": pool_id,
-            "kind": pool.kind,
-            "shared": pool.shared,
-            "uuid": pool.uuid,
-        }
-        out.update(self._pool_figures(pool))
-        out.update(pool.figures(admin=admin))
-        return out
+        return figures.pool_figures(pool_id, pool, admin=admin)
 
-    def _guest_figures(self, g: Guest, *, admin: bool) -> dict[str, Any]:
-        pages = zero = charged = eph = 0
-        for pool in g.pools.values():
-            if pool.shared:
-                continue
-            pages += pool.pages
-            zero += pool.zero_pages
-            charged += pool.charged_bytes
-            if not pool.persistent:
-                eph += pool.pages
-        out: dict[str, Any] = {
-            "guest_id": g.guest_id,
-            "name": g.name,
-            "weight": g.weight,
-            "cap_pages": g.cap_pages,
-            "quota_pages": g.effective_quota(),
-            "frozen": g.frozen,
-            "compress": g.compress,
-            "compress_mode": self._reg.compress_mode(g),
-            "dedup_domain": g.dedup_domain,
-            "pools": len(g.pools),
-            "logical_pages": pages,
-            "zero_pages": zero,
-            "persistent_pages": g.persistent_pages,
-            "ephemeral_pages": eph,
-            "charged_bytes": charged,
-            "compression_ratio": ((pages - zero) * PAGE_SIZE / charged) if charged else 1.0,
-        }
-        out.update(g.figures(admin=admin))
-        out["policy_declines"] = {"low_hit_rate": g.policy_low_hit_rate}
-        return out
-
-    def guest_stats(self, guest_id: int) -> dict[str, Any]:
+    def guest_stats(self, guest_id: int) -> GuestFigures:
         """The guest's own figures, safe to show it: its private pools' pages, its charges
         (``charged_bytes``: what its pages take on their own, whether or not shared) and
         its operations. Nothing here depends on other guests' contents."""
-        return self._guest_figures(self._reg.guest(guest_id), admin=False)
+        g = self._reg.guest(guest_id)
+        return figures.guest_figures(g, self._reg.compress_mode(g), admin=False)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> BrokerFigures:
         """Global figures (the admin's ``GET /v1/stats``), with one admin entry per guest
         (``guests``) and per shared pool (``shared_pools``)."""
+        reg = self._reg
         ops = Ops()
         ops.add(self._retired)
-        logical = zero = persistent = ephemeral = 0
-        for g in self._reg.guests.values():
+        for g in reg.guests.values():
             ops.add(g)
-            for pool in g.pools.values():
-                if pool.shared:
-                    continue
-                logical += pool.pages
-                zero += pool.zero_pages
-                if pool.persistent:
-                    persistent += pool.pages
-                else:
-                    ephemeral += pool.pages
-        shared = []
-        for pool in self._reg.shared.values():
-            logical += pool.pages
-            zero += pool.zero_pages
-            ephemeral += pool.pages
-            shared.append(
-                {
-                    "uuid": pool.uuid,
-                    "members": sorted(pool.members),
-                    "weight": pool.account.weight if pool.account else 0,
-                    "evictions": pool.evictions,
-                    **self._pool_figures(pool),
-                }
-            )
         ops.evictions = self._ev.evictions
-        unique = self.unique_pages
-        out: dict[str, Any] = {
-            "capacity_bytes": self._ev.capacity,
-            "used_bytes": self.used_bytes,
-            "charged_bytes": self.charged_bytes,
-            "counted_bytes": self._table.counted_bytes,
-            "logical_pages": logical,
-            "unique_pages": unique,
-            "zero_pages": zero,
-            "persistent_pages": persistent,
-            "ephemeral_pages": ephemeral,
-            "dedup_ratio": ((logical - zero) / unique) if unique else 1.0,
-            "compression_ratio": (unique * PAGE_SIZE / self.used_bytes) if self.used_bytes else 1.0,
-        }
-        out.update(ops.figures(admin=True))
-        out["policy_declines"] = {"low_hit_rate": self._adm.low_hit_rate}
-        out["reclaimed_on_put"] = self._ev.reclaimed_on_put
-        out["compress_default"] = self._reg.compress_default
-        out["compressed_cold"] = self._cold.compressed
-        out["guests"] = [self._guest_figures(g, admin=True) for g in self._reg.guests.values()]
-        out["shared_pools"] = shared
-        return out
+        return figures.broker_figures(
+            ops=ops,
+            guests=[(g, reg.compress_mode(g)) for g in reg.guests.values()],
+            shared=reg.shared.values(),
+            capacity_bytes=self._ev.capacity,
+            used_bytes=self.used_bytes,
+            charged_bytes=self.charged_bytes,
+            counted_bytes=self._table.counted_bytes,
+            unique_pages=self.unique_pages,
+            low_hit_rate=self._adm.low_hit_rate,
+            reclaimed_on_put=self._ev.reclaimed_on_put,
+            compress_default=reg.compress_default,
+            compressed_cold=self._cold.compressed,
+        )

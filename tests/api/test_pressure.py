@@ -144,7 +144,7 @@ def test_settings_change_at_run_time_and_survive_a_restart(tmp_path: Path, db_ur
         assert r.status_code == 200, r.text
         assert r.json()["high_watermark"] == 0.8
         assert loop_of(c).settings.low_watermark == 0.5  # applied at once
-        assert service_of(c.app).core.stats()["capacity_bytes"] == PAGES * 4096
+        assert service_of(c.app).core.stats().capacity_bytes == PAGES * 4096
         # contradictions are refused whole and change nothing
         r = c.patch("/v1/settings", json={"low_watermark": 0.9}, headers=ADMIN)
         assert r.status_code == 400 and error_code(r) == "bad_request"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from broker.core import Status, Tmem
+from broker.core.figures import Declines, as_json
 from tests.core.conftest import PAGE, ZERO, MakeTmem, RecordingJournal, page, soft_page
 
 
@@ -31,20 +30,27 @@ def test_counters_are_kept_per_pool_guest_and_globally(make_tmem: MakeTmem) -> N
     tmem.freeze(1)
     tmem.put(1, per, 0, 0, page(5))
     pool = tmem.pool_stats(1, per)
-    assert pool["puts"] == 4 and pool["puts_declined"]["frozen"] == 1
-    assert (pool["gets"], pool["get_hits"], pool["flushes"], pool["flushes_found"]) == (2, 1, 2, 1)
-    assert pool["object_flushes"] == 1 and pool["compress_poor"] == 1 and "dedup_hits" not in pool
-    assert tmem.pool_stats(1, eph, admin=True)["dedup_hits"] == 1
+    assert pool.ops.puts == 4 and pool.ops.puts_declined.frozen == 1
+    assert (pool.ops.gets, pool.ops.get_hits, pool.ops.flushes, pool.ops.flushes_found) == (
+        2,
+        1,
+        2,
+        1,
+    )
+    assert (
+        pool.ops.object_flushes == 1 and pool.ops.compress_poor == 1 and pool.ops.dedup_hits is None
+    )
+    assert tmem.pool_stats(1, eph, admin=True).ops.dedup_hits == 1
     guest = tmem.guest_stats(1)
-    assert (guest["puts"], guest["puts_stored"], guest["evictions"]) == (6, 4, 1)
-    assert guest["charged_bytes"] == 0 and guest["logical_pages"] == 0  # all flushed or evicted
+    assert (guest.ops.puts, guest.ops.puts_stored, guest.ops.evictions) == (6, 4, 1)
+    assert guest.charged_bytes == 0 and guest.logical_pages == 0  # all flushed or evicted
     stats = tmem.stats()
-    assert (stats["puts"], stats["puts_stored"], stats["dedup_hits"]) == (7, 5, 1)
-    assert stats["puts_declined"] == {"quota": 0, "capacity": 1, "frozen": 1, "policy": 0}
-    assert stats["evictions"] == 1
+    assert (stats.ops.puts, stats.ops.puts_stored, stats.ops.dedup_hits) == (7, 5, 1)
+    assert stats.ops.puts_declined == Declines(quota=0, capacity=1, frozen=1, policy=0)
+    assert stats.ops.evictions == 1
     # removed guests keep counting in the global figures
     tmem.remove_guest(1)
-    assert tmem.stats()["puts"] == 7
+    assert tmem.stats().ops.puts == 7
 
 
 def _world(other_content: bytes) -> Tmem:
@@ -64,7 +70,7 @@ def _world(other_content: bytes) -> Tmem:
 def test_guest_figures_do_not_reveal_other_guests_contents() -> None:
     shares = _world(page(1))  # guest 2 holds the same content as guest 1
     alone = _world(page(2))
-    assert shares.stats()["unique_pages"] == 1 and alone.stats()["unique_pages"] == 2
+    assert shares.stats().unique_pages == 1 and alone.stats().unique_pages == 2
     assert shares.guest_stats(1) == alone.guest_stats(1)
     assert shares.pool_stats(1, 0) == alone.pool_stats(1, 0)
     assert shares.pools(1) == alone.pools(1)
@@ -136,7 +142,7 @@ def test_journal_sees_persistent_changes_only(make_tmem: MakeTmem) -> None:
 
 
 def test_stats_shape(tmem: Tmem) -> None:
-    stats: dict[str, Any] = tmem.stats()
+    stats = as_json(tmem.stats())
     for key in (
         "capacity_bytes",
         "used_bytes",

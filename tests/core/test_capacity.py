@@ -115,7 +115,7 @@ def test_untrusting_a_domain_evicts_down_to_capacity() -> None:
     assert t.counted_bytes == 15 * PAGE
     t.set_domain("tenant", trusted=False)
     assert t.counted_bytes <= 20 * PAGE
-    assert t.stats()["evictions"] == 10
+    assert t.stats().ops.evictions == 10
 
 
 def test_domains_view_and_bad_input() -> None:
@@ -181,8 +181,8 @@ def test_the_background_pass_compresses_the_coldest_pages_first() -> None:
     done = t.compress_cold(2)
     assert done == 2
     # the two oldest pages of a went first; b (mode never) is never touched
-    assert t.pool_stats(1, pa)["charged_bytes"] < 90 * PAGE
-    assert t.pool_stats(2, pb)["charged_bytes"] == 8 * PAGE
+    assert t.pool_stats(1, pa).charged_bytes < 90 * PAGE
+    assert t.pool_stats(2, pb).charged_bytes == 8 * PAGE
     while t.compress_cold(4):
         pass
     assert t.counted_bytes <= int(0.96 * cap)  # it stops under the high watermark
@@ -194,7 +194,7 @@ def test_poor_compressors_stay_raw_in_every_mode() -> None:
     t.add_guest(1, name="a")
     pid = t.create_pool(1, "persistent")
     t.put(1, pid, 0, 0, incompressible(0))
-    assert t.charged_bytes == PAGE and t.guest_stats(1)["compress_poor"] == 1
+    assert t.charged_bytes == PAGE and t.guest_stats(1).ops.compress_poor == 1
 
 
 # -- the two pressure defects (issue #16 item 5) ----------------------------------------------
@@ -212,7 +212,7 @@ def test_watermarks_count_what_capacity_counts() -> None:
         for i in range(40):
             assert t.put(gid, pid, 0, i, incompressible(i)) == STATUS_DONE
     assert t.charged_bytes == 160 * PAGE and t.counted_bytes == 40 * PAGE
-    assert t.stats()["evictions"] == 0 and not t.reclaiming
+    assert t.stats().ops.evictions == 0 and not t.reclaiming
 
 
 def test_ephemeral_pages_do_not_thrash_while_there_is_room() -> None:
@@ -231,8 +231,8 @@ def test_ephemeral_pages_do_not_thrash_while_there_is_room() -> None:
     # it evicts one page and adds one, so 71 ephemeral pages stay and 29 were evicted (each
     # put past the room replaced one page; before the fix each evicted two)
     stats = t.stats()
-    assert stats["ephemeral_pages"] == 71
-    assert stats["evictions"] == 29
+    assert stats.ephemeral_pages == 71
+    assert stats.ops.evictions == 29
 
 
 def test_a_full_trusted_broker_still_declines_new_contents() -> None:

@@ -25,7 +25,7 @@ def test_lru_within_an_account(make_tmem: MakeTmem) -> None:
     assert tmem.get(1, a, 0, 0) is None
     assert tmem.get(1, b, 0, 0) == page(2)
     stats = tmem.guest_stats(1)
-    assert stats["evictions"] == 1 and tmem.drain_evicted(1) == 1 and tmem.drain_evicted(1) == 0
+    assert stats.ops.evictions == 1 and tmem.drain_evicted(1) == 1 and tmem.drain_evicted(1) == 0
 
 
 @pytest.mark.parametrize(
@@ -51,8 +51,8 @@ def test_weight_fair_victim(
     fill(tmem, 1, p1, pages_1, 100)
     fill(tmem, 2, p2, pages_2, 200)
     assert tmem.evict(1) == 1
-    assert tmem.guest_stats(victim)["evictions"] == 1
-    assert tmem.guest_stats(3 - victim)["evictions"] == 0
+    assert tmem.guest_stats(victim).ops.evictions == 1
+    assert tmem.guest_stats(3 - victim).ops.evictions == 0
     # and within the victim it was the oldest page
     first = tmem.get(victim, p1 if victim == 1 else p2, 0, 0)
     assert first is None
@@ -64,7 +64,7 @@ def test_persistent_pages_are_never_evicted(make_tmem: MakeTmem) -> None:
     eph = tmem.create_pool(2, "ephemeral")
     fill(tmem, 2, eph, 2, 10)
     fill(tmem, 1, per, 3, 20)  # the ephemeral pages make room
-    assert tmem.stats()["ephemeral_pages"] == 0 and tmem.stats()["evictions"] == 2
+    assert tmem.stats().ephemeral_pages == 0 and tmem.stats().ops.evictions == 2
     assert tmem.put(1, per, 1, 0, page(99)) == Status.CAPACITY
     assert tmem.put(2, eph, 1, 0, page(98)) == Status.CAPACITY
     assert [tmem.get(1, per, 0, i) for i in range(3)] == [page(20), page(21), page(22)]
@@ -77,9 +77,9 @@ def test_capacity_changes_at_run_time(make_tmem: MakeTmem) -> None:
     fill(tmem, 1, per, 3, 0)
     fill(tmem, 1, eph, 5, 10)
     tmem.capacity_bytes = 5 * PAGE  # evicts at once
-    assert tmem.used_bytes == 5 * PAGE and tmem.stats()["ephemeral_pages"] == 2
+    assert tmem.used_bytes == 5 * PAGE and tmem.stats().ephemeral_pages == 2
     tmem.capacity_bytes = 2 * PAGE  # persistent pages alone exceed it: they stay
-    assert tmem.used_bytes == 3 * PAGE and tmem.stats()["ephemeral_pages"] == 0
+    assert tmem.used_bytes == 3 * PAGE and tmem.stats().ephemeral_pages == 0
     assert tmem.put(1, eph, 9, 9, page(50)) == Status.CAPACITY
     tmem.capacity_bytes = 100 * PAGE
     assert tmem.put(1, eph, 9, 9, page(50)) == Status.DONE
@@ -112,13 +112,13 @@ def test_shared_pool_is_its_own_account_weighted_by_its_best_member(make_tmem: M
     fill(tmem, 2, private, 2, 10)
     # shared: 4 pages / weight 100 > guest 2: 2 / 100 -> the shared pool loses
     assert tmem.evict(1) == 1
-    assert tmem.stats()["shared_pools"][0]["evictions"] == 1
+    assert tmem.stats().shared_pools[0].evictions == 1
     tmem.create_pool(3, "ephemeral", shared=True, uuid=SHARED_UUID)  # weight becomes 400
-    assert tmem.stats()["shared_pools"][0]["weight"] == 400
+    assert tmem.stats().shared_pools[0].weight == 400
     assert tmem.evict(1) == 1  # 3/400 < 2/100: now guest 2 loses
-    assert tmem.guest_stats(2)["evictions"] == 1
+    assert tmem.guest_stats(2).ops.evictions == 1
     tmem.destroy_pool(3, 0)  # back to weight 100
-    assert tmem.stats()["shared_pools"][0]["weight"] == 100
+    assert tmem.stats().shared_pools[0].weight == 100
 
 
 def test_shared_get_refreshes_lru(make_tmem: MakeTmem) -> None:
@@ -163,10 +163,10 @@ def test_eviction_finds_the_right_page_for_any_handle(
     for i, (oid, index) in enumerate(handles):
         tmem.put(1, a if i % 2 else b, oid, index, data(i))
     tmem.capacity_bytes = 0  # evicts everything, oldest first
-    assert tmem.stats()["ephemeral_pages"] == 0 and tmem.used_bytes == 0
-    assert tmem.guest_stats(1)["charged_bytes"] == 0
+    assert tmem.stats().ephemeral_pages == 0 and tmem.used_bytes == 0
+    assert tmem.guest_stats(1).charged_bytes == 0
     for i, (oid, index) in enumerate(handles):
         tmem.capacity_bytes = 2 * PAGE
         assert tmem.put(1, a, oid, index, data(i)) == Status.DONE
     tmem.capacity_bytes = 0
-    assert tmem.stats()["evictions"] == 2 * len(handles)
+    assert tmem.stats().ops.evictions == 2 * len(handles)

@@ -142,10 +142,10 @@ def test_shared_pool_is_joined_and_lives_while_used(tmem: Tmem) -> None:
     assert tmem.get(1, a, 3, 4) == page(5)
     tmem.destroy_pool(1, a)
     assert tmem.get(2, b, 3, 4) == page(5)  # still used by guest 2
-    assert tmem.stats()["unique_pages"] == 1
+    assert tmem.stats().unique_pages == 1
     tmem.remove_guest(2)  # the last member: the pool and its pages go
     stats = tmem.stats()
-    assert stats["unique_pages"] == 0 and stats["used_bytes"] == 0 and stats["shared_pools"] == []
+    assert stats.unique_pages == 0 and stats.used_bytes == 0 and stats.shared_pools == []
     tmem.create_pool(1, "ephemeral", shared=True, uuid=SHARED_UUID)
     assert tmem.get(1, 0, 3, 4) is None  # a new pool, empty
 
@@ -155,7 +155,7 @@ def test_remove_guest_drops_its_pages_and_authorisations(tmem: Tmem) -> None:
     tmem.create_pool(1, "persistent")
     tmem.put(1, 0, 0, 0, page(1))
     tmem.remove_guest(1)
-    assert tmem.stats()["logical_pages"] == 0
+    assert tmem.stats().logical_pages == 0
     tmem.add_guest(1, name="new")
     assert tmem.pools(1) == [] and not tmem.is_authorised(SHARED_UUID, 1)
 
@@ -166,7 +166,7 @@ def test_destroy_pool_is_idempotent(tmem: Tmem) -> None:
     tmem.destroy_pool(1, 0)
     tmem.destroy_pool(1, 0)
     tmem.destroy_pool(1, 9)
-    assert tmem.stats()["used_bytes"] == 0
+    assert tmem.stats().used_bytes == 0
     with pytest.raises(UnknownPool):
         tmem.get(1, 0, 0, 0)
 
@@ -174,15 +174,15 @@ def test_destroy_pool_is_idempotent(tmem: Tmem) -> None:
 def test_update_guest(tmem: Tmem) -> None:
     tmem.update_guest(1, weight=300, cap_pages=5, compress=True)
     info = tmem.guest_stats(1)
-    assert (info["weight"], info["cap_pages"], info["compress"]) == (300, 5, True)
+    assert (info.weight, info.cap_pages, info.compress) == (300, 5, True)
     tmem.update_guest(1, weight=200)
-    assert tmem.guest_stats(1)["cap_pages"] == 5  # UNSET leaves it
+    assert tmem.guest_stats(1).cap_pages == 5  # UNSET leaves it
     tmem.update_guest(1, cap_pages=None)
-    assert tmem.guest_stats(1)["cap_pages"] is None
+    assert tmem.guest_stats(1).cap_pages is None
     tmem.update_guest(1, cap_pages=UNSET)
     with pytest.raises(BadRequest):
         tmem.update_guest(1, weight=0)
-    assert tmem.guest_stats(1)["weight"] == 200
+    assert tmem.guest_stats(1).weight == 200
 
 
 def test_flush_guest_keeps_pools_and_shared_pages(tmem: Tmem) -> None:

@@ -40,7 +40,7 @@ def test_handle_out_of_range(tmem: Tmem, oid: int, index: int, call: str) -> Non
     with pytest.raises(BadHandle) as info:
         getattr(tmem, call)(*args)
     assert (info.value.status, info.value.code) == (400, "bad_handle")
-    assert tmem.stats()["puts"] == 0 and tmem.stats()["gets"] == 0
+    assert tmem.stats().ops.puts == 0 and tmem.stats().ops.gets == 0
 
 
 @pytest.mark.parametrize("size", [0, 1, PAGE - 1, PAGE + 1, 2 * PAGE])
@@ -53,7 +53,7 @@ def test_bad_page_size_changes_nothing(tmem: Tmem, size: int) -> None:
     assert (info.value.status, info.value.code) == (400, "bad_page_size")
     assert tmem.get(1, pid, 1, 1) == page(1)  # the old page is still there
     after = tmem.stats()
-    assert after["puts"] == before["puts"] and after["used_bytes"] == before["used_bytes"]
+    assert after.ops.puts == before.ops.puts and after.used_bytes == before.used_bytes
 
 
 @pytest.mark.parametrize("kind", POOL_KINDS)
@@ -63,7 +63,7 @@ def test_put_replaces(tmem: Tmem, kind: str, data: bytes) -> None:
     assert tmem.put(1, pid, 1, 2, data) == Status.DONE
     assert tmem.put(1, pid, 1, 2, page(2)) == Status.DONE
     assert tmem.get(1, pid, 1, 2) == page(2)
-    assert tmem.stats()["logical_pages"] == (1 if kind in ("persistent", "shared") else 0)
+    assert tmem.stats().logical_pages == (1 if kind in ("persistent", "shared") else 0)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_flushes_are_idempotent(tmem: Tmem, kind: str) -> None:
     assert tmem.get(1, pid, 5, 1) is None
     assert tmem.get(1, pid, 6, 0) == page(9)  # another object is untouched
     stats = tmem.stats()
-    assert (stats["flushes"], stats["flushes_found"], stats["object_flushes"]) == (2, 1, 2)
+    assert (stats.ops.flushes, stats.ops.flushes_found, stats.ops.object_flushes) == (2, 1, 2)
 
 
 def test_flush_object_touches_only_that_object(make_tmem: MakeTmem) -> None:
@@ -145,7 +145,7 @@ def test_declined_put_removes_the_old_copy(make_tmem: MakeTmem, reason: str, kin
         tmem.put(2, other, 0, 1, page(8))
     assert tmem.put(1, pid, 1, 1, page(2)) == expected[reason]
     assert tmem.get(1, pid, 1, 1) is None
-    assert tmem.stats()["puts_declined"][reason] == 1
+    assert getattr(tmem.stats().ops.puts_declined, reason) == 1
 
 
 def test_quota_allows_replacing_at_the_cap(tmem: Tmem) -> None:
@@ -159,7 +159,7 @@ def test_quota_allows_replacing_at_the_cap(tmem: Tmem) -> None:
     assert tmem.put(1, eph, 0, 0, page(5)) == Status.DONE  # ephemeral pages are not capped
     tmem.update_guest(1, cap_pages=1)  # now over: replacing is declined until under
     assert tmem.put(1, pid, 0, 0, page(6)) == Status.QUOTA
-    assert tmem.guest_stats(1)["persistent_pages"] == 1  # the declined put removed its page
+    assert tmem.guest_stats(1).persistent_pages == 1  # the declined put removed its page
     assert tmem.put(1, pid, 0, 1, page(6)) == Status.DONE  # at the cap again: replacing works
     assert tmem.put(1, pid, 0, 2, page(7)) == Status.QUOTA
 
@@ -221,7 +221,7 @@ def test_restore_page_skips_checks_and_counters(tmem: Tmem) -> None:
     tmem.restore_page(1, pid, 3, 4, bytes(PAGE))
     assert tmem.get(1, pid, 3, 3) == page(1)
     stats = tmem.stats()
-    assert (stats["puts"], stats["persistent_pages"], stats["used_bytes"]) == (0, 2, PAGE)
+    assert (stats.ops.puts, stats.persistent_pages, stats.used_bytes) == (0, 2, PAGE)
     eph = make_pool(tmem, "ephemeral")
     with pytest.raises(BadRequest):
         tmem.restore_page(1, eph, 0, 0, page(1))

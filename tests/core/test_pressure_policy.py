@@ -8,6 +8,7 @@ import pytest
 
 from broker.core import CoreConfig, Tmem
 from broker.core.admission import AdmissionGate
+from broker.core.figures import PolicyDeclines
 from broker.core.pressure import (
     NORMAL,
     QUOTAS_LOWERED,
@@ -83,10 +84,10 @@ def test_a_put_above_the_high_watermark_steps_toward_the_low_one_with_hysteresis
     assert all(a - b == 1 for a, b in itertools.pairwise(used))
     assert used[0] == 90 and used[-1] == 71 and not tmem.reclaiming
     # below the high watermark again the puts do not evict (hysteresis both ways)
-    before = tmem.stats()["evictions"]
+    before = tmem.stats().ops.evictions
     fill(tmem, 1, 1, 10, start=400)
-    assert tmem.stats()["evictions"] == before
-    assert tmem.stats()["reclaimed_on_put"] > 0
+    assert tmem.stats().ops.evictions == before
+    assert tmem.stats().reclaimed_on_put > 0
 
 
 def test_persistent_pages_are_never_reclaimed() -> None:
@@ -97,7 +98,7 @@ def test_persistent_pages_are_never_reclaimed() -> None:
     )  # fmt: skip
     assert fill(tmem, 1, 0, 80) == [STATUS_DONE] * 80
     policy.step(0.0, {})
-    assert tmem.stats()["persistent_pages"] == 80 and tmem.stats()["evictions"] == 0
+    assert tmem.stats().persistent_pages == 80 and tmem.stats().ops.evictions == 0
 
 
 # -- fair shares and sheds -------------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_quotas_follow_weights_and_caps_and_the_excess_is_shed() -> None:
     assert quota[2].cap_pages == 20 and shed[2].pages == 10 and shed[2].deadline == 10.0
     assert 3 not in quota and 3 not in shed  # the cap binds before the share
     assert policy.state == QUOTAS_LOWERED
-    assert tmem.guest_stats(2)["quota_pages"] == 20
+    assert tmem.guest_stats(2).quota_pages == 20
 
 
 def test_a_guest_under_pressure_keeps_more_and_stale_reports_age_out() -> None:
@@ -155,7 +156,7 @@ def test_grace_until_the_deadline_then_puts_are_declined_until_under_quota() -> 
     assert policy.sheds[1].overdue is False
     policy.step(10.0, {})  # the deadline: still 40 > 30
     assert policy.sheds[1].overdue and policy.counters.sheds_overdue == 2
-    assert policy.figures()["guests_overdue"] == 2
+    assert policy.figures().guests_overdue == 2
     # overdue: even a replacement is declined (and, per the contract, removes the old copy)
     assert tmem.put(1, 0, 1, 1, page(3)) == STATUS_QUOTA
     assert tmem.get(1, 0, 1, 1) is None
@@ -168,7 +169,7 @@ def test_grace_until_the_deadline_then_puts_are_declined_until_under_quota() -> 
     assert policy.acked(1, 7, 11) and policy.counters.pages_returned == 11
     assert not policy.acked(1, 7, 11)  # an ack counts once
     # nothing persistent was dropped by the broker: what left was the guest's own doing
-    assert tmem.guest_stats(1)["persistent_pages"] == 30
+    assert tmem.guest_stats(1).persistent_pages == 30
 
 
 def test_a_guest_that_sheds_in_time_is_never_overdue() -> None:
@@ -244,9 +245,9 @@ def test_admission_throttles_unused_ephemeral_pages_only_while_memory_is_tight()
     statuses = fill(tmem, 1, 1, 400, start=1000)
     declined = statuses.count(STATUS_POLICY)
     assert declined == pytest.approx(300, abs=2)  # a quarter (the floor) admitted
-    assert tmem.stats()["policy_declines"] == {"low_hit_rate": declined}
-    assert tmem.guest_stats(1)["puts_declined"]["policy"] == declined
-    assert tmem.guest_stats(2)["policy_declines"] == {"low_hit_rate": 0}
+    assert tmem.stats().policy_declines == PolicyDeclines(low_hit_rate=declined)
+    assert tmem.guest_stats(1).ops.puts_declined.policy == declined
+    assert tmem.guest_stats(2).policy_declines == PolicyDeclines(low_hit_rate=0)
     # zero pages cost nothing and always pass
     assert all(tmem.put(1, 1, 5, i, ZERO) == STATUS_DONE for i in range(50))
 

@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from broker.core import CoreConfig, Tmem
 from broker.core.content import xxh3_128
 from broker.core.errors import NotAuthorised, TooManyPools, UnknownPool
+from broker.core.figures import as_json
 from schemas.batch import STATUS_NAMES
 from tests.core.reference import PAGE, ZERO, Model
 
@@ -213,7 +214,7 @@ class TmemMachine(RuleBasedStateMachine):
 
     @invariant()
     def figures_match(self) -> None:
-        got = self.core.stats()
+        got = as_json(self.core.stats())
         for key, value in self.model.stats().items():
             assert got[key] == value, key
         by_guest = {entry["guest_id"]: entry for entry in got["guests"]}
@@ -222,7 +223,7 @@ class TmemMachine(RuleBasedStateMachine):
             admin = by_guest[gid]
             for key, value in expected.items():
                 assert admin[key] == value, (gid, key)
-            own = self.core.guest_stats(gid)
+            own = as_json(self.core.guest_stats(gid))
             assert "dedup_hits" not in own
             assert own == {k: v for k, v in admin.items() if k != "dedup_hits"}
             views = {v.pool_id: v for v in self.core.pools(gid)}
@@ -235,11 +236,11 @@ class TmemMachine(RuleBasedStateMachine):
     @invariant()
     def capacity_holds(self) -> None:
         stats = self.core.stats()
-        assert stats["used_bytes"] == self.core.used_bytes
+        assert stats.used_bytes == self.core.used_bytes
         # a stored copy is never larger than any page's charge for it (no trusted domain)
         assert self.core.used_bytes <= self.core.charged_bytes
         # over capacity only when no ephemeral page is left to evict (persistent pages alone)
-        assert self.core.used_bytes <= self.core.capacity_bytes or stats["ephemeral_pages"] == 0
+        assert self.core.used_bytes <= self.core.capacity_bytes or stats.ephemeral_pages == 0
 
 
 class CollidingMachine(TmemMachine):
@@ -307,7 +308,7 @@ def test_long_random_walk(machine: type[TmemMachine], seed: int) -> None:
         _walk_step(m, r)
         m.figures_match()
         m.capacity_holds()
-    stats = m.core.stats()
+    ops = m.core.stats().ops
     # the walk must have exercised what it claims to
-    assert stats["get_hits"] > 25 and stats["evictions"] > 50 and stats["dedup_hits"] > 20
-    assert stats["compress_poor"] > 0 and stats["puts_declined"]["capacity"] > 0
+    assert ops.get_hits > 25 and ops.evictions > 50 and (ops.dedup_hits or 0) > 20
+    assert ops.compress_poor > 0 and ops.puts_declined.capacity > 0

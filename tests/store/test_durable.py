@@ -578,7 +578,7 @@ async def test_reload_into_the_core_restores_every_page_with_gc_as_it_was(
     assert report.pages == 2500
     got = {(p, o, i): d for p in (0, 1) for o, i, d in tmem.pool_pages(1, p)}
     assert got == expected
-    assert tmem.stats()["unique_pages"] == len({d for d in expected.values() if any(d)})
+    assert tmem.stats().unique_pages == len({d for d in expected.values() if any(d)})
 
 
 async def test_rounds_larger_than_a_shared_memory_slot_go_inline(journal: LmdbJournal) -> None:
