@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -28,7 +31,21 @@ from broker.api.auth import bearer
 from broker.api.errors import ApiError, Forbidden, Unauthorised, error_response
 from broker.api.service import BrokerService
 
-router = APIRouter(tags=["dashboard"])
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def _lifespan(app: Any) -> AsyncIterator[None]:
+    # FastAPI runs an included router's lifespan inside the app's, once the service exists.
+    feed = feed_of(app)
+    await feed.start(app.state.box)
+    try:
+        yield
+    finally:
+        await feed.stop()
+
+
+router = APIRouter(tags=["dashboard"], lifespan=_lifespan)
 
 INTERVAL_S = 1.0  # how often the page gets fresh figures
 TOKEN_WAIT_S = 10.0  # how long an accepted socket may take to send its token
@@ -84,9 +101,11 @@ async def style() -> Response:
 class DashboardFeed:
     """Builds the snapshots the open dashboards receive and keeps the chart's history.
 
-    One snapshot is built per interval however many pages are open (each asks; a fresh one is
-    reused), and each built snapshot adds one point to the history, so the history grows
-    only while somebody watches.
+    A background loop (:meth:`start`, :meth:`stop`) takes one snapshot per interval, so a
+    page opened now shows the last minutes at once; :meth:`sample` is its one step. The open
+    pages read the latest snapshot (built on demand when the loop does not run, say in a test
+    that never starts it), so the figures are built once per interval however many pages
+    are open.
     """
 
     def __init__(self, *, interval: float = INTERVAL_S, points: int = HISTORY_POINTS) -> None:
@@ -94,14 +113,11 @@ class DashboardFeed:
         self.history: deque[list[float]] = deque(maxlen=points)
         self._last: dict[str, Any] | None = None
         self._last_at = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
 
-    def snapshot(self, service: BrokerService, now: float) -> dict[str, Any]:
-        """``{"t", "ready", "stats", "guests", "notices", "point"}``: ``stats`` is exactly what
-        ``GET /v1/stats`` answers; ``guests`` maps guest ids to their latest pressure report and
-        open shed; ``notices`` are the latest notices to any guest, newest last; ``point`` is
-        the chart point ``[t, capacity, used, charged, gets, get_hits]`` of this snapshot."""
-        if self._last is not None and now - self._last_at < self.interval / 2:
-            return self._last
+    def sample(self, service: BrokerService, now: float) -> dict[str, Any]:
+        """Build a snapshot now and add its point to the history; returns it."""
         stats = jsonable_encoder(service.stats())
         point = [
             round(now, 3),
@@ -125,6 +141,40 @@ class DashboardFeed:
         }
         self._last_at = now
         return self._last
+
+    def snapshot(self, service: BrokerService, now: float) -> dict[str, Any]:
+        """The latest snapshot, ``{"t", "ready", "stats", "guests", "notices", "point"}``
+        (built now when the last is older than half an interval): ``stats`` is exactly what
+        ``GET /v1/stats`` answers; ``guests`` maps guest ids to their latest pressure report
+        and open shed; ``notices`` are the latest notices to any guest, newest last; ``point``
+        is the chart point ``[t, capacity, used, charged, gets, get_hits]``."""
+        if self._last is not None and now - self._last_at < self.interval / 2:
+            return self._last
+        return self.sample(service, now)
+
+    async def start(self, box: Any) -> None:
+        """Sample every interval while ``box.service`` (the app's :class:`ServiceBox`) runs."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(box), name="tmem-dashboard-feed")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, box: Any) -> None:
+        while True:
+            service = box.service
+            if service is not None:
+                try:
+                    self.snapshot(service, time.time())
+                except Exception:
+                    # a failed sample costs one chart point, never the loop
+                    self.failures += 1
+                    log.exception("dashboard sample failed")
+            await asyncio.sleep(self.interval)
 
 
 def _guest_extras(service: BrokerService) -> dict[str, Any]:

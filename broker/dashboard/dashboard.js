@@ -226,7 +226,7 @@
     renderFigures(snap.stats);
     renderRates();
     renderGuests(snap);
-    renderShared(snap.stats.shared_pools || []);
+    renderShared(snap.stats.shared_pools || [], snap.stats.guests || []);
     renderBrokers(snap.stats.brokers);
     renderHost(snap.stats);
     renderNotices(snap);
@@ -417,14 +417,16 @@
     loadPools(guestId);
   }
 
-  function renderShared(shared) {
+  function renderShared(shared, guests) {
+    const names = new Map(guests.map((g) => [g.guest_id, g.name]));
     $("shared").hidden = shared.length === 0;
     const body = document.createElement("tbody");
     shared.forEach((p, i) => {
       const tr = document.createElement("tr");
       const base = "shared_pools." + i + ".";
       cell(tr, p.uuid, { "data-stat": base + "uuid", "data-value": p.uuid });
-      cell(tr, p.members.join(", "), { "data-stat": base + "members", "data-value": exact(p.members) });
+      const members = p.members.map((id) => names.get(id) || "guest " + id);
+      cell(tr, members.join(", "), { "data-stat": base + "members", "data-value": exact(p.members) });
       for (const key of ["logical_pages", "zero_pages"]) {
         cell(tr, fmtInt(p[key]), { "data-stat": base + key, "data-value": exact(p[key]), class: "num" });
       }
@@ -558,8 +560,8 @@
     const span = t1 - t0;
     const step = span > 600 ? 300 : span > 240 ? 120 : span > 120 ? 60 : 30;
     for (let t = t1; t >= t0; t -= step) {
-      const label = el("text", { x: x(t), y: h - 6, class: "axis", "text-anchor": "middle" }, svg);
       const ago = Math.round(t1 - t);
+      const label = el("text", { x: x(t), y: h - 6, class: "axis", "text-anchor": ago === 0 ? "end" : "middle" }, svg);
       label.textContent = ago === 0 ? "now" : "-" + (ago >= 60 ? Math.round(ago / 60) + " min" : ago + " s");
     }
     for (const line of hlines) {
@@ -663,14 +665,18 @@
     window.addEventListener("resize", () => {
       if (last) drawCharts(last.stats);
     });
-    // A token in the fragment is read once and removed from the address bar and history.
+    // A token in the fragment (on load, or pasted into the address bar later) is read once
+    // and removed from the address bar and the history.
+    window.addEventListener("hashchange", tokenFromFragment);
+    if (!tokenFromFragment()) $("token").focus();
+  }
+
+  function tokenFromFragment() {
     const match = /^#token=(.+)$/.exec(location.hash);
-    if (match) {
-      window.history.replaceState(null, "", location.pathname + location.search);
-      signIn(decodeURIComponent(match[1]));
-    } else {
-      $("token").focus();
-    }
+    if (!match) return false;
+    window.history.replaceState(null, "", location.pathname + location.search);
+    signIn(decodeURIComponent(match[1]));
+    return true;
   }
 
   init();
