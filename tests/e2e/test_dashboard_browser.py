@@ -103,7 +103,8 @@ def shown(driver: WebDriver) -> dict[str, Any]:
     result: dict[str, Any] = driver.execute_script(
         """
         const board = document.getElementById("board");
-        const figures = [...document.querySelectorAll("#board .cards [data-stat]")]
+        const figures = [...document.querySelectorAll(
+            "#board .cards [data-stat], #shared-table [data-stat], #brokers-table [data-stat]")]
           .map((el) => [el.dataset.stat, el.dataset.value === undefined ? null : el.dataset.value]);
         const guests = [...document.querySelectorAll("#guests tbody tr[data-guest-id]")].map((tr) => [
           tr.dataset.guestId,
@@ -334,8 +335,14 @@ def test_the_dashboard_in_a_browser(
     header.click()
     assert order() == sorted(order(), reverse=True)
 
+    # A few seconds of work, so the charts have something to show in the screenshot.
+    for round_ in range(5):
+        start = 10_000 + 48 * round_
+        assert all(web.put_many(swap, [(6, i, page(i)) for i in range(start, start + 48)]))
+        web.get_many(swap, [(6, i) for i in range(start - 40, start + 48)])
+        time.sleep(0.8 * UPDATE_S)
+    wait_for(browser, agrees_with_stats(browser, broker), 3 * UPDATE_S, "figures = stats again")
     shot = tmp_path / "dashboard.png"
-    time.sleep(UPDATE_S)  # one more update, so the charts carry a few points
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     if os.environ.get("TMEM_UPDATE_DOCS_IMG") == "1":
