@@ -13,6 +13,9 @@ declare -A want=(
   [cpio]=cpio
   [gcc]=gcc
   [xz]=xz-utils
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
+  [promtool]=prometheus
 )
 missing=()
 for cmd in "${!want[@]}"; do
