@@ -24,11 +24,11 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import Response
 
 from broker.api.auth import bearer
 from broker.api.errors import ApiError, Forbidden, Unauthorised, error_response
+from broker.api.pools import figures_json
 from broker.api.service import BrokerService
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class DashboardFeed:
 
     def sample(self, service: BrokerService, now: float) -> dict[str, Any]:
         """Build a snapshot now and add its point to the history; returns it."""
-        stats = jsonable_encoder(service.stats())
+        stats = figures_json(service.stats())  # exactly what GET /v1/stats answers
         point = [
             round(now, 3),
             stats["capacity_bytes"],

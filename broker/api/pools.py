@@ -6,6 +6,7 @@ pool id the guest does not have is a 404 ``unknown_pool``, whoever else has one 
 
 from __future__ import annotations
 
+import importlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
@@ -20,17 +21,29 @@ GuestId = Annotated[int, Path(ge=0, le=0x7FFFFFFF)]
 PoolId = Annotated[int, Path(ge=0, le=0x7FFFFFFF)]
 
 
+def figures_json(figures: Any) -> Any:
+    """The core's figures as the JSON the API shows them: a plain dict as it is, typed figures
+    through ``broker.core.figures.as_json``.
+
+    The typed figures ([reshape]) land beside this branch; the lazy import lets this run on
+    either side of that merge. Once both are in, this is simply that ``as_json``.
+    """
+    if isinstance(figures, dict):
+        return figures
+    return importlib.import_module("broker.core.figures").as_json(figures)
+
+
 @router.get("/pools/{pool_id}", response_model=PoolStats, tags=["guest"])
-async def pool_stats(pool_id: PoolId, service: ServiceDep, guest_id: GuestDep) -> dict[str, Any]:
+async def pool_stats(pool_id: PoolId, service: ServiceDep, guest_id: GuestDep) -> Any:
     """The calling guest's pool: kind, pages, zero pages, charged bytes and its operations."""
-    return service.core.pool_stats(guest_id, pool_id)
+    return figures_json(service.core.pool_stats(guest_id, pool_id))
 
 
 @router.get("/guests/{guest_id}/pools", response_model=list[AdminPoolStats], tags=["admin"])
-async def guest_pools(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> list[dict[str, Any]]:
+async def guest_pools(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> list[Any]:
     """Every pool of a guest with its figures, dedup hits included."""
     service.guest_record(guest_id)  # 404 unknown_guest
     return [
-        service.core.pool_stats(guest_id, view.pool_id, admin=True)
+        figures_json(service.core.pool_stats(guest_id, view.pool_id, admin=True))
         for view in service.core.pools(guest_id)
     ]
