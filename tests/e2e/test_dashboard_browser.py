@@ -5,7 +5,8 @@ put pages through ``TmemClient``.
 It checks what an operator relies on: a wrong token shows nothing but the sign-in form; the
 figures shown equal ``GET /v1/stats`` within one update and follow the guests' puts; a click
 on a guest shows its pools; the table sorts; a token in the URL fragment signs in and leaves
-the address bar; the token never reaches the broker's log. It saves a screenshot under the
+the address bar; the page reconnects by itself after a broker restart; the token never
+reaches the broker's log. It saves a screenshot under the
 test's ``tmp_path`` (and to ``docs/img/dashboard.png`` when ``TMEM_UPDATE_DOCS_IMG=1``).
 """
 
@@ -30,6 +31,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img" / "dashboard.png"
 
 pytestmark = [
+    pytest.mark.slow,  # about 20 s: a broker, its restart and a browser
     pytest.mark.timeout(240),
     pytest.mark.skipif(
         not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
@@ -361,6 +363,16 @@ def test_the_dashboard_in_a_browser(
     wait_for(browser, lambda: "does not know" in error_text(browser), 10, "fragment refused")
     assert nothing_shown(browser)
 
+    # The broker restarts: the page says it lost the broker, then reconnects by itself.
+    browser.get(f"{url}#token={ADMIN}")
+    wait_for(browser, agrees_with_stats(browser, broker), 3 * UPDATE_S, "signed in again")
+    broker.stop()
+    wait_for(browser, lambda: status(browser) == "down", 10, "the page to notice the broker gone")
+    assert shown(browser)["visible"]  # what it showed stays while it retries
+    broker.start()
+    wait_for(browser, lambda: status(browser) == "live", 20, "the page to reconnect")
+    wait_for(browser, agrees_with_stats(browser, broker), 3 * UPDATE_S, "figures after restart")
+
     for _, client, _ in guests.values():
         client.close()
     broker.stop()
@@ -369,3 +381,7 @@ def test_the_dashboard_in_a_browser(
 
 def error_text(browser: WebDriver) -> str:
     return str(browser.find_element(By.ID, "signin-error").text)
+
+
+def status(browser: WebDriver) -> str:
+    return str(browser.find_element(By.ID, "status").get_attribute("data-state"))
