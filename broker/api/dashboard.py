@@ -236,6 +236,7 @@ async def _token_message(websocket: WebSocket) -> str | None:
         text = await asyncio.wait_for(websocket.receive_text(), TOKEN_WAIT_S)
         message = json.loads(text)
     except (TimeoutError, ValueError, KeyError):
+        # KeyError: a binary frame (Starlette's receive_text finds no "text")
         return None
     token = message.get("token") if isinstance(message, dict) else None
     return token if isinstance(token, str) else None

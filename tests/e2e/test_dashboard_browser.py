@@ -6,8 +6,8 @@ It checks what an operator relies on: a wrong token shows nothing but the sign-i
 figures shown equal ``GET /v1/stats`` within one update and follow the guests' puts; a click
 on a guest shows its pools; the table sorts; a token in the URL fragment signs in and leaves
 the address bar; the page reconnects by itself after a broker restart; the token never
-reaches the broker's log. It saves a screenshot under the
-test's ``tmp_path`` (and to ``docs/img/dashboard.png`` when ``TMEM_UPDATE_DOCS_IMG=1``).
+reaches the broker's log. It saves a screenshot under the test's ``tmp_path`` (and to
+``docs/img/dashboard.png`` when ``TMEM_UPDATE_DOCS_IMG=1``).
 """
 
 from __future__ import annotations
