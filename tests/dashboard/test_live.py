@@ -89,6 +89,7 @@ def test_an_admin_gets_the_stats_once_a_second(client: TestClient) -> None:
         ({"token": ""}, CLOSE_UNAUTHORISED),
         ({"not": "a token"}, CLOSE_UNAUTHORISED),
         ("plain text", CLOSE_UNAUTHORISED),
+        (b"binary frame", CLOSE_UNAUTHORISED),
         ("guest", CLOSE_FORBIDDEN),
     ],
 )
@@ -99,6 +100,8 @@ def test_a_wrong_token_gets_nothing(client: TestClient, message: Any, code: int)
             ws.send_json({"token": a["Authorization"].removeprefix("Bearer ")})
         elif isinstance(message, str):
             ws.send_text(message)
+        elif isinstance(message, bytes):
+            ws.send_bytes(message)
         else:
             ws.send_json(message)
         with pytest.raises(WebSocketDisconnect) as closed:

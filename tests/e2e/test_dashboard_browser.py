@@ -363,6 +363,10 @@ def test_the_dashboard_in_a_browser(
     wait_for(browser, lambda: "does not know" in error_text(browser), 10, "fragment refused")
     assert nothing_shown(browser)
 
+    # No script error, no failed request so far.
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
     # The broker restarts: the page says it lost the broker, then reconnects by itself.
     browser.get(f"{url}#token={ADMIN}")
     wait_for(browser, agrees_with_stats(browser, broker), 3 * UPDATE_S, "signed in again")
