@@ -343,7 +343,32 @@ def test_the_dashboard_in_a_browser(
         assert all(web.put_many(swap, [(6, i, page(i)) for i in range(start, start + 48)]))
         web.get_many(swap, [(6, i) for i in range(start - 40, start + 48)])
         time.sleep(0.8 * UPDATE_S)
+    # Memory gets short: persistent pages pass the policy's trigger (persistent_share of the
+    # capacity), so quotas are lowered and web-1, far above its fair share, is asked to shed.
+    trigger = broker.json("GET", "/v1/stats")["pressure"]["persistent_trigger_pages"]
+    held = broker.json("GET", "/v1/stats")["persistent_pages"]
+    more = trigger - held + 64
+    assert all(web.put_many(swap, [(8, i, page(20_000 + i)) for i in range(more)]))
+
+    def shed_shown() -> bool:
+        values = dict(shown(browser)["figures"])
+        cell = browser.find_elements(
+            By.CSS_SELECTOR, f'#guests tr[data-guest-id="{web_id}"] td[data-field="shed"]'
+        )
+        return (
+            values.get("pressure.state") == "quotas_lowered"
+            and values.get("pressure.sheds_open") == "1"
+            and bool(cell)
+            and '"pages"' in (cell[0].get_attribute("data-value") or "")
+        )
+
+    wait_for(browser, shed_shown, 5 * UPDATE_S, "web-1's shed")
     wait_for(browser, agrees_with_stats(browser, broker), 3 * UPDATE_S, "figures = stats again")
+    feed = [
+        n.find_element(By.TAG_NAME, "b").text
+        for n in browser.find_elements(By.CSS_SELECTOR, "#notices li.notice")
+    ]
+    assert "shed" in feed
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
