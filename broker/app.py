@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
 
-from broker.api import admin, guest_control, ops
+from broker.api import admin, dashboard, guest_control, ops, pools
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.body import JsonBodyLimit
 from broker.api.errors import exception_handlers
@@ -44,7 +44,14 @@ needs `Authorization: Bearer <token>` (the admin token or a guest token)."""
 
 # The JSON routers, by audience (the guests' pages are plain routes: GuestPages). Their order
 # is the OpenAPI document's.
-ROUTERS: tuple[APIRouter, ...] = (admin.router, guest_control.router, ops.router)
+# dashboard.router carries a lifespan (its history sampler): include_router runs it
+ROUTERS: tuple[APIRouter, ...] = (
+    admin.router,
+    guest_control.router,
+    pools.router,
+    ops.router,
+    dashboard.router,
+)
 
 
 _TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)

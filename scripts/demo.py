@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[bold]Starting a broker[/bold] (embedded default: SQLite + journal) ...")
         with broker_process(tmp / "data") as (url, admin_token):
             console.print(f"broker at {url}, data dir {tmp / 'data'}")
+            # the token is this throwaway broker's (its data dir goes when the demo ends)
+            console.print(f"dashboard: {url}/dashboard#token={admin_token}", soft_wrap=True)
             console.print(
                 f"[bold]Simulating {config.guests} guests[/bold] booted from the same image "
                 f"({args.image}), workload '{config.workload}', {config.steps} steps"

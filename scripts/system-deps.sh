@@ -13,6 +13,8 @@ declare -A want=(
   [cpio]=cpio
   [gcc]=gcc
   [xz]=xz-utils
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
   [promtool]=prometheus
 )
 missing=()

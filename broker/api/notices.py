@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from datetime import datetime
 
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +22,7 @@ from schemas.wire import Notice
 log = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 60.0
+RECENT_NOTICES = 100
 
 
 def to_wire(record: NoticeRecord) -> Notice:
@@ -51,6 +53,8 @@ class NoticeHub:
         self._closing = False
         self.published = 0
         self.issued: dict[str, int] = {}  # notices published since start, by type
+        # the latest notices to any guest, as (guest_id, notice): the dashboard's feed
+        self.recent: deque[tuple[int, Notice]] = deque(maxlen=RECENT_NOTICES)
         self._active = 0  # polls in progress (they may hold a database connection)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -92,7 +96,9 @@ class NoticeHub:
         self.issued[type_] = self.issued.get(type_, 0) + 1
         log.info("notice %s #%d to guest %d", type_, record.seq, guest_id)
         self._wake(guest_id)
-        return to_wire(record)
+        notice = to_wire(record)
+        self.recent.append((guest_id, notice))
+        return notice
 
     async def poll(self, guest_id: int, after: int, wait: float) -> list[Notice]:
         """The guest's notices with ``seq > after``; waits up to ``wait`` s when there are none."""

@@ -38,6 +38,7 @@ def test_demo_runs_a_broker_and_guests_prints_the_table_and_stops(tmp_path: Path
     assert "Every page the broker returned matched" in " ".join(out.split())
     m = re.search(r"broker at http://127\.0\.0\.1:(\d+)", out)
     assert m, out
+    assert f"dashboard: http://127.0.0.1:{m.group(1)}/dashboard#token=" in out, out
     # The broker is gone: its port refuses connections.
     with socket.socket() as s, pytest.raises(OSError):
         s.settimeout(2)

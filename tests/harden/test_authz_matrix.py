@@ -63,6 +63,13 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/healthz"): Row(PUBLIC),
     ("GET", "/readyz"): Row(PUBLIC),
     ("GET", "/metrics"): Row(PUBLIC),
+    # the dashboard: the page is public (it shows only a sign-in form); its socket takes the
+    # admin token as its first message, or as a header checked at the handshake
+    ("GET", "/dashboard"): Row(PUBLIC),
+    ("GET", "/dashboard/dashboard.js"): Row(PUBLIC),
+    ("GET", "/dashboard/dashboard.css"): Row(PUBLIC),
+    ("WS", "/dashboard/live"): Row({"none": 101, "bad": 401, "admin": 101, "a": 403, "b": 403}),
+    ("GET", "/v1/guests/{guest_id}/pools"): admin_row(200),
     # admin
     ("POST", "/v1/guests"): admin_row(201, {"name": "new-guest"}),
     ("GET", "/v1/guests"): admin_row(200),
@@ -86,6 +93,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/pools"): guest_row(201, body={"kind": "ephemeral"}),
     ("DELETE", "/v1/pools/{pool_id}"): guest_row(204),
     ("GET", "/v1/self"): guest_row(200),
+    ("GET", "/v1/pools/{pool_id}"): guest_row(200),  # B's pool 0 is B's own
     ("POST", "/v1/self/pressure"): guest_row(204, body={"psi_some_avg10": 1.0}),
     ("GET", "/v1/notices"): guest_row(200),
     # B has no notice 1: its own namespace, not A's.
