@@ -224,7 +224,7 @@ def _read_cgroup(files: _Files) -> _Cgroup:
             limit, limit_dir = value, here
     return _Cgroup(
         path="/" + "/".join(parts),
-        limit_path="/" + limit_dir[len(CGROUP_MOUNT) :].lstrip("/"),
+        limit_path=None if limit is None else "/" + limit_dir[len(CGROUP_MOUNT) :].lstrip("/"),
         limit=limit,
         current=_number(files, f"{limit_dir}/memory.current"),
         inactive_file=_inactive_file(files, f"{limit_dir}/memory.stat"),

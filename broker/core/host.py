@@ -94,9 +94,10 @@ class HostMemory:
     ``cgroup_path``: the process's cgroup v2 path (``None``: no cgroup v2, or the memory
     controller is on cgroup v1). ``cgroup_limit_bytes``: the lowest ``memory.max`` from that
     cgroup up to the mount's root (``None``: "max" everywhere); ``cgroup_limit_path``: the
-    cgroup it came from, whose ``memory.current``, ``memory.stat`` ``inactive_file`` and
-    ``memory.pressure`` are the ``cgroup_current_bytes``, ``cgroup_inactive_file_bytes``
-    and ``cgroup_psi`` (the process's own cgroup when there is no limit). ``source``: the
+    cgroup it came from (``None`` without a limit). The ``memory.current``, ``memory.stat``
+    ``inactive_file`` and ``memory.pressure`` of that cgroup (of the process's own when there
+    is no limit) are ``cgroup_current_bytes``, ``cgroup_inactive_file_bytes`` and
+    ``cgroup_psi``. ``source``: the
     files read, comma-separated, as paths on the host (plus a note when a cgroup was not
     read).
     """
@@ -223,15 +224,17 @@ class GovernorSettings:
     """The governor's tunables (fractions are of the host's limit, steps of the base capacity).
 
     ``short_available_fraction`` 0.05, ``short_available_min_bytes`` 128 MiB
-        the host is short when available memory is under the larger of the two: 5 % is
-        where kswapd is busy on most hosts and well before earlyoom's default 10 %/5 % or
-        the kernel's OOM killer; the minimum keeps small containers from running to the wire.
+        the host is short when available memory is at or under the larger of the two: at
+        5 % little reclaimable cache is left, while the kernel's free-page watermarks are far
+        lower (well under 1 %), so there is time to give memory back; the minimum keeps
+        small containers from running to the wire. (Under earlyoom, set it above earlyoom's
+        ``-m``.)
     ``healthy_available_fraction`` 0.10
         available memory at or above this (and the minimum above) counts toward recovery;
         the band between 5 % and 10 % is the hysteresis.
     ``psi_short`` 10.0, ``psi_healthy`` 1.0 (percent, PSI ``some avg10``)
-        10 % of the last 10 s with a task stalled on memory is a real slowdown and far
-        below systemd-oomd's kill limit (60 % ``full`` for 30 s); recovery waits until
+        10 % of the last 10 s with some task stalled on memory is a real slowdown and far
+        below systemd-oomd's kill limit (60 % ``full`` for 20-30 s); recovery waits until
         stalls are rare again.
     ``shrink_step`` 0.05, ``grow_step`` 0.05 (of the base capacity)
         the least a shrink gives back and the most a grow takes.

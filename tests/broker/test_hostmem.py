@@ -60,7 +60,8 @@ def test_a_host_at_95_percent() -> None:
     assert host.psi == Psi(4.12, 2.05, 0.80, 412337901, 1.02, 0.51, 0.20, 98233411)
     # a systemd service without a limit: "max" at every level
     assert host.cgroup_path == "/system.slice/tmem-broker.service"
-    assert host.cgroup_limit_bytes is None and host.limited_by == "host"
+    assert host.cgroup_limit_bytes is None and host.cgroup_limit_path is None
+    assert host.limited_by == "host"
     assert host.cgroup_current_bytes == 3 * GiB and host.cgroup_inactive_file_bytes == 200 * MiB
     assert host.cgroup_psi is not None and host.cgroup_psi.some_avg10 == 0.0
     assert host.source.split(", ")[:3] == [
