@@ -4,7 +4,7 @@ back while the host runs short. Pure: the figures come in as a :class:`HostMemor
 
 Sizing (``--capacity auto``)::
 
-    limit    = MemTotal, or the cgroup v2 memory.max when it is lower      (bytes)
+    limit    = MemTotal, or the cgroup's memory limit when it is lower      (bytes)
     reserve  = max(reserve_fraction * limit, reserve_min_bytes)            (15 %, 512 MiB)
     capacity = limit - reserve                                              (page bytes)
 
@@ -21,7 +21,7 @@ figures, returns the *effective* capacity (never above the base, never below the
 
 ``short`` (a reading where the host runs short)
     ``available <= short_available`` where ``available`` is MemAvailable, or the cgroup's
-    ``memory.max - (memory.current - inactive_file)`` when lower, and ``short_available =
+    ``limit - (current - inactive_file)`` when lower, and ``short_available =
     max(short_available_fraction * limit, short_available_min_bytes)``; or PSI memory
     ``some avg10`` (the system's or the cgroup's, the larger) at or above ``psi_short``.
     The effective capacity becomes ``min(effective, counted) - max(deficit, shrink_step)``:
@@ -91,9 +91,10 @@ class HostMemory:
     does not offer the figure.
 
     ``mem_*``/``swap_*``: ``/proc/meminfo``. ``psi``: ``/proc/pressure/memory``.
-    ``cgroup_path``: the process's cgroup v2 path (``None``: no cgroup v2, or the memory
-    controller is on cgroup v1). ``cgroup_limit_bytes``: the lowest ``memory.max`` from that
-    cgroup up to the mount's root (``None``: "max" everywhere); ``cgroup_limit_path``: the
+    ``cgroup_version``: 2, or 1 when the memory controller is on cgroup v1 (``None``: no
+    cgroup). ``cgroup_path``: the process's cgroup in that hierarchy. ``cgroup_limit_bytes``:
+    the lowest limit (``memory.max``; v1 ``memory.limit_in_bytes``) from that cgroup up to
+    the mount's root (``None``: no limit anywhere); ``cgroup_limit_path``: the
     cgroup it came from (``None`` without a limit). The ``memory.current``, ``memory.stat``
     ``inactive_file`` and ``memory.pressure`` of that cgroup (of the process's own when there
     is no limit) are ``cgroup_current_bytes``, ``cgroup_inactive_file_bytes`` and
@@ -107,6 +108,7 @@ class HostMemory:
     swap_total_bytes: int | None = None
     swap_free_bytes: int | None = None
     psi: Psi | None = None
+    cgroup_version: int | None = None
     cgroup_path: str | None = None
     cgroup_limit_path: str | None = None
     cgroup_limit_bytes: int | None = None

@@ -59,7 +59,7 @@ def test_a_host_at_95_percent() -> None:
     assert host.used_percent == pytest.approx(95.0, abs=0.01)
     assert host.psi == Psi(4.12, 2.05, 0.80, 412337901, 1.02, 0.51, 0.20, 98233411)
     # a systemd service without a limit: "max" at every level
-    assert host.cgroup_path == "/system.slice/tmem-broker.service"
+    assert host.cgroup_version == 2 and host.cgroup_path == "/system.slice/tmem-broker.service"
     assert host.cgroup_limit_bytes is None and host.cgroup_limit_path is None
     assert host.limited_by == "host"
     assert host.cgroup_current_bytes == 3 * GiB and host.cgroup_inactive_file_bytes == 200 * MiB
@@ -100,18 +100,43 @@ def test_the_limit_of_a_parent_cgroup_counts() -> None:
     assert host.available_bytes == 8 * GiB - (3 * GiB - 500 * MiB)
 
 
-@pytest.mark.parametrize(
-    ("name", "note"),
-    [
-        ("cgroup_v1", "cgroup v1 memory controller (its limit is not read)"),
-        ("no_cgroup", "no /proc/self/cgroup"),
-    ],
-)
-def test_cgroup_v1_or_no_cgroup_gives_no_cgroup_figures(name: str, note: str) -> None:
-    host = read_host_memory(case(name))
-    assert host.cgroup_path is None and host.cgroup_limit_bytes is None
-    assert host.cgroup_current_bytes is None and host.cgroup_psi is None
-    assert host.limited_by == "host" and host.source.endswith(note)
+def test_no_cgroup_gives_no_cgroup_figures() -> None:
+    host = read_host_memory(case("no_cgroup"))
+    assert host.cgroup_version is None and host.cgroup_path is None
+    assert host.cgroup_limit_bytes is None and host.cgroup_current_bytes is None
+    assert host.cgroup_psi is None
+    assert host.limited_by == "host" and host.source.endswith("no /proc/self/cgroup")
+
+
+def test_cgroup_v1_on_a_hybrid_host_recorded_on_the_build_machine() -> None:
+    """Recorded from this project's build machine: the memory controller on cgroup v1, a
+    cgroup2 hierarchy at /sys/fs/cgroup/unified holding only PSI, no limit (v1 writes "no
+    limit" as 9223372036854771712)."""
+    root = case("cgroup_v1")
+    leaf = "/process_api/77e35d6781b540ef00198b7e719eb889"
+    host = read_host_memory(root)
+    assert host.cgroup_version == 1 and host.cgroup_path == leaf
+    assert host.cgroup_limit_bytes is None and host.cgroup_limit_path is None
+    usage = root / f"sys/fs/cgroup/memory{leaf}/memory.usage_in_bytes"
+    assert host.cgroup_current_bytes == int(usage.read_text())
+    assert host.cgroup_inactive_file_bytes is not None and host.cgroup_inactive_file_bytes > 0
+    assert host.cgroup_psi is not None  # from the unified hierarchy
+    assert "/sys/fs/cgroup/unified/memory.pressure" in host.source
+    assert host.limited_by == "host" and host.available_bytes == host.mem_available_bytes
+
+
+def test_a_cgroup_v1_container_at_its_limit() -> None:
+    """Docker on a v1 host: /proc/self/cgroup names /docker/<id>, but the container sees its
+    own cgroup at the mount point (mountinfo's root field says which part it is)."""
+    host = read_host_memory(case("cgroup_v1_container"))
+    assert host.cgroup_version == 1 and host.cgroup_path == "/docker/4f1c2d"
+    assert host.cgroup_limit_bytes == GiB and host.cgroup_limit_path == "/docker/4f1c2d"
+    assert "/sys/fs/cgroup/memory/memory.limit_in_bytes" in host.source
+    assert host.cgroup_current_bytes == GiB - 40 * MiB
+    assert host.cgroup_inactive_file_bytes == 20 * MiB
+    assert host.available_bytes == 60 * MiB and host.limited_by == "cgroup"
+    assert host.cgroup_psi is None  # v1 has no memory.pressure
+    assert auto_capacity(host) == 512 * MiB
 
 
 def test_no_psi_is_none_not_an_error() -> None:
@@ -229,17 +254,46 @@ def test_a_cgroup_outside_the_namespace_is_refused(tmp_path: Path) -> None:
             "sys/fs/cgroup/cgroup.controllers": "memory\n",
         },
     )
-    with pytest.raises(HostMemoryError, match="outside this cgroup namespace"):
+    with pytest.raises(HostMemoryError, match="is not under the cgroup mount"):
         read_host_memory(tmp_path)
 
 
-def test_cgroup_v2_not_mounted_at_sys_fs_cgroup_is_noted(tmp_path: Path) -> None:
-    # a hybrid host: the unified hierarchy at /sys/fs/cgroup/unified holds no memory controller
+def test_cgroup_v2_not_mounted_is_noted(tmp_path: Path) -> None:
     write(tmp_path, {"proc/meminfo": MEMINFO, "proc/self/cgroup": "1:cpu:/\n0::/user.slice\n"})
     host = read_host_memory(tmp_path)
-    assert host.cgroup_path is None and host.source.endswith(
-        "cgroup v2 not mounted at /sys/fs/cgroup"
+    assert host.cgroup_path is None and host.source.endswith("cgroup v2 not mounted")
+
+
+def test_the_cgroup2_mount_is_found_through_mountinfo(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "0::/svc\n",
+            "proc/self/mountinfo": (
+                "41 31 0:38 / /run/my\\040cgroups rw,relatime - cgroup2 cgroup2 rw\n"
+            ),
+            "run/my cgroups/svc/memory.max": f"{GiB}\n",
+            "run/my cgroups/svc/memory.current": f"{100 * MiB}\n",
+        },
     )
+    host = read_host_memory(tmp_path)
+    assert host.cgroup_version == 2 and host.cgroup_limit_bytes == GiB
+    assert "/run/my cgroups/svc/memory.max" in host.source
+
+
+def test_mountinfo_garbage_is_refused(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "0::/\n",
+            "proc/self/mountinfo": "41 31 - cgroup2\n",
+        },
+    )
+    with pytest.raises(HostMemoryError) as info:
+        read_host_memory(tmp_path)
+    assert info.value.path == "/proc/self/mountinfo"
 
 
 def test_the_lowest_memory_max_up_the_tree_wins(tmp_path: Path) -> None:
@@ -291,7 +345,12 @@ def test_this_machines_real_files() -> None:
 
 @pytest.mark.parametrize(
     ("short_case", "reason"),
-    [("host_95", REASON_AVAILABLE), ("psi_spike", REASON_PSI), ("cgroup_limit", REASON_CGROUP)],
+    [
+        ("host_95", REASON_AVAILABLE),
+        ("psi_spike", REASON_PSI),
+        ("cgroup_limit", REASON_CGROUP),
+        ("cgroup_v1_container", REASON_CGROUP),
+    ],
 )
 def test_a_host_running_short_shrinks_the_capacity_and_sheds_within_two_intervals(
     short_case: str, reason: str
