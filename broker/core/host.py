@@ -5,7 +5,7 @@ back while the host runs short. Pure: the figures come in as a :class:`HostMemor
 Sizing (``--capacity auto``)::
 
     limit    = MemTotal, or the cgroup's memory limit when it is lower      (bytes)
-    reserve  = max(reserve_fraction * limit, reserve_min_bytes)            (15 %, 512 MiB)
+    reserve  = max(RESERVE_FRACTION * limit, RESERVE_MIN_BYTES)            (15 %, 512 MiB)
     capacity = limit - reserve                                              (page bytes)
 
 The reserve is what page storage must leave to everything else when it is full: the kernel
