@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
         journal = open_journal(settings)
         core = Tmem(
             CoreConfig(
-                capacity_bytes=settings.capacity,
+                capacity_bytes=settings.capacity_bytes,
                 compress_default=settings.compress,
                 max_pools_per_guest=settings.max_pools_per_guest,
             ),

@@ -15,7 +15,9 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.core.host import auto_capacity
 from broker.core.pressure import PressureSettings
+from broker.hostmem import read_host_memory
 from schemas.batch import HEADER, PAGE_SIZE
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -48,6 +50,12 @@ def _size(value: object) -> object:
 Size = Annotated[int, BeforeValidator(_size)]
 
 
+def _size_or_auto(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return _size(value)
+
+
 class Settings(BaseSettings):
     """The broker's configuration; field names are the CLI flags with ``-`` as ``_``."""
 
@@ -58,7 +66,16 @@ class Settings(BaseSettings):
     # also listen on this Unix domain socket (agents on the same host: ``unix:PATH``)
     uds: Path | None = None
     data_dir: Path = Path("./var")
-    capacity: Size = 1 << 30
+    # page storage: a size, or "auto" (sized from the host: docs/pressure.md, "Host-aware
+    # capacity"; resolved when the settings are made, an unreadable host is an error then)
+    capacity: Annotated[int | Literal["auto"], BeforeValidator(_size_or_auto)] = 1 << 30
+    # what "auto" leaves to the rest of the host (none: max(15 %, 512 MiB))
+    capacity_reserve: Size | None = None
+    # watch the host's MemAvailable and PSI and shrink the capacity while it runs short
+    # (none: watch when capacity is auto)
+    host_watch: bool | None = None
+    # where the host's /proc and /sys are (tests point it at recorded files)
+    host_root: Path = Path("/")
     # the compression mode of guests and domains that set none (docs/pressure.md)
     compress: Literal["never", "always", "pressure"] = "never"
     database_url: str | None = None
@@ -97,10 +114,26 @@ class Settings(BaseSettings):
 
     @field_validator("capacity")
     @classmethod
-    def _capacity_holds_a_page(cls, value: int) -> int:
-        if value < PAGE_SIZE:
+    def _capacity_holds_a_page(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < PAGE_SIZE:
             raise ValueError(f"capacity must hold at least one page ({PAGE_SIZE} bytes)")
         return value
+
+    @model_validator(mode="after")
+    def _auto_capacity(self) -> Settings:
+        if self.capacity == "auto":
+            # HostMemoryError is a ValueError naming the file that could not be read
+            host = read_host_memory(self.host_root)
+            self.capacity = auto_capacity(host, self.capacity_reserve)
+            if self.host_watch is None:
+                self.host_watch = True
+        return self
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The capacity in bytes ("auto" is resolved when the settings are made)."""
+        assert isinstance(self.capacity, int)
+        return self.capacity
 
     @field_validator("journal_log")
     @classmethod

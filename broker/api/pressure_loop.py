@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,9 +36,11 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.notices import NoticeHub
 from broker.core import Tmem
 from broker.core.errors import UnknownGuest
-from broker.core.figures import LoopFigures, PressureFigures
+from broker.core.figures import HostFigures, LoopFigures, PressureFigures, host_figures
+from broker.core.host import HostGovernor, HostMemoryError
 from broker.core.pressure import GuestPressure, Intent, PressurePolicy, PressureSettings
 from broker.db.repo import Repository
+from broker.hostmem import read_host_memory
 from schemas.wire import Notice, Pressure
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,42 @@ class PressureSettingsPatch(BaseModel):
         return {k: v for k, v in self.model_dump(include=set(names)).items() if v is not None}
 
 
+class HostWatch:
+    """The host's memory, read once per pressure step, turned into the core's capacity by a
+    :class:`broker.core.host.HostGovernor` (docs/pressure.md, "Host-aware capacity")."""
+
+    def __init__(self, governor: HostGovernor, root: Path) -> None:
+        self.governor = governor
+        self.root = root
+        self.read_errors = 0
+
+    def step(self, core: Tmem, now: float) -> None:
+        """Read the host and apply the effective capacity; a failed read keeps the last one."""
+        try:
+            host = read_host_memory(self.root)
+        except HostMemoryError as exc:
+            self.read_errors += 1
+            if self.read_errors == 1 or self.read_errors % 100 == 0:
+                log.warning("host memory not read (%d so far): %s", self.read_errors, exc)
+            return
+        effective = self.governor.observe(host, core.counted_bytes, now)
+        if effective != core.capacity_bytes:
+            log.info(
+                "capacity %d -> %d bytes (host: %s)",
+                core.capacity_bytes,
+                effective,
+                self.governor.last_reason,
+            )
+            core.capacity_bytes = effective
+
+    def set_base(self, base: int) -> int:
+        """An admin set the capacity: the governor's new base; the capacity in force."""
+        return self.governor.set_base(base)
+
+    def figures(self) -> HostFigures:
+        return host_figures(self.governor.figures(), self.read_errors)
+
+
 @dataclass(frozen=True, slots=True)
 class PressureReport:
     """A guest's latest ``POST /v1/self/pressure`` and when it arrived."""
@@ -114,7 +153,10 @@ class PressureLoop:
         ready: asyncio.Event,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        host: HostWatch | None = None,
     ) -> None:
+        self.core = core
+        self.host = host
         self.repo = repo
         self.hub = hub
         self.reports = reports
@@ -219,6 +261,9 @@ class PressureLoop:
         """One policy step; sends its notices and returns them."""
         async with self._step_lock:
             now = self.clock()
+            if self.host is not None:
+                # the host first: a shrunk capacity is what the policy then works with
+                self.host.step(self.core, now)
             intents = self.policy.step(now, self._reports(now))
             sent: list[Notice] = []
             for intent in intents:

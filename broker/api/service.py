@@ -20,10 +20,11 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.auth import TokenRegistry, hash_token, new_token
 from broker.api.limits import GuestLimits
 from broker.api.notices import NoticeHub
-from broker.api.pressure_loop import PressureLoop, PressureReport
+from broker.api.pressure_loop import HostWatch, PressureLoop, PressureReport
 from broker.core import Tmem
 from broker.core.errors import BadPageSize, TmemError, UnknownGuest
 from broker.core.figures import StatsFigures, as_json
+from broker.core.host import HostGovernor
 from broker.db.repo import DomainRecord, GuestRecord, PoolRecord, Repository
 from broker.settings import Settings
 from schemas.batch import PAGE_SIZE
@@ -81,6 +82,11 @@ class BrokerService:
             settings.pressure_settings(),
             ready=self.ready,
             interval=settings.pressure_interval_s,
+            host=(
+                HostWatch(HostGovernor(settings.capacity_bytes), settings.host_root)
+                if settings.host_watch
+                else None
+            ),
         )
 
     # start -------------------------------------------------------------------------------
@@ -96,7 +102,7 @@ class BrokerService:
         for d in self.repo.domains():
             self.core.set_domain(d.name, trusted=d.trusted, compress=d.compress)
         if "capacity_bytes" in stored:
-            self.core.capacity_bytes = int(stored["capacity_bytes"])
+            self.core.capacity_bytes = self._base_capacity(int(stored["capacity_bytes"]))
             log.info(
                 "capacity %d bytes (set by an admin, overrides --capacity)",
                 stored["capacity_bytes"],
@@ -314,7 +320,13 @@ class BrokerService:
     async def set_capacity(self, capacity_bytes: int) -> None:
         async with self.lock:
             await run_in_threadpool(self.repo.set_setting, "capacity_bytes", capacity_bytes)
-            self.core.capacity_bytes = capacity_bytes
+            self.core.capacity_bytes = self._base_capacity(capacity_bytes)
+
+    def _base_capacity(self, capacity_bytes: int) -> int:
+        """The capacity in force once an admin set ``capacity_bytes``: that, or what the host
+        watch leaves of it while the host runs short."""
+        host = self.pressure_loop.host
+        return capacity_bytes if host is None else host.set_base(capacity_bytes)
 
     def record_pressure(self, guest_id: int, report: Pressure) -> None:
         self.pressure[guest_id] = PressureReport(report, datetime.now(UTC))
@@ -380,4 +392,5 @@ class BrokerService:
             # Sheds are notices, which the shell sends; the core does not see them.
             sheds_issued=self.hub.issued.get("shed", 0),
             pressure=None if self.pressure_loop is None else self.pressure_loop.figures(),
+            host=None if self.pressure_loop.host is None else self.pressure_loop.host.figures(),
         )

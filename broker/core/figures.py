@@ -341,6 +341,46 @@ class PressureFigures:
     loop: LoopFigures | None = nested(LoopFigures, "the loop's heartbeat", prefix="loop_")
 
 
+HOST_STATES = ("normal", "shrunk", "recovering")
+
+
+@dataclass(slots=True, frozen=True, kw_only=True)
+class HostFigures:
+    """The host the broker runs on and what it did to the capacity (docs/pressure.md,
+    "Host-aware capacity"); present when the broker watches its host."""
+
+    state: str = state(
+        "normal (capacity as configured), shrunk (the host ran short on the last reading) or "
+        "recovering (below the configured capacity, growing back)",
+        states=HOST_STATES,
+    )
+    base_capacity_bytes: int = gauge("the configured capacity (--capacity, or auto's size)")
+    effective_capacity_bytes: int = gauge("the capacity in force after the host's readings")
+    shrunk_by_bytes: int = gauge("how far the host's readings lowered the capacity")
+    floor_bytes: int = gauge("the least capacity the host's readings may leave")
+    last_reason: str | None = info("why the capacity last changed (mem_available, psi, ...)")
+    shrinks: int = counter("times the capacity shrank because the host ran short")
+    grows: int = counter("times the capacity grew back")
+    readings: int = counter("host readings taken")
+    read_errors: int = counter("host readings that failed (the last capacity kept)")
+    mem_total_bytes: int | None = gauge("MemTotal of the host")
+    mem_available_bytes: int | None = gauge("MemAvailable of the host")
+    limit_bytes: int | None = gauge("MemTotal, or the cgroup's memory limit when lower")
+    available_bytes: int | None = gauge(
+        "the least of MemAvailable and the cgroup's room (limit less working set)"
+    )
+    used_percent: float | None = gauge("100 x (1 - available / limit)")
+    swap_free_bytes: int | None = gauge("SwapFree of the host")
+    psi_some_avg10: float | None = gauge(
+        "PSI memory some avg10: percent of the last 10 s some task stalled on memory"
+    )
+    psi_full_avg10: float | None = gauge(
+        "PSI memory full avg10: percent of the last 10 s every task stalled on memory"
+    )
+    cgroup_limit_bytes: int | None = gauge("the broker's cgroup memory limit (none: no limit)")
+    limited_by: str | None = info("host or cgroup: what sets the limit")
+
+
 @dataclass(slots=True, frozen=True, kw_only=True)
 class StatsFigures:
     """``GET /v1/stats``: the core's figures, the shed notices sent and the pressure policy."""
@@ -350,6 +390,7 @@ class StatsFigures:
     pressure: PressureFigures | None = nested(
         PressureFigures, "the pressure policy", prefix="pressure_"
     )
+    host: HostFigures | None = nested(HostFigures, "the host's memory", prefix="host_")
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -604,4 +645,32 @@ def broker_figures(
         compressed_cold=compressed_cold,
         guests=[guest_figures(g, mode, admin=True) for g, mode in guests],
         shared_pools=shared_pools,
+    )
+
+
+def host_figures(governor: Mapping[str, Any], read_errors: int) -> HostFigures:
+    """The figures of :meth:`broker.core.host.HostGovernor.figures` (and the loop's failed
+    readings), typed."""
+    host = governor.get("host") or {}
+    return HostFigures(
+        state=governor["state"],
+        base_capacity_bytes=governor["base_capacity_bytes"],
+        effective_capacity_bytes=governor["effective_capacity_bytes"],
+        shrunk_by_bytes=governor["shrunk_by_bytes"],
+        floor_bytes=governor["floor_bytes"],
+        last_reason=governor["last_reason"],
+        shrinks=governor["shrinks"],
+        grows=governor["grows"],
+        readings=governor["readings"],
+        read_errors=read_errors,
+        mem_total_bytes=host.get("mem_total_bytes"),
+        mem_available_bytes=host.get("mem_available_bytes"),
+        limit_bytes=host.get("limit_bytes"),
+        available_bytes=host.get("available_bytes"),
+        used_percent=host.get("used_percent"),
+        swap_free_bytes=host.get("swap_free_bytes"),
+        psi_some_avg10=host.get("psi_some_avg10"),
+        psi_full_avg10=host.get("psi_full_avg10"),
+        cgroup_limit_bytes=host.get("cgroup_limit_bytes"),
+        limited_by=host.get("limited_by"),
     )

@@ -102,7 +102,11 @@ def test_every_figure_has_its_metric_under_the_documented_name(busy: TestClient)
     missing = {name: path for name, path in expected.items() if name not in families}
     assert set(missing) == NOT_PER_GUEST, missing
     # and nothing is exported that no figure declares (besides the latency histogram)
-    declared = set(expected) | {"tmem_request_duration_seconds", "tmem_guest_info"}
+    declared = set(expected) | {
+        "tmem_request_duration_seconds",
+        "tmem_guest_info",
+        "tmem_host_info",
+    }
     assert set(families) == declared - NOT_PER_GUEST
     assert {spec.name for spec in TABLE} == declared - NOT_PER_GUEST
 

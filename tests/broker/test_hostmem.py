@@ -380,7 +380,7 @@ def test_a_host_running_short_shrinks_the_capacity_and_sheds_within_two_interval
     for n in range(3):  # healthy: full capacity, no intents
         assert step("recovered", n * interval) == []
         assert tmem.capacity_bytes == base_pages * PAGE
-    assert tmem.stats()["ephemeral_pages"] == 200
+    assert tmem.stats().ephemeral_pages == 200
     shed_at = None
     for n in range(1, 3):  # at most two intervals
         kinds = step(short_case, (2 + n) * interval)
@@ -393,6 +393,6 @@ def test_a_host_running_short_shrinks_the_capacity_and_sheds_within_two_interval
     # ephemeral pages went first (the capacity setter or the step evicted them); persistent
     # pages stay, every one, and the guests are asked to shed what no longer fits
     figures = tmem.stats()
-    assert figures["ephemeral_pages"] < 200 and figures["persistent_pages"] == 720
+    assert figures.ephemeral_pages < 200 and figures.persistent_pages == 720
     assert policy.counters.sheds_issued == 2  # both guests are above their share
     assert math.floor(0.75 * tmem.capacity_bytes // PAGE) < 720
