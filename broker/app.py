@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.api import migration, ops, routes
+from broker.api import exports, migration, ops, routes
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.errors import ApiError, BodyTooLarge, handle_error, json_error
 from broker.api.notices import NoticeHub
@@ -217,6 +217,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(migration.router)  # export/import (durability)
     app.include_router(routes.guest)
     app.include_router(ops.router)
+    app.include_router(exports.router)  # export figures (base-image exports)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes)
     install_openapi(app)
     install_log_redaction()
