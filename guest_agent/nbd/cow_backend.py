@@ -28,6 +28,11 @@ Cache handle of block ``b`` of an image with tag ``t`` (128 bits)::
     oid   = (t << 24) | (b >> 8)     # one object per 1 MiB chunk, as the overlay's
     index = b
 
+The export joins the shared pool at start and does not leave it at a stop (joining again is
+idempotent at the broker): a shared pool and its pages go with its last member, and the
+cache is worth most to the next VM booted from the image. The guest leaves it by destroying
+the pool (``DELETE /v1/pools/{id}``) or when the admin removes the guest.
+
 Persistence: with an overlay file, the written map, the overlay's location map and its pool id
 are kept in ``FILE.state`` (written to a temporary file, fsynced, renamed) at every ``FLUSH``
 that follows a change and at a clean stop, and the overlay's pool is kept at the broker when
@@ -268,7 +273,9 @@ class CowBackend:
     ``overlay`` is any block backend (the broker backend in production, a
     :class:`~guest_agent.nbd.backend.MemoryBackend` for a throwaway overlay); ``written`` is
     its written map (a fresh one when omitted); ``state`` keeps it across restarts (see the
-    module docstring). :attr:`stats` has the figures an operator reads: ``base_reads`` and
+    module docstring). At :meth:`close` the export stays a member of the shared cache unless
+    ``leave_cache_on_close``: a shared pool goes with its last member, and the cache should
+    outlive the VMs that come and go (the next VM of the image finds it warm). :attr:`stats` has the figures an operator reads: ``base_reads`` and
     ``base_read_bytes``, ``cache_hits`` and ``cache_misses``, ``overlay_blocks`` (blocks the
     guest wrote), and the overlay's own counters.
     """
@@ -282,8 +289,10 @@ class CowBackend:
         cache: SharedCache | None = None,
         written: bytearray | None = None,
         state: OverlayState | None = None,
+        leave_cache_on_close: bool = False,
     ) -> None:
         self.overlay = overlay
+        self.leave_cache_on_close = leave_cache_on_close
         self.base = base
         self.size = size
         self.block_count = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -372,7 +381,7 @@ class CowBackend:
             for task in self._puts:
                 task.cancel()
             await self.save_state()
-            if self.cache is not None:
+            if self.cache is not None and self.leave_cache_on_close:
                 await self.cache.leave()
         finally:
             try:

@@ -49,11 +49,13 @@ def base_agent(
     *,
     uuid: str | None,
     extra: tuple[str, ...] = (),
+    url: str | None = None,
 ) -> NbdAgent:
     """``tmem-agent nbd --base IMAGE [--cache-pool UUID] --overlay WORKDIR/overlay.img``,
-    named after the guest id (the name its figures are reported under)."""
+    named after the guest id (the name its figures are reported under); on the broker's
+    ``url`` (e.g. ``unix:PATH``), by default its TCP URL."""
     workdir.mkdir(parents=True, exist_ok=True)
-    args = ["--broker", broker.url, "--token", guest[1], "--base", str(image)]
+    args = ["--broker", url or broker.url, "--token", guest[1], "--base", str(image)]
     args += ["--overlay", str(workdir / "overlay.img"), "--name", f"vm{guest[0]}"]
     if uuid is not None:
         args += ["--cache-pool", uuid]
