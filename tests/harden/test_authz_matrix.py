@@ -77,6 +77,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/v1/settings"): admin_row(200),
     ("PATCH", "/v1/settings"): admin_row(200, {"capacity": "64MiB"}),
     ("GET", "/v1/guests/{guest_id}/export"): admin_row(200),
+    ("GET", "/v1/exports"): admin_row(200),
     ("POST", "/v1/guests/import"): admin_row(
         400, b"not an export stream", content_type="application/x-tmem-export"
     ),
@@ -85,6 +86,8 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("DELETE", "/v1/pools/{pool_id}"): guest_row(204),
     ("GET", "/v1/self"): guest_row(200),
     ("POST", "/v1/self/pressure"): guest_row(204, body={"psi_some_avg10": 1.0}),
+    ("PUT", "/v1/self/exports/{name}"): guest_row(204, body={"base_reads": 1}),
+    ("GET", "/v1/self/exports"): guest_row(200),
     ("GET", "/v1/notices"): guest_row(200),
     # B has no notice 1: its own namespace, not A's.
     ("POST", "/v1/notices/{seq}/ack"): guest_row(204, 404, body={"pages_returned": 0}),
@@ -126,7 +129,7 @@ def test_every_route_has_a_row(client_factory: Callable[..., TestClient]) -> Non
 
 
 def _fill(path: str, guest_id: int) -> str:
-    return path.format(guest_id=guest_id, pool_id=0, oid=1, index=0, seq=1)
+    return path.format(guest_id=guest_id, pool_id=0, oid=1, index=0, seq=1, name="disk0")
 
 
 def _call(client: TestClient, method: str, path: str, row: Row, auth: dict[str, str]) -> int:
