@@ -107,7 +107,9 @@ def main() -> None:
                     report = VmReport.parse(console.read_text(errors="replace"))
                 bad = report.bad_files(tree)
                 if bad or not report.done:
-                    sys.exit(f"{label}: {len(bad)} files did not verify; see {console}")
+                    kept = Path(tempfile.gettempdir()) / f"vmcache-bench-{label}.log"
+                    kept.write_text(report.console)
+                    sys.exit(f"{label}: {len(bad)} files did not verify; console in {kept}")
                 figures = export_figures(broker)[guest[0]]
                 rows.append((label, guest[0], figures, report, wall))
 

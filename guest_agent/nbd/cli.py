@@ -27,12 +27,14 @@ import contextlib
 import logging
 import re
 import signal
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend, MemoryBackend
+from guest_agent.nbd.cow_backend import CowBackend
 from guest_agent.nbd.dispatcher import Dispatcher
 from guest_agent.nbd.server import NbdServer
 
@@ -88,8 +90,6 @@ async def serve(
     if memory:
         backend = MemoryBackend()
         if base is not None:
-            from guest_agent.nbd.cow_backend import CowBackend
-
             backend = CowBackend(backend, base, size=size)
     else:
         from guest_agent.client import AsyncTmemClient
@@ -113,15 +113,19 @@ async def serve(
             broker_backend = cow.overlay
             backend = cow
             reporter = asyncio.create_task(report_figures(client, name, cow), name="nbd-report")
-        log.info("nbd: pool %d at %s, fallback %s", broker_backend.pool_id, broker, fallback)
+        local = fallback or overlay
+        log.info("nbd: pool %d at %s, fallback %s", broker_backend.pool_id, broker, local)
 
     dispatcher = Dispatcher(backend)
     dispatcher.start()
     if not memory:
-        shedder = broker_backend
+        # a base-image export sheds through its COW layer, which saves the overlay's map after
+        shedder: Callable[[int], Awaitable[int]] = (
+            backend.shed if isinstance(backend, CowBackend) else broker_backend.shed
+        )
 
         async def shed(pages: int) -> int:
-            return await dispatcher.exclusive(lambda: shedder.shed(pages))
+            return await dispatcher.exclusive(lambda: shedder(pages))
 
         assert broker and token
         stream = NoticeStream(broker, token, after=await latest_seq(client))
@@ -160,7 +164,7 @@ async def serve(
     try:
         await backend.flush()
         if reporter is not None:
-            from guest_agent.nbd.cow_backend import CowBackend, figures_for_broker
+            from guest_agent.nbd.cow_backend import figures_for_broker
 
             assert isinstance(backend, CowBackend)
             with contextlib.suppress(TmemClientError):

@@ -389,6 +389,16 @@ class CowBackend:
             finally:
                 self.base.close()
 
+    async def shed(self, pages: int) -> int:
+        """Move up to ``pages`` of the overlay's broker blocks to its fallback file (a shed
+        notice; run through ``Dispatcher.exclusive``) and save the maps that moved them."""
+        if not isinstance(self.overlay, BrokerBackend):
+            return 0
+        moved = await self.overlay.shed(pages)
+        if moved:
+            await self.save_state()
+        return moved
+
     async def save_state(self) -> None:
         """Persist the maps when they changed (a no-op without an overlay state file)."""
         if self.state is None or not isinstance(self.overlay, BrokerBackend):

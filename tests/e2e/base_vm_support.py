@@ -38,9 +38,11 @@ mount -t devtmpfs dev /dev
 for m in $(cat /modules/order); do insmod /modules/$m.ko || echo "INIT: insmod $m failed"; done
 id=$(sed -n 's/.*tmem_vm=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
 i=0
-while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+# a busy host slows TCG down a lot: give the disk a minute to appear
+while [ ! -b /dev/vda ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/vda ] || echo "INIT: no disk"
 mkdir -p /mnt
-mount -t ext4 /dev/vda /mnt && echo "INIT: mounted"
+mount -t ext4 /dev/vda /mnt && echo "INIT: mounted" || echo "INIT: mount failed"
 cd /mnt
 t0=$(cut -d' ' -f1 /proc/uptime)
 find . -path ./lost+found -prune -o -type f ! -name 'mark-*' -print | sort > /tmp/files

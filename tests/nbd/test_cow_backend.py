@@ -18,7 +18,14 @@ import pytest
 from guest_agent.client import AsyncTmemClient
 from guest_agent.nbd.backend import BLOCK_SIZE, ZERO_BLOCK, MemoryBackend
 from guest_agent.nbd.base_image import BaseImage, BaseImageChanged
-from guest_agent.nbd.cow_backend import CowBackend, SharedCache, figures_for_broker, open_cow
+from guest_agent.nbd.broker_backend import FALLBACK
+from guest_agent.nbd.cow_backend import (
+    CowBackend,
+    OverlayState,
+    SharedCache,
+    figures_for_broker,
+    open_cow,
+)
 from guest_agent.nbd.dispatcher import Dispatcher
 from tests.agent.fake_broker import FakeBroker
 
@@ -320,3 +327,26 @@ async def test_memory_overlay_without_a_cache(image: tuple[Path, bytes]) -> None
     assert backend.stats["base_reads"] == 2
     await backend.close()
     await asyncio.sleep(0)
+
+
+async def test_a_shed_saves_the_overlay_map_at_once(
+    fake: FakeBroker, image: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    path, _ = image
+    vm = await start_vm(fake, path, tmp_path / "a.overlay")
+    for block in (1, 2, 3):
+        await vm.dispatcher.write(block * BLOCK_SIZE, bytes([block]) * BLOCK_SIZE)
+    await vm.dispatcher.flush()
+    moved = await vm.dispatcher.exclusive(lambda: vm.backend.shed(2))
+    assert moved == 2
+    state = vm.backend.state
+    assert state is not None
+    reread = OverlayState(state.path, cache_tag=state.cache_tag, block_count=state.block_count)
+    loaded = reread.load()
+    assert loaded is not None
+    _, written, location = loaded
+    assert [written[b] for b in (1, 2, 3)] == [1, 1, 1]
+    assert location.count(FALLBACK) == 2  # a crash now still finds the shed blocks
+    for block in (1, 2, 3):
+        assert await vm.read(block) == bytes([block]) * BLOCK_SIZE
+    await vm.stop()
