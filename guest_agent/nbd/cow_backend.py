@@ -54,7 +54,7 @@ from typing import Literal, Protocol
 
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend
-from guest_agent.nbd.base_image import BaseImage
+from guest_agent.nbd.base_image import BaseImage, ImageVersion
 from guest_agent.nbd.broker_backend import BrokerBackend, PageClient
 from guest_agent.nbd.errors import BackendError
 
@@ -148,13 +148,15 @@ class SharedCache:
 class OverlayState:
     """The overlay's maps and pool id in ``PATH.state``: what a restarted export reads back.
 
-    Layout: a magic line, one JSON line (``pool_id``, ``blocks``, ``cache_tag``), then
-    ``blocks`` bytes of the written map and ``blocks`` bytes of the overlay's location map.
+    Layout: a magic line, one JSON line (``pool_id``, ``blocks``, ``base``: the image version's
+    size, mtime and header digest), then ``blocks`` bytes of the written map and ``blocks``
+    bytes of the overlay's location map. The image is matched by version, not by cache tag:
+    the tag may carry the file's device and inode, which a reboot or a copy can change.
     """
 
-    def __init__(self, path: str, *, cache_tag: int, block_count: int) -> None:
+    def __init__(self, path: str, *, base: ImageVersion, block_count: int) -> None:
         self.path = path
-        self.cache_tag = cache_tag
+        self.base = base
         self.block_count = block_count
         self._saved = b""
         self.saves = 0
@@ -172,7 +174,7 @@ class OverlayState:
         head_end = raw.index(b"\n", len(_STATE_MAGIC))
         head = json.loads(raw[len(_STATE_MAGIC) : head_end])
         body = raw[head_end + 1 :]
-        if head["cache_tag"] != f"{self.cache_tag:032x}":
+        if head["base"] != self._base_json():
             raise ValueError(
                 f"{self.path}: the overlay was made over another version of the base image"
             )
@@ -182,12 +184,19 @@ class OverlayState:
         n = self.block_count
         return int(head["pool_id"]), bytearray(body[:n]), bytearray(body[n:])
 
+    def _base_json(self) -> dict[str, object]:
+        return {
+            "size": self.base.size,
+            "mtime_ns": self.base.mtime_ns,
+            "header_digest": self.base.header_digest,
+        }
+
     def save(self, pool_id: int, written: bytearray, location: bytearray) -> bool:
         """Write the state durably when it changed since the last save; whether it did."""
         head = {
             "pool_id": pool_id,
             "blocks": self.block_count,
-            "cache_tag": f"{self.cache_tag:032x}",
+            "base": self._base_json(),
         }
         raw = b"".join((_STATE_MAGIC, json.dumps(head).encode(), b"\n", written, location))
         if raw == self._saved:
@@ -227,7 +236,7 @@ async def open_overlay(
     and ``size``, or its pool is gone from the broker while it held blocks.
     """
     block_count = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
-    state = OverlayState(path + ".state", cache_tag=base.cache_tag, block_count=block_count)
+    state = OverlayState(path + ".state", base=base.version, block_count=block_count)
     loaded = state.load()
     if loaded is None:
         pool_id = await client.create_pool("persistent")

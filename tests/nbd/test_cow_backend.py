@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -310,6 +311,13 @@ async def test_the_overlay_survives_a_restart(
     assert again.backend.stats["overlay_blocks"] == 5
     await again.stop()
 
+    # a copy of the image (another inode, the same version) still fits the overlay
+    copy = tmp_path / "copy.raw"
+    shutil.copy2(path, copy)
+    moved = await start_vm(fake, copy, tmp_path / "a.overlay")
+    assert await moved.read(1) == writes[1]
+    await moved.stop()
+
     # over another image, the overlay would be another disk: refused
     other = tmp_path / "other.raw"
     write_image(other, seed=3)
@@ -341,7 +349,7 @@ async def test_a_shed_saves_the_overlay_map_at_once(
     assert moved == 2
     state = vm.backend.state
     assert state is not None
-    reread = OverlayState(state.path, cache_tag=state.cache_tag, block_count=state.block_count)
+    reread = OverlayState(state.path, base=state.base, block_count=state.block_count)
     loaded = reread.load()
     assert loaded is not None
     _, written, location = loaded
