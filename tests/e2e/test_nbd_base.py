@@ -179,3 +179,32 @@ def test_bad_flags_are_refused(tmp_path: Path) -> None:
         done = subprocess.run([*agent, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert message in done.stderr, (args, done.stderr)
+
+
+def test_equal_blocks_of_two_images_are_stored_once(tmp_path: Path) -> None:
+    first = tmp_path / "first.raw"
+    data = make_image(first, mib=4)
+    second = tmp_path / "second.raw"
+    changed = bytearray(data)
+    changed[:BLOCK] = b"\x77" * BLOCK  # another image: one block differs, another cache tag
+    second.write_bytes(changed)
+    uuid = new_cache_uuid()
+    blocks = len(data) // BLOCK
+    with BrokerProcess(tmp_path / "broker") as broker:
+        g1, g2 = cache_guests(broker, 2, uuid=uuid)
+        with (
+            base_agent(broker, g1, first, tmp_path / "vm1", uuid=uuid) as one,
+            base_agent(broker, g2, second, tmp_path / "vm2", uuid=uuid) as two,
+        ):
+            assert copy_out(one.uri, tmp_path / "one.raw") == data
+            assert broker_pages_settle(broker, blocks)
+            before = broker.json("GET", "/v1/stats")
+            assert copy_out(two.uri, tmp_path / "two.raw") == bytes(changed)
+            assert broker_pages_settle(broker, 2 * blocks)
+            after = broker.json("GET", "/v1/stats")
+        figures = export_figures(broker)
+    # the second image was read from its own file (its handles are its own) ...
+    assert figures[g2[0]]["base_reads"] == blocks
+    assert after["ephemeral_pages"] == 2 * blocks
+    # ... and its blocks equal to the first image's were stored once: one new content only
+    assert after["unique_pages"] == before["unique_pages"] + 1
