@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -84,6 +85,8 @@ class BaseImage:
         self._changed: str | None = None
         self.reads = 0
         self.read_bytes = 0
+        # reads run in worker threads, several at once: their counts are added under a lock
+        self._count_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -160,6 +163,7 @@ class BaseImage:
         out: list[bytes] = []
         size = self.size
         fd = self._fd
+        read = nbytes = 0
         for block in blocks:
             offset = block * BLOCK_SIZE
             if offset >= size:
@@ -169,13 +173,16 @@ class BaseImage:
                 data = os.pread(fd, BLOCK_SIZE, offset)
             except OSError as exc:
                 raise BackendError(f"read of {self.path} at {offset} failed: {exc}") from exc
-            self.reads += 1
-            self.read_bytes += len(data)
+            read += 1
+            nbytes += len(data)
             if len(data) != BLOCK_SIZE:
                 if offset + len(data) != size:
                     raise BackendError(f"short read of {self.path} at {offset}")
                 data += bytes(BLOCK_SIZE - len(data))
             out.append(data)
+        with self._count_lock:
+            self.reads += read
+            self.read_bytes += nbytes
         # a write racing the reads above shows here: the bytes just read are not served (nor
         # cached) when the file changed while they were read
         self.check()

@@ -284,9 +284,10 @@ class CowBackend:
     its written map (a fresh one when omitted); ``state`` keeps it across restarts (see the
     module docstring). At :meth:`close` the export stays a member of the shared cache unless
     ``leave_cache_on_close``: a shared pool goes with its last member, and the cache should
-    outlive the VMs that come and go (the next VM of the image finds it warm). :attr:`stats` has the figures an operator reads: ``base_reads`` and
-    ``base_read_bytes``, ``cache_hits`` and ``cache_misses``, ``overlay_blocks`` (blocks the
-    guest wrote), and the overlay's own counters.
+    outlive the VMs that come and go (the next VM of the image finds it warm).
+    :attr:`stats` has the figures an operator reads: ``base_reads`` and ``base_read_bytes``,
+    ``cache_hits`` and ``cache_misses``, ``overlay_blocks`` (blocks the guest wrote), and the
+    overlay's own counters.
     """
 
     def __init__(
