@@ -34,7 +34,7 @@ import typer
 
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend, MemoryBackend
-from guest_agent.nbd.cow_backend import CowBackend
+from guest_agent.nbd.cow_backend import CowBackend, figures_for_broker, open_cow, report_figures
 from guest_agent.nbd.dispatcher import Dispatcher
 from guest_agent.nbd.server import NbdServer
 
@@ -105,8 +105,6 @@ async def serve(
             broker_backend = await BrokerBackend.open(client, size=size, fallback_path=fallback)
             backend = broker_backend
         else:
-            from guest_agent.nbd.cow_backend import open_cow, report_figures
-
             assert overlay
             cow = await open_cow(client, base, size=size, overlay=overlay, cache_uuid=cache_pool)
             assert isinstance(cow.overlay, BrokerBackend)
@@ -164,8 +162,6 @@ async def serve(
     try:
         await backend.flush()
         if reporter is not None:
-            from guest_agent.nbd.cow_backend import figures_for_broker
-
             assert isinstance(backend, CowBackend)
             with contextlib.suppress(TmemClientError):
                 await client.report_export(name, figures_for_broker(backend))
