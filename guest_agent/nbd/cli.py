@@ -34,7 +34,13 @@ import typer
 
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend, MemoryBackend
-from guest_agent.nbd.cow_backend import CowBackend, figures_for_broker, open_cow, report_figures
+from guest_agent.nbd.cow_backend import (
+    CowBackend,
+    figures_for_broker,
+    open_cow,
+    report_figures,
+    report_name,
+)
 from guest_agent.nbd.dispatcher import Dispatcher
 from guest_agent.nbd.server import NbdServer
 
@@ -164,7 +170,7 @@ async def serve(
         if reporter is not None:
             assert isinstance(backend, CowBackend)
             with contextlib.suppress(TmemClientError):
-                await client.report_export(name, figures_for_broker(backend))
+                await client.report_export(report_name(name), figures_for_broker(backend))
         await backend.close()
     finally:
         for c in clients:

@@ -48,6 +48,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal, Protocol
@@ -480,12 +481,19 @@ async def report_figures(
     """Send the export's figures to the broker every ``every_s`` seconds until cancelled
     (the operator reads them at ``GET /v1/exports``); a failed report is logged, not fatal."""
     report = client.report_export  # type: ignore[attr-defined]
+    name = report_name(name)
     while True:
         try:
             await report(name, figures_for_broker(backend))
         except TmemClientError as exc:
             log.warning("nbd: reporting figures failed: %s", exc)
         await asyncio.sleep(every_s)
+
+
+def report_name(export_name: str) -> str:
+    """The name an export reports under: its own, in the broker's alphabet
+    (``A-Za-z0-9._-``, 1 to 64 characters; anything else becomes ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", export_name)[:64] or "_"
 
 
 FIGURES = (

@@ -26,6 +26,7 @@ from guest_agent.nbd.cow_backend import (
     SharedCache,
     figures_for_broker,
     open_cow,
+    report_name,
 )
 from guest_agent.nbd.dispatcher import Dispatcher
 from tests.agent.fake_broker import FakeBroker
@@ -358,3 +359,10 @@ async def test_a_shed_saves_the_overlay_map_at_once(
     for block in (1, 2, 3):
         assert await vm.read(block) == bytes([block]) * BLOCK_SIZE
     await vm.stop()
+
+
+def test_report_names_fit_the_brokers_alphabet() -> None:
+    assert report_name("tmem") == "tmem"
+    assert report_name("my disk/1") == "my_disk_1"
+    assert report_name("") == "_"
+    assert len(report_name("x" * 100)) == 64
