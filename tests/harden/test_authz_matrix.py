@@ -129,7 +129,7 @@ def test_every_route_has_a_row(client_factory: Callable[..., TestClient]) -> Non
 
 
 def _fill(path: str, guest_id: int) -> str:
-    return path.format(guest_id=guest_id, pool_id=0, oid=1, index=0, seq=1, name="disk0")
+    return path.format(guest_id=guest_id, pool_id=0, oid=1, index=0, seq=1, name="tenant")
 
 
 def _call(client: TestClient, method: str, path: str, row: Row, auth: dict[str, str]) -> int:
