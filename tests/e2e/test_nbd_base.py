@@ -208,3 +208,30 @@ def test_equal_blocks_of_two_images_are_stored_once(tmp_path: Path) -> None:
     assert after["ephemeral_pages"] == 2 * blocks
     # ... and its blocks equal to the first image's were stored once: one new content only
     assert after["unique_pages"] == before["unique_pages"] + 1
+
+
+def test_a_broker_crash_empties_the_cache_and_nothing_else(tmp_path: Path) -> None:
+    image = tmp_path / "base.raw"
+    data = make_image(image, mib=4)
+    blocks = len(data) // BLOCK
+    uuid = new_cache_uuid()
+    broker = BrokerProcess(tmp_path / "broker")
+    broker.start()
+    try:
+        guest = cache_guests(broker, 1, uuid=uuid)[0]
+        with base_agent(broker, guest, image, tmp_path / "vm1", uuid=uuid) as agent:
+            qemu_io(agent.uri, "write -P 0x5a 1M 64k", "flush")
+            mine = bytearray(data)
+            mine[MIB : MIB + 65536] = b"\x5a" * 65536
+            assert copy_out(agent.uri, tmp_path / "before.raw") == bytes(mine)
+            assert broker_pages_settle(broker, blocks - 16)
+            broker.kill()  # SIGKILL: the cache's pages go, the overlay's must not
+            broker.start()  # same port, same data dir
+            assert broker.json("GET", "/v1/stats")["ephemeral_pages"] == 0
+            assert copy_out(agent.uri, tmp_path / "after.raw") == bytes(mine)
+        figures = export_figures(broker)[guest[0]]
+    finally:
+        broker.stop()
+    # the unwritten blocks were read from the image twice: the cache was empty the second time
+    assert figures["base_reads"] >= 2 * (blocks - 16)
+    assert figures["overlay_blocks"] == 16
