@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.base_support import base_agent, cache_guests, export_figures, new_cache_uuid
-from tests.e2e.brokerproc import BrokerProcess
+from tests.e2e.brokerproc import BrokerProcess, dies_with_us, free_port
 from tests.e2e.nbd_support import fio_json, run
 
 pytestmark = [
@@ -235,3 +236,25 @@ def test_a_broker_crash_empties_the_cache_and_nothing_else(tmp_path: Path) -> No
     # the unwritten blocks were read from the image twice: the cache was empty the second time
     assert figures["base_reads"] >= 2 * (blocks - 16)
     assert figures["overlay_blocks"] == 16
+
+
+def test_the_stop_line_has_the_figures(tmp_path: Path) -> None:
+    image = tmp_path / "base.raw"
+    make_image(image, mib=1)
+    port = free_port()
+    agent = [str(Path(sys.executable).parent / "tmem-agent"), "nbd", "--memory"]
+    agent += ["--base", str(image), "--listen", f"127.0.0.1:{port}"]
+    with subprocess.Popen(
+        dies_with_us(agent), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        assert "nbd: serving" in proc.stdout.readline()
+        qemu_io(f"nbd://127.0.0.1:{port}", "read 0 64k", "write -P 1 0 4k")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    figures = dict(word.split("=") for word in out.split("stopped; ")[1].split())
+    assert int(figures["base_reads"]) >= 16  # the 64 KiB read (and whatever qemu-io probes)
+    assert int(figures["base_read_bytes"]) == int(figures["base_reads"]) * BLOCK
+    assert figures["overlay_blocks"] == "1"
+    assert "cache_hits" in figures and "cache_misses" in figures
