@@ -56,8 +56,9 @@ from typing import Literal, Protocol
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend
 from guest_agent.nbd.base_image import BaseImage, ImageVersion
-from guest_agent.nbd.broker_backend import BrokerBackend, PageClient
+from guest_agent.nbd.broker_backend import BrokerBackend
 from guest_agent.nbd.errors import BackendError
+from schemas.wire import SelfInfo
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,11 @@ class CacheClient(Protocol):
     """The calls of :class:`guest_agent.client.AsyncTmemClient` the shared cache uses."""
 
     async def create_pool(
-        self, kind: Literal["ephemeral"], *, shared: bool = ..., uuid: str | None = ...
+        self,
+        kind: Literal["persistent", "ephemeral"],
+        *,
+        shared: bool = ...,
+        uuid: str | None = ...,
     ) -> int: ...  # pragma: no cover
 
     async def destroy_pool(self, pool_id: int) -> None: ...  # pragma: no cover
@@ -83,6 +88,20 @@ class CacheClient(Protocol):
     async def get_many(
         self, pool_id: int, handles: Sequence[tuple[int, int]]
     ) -> list[bytes | None]: ...  # pragma: no cover
+
+
+class CowClient(CacheClient, Protocol):
+    """Everything a base-image export asks of the client (its overlay's calls included)."""
+
+    async def flush_many(
+        self, pool_id: int, handles: Sequence[tuple[int, int]]
+    ) -> None: ...  # pragma: no cover
+
+    async def self_info(self) -> SelfInfo: ...  # pragma: no cover
+
+    async def report_export(
+        self, name: str, figures: dict[str, int]
+    ) -> None: ...  # pragma: no cover
 
 
 class SharedCache:
@@ -223,7 +242,7 @@ class OverlayState:
 
 
 async def open_overlay(
-    client: PageClient,
+    client: CowClient,
     base: BaseImage,
     *,
     size: int,
@@ -271,9 +290,9 @@ async def open_overlay(
     return backend, state, written
 
 
-async def _pool_ids(client: object) -> set[int]:
+async def _pool_ids(client: CowClient) -> set[int]:
     """The guest's persistent pool ids at the broker."""
-    info = await client.self_info()  # type: ignore[attr-defined]
+    info = await client.self_info()
     return {int(p.pool_id) for p in info.pools if p.kind == "persistent"}
 
 
@@ -454,7 +473,7 @@ class CowBackend:
 
 
 async def open_cow(
-    client: PageClient,
+    client: CowClient,
     base: BaseImage,
     *,
     size: int,
@@ -468,7 +487,7 @@ async def open_cow(
     cache: SharedCache | None = None
     try:
         if cache_uuid is not None:
-            cache = await SharedCache.join(client, cache_uuid, base.cache_tag)  # type: ignore[arg-type]
+            cache = await SharedCache.join(client, cache_uuid, base.cache_tag)
         return CowBackend(backend, base, size=size, cache=cache, written=written, state=state)
     except BaseException:
         await backend.close()
@@ -476,15 +495,14 @@ async def open_cow(
 
 
 async def report_figures(
-    client: object, name: str, backend: CowBackend, *, every_s: float = 5.0
+    client: CowClient, name: str, backend: CowBackend, *, every_s: float = 5.0
 ) -> None:
     """Send the export's figures to the broker every ``every_s`` seconds until cancelled
     (the operator reads them at ``GET /v1/exports``); a failed report is logged, not fatal."""
-    report = client.report_export  # type: ignore[attr-defined]
     name = report_name(name)
     while True:
         try:
-            await report(name, figures_for_broker(backend))
+            await client.report_export(name, figures_for_broker(backend))
         except TmemClientError as exc:
             log.warning("nbd: reporting figures failed: %s", exc)
         await asyncio.sleep(every_s)
