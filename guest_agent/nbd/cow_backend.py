@@ -56,7 +56,7 @@ from typing import Literal, Protocol
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE, BlockBackend
 from guest_agent.nbd.base_image import BaseImage, ImageVersion
-from guest_agent.nbd.broker_backend import BrokerBackend
+from guest_agent.nbd.broker_backend import BROKER, BrokerBackend
 from guest_agent.nbd.errors import BackendError
 from schemas.wire import SelfInfo
 
@@ -189,20 +189,24 @@ class OverlayState:
                 raw = f.read()
         except FileNotFoundError:
             return None
-        if not raw.startswith(_STATE_MAGIC):
-            raise ValueError(f"{self.path}: not an overlay state file")
-        head_end = raw.index(b"\n", len(_STATE_MAGIC))
-        head = json.loads(raw[len(_STATE_MAGIC) : head_end])
+        try:
+            if not raw.startswith(_STATE_MAGIC):
+                raise ValueError("no magic line")
+            head_end = raw.index(b"\n", len(_STATE_MAGIC))
+            head = json.loads(raw[len(_STATE_MAGIC) : head_end])
+            base, blocks, pool_id = head["base"], head["blocks"], int(head["pool_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.path}: not an overlay state file ({exc})") from exc
         body = raw[head_end + 1 :]
-        if head["base"] != self._base_json():
+        if base != self._base_json():
             raise ValueError(
                 f"{self.path}: the overlay was made over another version of the base image"
             )
-        if head["blocks"] != self.block_count or len(body) != 2 * self.block_count:
+        if blocks != self.block_count or len(body) != 2 * self.block_count:
             raise ValueError(f"{self.path}: the overlay is for another export size")
         self._saved = raw
         n = self.block_count
-        return int(head["pool_id"]), bytearray(body[:n]), bytearray(body[n:])
+        return pool_id, bytearray(body[:n]), bytearray(body[n:])
 
     def _base_json(self) -> dict[str, object]:
         return {
@@ -274,7 +278,7 @@ async def open_overlay(
     pool_id, written, location = loaded
     pools = await _pool_ids(client)
     if pool_id not in pools:
-        if location.count(1):  # BROKER
+        if location.count(BROKER):
             raise ValueError(f"{state.path}: the overlay's pool {pool_id} is gone from the broker")
         pool_id = await client.create_pool("persistent")
     backend = BrokerBackend(

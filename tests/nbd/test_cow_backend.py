@@ -366,3 +366,20 @@ def test_report_names_fit_the_brokers_alphabet() -> None:
     assert report_name("my disk/1") == "my_disk_1"
     assert report_name("") == "_"
     assert len(report_name("x" * 100)) == 64
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"something else\n", b"TMEMCOW1\n{not json}\n", b'TMEMCOW1\n{"blocks": 1}\n'],
+)
+def test_a_damaged_state_file_is_refused_with_a_clear_error(
+    tmp_path: Path, image: tuple[Path, bytes], content: bytes
+) -> None:
+    path, _ = image
+    base = BaseImage.open(str(path))
+    state_path = tmp_path / "x.overlay.state"
+    state_path.write_bytes(content)
+    state = OverlayState(str(state_path), base=base.version, block_count=IMAGE_BLOCKS)
+    with pytest.raises(ValueError, match="not an overlay state file"):
+        state.load()
+    base.close()
