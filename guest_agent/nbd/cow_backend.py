@@ -3,9 +3,11 @@
 ::
 
     base = BaseImage.open("golden.raw")
-    overlay, state = await open_overlay(client, base, size=base.size, path="vm1.overlay")
+    backend = await open_cow(client, base, size=base.size, overlay="vm1.overlay", cache_uuid=uuid)
+    # or piece by piece:
+    overlay, state, written = await open_overlay(client, base, size=base.size, path="vm1.overlay")
     cache = await SharedCache.join(client, uuid, base.cache_tag)        # optional
-    backend = CowBackend(overlay, base, size=base.size, cache=cache, state=state)
+    backend = CowBackend(overlay, base, size=base.size, cache=cache, written=written, state=state)
 
 A block is read from the first of three places that has it:
 
