@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
 
-from broker.api import admin, dashboard, guest_control, ops, pools
+from broker.api import admin, dashboard, exports, guest_control, ops, pools
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.body import JsonBodyLimit
 from broker.api.errors import exception_handlers
@@ -49,6 +49,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     admin.router,
     guest_control.router,
     pools.router,
+    exports.router,
     ops.router,
     dashboard.router,
 )

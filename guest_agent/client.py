@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 from guest_agent.errors import ProtocolError, error_for_status
 from guest_agent.transport import (
@@ -482,6 +483,11 @@ class TmemClient(_Base):
         )
         self._ok(self._send(self._json_request("POST", "/v1/self/pressure", payload)))
 
+    def report_export(self, name: str, figures: dict[str, int]) -> None:
+        """Tell the broker an export's figures (``PUT /v1/self/exports/{name}``)."""
+        req = self._json_request("PUT", f"/v1/self/exports/{quote(name, safe='')}", figures)
+        self._ok(self._send(req))
+
 
 class AsyncTmemClient(_Base):
     """The asyncio client: the methods of :class:`TmemClient`, awaited.
@@ -619,3 +625,8 @@ class AsyncTmemClient(_Base):
             psi_some_avg10, psi_full_avg10, mem_available_bytes, swap_used_bytes
         )
         self._ok(await self._send(self._json_request("POST", "/v1/self/pressure", payload)))
+
+    async def report_export(self, name: str, figures: dict[str, int]) -> None:
+        """Tell the broker an export's figures (``PUT /v1/self/exports/{name}``)."""
+        req = self._json_request("PUT", f"/v1/self/exports/{quote(name, safe='')}", figures)
+        self._ok(await self._send(req))

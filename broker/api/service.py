@@ -343,6 +343,7 @@ class BrokerService:
         uuid = str(body.uuid) if body.uuid is not None else None
         async with self.lock:
             self.guest_record(guest_id)
+            joined = {p.pool_id for p in self.core.pools(guest_id) if p.shared}
             pool_id = self.core.create_pool(
                 guest_id,
                 body.kind,
@@ -351,6 +352,19 @@ class BrokerService:
                 exclusive_gets=body.exclusive_gets,
                 pool_id=pool_id,
             )
+            if pool_id in joined:
+                # joining a shared pool the guest is already in answers its id (idempotent);
+                # SQL has that pool already, and rolling back would make the guest leave it
+                pages = next(p.pages for p in self.core.pools(guest_id) if p.pool_id == pool_id)
+                return PoolInfo(
+                    pool_id=pool_id,
+                    kind=body.kind,
+                    shared=True,
+                    uuid=body.uuid,
+                    page_size=PAGE_SIZE,
+                    exclusive_gets=False,
+                    pages=pages,
+                )
             record = PoolRecord(
                 guest_id, pool_id, body.kind, body.shared, uuid, body.exclusive_gets
             )

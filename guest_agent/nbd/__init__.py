@@ -7,6 +7,9 @@ Design, the block → handle mapping and figures: ``docs/nbd.md``. Layers, each 
 - :mod:`.dispatcher`: gathers the block operations of every request in flight into one batch
   per round, so queue depth turns into batch size;
 - :mod:`.broker_backend`: the real store: one persistent broker pool, a fallback file;
+- :mod:`.base_image`: a read-only raw base image, refused once it changes;
+- :mod:`.cow_backend`: a copy-on-write export over a base image: the guest's overlay, a
+  shared ephemeral cache of the image's blocks at the broker, the image;
 - :mod:`.notices`: shed notices move broker blocks to the fallback file;
 - :mod:`.server`: the asyncio NBD server (handshake and transmission);
 - :mod:`.cli`: ``tmem-agent nbd``.

@@ -86,6 +86,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("PUT", "/v1/domains/{name}"): admin_row(200, {"trusted": True}),
     ("PATCH", "/v1/settings"): admin_row(200, {"capacity": "64MiB"}),
     ("GET", "/v1/guests/{guest_id}/export"): admin_row(200),
+    ("GET", "/v1/exports"): admin_row(200),
     ("POST", "/v1/guests/import"): admin_row(
         400, b"not an export stream", content_type="application/x-tmem-export"
     ),
@@ -95,6 +96,8 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/v1/self"): guest_row(200),
     ("GET", "/v1/pools/{pool_id}"): guest_row(200),  # B's pool 0 is B's own
     ("POST", "/v1/self/pressure"): guest_row(204, body={"psi_some_avg10": 1.0}),
+    ("PUT", "/v1/self/exports/{name}"): guest_row(204, body={"base_reads": 1}),
+    ("GET", "/v1/self/exports"): guest_row(200),
     ("GET", "/v1/notices"): guest_row(200),
     # B has no notice 1: its own namespace, not A's.
     ("POST", "/v1/notices/{seq}/ack"): guest_row(204, 404, body={"pages_returned": 0}),
