@@ -3,7 +3,8 @@
 ::
 
     tmem-broker serve [--host 127.0.0.1] [--port 8470] [--uds PATH] [--data-dir ./var]
-                      [--capacity 1GiB] [--database-url URL] [--durability sync|none]
+                      [--capacity 1GiB|auto] [--compress never|always|pressure]
+                      [--host-watch] [--database-url URL] [--durability sync|none]
                       [--admin-token T]
     tmem-broker db upgrade [--database-url URL] [--data-dir ./var]
     tmem-broker admin {create-guest,list,show,freeze,thaw,flush,delete,stats,shared-auth} ...
@@ -69,7 +70,21 @@ def serve(
     data_dir: Annotated[
         Path | None, typer.Option(help="SQLite, journal, admin token [./var]")
     ] = None,
-    capacity: Annotated[str | None, typer.Option(help="page storage, e.g. 1GiB [1GiB]")] = None,
+    capacity: Annotated[
+        str | None,
+        typer.Option(help="page storage, e.g. 1GiB, or auto (sized from the host) [1GiB]"),
+    ] = None,
+    compress: Annotated[
+        str | None,
+        typer.Option(help="compression of guests that set none: never, always, pressure [never]"),
+    ] = None,
+    host_watch: Annotated[
+        bool | None,
+        typer.Option(
+            "--host-watch/--no-host-watch",
+            help="shrink the capacity while the host runs short [on with --capacity auto]",
+        ),
+    ] = None,
     database_url: Annotated[
         str | None,
         typer.Option(help="sqlite:///... or postgresql+psycopg://... [SQLite in data dir]"),
@@ -87,6 +102,8 @@ def serve(
         uds=uds,
         data_dir=data_dir,
         capacity=capacity,
+        compress=compress,
+        host_watch=host_watch,
         database_url=database_url,
         durability=durability,
         admin_token=admin_token,
