@@ -274,3 +274,48 @@ def test_the_pressure_policy_does_not_tell_either(
         assert portal is not None and loop is not None
         seen[shared] = _a_fills_its_cache(client, a, partial(portal.call, loop.step_once))
     assert seen[True] == seen[False]
+
+
+# -- compressing and non-compressing guests (issue #16: a raw copy another guest left) ---------
+
+
+def _half_compressible(i: int) -> bytes:
+    return page(9000 + i)[:2048] + bytes(2048)
+
+
+def _compress_world(
+    client_factory: Callable[..., TestClient],
+    a_compresses: bool,
+    c_held_a_contents: bool,
+) -> tuple[list[Any], Any]:
+    """C (the other compression setting) once held A's contents and flushed them, or never
+    did; then A fills a tight broker with half-compressible pages."""
+    client = client_factory(capacity="96KiB", pressure_interval_s=3600)
+    _, a = new_guest(client, "a", compress=a_compresses)
+    _, c = new_guest(client, "c", compress=not a_compresses)
+    for headers in (a, c):
+        assert new_pool(client, headers, "persistent") == 0
+    if c_held_a_contents:
+        for i in range(8):
+            url = page_url(0, 1, i)
+            assert client.put(url, content=_half_compressible(i), headers=c).status_code == 204
+    seen: list[Any] = []
+    for i in range(48):  # A's first 8 contents are the ones C held (or not)
+        r = client.put(page_url(0, 2, i), content=_half_compressible(i), headers=a)
+        seen.append(_seen(r))
+        if i == 7 and c_held_a_contents:
+            for j in range(8):  # C lets go of its copies once A shares them
+                assert client.delete(page_url(0, 1, j), headers=c).status_code == 204
+    seen.append(_self(client, a))
+    return seen, _stats(client)
+
+
+@pytest.mark.parametrize("a_compresses", [True, False], ids=["a-compresses", "c-compresses"])
+def test_compression_settings_do_not_tell_either(
+    client_factory: Callable[..., TestClient], a_compresses: bool
+) -> None:
+    held, held_stats = _compress_world(client_factory, a_compresses, True)
+    never, never_stats = _compress_world(client_factory, a_compresses, False)
+    assert held_stats["dedup_hits"] > never_stats["dedup_hits"]  # the worlds differ ...
+    assert held == never  # ... and A cannot tell them apart
+    assert any(o[0] == 409 for o in held if isinstance(o, tuple) and isinstance(o[0], int))
