@@ -26,7 +26,7 @@ from broker.core.keys import lru_key, slot_key
 from schemas.batch import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from broker.core.registry import Pool
+    from broker.core.registry import Domain, Pool
 
 
 class PageTable:
@@ -103,6 +103,31 @@ class PageTable:
             account.eph_pages -= 1
             if in_lru:
                 del account.lru[lru_key(pool.lru_tag, oid, index)]
+
+    def trust(self, domain: Domain, trusted: bool) -> None:
+        """(Un)trust a dedup domain: its pages count by their contents held, or by their
+        charges again (``counted_bytes`` moves at once; the caller makes room)."""
+        if trusted == domain.trusted:
+            return
+        sign = 1 if trusted else -1
+        domain.trusted = trusted
+        self.trusted_charged += sign * domain.charged_bytes
+        self.contents.trusted_used += sign * domain.used_bytes
+
+    def move_domain(self, pool: Pool, domain: Domain) -> None:
+        """Re-key a private pool's pages into another dedup domain (O(its pages))."""
+        contents = self.contents
+        old = pool.domain
+        charged = pool.charged_bytes
+        self.charge(pool, -charged)
+        for obj in pool.objects.values():
+            for index, key in obj.items():
+                if key != ZERO_KEY:
+                    obj[index] = contents.rekey(key, domain)
+                    contents.unref(key, old)
+        pool.domain = domain
+        pool.domain_bits = domain.bits
+        self.charge(pool, charged)
 
     def recharge(self, pool: Pool, oid: int, index: int, charge: int) -> None:
         """The non-zero page at the handle is charged ``charge`` from now on (it was

@@ -21,6 +21,16 @@ and its pages go with its last member. Pages are deduplicated in the dedup domai
 that created the pool. Each shared pool is an eviction account of its own whose weight is the
 largest weight of its members (:meth:`Registry.reweigh`).
 
+Quota
+    ``cap_pages`` caps a guest's persistent logical pages (zero pages included). A put that
+    replaces a page at the cap is allowed (its old copy is removed first); a guest above its
+    cap (after a lowered cap) gets new puts declined with ``quota`` until it is back under.
+    The pressure policy adds a *dynamic* quota (``Tmem.set_quota``); the effective quota
+    is ``min(cap_pages, quota)``. While a shed is open the put path enforces
+    ``max(effective, hold)`` instead (``hold``: the pages held when the quota was lowered, so
+    the guest cannot grow but is not declined before its deadline). The put path compares
+    one precomputed limit (:meth:`Guest.relimit`): O(1).
+
 The registry keeps the records; removing pages is the page table's
 (:mod:`broker.core.pages`) and choosing what to evict the eviction module's.
 """
@@ -32,10 +42,17 @@ import uuid as uuid_module
 from broker.core.accounting import Ops
 from broker.core.admission import AdmissionGate
 from broker.core.content import DOMAIN_SHIFT, MAX_DOMAINS
-from broker.core.errors import BadRequest, Conflict, TooManyPools, UnknownGuest, UnknownPool
-from broker.core.eviction import Account
+from broker.core.errors import (
+    BadRequest,
+    Conflict,
+    NotAuthorised,
+    TooManyPools,
+    UnknownGuest,
+    UnknownPool,
+)
+from broker.core.eviction import Account, Eviction
 from broker.core.keys import lru_tag
-from broker.core.model import EPHEMERAL, PERSISTENT
+from broker.core.model import EPHEMERAL, KINDS, PERSISTENT, DomainView, Unset
 
 # compression modes: a guest's or a domain's setting, and the broker's default
 NEVER = "never"
@@ -282,6 +299,40 @@ class Registry:
             return ALWAYS if g.compress else NEVER
         return g.domain.compress or self.compress_default
 
+    def set_compress(self, domain: Domain, compress: str | Unset | None) -> list[int]:
+        """Set the domain's compression mode (None: the broker's default; UNSET: leave it).
+        Returns the domain's guests whose own explicit setting overrides the domain's mode."""
+        if not isinstance(compress, Unset):
+            domain.compress = compress
+        overriding = []
+        for g in self.guests.values():
+            if g.domain is domain:
+                self.repack(g)
+                explicit = g.compress is not None and domain.compress is not None
+                if explicit and self.compress_mode(g) != domain.compress:
+                    overriding.append(g.guest_id)
+        return overriding
+
+    def set_compress_default(self, mode: str) -> None:
+        """The broker's default compression mode (never, always or pressure)."""
+        if mode not in COMPRESS_MODES:
+            raise BadRequest(f"the broker's compress default must be one of {COMPRESS_MODES}")
+        self.compress_default = mode
+        for g in self.guests.values():
+            self.repack(g)
+
+    def domain_views(self) -> list[DomainView]:
+        """Every dedup domain known, with how many guests it has."""
+        members: dict[str, int] = {}
+        for g in self.guests.values():
+            members[g.domain.name] = members.get(g.domain.name, 0) + 1
+        return [
+            DomainView(
+                d.name, d.trusted, d.compress, members.get(d.name, 0), d.charged_bytes, d.used_bytes
+            )
+            for d in self.domains.values()
+        ]
+
     def repack(self, g: Guest) -> None:
         """Recompute what the put path checks after a compression setting changed."""
         g.pack = _PACK[self.compress_mode(g)]
@@ -319,6 +370,77 @@ class Registry:
     def forget_authorisations(self, guest_id: int) -> None:
         for allowed in self.auth.values():
             allowed.discard(guest_id)
+
+    def create_pool(
+        self,
+        g: Guest,
+        kind: str,
+        ev: Eviction,
+        *,
+        shared: bool,
+        uuid: str | None,
+        exclusive_gets: bool,
+        pool_id: int | None,
+    ) -> int:
+        """Create a pool of ``g`` (or join the shared pool ``uuid``); the guest's id for it
+        (see :meth:`broker.core.Tmem.create_pool`). ``ev`` gives ephemeral pools their LRU
+        reference and a new shared pool its eviction account."""
+        if kind not in KINDS:
+            raise BadRequest(f"kind must be 'persistent' or 'ephemeral', not {kind!r}")
+        if not shared:
+            if uuid is not None:
+                raise BadRequest("uuid is for shared pools only")
+            pid = self.pick_pool_id(g, pool_id)
+            persistent = kind == PERSISTENT
+            pool = Pool(
+                persistent=persistent,
+                shared=False,
+                uuid=None,
+                exclusive_gets=bool(exclusive_gets),
+                owner=g,
+                account=None if persistent else g.account,
+                ref=0 if persistent else ev.take_ref(),
+                domain=g.domain,
+            )
+            if not persistent:
+                ev.add_pool(pool)
+            g.pools[pid] = pool
+            return pid
+        if kind != EPHEMERAL:
+            raise BadRequest("shared pools are ephemeral")
+        if exclusive_gets:
+            raise BadRequest("gets from shared pools are never exclusive")
+        if uuid is None:
+            raise BadRequest("a shared pool needs a uuid")
+        key = normalise_uuid(uuid)
+        if not self.is_authorised(key, g.guest_id):
+            raise NotAuthorised(f"guest {g.guest_id} is not authorised for shared pool {key}")
+        pool_or_none = self.shared.get(key)
+        if pool_or_none is not None and g.guest_id in pool_or_none.members:
+            have = pool_or_none.members[g.guest_id]
+            if pool_id is not None and pool_id != have:
+                raise Conflict(f"guest {g.guest_id} has joined {key} as pool {have}")
+            return have
+        pid = self.pick_pool_id(g, pool_id)
+        if pool_or_none is None:
+            pool = Pool(
+                persistent=False,
+                shared=True,
+                uuid=key,
+                exclusive_gets=False,
+                owner=None,
+                account=ev.new_account(g.weight),
+                ref=ev.take_ref(),
+                domain=g.domain,
+            )
+            ev.add_pool(pool)
+            self.shared[key] = pool
+        else:
+            pool = pool_or_none
+        pool.members[g.guest_id] = pid
+        g.pools[pid] = pool
+        self.reweigh(pool)
+        return pid
 
     def reweigh(self, pool: Pool) -> None:
         """A shared pool's account weighs as its best-weighted member."""

@@ -11,7 +11,9 @@ the module that owns it (read those for the rules):
   charge that moves with it (Xen: page descriptors).
 * :mod:`broker.core.eviction` — capacity, eviction accounts and their LRUs, the watermarks.
 * :mod:`broker.core.admission` — which ephemeral puts are admitted while memory is tight.
-* :mod:`broker.core.accounting` — operation counters; figures are built from them.
+* :mod:`broker.core.compression` — compression modes' background pass over cold pages.
+* :mod:`broker.core.accounting` — operation counters; :mod:`broker.core.figures` — the typed
+  figures built from them.
 * :mod:`broker.core.restore` — restore at start and export views.
 * :mod:`broker.core.keys` — the int keys naming a handle in those dicts.
 
@@ -19,25 +21,17 @@ The put and get paths here are the hot path; where they write a rule of those mo
 for speed, a comment names the one method mirrored and a figure says what it pays.
 
 Privacy (no guest may learn whether another guest holds some content)
-    * A put's *charge* is its own stored size (:mod:`broker.core.pages`); every capacity
-      decision counts charges, never bytes actually held (:mod:`broker.core.eviction`). The
-      old copy at the handle is removed *before* the decision because both outcomes remove it.
+    * A put's *charge* is its own stored size (:mod:`broker.core.pages`); in an untrusted
+      dedup domain every capacity decision counts charges, never bytes actually held
+      (:mod:`broker.core.eviction`; trusted domains give this up on purpose). The old copy at
+      the handle is removed *before* the decision because both outcomes remove it.
     * :meth:`Tmem.guest_stats` and :meth:`Tmem.pool_stats` report only figures that depend on
       the guest's own operations and contents: pages, zero pages, the sum of its charges
       (``charged_bytes``) and its compression ratio; never unique pages, dedup hits or actual
       bytes held. Those appear only in the admin view (:meth:`Tmem.stats`).
     * Known limit: a put or get that shares a content takes a different time than one that
       stores a new copy; Python cannot make that constant. Dedup domains bound who shares.
-
-Quota
-    ``cap_pages`` caps a guest's persistent logical pages (zero pages included). A put that
-    replaces a page at the cap is allowed (its old copy is removed first); a guest above its
-    cap (after a lowered cap) gets new puts declined with ``quota`` until it is back under.
-    The pressure policy adds a *dynamic* quota (:meth:`Tmem.set_quota`); the effective quota
-    is ``min(cap_pages, quota)``. While a shed is open the put path enforces
-    ``max(effective, hold)`` instead (``hold``: the pages held when the quota was lowered, so
-    the guest cannot grow but is not declined before its deadline). The put path compares
-    one precomputed limit (:meth:`broker.core.registry.Guest.relimit`): O(1).
+    * Quotas: see :mod:`broker.core.registry` (``Guest.relimit``).
 """
 
 from __future__ import annotations
@@ -50,22 +44,12 @@ from broker.core.accounting import Ops
 from broker.core.admission import Admission
 from broker.core.compression import ColdCompressor
 from broker.core.content import ZERO_KEY, ZERO_PAGE, Contents, Hasher, xxh3_128
-from broker.core.errors import (
-    BadHandle,
-    BadPageSize,
-    BadRequest,
-    Conflict,
-    GuestExists,
-    NotAuthorised,
-)
+from broker.core.errors import BadHandle, BadPageSize, BadRequest, GuestExists
 from broker.core.eviction import Eviction
 from broker.core.figures import BrokerFigures, GuestFigures, PoolFigures
 from broker.core.journal import PersistentJournal
 from broker.core.keys import M32, MIX
 from broker.core.model import (
-    EPHEMERAL,
-    KINDS,
-    PERSISTENT,
     UNSET,
     CoreConfig,
     DomainView,
@@ -288,21 +272,9 @@ class Tmem:
 
     def _move_domain(self, g: Guest, domain: Domain) -> None:
         """Re-key the guest's private pages into another dedup domain."""
-        contents, table = self._contents, self._table
-        old = g.domain
         for pool in g.pools.values():
-            if pool.shared:
-                continue
-            charged = pool.charged_bytes
-            table.charge(pool, -charged)
-            for obj in pool.objects.values():
-                for index, key in obj.items():
-                    if key != ZERO_KEY:
-                        obj[index] = contents.rekey(key, domain)
-                        contents.unref(key, old)
-            pool.domain = domain
-            pool.domain_bits = domain.bits
-            table.charge(pool, charged)
+            if not pool.shared:
+                self._table.move_domain(pool, domain)
         g.domain = domain
         self._ev.make_room(0)
 
@@ -320,36 +292,16 @@ class Tmem:
             raise BadRequest(f"trusted must be true or false, not {trusted!r}")
         if not isinstance(compress, Unset):
             check_compress_mode(compress)
-        reg, table, contents = self._reg, self._table, self._contents
-        domain = reg.domain(name)
-        if trusted is not None and trusted != domain.trusted:
-            sign = 1 if trusted else -1
-            domain.trusted = trusted
-            table.trusted_charged += sign * domain.charged_bytes
-            contents.trusted_used += sign * domain.used_bytes
-        if not isinstance(compress, Unset):
-            domain.compress = compress
-        overriding = []
-        for g in reg.guests.values():
-            if g.domain is domain:
-                reg.repack(g)
-                explicit = g.compress is not None and domain.compress is not None
-                if explicit and reg.compress_mode(g) != domain.compress:
-                    overriding.append(g.guest_id)
+        domain = self._reg.domain(name)
+        if trusted is not None:
+            self._table.trust(domain, trusted)
+        overriding = self._reg.set_compress(domain, compress)
         self._ev.make_room(0)
         return overriding
 
     def domains(self) -> list[DomainView]:
         """Every dedup domain known (named by a guest or by :meth:`set_domain`)."""
-        members: dict[str, int] = {}
-        for g in self._reg.guests.values():
-            members[g.domain.name] = members.get(g.domain.name, 0) + 1
-        return [
-            DomainView(
-                d.name, d.trusted, d.compress, members.get(d.name, 0), d.charged_bytes, d.used_bytes
-            )
-            for d in self._reg.domains.values()
-        ]
+        return self._reg.domain_views()
 
     @property
     def compress_default(self) -> str:
@@ -358,13 +310,7 @@ class Tmem:
 
     @compress_default.setter
     def compress_default(self, mode: str) -> None:
-        check_compress_mode(mode)
-        if mode is None:
-            raise BadRequest("the broker's compress default must be never, always or pressure")
-        reg = self._reg
-        reg.compress_default = mode
-        for g in reg.guests.values():
-            reg.repack(g)
+        self._reg.set_compress_default(mode)
 
     def compress_mode_of(self, guest_id: int) -> str:
         """The guest's compression mode: its own, else its domain's, else the default."""
@@ -457,64 +403,15 @@ class Tmem:
         """Create a pool (or join the shared pool ``uuid``) and return the guest's id for it:
         ``pool_id`` when given (restart), else the lowest free one. Joining a shared pool the
         guest is in already returns the id it has."""
-        reg, ev = self._reg, self._ev
-        g = reg.guest(guest_id)
-        if kind not in KINDS:
-            raise BadRequest(f"kind must be 'persistent' or 'ephemeral', not {kind!r}")
-        if not shared:
-            if uuid is not None:
-                raise BadRequest("uuid is for shared pools only")
-            pid = reg.pick_pool_id(g, pool_id)
-            persistent = kind == PERSISTENT
-            pool = Pool(
-                persistent=persistent,
-                shared=False,
-                uuid=None,
-                exclusive_gets=bool(exclusive_gets),
-                owner=g,
-                account=None if persistent else g.account,
-                ref=0 if persistent else ev.take_ref(),
-                domain=g.domain,
-            )
-            if not persistent:
-                ev.add_pool(pool)
-            g.pools[pid] = pool
-            return pid
-        if kind != EPHEMERAL:
-            raise BadRequest("shared pools are ephemeral")
-        if exclusive_gets:
-            raise BadRequest("gets from shared pools are never exclusive")
-        if uuid is None:
-            raise BadRequest("a shared pool needs a uuid")
-        key = normalise_uuid(uuid)
-        if not reg.is_authorised(key, guest_id):
-            raise NotAuthorised(f"guest {guest_id} is not authorised for shared pool {key}")
-        pool_or_none = reg.shared.get(key)
-        if pool_or_none is not None and guest_id in pool_or_none.members:
-            have = pool_or_none.members[guest_id]
-            if pool_id is not None and pool_id != have:
-                raise Conflict(f"guest {guest_id} has joined {key} as pool {have}")
-            return have
-        pid = reg.pick_pool_id(g, pool_id)
-        if pool_or_none is None:
-            pool = Pool(
-                persistent=False,
-                shared=True,
-                uuid=key,
-                exclusive_gets=False,
-                owner=None,
-                account=ev.new_account(g.weight),
-                ref=ev.take_ref(),
-                domain=g.domain,
-            )
-            ev.add_pool(pool)
-            reg.shared[key] = pool
-        else:
-            pool = pool_or_none
-        pool.members[guest_id] = pid
-        g.pools[pid] = pool
-        reg.reweigh(pool)
-        return pid
+        return self._reg.create_pool(
+            self._reg.guest(guest_id),
+            kind,
+            self._ev,
+            shared=shared,
+            uuid=uuid,
+            exclusive_gets=exclusive_gets,
+            pool_id=pool_id,
+        )
 
     def destroy_pool(self, guest_id: int, pool_id: int) -> None:
         """Destroy the guest's pool and its pages; for a shared pool, leave it (its pages go
