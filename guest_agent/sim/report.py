@@ -141,7 +141,7 @@ def compress_setup(result: SimResult) -> str:
     where = f"domain {c.dedup_domain}"
     if d is not None:
         trust = "trusted" if d.get("trusted") else "untrusted"
-        where += f" ({trust}, the domain's own mode {d.get('compress_mode')})"
+        where += f" ({trust}; guests without a setting of their own: {d.get('compress_mode')})"
     elif c.trusted_domain:
         where += " (trusted)"
     return f"{mode}; {where}"
