@@ -134,17 +134,22 @@ def _mib(n: int) -> str:
 
 
 def compress_setup(result: SimResult) -> str:
-    """How the simulated guests compress and which dedup domain holds them, in a few words."""
-    c = result.config
-    mode = {"inherit": "as their domain or the broker says"}.get(c.compress, c.compress)
+    """How the simulated guests compress (the modes in force, from their own ``GET /v1/self``)
+    and, for guests the run created, where that mode comes from and their dedup domain."""
+    modes = sorted(
+        {str(m) for st in result.self_stats.values() if (m := st.get("compress_mode")) is not None}
+    )
+    text = f"mode {', '.join(modes)}" if modes else "mode unknown"
     d = result.domain
-    where = f"domain {c.dedup_domain}"
-    if d is not None:
-        trust = "trusted" if d.get("trusted") else "untrusted"
-        where += f" ({trust}; guests without a setting of their own: {d.get('compress_mode')})"
-    elif c.trusted_domain:
-        where += " (trusted)"
-    return f"{mode}; {where}"
+    if d is None:  # guests that existed already, or no admin token: nothing more is known
+        return text
+    origin = {
+        "never": "their own setting",
+        "always": "their own setting",
+        "pressure": "their domain's",
+    }.get(result.config.compress, "inherited")
+    trust = "trusted" if d.get("trusted") else "untrusted"
+    return f"{text} ({origin}); domain {d.get('name')}, {trust}"
 
 
 def what_happened(result: SimResult) -> str:

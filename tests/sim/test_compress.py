@@ -59,7 +59,7 @@ def test_always_in_a_trusted_domain_compresses_and_shares(
     assert result.totals["corrupt_pages"] == result.totals["swap_lost"] == 0
     lines = dict(broker_lines(result))
     assert lines["compression ratio"] == f"{st['compression_ratio']:.2f}"
-    assert "tenant-a (trusted" in lines["guests compress"]
+    assert lines["guests compress"] == "mode always (their own setting); domain tenant-a, trusted"
     with AdminClient(broker.url, ADMIN) as admin:
         assert admin.list_guests() == []  # the created guests are gone again
 
@@ -83,6 +83,9 @@ def test_pressure_is_set_on_the_guests_domain_and_inherit_leaves_it_unset(
     assert result.config.dedup_domain == "sim-pressure"  # not the default domain's mode
     assert modes(result) == {(None, "pressure")}
     assert result.domain is not None and result.domain["compress"] == "pressure"
+    assert dict(broker_lines(result))["guests compress"] == (
+        "mode pressure (their domain's); domain sim-pressure, untrusted"
+    )
     with AdminClient(broker.url, ADMIN) as admin:
         admin.patch_settings(compress="always")
         default = {d.name: d for d in admin.domains()}.get("default")
