@@ -18,6 +18,7 @@ swap writes), and persistent pages lost (swap pages found nowhere, or found wron
 the broker returns is checked; must be 0). Run::
 
     .venv/bin/python -m bench.capacity_bench [--quick] [--capacity 32MiB] [--json PATH]
+        [--broker-env TMEM_PERSISTENT_SHARE=0.95 ...]     # a what-if, for all four alike
 
 ``bench.run_all`` runs it as section g. Not a test: nothing fails on a figure.
 """
@@ -84,6 +85,9 @@ class CapacityConfig:
     image: str = DEFAULT_IMAGE
     max_image: str = "64MiB"
     setups: list[str] = field(default_factory=lambda: [s.name for s in SETUPS])
+    broker_env: dict[str, str] = field(default_factory=dict)
+    """Further ``TMEM_...`` settings for every configuration's broker alike (a what-if: say
+    so when quoting its figures); ``TMEM_COMPRESS`` is each configuration's own."""
 
     @classmethod
     def quick(cls) -> CapacityConfig:
@@ -156,7 +160,7 @@ def figures(setup: Setup, result: SimResult, seconds: float) -> dict[str, Any]:
 
 def run_setup(cfg: CapacityConfig, setup: Setup, tmp: Path) -> dict[str, Any]:
     """A fresh broker of ``cfg.capacity`` in ``setup``, the guests, the figures."""
-    env = {"TMEM_COMPRESS": setup.compress}
+    env = {**cfg.broker_env, "TMEM_COMPRESS": setup.compress}
     started = time.monotonic()
     with broker_process(tmp, capacity=cfg.capacity, env=env) as broker:
         result = run_against_broker(cfg.sim(setup), broker.url, admin_token=ADMIN, progress=False)
@@ -179,8 +183,9 @@ def run(
 def table(rows: list[dict[str, Any]], cfg: CapacityConfig, info: dict[str, Any]) -> Table:
     """One row per configuration, with each figure's ratio to the defaults' figure."""
     base = next((r for r in rows if r["setup"] == "defaults"), None)
+    extra = "".join(f", {k}={v}" for k, v in sorted(cfg.broker_env.items()))
     t = Table(
-        title=f"{cfg.guests} guests on one image, broker capacity {cfg.capacity} "
+        title=f"{cfg.guests} guests on one image, broker capacity {cfg.capacity}{extra} "
         f"({cfg.ram} RAM, {cfg.anon} anon, {cfg.cache} cache, {cfg.steps} steps, "
         f"'{cfg.workload}'); load {info['load_average']}"
     )
@@ -219,13 +224,27 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("guests", "steps", "accesses", "seed"):
         parser.add_argument(f"--{name}", type=int, default=None,
                             help=f"[{getattr(defaults, name)}]")  # fmt: skip
+    parser.add_argument(
+        "--broker-env",
+        action="append",
+        default=[],
+        metavar="TMEM_NAME=VALUE",
+        help="a further broker setting for all four configurations alike (repeatable)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write figures")
     args = parser.parse_args(argv)
+    broker_env = {}
+    for item in args.broker_env:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("TMEM_") or name == "TMEM_COMPRESS":
+            parser.error(f"--broker-env {item!r}: give TMEM_NAME=VALUE, not TMEM_COMPRESS")
+        broker_env[name] = value
     cfg = CapacityConfig.quick() if args.quick else CapacityConfig()
     for name in ("capacity", "ram", "anon", "cache", "image", "workload", "guests", "steps",
                  "accesses", "seed"):  # fmt: skip
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    cfg.broker_env = broker_env
     console = Console(width=None if sys.stdout.isatty() else 160)
     info = machine()
     console.print(f"machine: {info['nproc']} cores, {info['cpu_model']}, load average "

@@ -93,3 +93,15 @@ def test_unknown_section_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "unknown section" in done.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("item", ["TMEM_COMPRESS=always", "PERSISTENT_SHARE=0.9", "TMEM_X"])
+def test_capacity_bench_refuses_a_broker_setting_it_cannot_pass(tmp_path: Path, item: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.capacity_bench", "--quick", "--broker-env", item,
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "give TMEM_NAME=VALUE" in done.stderr
+    assert not (tmp_path / "out.json").exists()
