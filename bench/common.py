@@ -23,10 +23,11 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import redis
 
@@ -58,12 +59,24 @@ def wait_port(port: int, timeout: float = 30) -> None:
 
 @contextmanager
 def broker_process(
-    tmp: Path, *, durability: str = "none", capacity: str = "8GiB"
+    tmp: Path,
+    *,
+    durability: str = "none",
+    capacity: str = "8GiB",
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[BrokerProcess]:
-    """A real ``tmem-broker serve`` with its own data dir under ``tmp``."""
+    """A real ``tmem-broker serve`` with its own data dir under ``tmp``; ``env`` adds
+    ``TMEM_...`` settings that have no flag of their own (``TMEM_COMPRESS``)."""
     data = tmp / f"broker-{durability}-{time.monotonic_ns()}"
-    with BrokerProcess(data, durability=durability, capacity=capacity) as broker:
+    broker = BrokerProcess(data, durability=durability, capacity=capacity)
+    # BrokerProcess passes on this process's environment when it starts the broker: the
+    # extra settings are in it only while it does
+    with patch.dict(os.environ, dict(env or {})):
+        broker.start()
+    try:
         yield broker
+    finally:
+        broker.stop()
 
 
 REDIS_MODES = {

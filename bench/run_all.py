@@ -13,6 +13,9 @@ c. durable 256-page batches: broker ``--durability sync`` vs Redis ``appendfsync
 d. the NBD export (``tmem-agent nbd`` + broker) vs ``nbdkit memory`` under fio (4k random)
 e. memory: broker RSS growth per stored page vs Redis ``used_memory`` per 4 KiB value
 f. dedup: N guests storing the same image: broker memory vs what they stored
+g. capacity: 8 simulated guests on one image, the same broker RAM, four configurations (today's
+   defaults, ``TMEM_COMPRESS=pressure``, a trusted dedup domain, both): pages held, faults
+   served, disk I/O avoided, persistent pages lost (``bench/capacity_bench.py``)
 
 Not a test: it never fails on a time. See bench/README.md for how to read it.
 """
@@ -51,7 +54,7 @@ from guest_agent import TmemClient
 PAGE = 4096
 BATCH = 256
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-SECTIONS = "abcdef"
+SECTIONS = "abcdefg"
 _BASE = os.urandom(PAGE)
 
 # Wide enough for the table when the output is a file or a pipe (make bench | tee).
@@ -454,6 +457,31 @@ class Bench:
                              f"{logical:,} x {per_handle:.0f}", within, "within 5%",
                              abs(within - 1) <= 0.05))  # fmt: skip
 
+    # ----------------------------------------------------------------- g
+
+    def g_capacity(self) -> None:
+        """bench/capacity_bench.py's four configurations, set against today's defaults."""
+        from bench import capacity_bench as cb
+
+        ccfg = cb.CapacityConfig.quick() if self.cfg.quick else cb.CapacityConfig()
+        tick = self.task(f"g  capacity: {ccfg.guests} guests, 4 configurations", len(cb.SETUPS))
+        results = {r["setup"]: r for r in cb.run(ccfg, self.tmp, lambda r: tick())}
+        self.raw["g"] = {"config": asdict(ccfg), "setups": results}
+        base = results["defaults"]
+        for name in ("pressure", "trusted", "both"):
+            r = results[name]
+            self.ratio_row("g", f"pages held: {r['what']}", "pages", r["pages_held"],
+                           base["pages_held"], "today's defaults",
+                           2.0 if name == "both" else None)  # fmt: skip
+        both = results["both"]
+        for key, label in (("faults_served_by_broker", "guest faults served by the broker"),
+                           ("disk_io_avoided", "disk I/O avoided")):  # fmt: skip
+            self.ratio_row("g", f"{label}: pressure + trusted", "pages", both[key], base[key],
+                           "today's defaults")  # fmt: skip
+        lost = sum(r["persistent_pages_lost"] for r in results.values())
+        self.rows.append(Row("g", "persistent pages lost, all 4 configurations", "pages lost",
+                             lost, 0, "must be 0", 0.0, "= 0", lost == 0))  # fmt: skip
+
 
 def render(rows: list[Row], info: dict[str, Any], quick: bool) -> Table:
     table = Table(
@@ -500,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     ):  # fmt: skip
         bench = Bench(cfg, Path(tmpdir), progress)
         run = {"a": bench.a_single, "b": bench.b_batches, "c": bench.c_durable,
-               "d": bench.d_nbd, "e": bench.e_memory, "f": bench.f_dedup}  # fmt: skip
+               "d": bench.d_nbd, "e": bench.e_memory, "f": bench.f_dedup,
+               "g": bench.g_capacity}  # fmt: skip
         for s in SECTIONS:
             if s in chosen:
                 run[s]()

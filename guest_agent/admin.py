@@ -9,6 +9,10 @@ admin API through it::
             ...
         admin.freeze(created.guest_id); admin.thaw(created.guest_id)
         figures = admin.stats()                               # GET /v1/stats, a dict
+        admin.patch_guest(created.guest_id, compress=None)    # inherit the domain's mode
+        admin.put_domain("tenant-a", trusted=True, compress="pressure")   # DomainInfo
+        admin.domains()                                       # [DomainInfo, ...]
+        admin.patch_settings(compress="pressure")             # BrokerSettings
         with admin.export_guest(created.guest_id) as stream:  # a guest's export, piece by piece
             imported = other.import_guest(stream)             # Imported: .guest_id, .token
 
@@ -20,26 +24,42 @@ cannot be reached, a :class:`~guest_agent.errors.BrokerError` subclass carrying 
 ``code`` and ``message`` when it answers an error.
 
 Request bodies are sent as given and validated by the broker (a bad name is its 422, reported
-like any other error); answers are parsed into :mod:`schemas` models.
+like any other error); answers are parsed into :mod:`schemas` models. Where the contract tells
+a field left out from an explicit ``null`` (a guest's or a domain's ``compress``: left out
+keeps the value, ``null`` inherits), a keyword left out is sent as left out (:data:`UNSET`)
+and ``None`` is sent as ``null``.
 
 Not thread-safe: one keep-alive connection, like :class:`~guest_agent.client.TmemClient`.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
+from urllib.parse import quote
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from guest_agent.client import _json, _raise_for
 from guest_agent.errors import BrokerUnavailable, ProtocolError
 from guest_agent.transport import HTTPTransport, Request, Response, StreamedResponse, Transport
 from schemas.export import EXPORT_CONTENT_TYPE
-from schemas.wire import GuestCreated, GuestInfo, Imported
+from schemas.wire import CompressMode, DomainInfo, GuestCreated, GuestInfo, Imported
 
-__all__ = ["AdminClient", "AdminGuest", "ExportStream"]
+__all__ = ["UNSET", "AdminClient", "AdminGuest", "BrokerSettings", "ExportStream", "Unset"]
+
+
+class Unset(enum.Enum):
+    """The type of :data:`UNSET`."""
+
+    UNSET = "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+"""A keyword left out: the field is not sent (the broker keeps its value), unlike ``None``,
+which is sent as ``null``."""
 
 
 class AdminGuest(GuestInfo):
@@ -47,6 +67,16 @@ class AdminGuest(GuestInfo):
     the broker adds for admins (its latest ``pressure`` report), kept as extra fields."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class BrokerSettings(BaseModel):
+    """``GET /v1/settings``: the capacity and compression default, and every other tunable
+    the broker shows (the pressure policy's, docs/pressure.md), kept as extra fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    capacity_bytes: int
+    compress: CompressMode
 
 
 class ExportStream:
@@ -151,17 +181,37 @@ class AdminClient:
         weight: int = 100,
         cap_pages: int | None = None,
         dedup_domain: str = "default",
-        compress: bool = False,
+        compress: bool | None = None,
     ) -> GuestCreated:
-        """``POST /v1/guests``; the answer carries the guest's token (shown only this once)."""
-        body = {
+        """``POST /v1/guests``; the answer carries the guest's token (shown only this once).
+
+        ``compress`` ``True``/``False`` is the guest's own setting; ``None`` (the default)
+        leaves it out, so the guest inherits its dedup domain's mode, else the broker's."""
+        body: dict[str, Any] = {
             "name": name,
             "weight": weight,
             "cap_pages": cap_pages,
             "dedup_domain": dedup_domain,
-            "compress": compress,
         }
+        if compress is not None:
+            body["compress"] = compress
         return _parse(GuestCreated, _json(self._call("POST", "/v1/guests", body)))
+
+    def patch_guest(
+        self,
+        guest_id: int,
+        *,
+        weight: int | Unset = UNSET,
+        cap_pages: int | Unset | None = UNSET,
+        compress: bool | Unset | None = UNSET,
+        dedup_domain: str | Unset = UNSET,
+    ) -> AdminGuest:
+        """``PATCH /v1/guests/{id}``: only the keywords given are sent. ``cap_pages=None``
+        lifts the cap; ``compress=None`` makes the guest inherit its domain's (else the
+        broker's) mode. A lowered cap sends the guest a ``quota`` notice."""
+        body = _given(weight=weight, cap_pages=cap_pages, compress=compress,
+                      dedup_domain=dedup_domain)  # fmt: skip
+        return _parse(AdminGuest, _json(self._call("PATCH", f"/v1/guests/{int(guest_id)}", body)))
 
     def delete_guest(self, guest_id: int) -> None:
         """``DELETE /v1/guests/{id}``: the guest and every page it has."""
@@ -190,6 +240,41 @@ class AdminClient:
         if not isinstance(data, dict):
             raise ProtocolError("GET /v1/stats did not answer an object")
         return data
+
+    # --- settings and dedup domains
+    def settings(self) -> BrokerSettings:
+        """``GET /v1/settings``: the settings an admin can change at run time."""
+        return _parse(BrokerSettings, _json(self._call("GET", "/v1/settings")))
+
+    def patch_settings(self, **changes: Any) -> BrokerSettings:
+        """``PATCH /v1/settings`` with the keywords given (``capacity``, ``compress``, the
+        pressure tunables); a contradiction is refused whole (400), an unknown name is 422.
+        Answers the settings now in force."""
+        return _parse(BrokerSettings, _json(self._call("PATCH", "/v1/settings", changes)))
+
+    def domains(self) -> list[DomainInfo]:
+        """``GET /v1/domains``: every dedup domain with its trust, compression mode, guests
+        and the storage they take."""
+        data = _json(self._call("GET", "/v1/domains"))
+        if not isinstance(data, list):
+            raise ProtocolError("GET /v1/domains did not answer a list")
+        return [_parse(DomainInfo, item) for item in data]
+
+    def put_domain(
+        self,
+        name: str,
+        *,
+        trusted: bool | None = None,
+        compress: CompressMode | Unset | None = UNSET,
+    ) -> DomainInfo:
+        """``PUT /v1/domains/{name}``: ``trusted`` ``None`` and ``compress`` left out keep
+        their value; ``compress=None`` makes the domain take the broker's default. The
+        answer's ``overridden_by`` names the guests whose own explicit setting differs."""
+        body = _given(compress=compress)
+        if trusted is not None:
+            body["trusted"] = trusted
+        path = f"/v1/domains/{quote(name, safe='')}"
+        return _parse(DomainInfo, _json(self._call("PUT", path, body)))
 
     # --- migration
     def export_guest(self, guest_id: int) -> ExportStream:
@@ -226,13 +311,18 @@ class AdminClient:
         return _parse(Imported, _json(response))
 
 
+def _given(**fields: object) -> dict[str, Any]:
+    """The fields not :data:`UNSET`, ``None`` kept (it is sent as ``null``)."""
+    return {k: v for k, v in fields.items() if v is not UNSET}
+
+
 def _parse_list(data: Any) -> list[AdminGuest]:
     if not isinstance(data, list):
         raise ProtocolError("GET /v1/guests did not answer a list")
     return [_parse(AdminGuest, item) for item in data]
 
 
-_M = TypeVar("_M", GuestInfo, AdminGuest, GuestCreated, Imported)
+_M = TypeVar("_M", GuestInfo, AdminGuest, GuestCreated, Imported, DomainInfo, BrokerSettings)
 
 
 def _parse(model: type[_M], data: Any) -> _M:

@@ -43,7 +43,7 @@ from guest_agent.errors import BrokerUnavailable, TmemClientError
 from guest_agent.notices import NoticeHandler
 from guest_agent.shims import Cleancache, Frontswap, frontswap_handle
 from guest_agent.transport import HTTPTransport, Request, Response, Transport
-from schemas.wire import Notice
+from schemas.wire import CompressMode, DomainInfo, Notice
 
 from .errors import BrokerSetupError
 from .model import GuestBackend, SwapSource
@@ -275,15 +275,37 @@ def create_guests(
     *,
     prefix: str | None = None,
     cap_pages: int | None = None,
+    dedup_domain: str = "default",
+    compress: bool | None = None,
 ) -> list[tuple[int, str]]:
-    """Create ``count`` guests (``POST /v1/guests``); ``(guest_id, token)`` of each."""
+    """Create ``count`` guests (``POST /v1/guests``) in ``dedup_domain``, each with the
+    compress setting ``compress`` (``None``: left unset, so they inherit their domain's mode,
+    else the broker's); ``(guest_id, token)`` of each."""
     prefix = prefix or f"sim-{os.urandom(4).hex()}-"
     out = []
     with _admin(url, admin_token, "POST /v1/guests") as admin:
         for i in range(count):
-            created = admin.create_guest(f"{prefix}{i}", cap_pages=cap_pages)
+            created = admin.create_guest(
+                f"{prefix}{i}", cap_pages=cap_pages, dedup_domain=dedup_domain, compress=compress
+            )
             out.append((created.guest_id, created.token))
     return out
+
+
+def set_domain(
+    url: str,
+    admin_token: str,
+    name: str,
+    *,
+    trusted: bool | None = None,
+    compress: CompressMode | None = None,
+) -> DomainInfo:
+    """``PUT /v1/domains/{name}``: make the guests' dedup domain trusted and/or give it a
+    compression mode (``None`` leaves each as it is)."""
+    with _admin(url, admin_token, f"PUT /v1/domains/{name}") as admin:
+        if compress is None:
+            return admin.put_domain(name, trusted=trusted)
+        return admin.put_domain(name, trusted=trusted, compress=compress)
 
 
 def delete_guests(url: str, admin_token: str, guest_ids: Sequence[int]) -> None:
@@ -313,6 +335,15 @@ def fetch_stats(url: str, admin_token: str) -> dict[str, Any]:
     """``GET /v1/stats``."""
     with _admin(url, admin_token, "GET /v1/stats") as admin:
         return admin.stats()
+
+
+def fetch_domain(url: str, admin_token: str, name: str) -> dict[str, Any] | None:
+    """Dedup domain ``name`` as ``GET /v1/domains`` shows it (trust, mode, guests, bytes)."""
+    with _admin(url, admin_token, "GET /v1/domains") as admin:
+        for domain in admin.domains():
+            if domain.name == name:
+                return domain.model_dump(mode="json")
+    return None
 
 
 def connect_links(

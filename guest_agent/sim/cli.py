@@ -6,11 +6,19 @@
         --ram 8MiB --anon 16MiB --cache 16MiB --workload mix --steps 300 --seed 1 \\
         --json sim.json --plot sim.png
     tmem-agent simulate --broker URL --tokens T1,T2          # guests that already exist
+    tmem-agent simulate --broker URL --admin-token ADMIN --compress pressure \
+        --trusted-domain tenant-a                            # compression and trusted dedup
 
 With ``--admin-token`` the guests are created (``POST /v1/guests``), the broker's global
 figures come from ``GET /v1/stats``, and the guests are deleted at the end unless
 ``--keep-guests``. With ``--tokens`` one guest is simulated per token and the figures come
 from each guest's own ``GET /v1/self``.
+
+``--compress never|always`` creates the guests with that setting of their own, ``inherit``
+(the default) leaves it unset, and ``pressure`` (a mode a guest cannot hold itself) sets it on
+their dedup domain (``--domain``, else ``sim-pressure``); ``--trusted-domain NAME`` puts them
+in domain NAME made trusted first (``PUT /v1/domains/NAME``). The report shows the broker's
+compression ratio and the bytes used, charged and counted against its capacity.
 """
 
 from __future__ import annotations
@@ -34,13 +42,15 @@ from .agent import (
     connect_links,
     create_guests,
     delete_guests,
+    fetch_domain,
     fetch_stats,
+    set_domain,
     share_images,
 )
 from .errors import SimError
 from .images import DEFAULT_IMAGE
 from .report import broker_table, figures_table, what_happened
-from .runner import SimConfig, SimGuest, SimResult, run_simulation
+from .runner import COMPRESS_CHOICES, SimConfig, SimGuest, SimResult, run_simulation
 from .workloads import WORKLOADS
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
@@ -72,16 +82,45 @@ def run_against_broker(
     console: Console | None = None,
     progress: bool = True,
 ) -> SimResult:
-    """Create (or connect) the guests, run the simulation, clean up; the figures."""
+    """Create (or connect) the guests, run the simulation, clean up; the figures.
+
+    The guests are created in ``config.dedup_domain`` with ``config.compress`` (see the
+    module doc); the domain is set first when it is to be trusted or carry the ``pressure``
+    mode, and its figures at the end are in ``result.domain``."""
     created: list[tuple[int, str]] = []
     if config.shared_cache and not admin_token:
         raise SimError("--shared-cache needs --admin-token (shared pools are authorised by it)")
+    if config.compress == "pressure" and config.dedup_domain == "default":
+        # the pressure mode is a domain's: a domain of the simulation's own, so the other
+        # guests of the default domain keep theirs
+        config.dedup_domain = "sim-pressure"
+    custom = config.compress != "inherit" or config.dedup_domain != "default"
+    if tokens and custom:
+        raise SimError(
+            "--compress, --domain and --trusted-domain apply to guests the simulation "
+            "creates: give --admin-token instead of --tokens"
+        )
     if tokens:
         config.guests = len(tokens)
         guest_tokens = list(tokens)
         ids: list[int | None] = [None] * len(tokens)
     elif admin_token:
-        created = create_guests(url, admin_token, config.guests, cap_pages=cap_pages)
+        if config.trusted_domain or config.compress == "pressure":
+            set_domain(
+                url,
+                admin_token,
+                config.dedup_domain,
+                trusted=True if config.trusted_domain else None,
+                compress="pressure" if config.compress == "pressure" else None,
+            )
+        created = create_guests(
+            url,
+            admin_token,
+            config.guests,
+            cap_pages=cap_pages,
+            dedup_domain=config.dedup_domain,
+            compress={"never": False, "always": True}.get(config.compress),
+        )
         guest_tokens = [t for _, t in created]
         ids = [gid for gid, _ in created]
     else:
@@ -99,8 +138,12 @@ def run_against_broker(
         try:
             stats = (lambda: fetch_stats(url, admin_token)) if admin_token else None
             if progress:
-                return _with_progress(config, links, stats, console or Console(stderr=True))
-            return run_simulation(config, links, broker_stats=stats)
+                result = _with_progress(config, links, stats, console or Console(stderr=True))
+            else:
+                result = run_simulation(config, links, broker_stats=stats)
+            if admin_token:
+                result.domain = fetch_domain(url, admin_token, config.dedup_domain)
+            return result
         finally:
             close_links(links)
     finally:
@@ -202,6 +245,23 @@ def simulate(
     shared_cache: Annotated[
         bool, typer.Option(help="guests of one image share a cleancache pool (needs admin)")
     ] = False,
+    compress: Annotated[
+        str,
+        typer.Option(
+            help=f"how created guests compress: {'|'.join(COMPRESS_CHOICES)} (pressure is "
+            "set on their dedup domain; inherit leaves it to the domain, else the broker)"
+        ),
+    ] = "inherit",
+    domain: Annotated[
+        str | None, typer.Option(help="dedup domain of created guests [default]")
+    ] = None,
+    trusted_domain: Annotated[
+        str | None,
+        typer.Option(
+            help="put created guests in this dedup domain, made trusted first: contents they "
+            "share take room once (see docs/security.md for what that gives away)"
+        ),
+    ] = None,
     keep_guests: Annotated[bool, typer.Option(help="do not delete created guests")] = False,
     verify: Annotated[bool, typer.Option(help="check every page the broker returns")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="write all figures")] = None,
@@ -229,10 +289,15 @@ def simulate(
         disk_latency_us=disk_latency_us,
         verify=verify,
         shared_cache=shared_cache,
+        compress=compress,
+        dedup_domain=trusted_domain or domain or "default",
+        trusted_domain=trusted_domain is not None,
     )
     console = Console()
     token_list = [t.strip() for t in tokens.split(",") if t.strip()] if tokens else None
     try:
+        if trusted_domain is not None and domain is not None and domain != trusted_domain:
+            raise SimError("--domain and --trusted-domain name two domains: give one")
         config.validate()
         result = run_against_broker(
             config,

@@ -103,12 +103,21 @@ def broker_lines(result: SimResult) -> list[tuple[str, str]]:
         for key in ("logical_pages", "unique_pages", "zero_pages", "evictions"):
             if isinstance(st.get(key), int):
                 lines.append((key.replace("_", " "), f"{st[key]:,}"))
-        if isinstance(st.get("used_bytes"), int):
-            lines.append(("memory used", f"{st['used_bytes'] / (1 << 20):.1f} MiB"))
+        for key, label in (
+            ("capacity_bytes", "capacity"),
+            ("used_bytes", "memory used"),
+            ("charged_bytes", "memory charged (each page's own size)"),
+            ("counted_bytes", "memory counted against capacity"),
+        ):
+            if isinstance(st.get(key), int):
+                lines.append((label, _mib(st[key])))
         if isinstance(st.get("dedup_ratio"), int | float):
             lines.append(("dedup ratio", f"{st['dedup_ratio']:.2f}"))
         if isinstance(st.get("compression_ratio"), int | float):
             lines.append(("compression ratio", f"{st['compression_ratio']:.2f}"))
+        if _int(st, "compressed_cold"):
+            lines.append(("pages compressed when cold", f"{st['compressed_cold']:,}"))
+    lines.append(("guests compress", compress_setup(result)))
     m = result.modelled
     lines += [
         ("broker latency (measured)", f"{m['broker_us_per_page']:.1f} µs/page"),
@@ -118,6 +127,29 @@ def broker_lines(result: SimResult) -> list[tuple[str, str]]:
         ("time saved", f"{m['seconds_saved']:.2f} s"),
     ]
     return lines
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def compress_setup(result: SimResult) -> str:
+    """How the simulated guests compress (the modes in force, from their own ``GET /v1/self``)
+    and, for guests the run created, where that mode comes from and their dedup domain."""
+    modes = sorted(
+        {str(m) for st in result.self_stats.values() if (m := st.get("compress_mode")) is not None}
+    )
+    text = f"mode {', '.join(modes)}" if modes else "mode unknown"
+    d = result.domain
+    if d is None:  # guests that existed already, or no admin token: nothing more is known
+        return text
+    origin = {
+        "never": "their own setting",
+        "always": "their own setting",
+        "pressure": "their domain's",
+    }.get(result.config.compress, "inherited")
+    trust = "trusted" if d.get("trusted") else "untrusted"
+    return f"{text} ({origin}); domain {d.get('name')}, {trust}"
 
 
 def what_happened(result: SimResult) -> str:
@@ -168,6 +200,14 @@ def what_happened(result: SimResult) -> str:
             f"At the end it held {st['logical_pages']:,} pages as {st['unique_pages']:,} "
             f"distinct contents plus {st.get('zero_pages', 0):,} zero pages "
             f"(dedup ratio {float(st.get('dedup_ratio', 0.0)):.2f})."
+        )
+    if st and st.get("source") != "self" and isinstance(st.get("compression_ratio"), int | float):
+        parts.append(
+            f"Those contents took {_mib(_int(st, 'used_bytes'))} of page storage, a compression "
+            f"ratio of {float(st['compression_ratio']):.2f} (guests compress: "
+            f"{compress_setup(result)}); {_mib(_int(st, 'charged_bytes'))} was charged to the "
+            f"guests page by page and {_mib(_int(st, 'counted_bytes'))} counted against the "
+            f"capacity of {_mib(_int(st, 'capacity_bytes'))}."
         )
     m = result.modelled
     saved = m["seconds_saved"]

@@ -26,6 +26,8 @@ from .images import DEFAULT_IMAGE, Image
 from .model import GuestBackend, GuestCounters, GuestModel, GuestSpec, SwapSource
 from .workloads import WORKLOADS, PageSpace, Workload, derive_seed, make_workload
 
+COMPRESS_CHOICES = ("never", "always", "pressure", "inherit")
+
 
 @dataclass
 class SimConfig:
@@ -53,6 +55,15 @@ class SimConfig:
     shared_cache: bool = False
     """Guests of one image share one cleancache pool (``init_shared_fs``) instead of each
     having a private one."""
+    compress: str = "inherit"
+    """How created guests compress (:data:`COMPRESS_CHOICES`): ``never``/``always`` are each
+    guest's own setting, ``pressure`` is set on their dedup domain (a guest's own setting is
+    only on or off), ``inherit`` leaves it to the domain, else the broker."""
+    dedup_domain: str = "default"
+    """The dedup domain of created guests."""
+    trusted_domain: bool = False
+    """Make :attr:`dedup_domain` trusted first (``PUT /v1/domains/{name}``): a content its
+    guests share takes page storage once in the broker's capacity decisions."""
 
     def validate(self) -> None:
         """Raise :class:`WorkloadError` for sizes that cannot work."""
@@ -70,6 +81,11 @@ class SimConfig:
             )
         if min(self.ram_pages, self.anon_pages + self.file_pages) < 1:
             raise WorkloadError("a guest needs RAM and at least one page to touch")
+        if self.compress not in COMPRESS_CHOICES:
+            raise WorkloadError(
+                f"unknown compress mode {self.compress!r}; choose one of "
+                f"{', '.join(COMPRESS_CHOICES)}"
+            )
 
 
 class GuestLink(Protocol):
@@ -225,6 +241,9 @@ class SimResult:
     modelled: dict[str, float]
     models: dict[str, GuestModel] = field(default_factory=dict, repr=False)
     """The guests' final models (what each believes the broker holds); not in JSON."""
+    domain: dict[str, Any] | None = None
+    """The guests' dedup domain at the end (``GET /v1/domains``), when the admin token was
+    given."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -245,6 +264,7 @@ class SimResult:
             "self_stats": self.self_stats,
             "timeline": [asdict(s) for s in self.timeline],
             "modelled": self.modelled,
+            "domain": self.domain,
         }
 
 

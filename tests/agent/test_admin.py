@@ -33,6 +33,18 @@ GUEST = {
     "pressure": {"psi_some_avg10": 1.5},
 }
 
+SETTINGS = {"capacity_bytes": 1 << 30, "compress": "never", "high_watermark": 0.95}
+DOMAIN = {
+    "name": "default",
+    "trusted": False,
+    "compress": None,
+    "compress_mode": "never",
+    "guests": 1,
+    "charged_bytes": 20480,
+    "used_bytes": 12288,
+    "overridden_by": [],
+}
+
 
 def _json(status: int, body: Any) -> Response:
     return Response(status, json.dumps(body).encode(), {"content-type": "application/json"})
@@ -60,6 +72,21 @@ class ScriptedAdmin:
             return _json(201, {**GUEST, "name": body["name"], "token": "tok-1"})
         if route == ("GET", "/v1/stats"):
             return _json(200, {"logical_pages": 5, "guests": []})
+        if route == ("PATCH", "/v1/guests/3"):
+            return _json(200, {**GUEST, **json.loads(request.body)})
+        if route == ("GET", "/v1/settings"):
+            return _json(200, SETTINGS)
+        if route == ("PATCH", "/v1/settings"):
+            body = json.loads(request.body)
+            if body.get("compress") not in (None, "never", "always", "pressure"):
+                return _json(422, {"error": {"code": "invalid", "message": "bad compress"}})
+            return _json(200, {**SETTINGS, **body})
+        if route == ("GET", "/v1/domains"):
+            return _json(200, [DOMAIN])
+        if request.method == "PUT" and request.target.startswith("/v1/domains/"):
+            body = json.loads(request.body)
+            name = request.target.rsplit("/", 1)[1]
+            return _json(200, {**DOMAIN, "name": name, **body, "overridden_by": [3]})
         if route == ("GET", "/readyz"):
             return _json(200, {"status": "ready"})
         if request.method in ("POST", "DELETE"):
@@ -99,13 +126,83 @@ def test_calls_send_the_contracts_requests_and_parse_typed_answers() -> None:
         "weight": 5,
         "cap_pages": 10,
         "dedup_domain": "default",
-        "compress": False,
-    }
+    }  # compress left out: the guest inherits its domain's (else the broker's) mode
     assert json.loads(broker.seen[-3].body) == {
         "uuid": "6f1d3a2e-1b7c-4e55-9d1a-0e8f2c3b4a5d",
         "guest_id": 3,
         "allow": False,
     }
+
+
+def test_create_guest_sends_an_explicit_compress_setting() -> None:
+    broker = ScriptedAdmin()
+    admin = AdminClient("http://broker", "adm", transport=MockTransport(broker))
+    admin.create_guest("a", compress=True, dedup_domain="tenant")
+    admin.create_guest("b", compress=False)
+    bodies = [json.loads(r.body) for r in broker.seen]
+    assert [(b.get("compress"), b["dedup_domain"]) for b in bodies] == [
+        (True, "tenant"),
+        (False, "default"),
+    ]
+
+
+def test_patch_guest_sends_only_the_fields_given_and_null_to_inherit() -> None:
+    broker = ScriptedAdmin()
+    admin = AdminClient("http://broker", "adm", transport=MockTransport(broker))
+    assert admin.patch_guest(3, compress=None).compress is None
+    assert admin.patch_guest(3, cap_pages=None, weight=7).weight == 7
+    assert admin.patch_guest(3, compress=True, dedup_domain="t").dedup_domain == "t"
+    assert [(r.method, r.target) for r in broker.seen] == [("PATCH", "/v1/guests/3")] * 3
+    assert [json.loads(r.body) for r in broker.seen] == [
+        {"compress": None},
+        {"weight": 7, "cap_pages": None},
+        {"compress": True, "dedup_domain": "t"},
+    ]
+
+
+def test_settings_and_patch_settings_are_typed() -> None:
+    broker = ScriptedAdmin()
+    admin = AdminClient("http://broker", "adm", transport=MockTransport(broker))
+    now = admin.settings()
+    assert (now.capacity_bytes, now.compress) == (1 << 30, "never")
+    assert now.model_dump()["high_watermark"] == 0.95  # the tunables are kept
+    changed = admin.patch_settings(compress="pressure", low_watermark=0.8)
+    assert changed.compress == "pressure"
+    assert json.loads(broker.seen[-1].body) == {"compress": "pressure", "low_watermark": 0.8}
+    with pytest.raises(BadRequest, match="bad compress"):
+        admin.patch_settings(compress="sometimes")
+
+
+def test_domains_and_put_domain() -> None:
+    broker = ScriptedAdmin()
+    admin = AdminClient("http://broker", "adm", transport=MockTransport(broker))
+    (domain,) = admin.domains()
+    assert (domain.name, domain.trusted, domain.used_bytes) == ("default", False, 12288)
+    put = admin.put_domain("tenant-a", trusted=True, compress="pressure")
+    assert (put.name, put.trusted, put.compress, put.overridden_by) == (
+        "tenant-a",
+        True,
+        "pressure",
+        [3],
+    )
+    admin.put_domain("tenant-a", compress=None)  # back to the broker's default
+    admin.put_domain("tenant-a", trusted=False)  # compress left out: unchanged
+    admin.put_domain("a b/c")  # an odd name stays one path segment; the broker judges it
+    assert [json.loads(r.body) for r in broker.seen[1:]] == [
+        {"compress": "pressure", "trusted": True},
+        {"compress": None},
+        {"trusted": False},
+        {},
+    ]
+    assert [r.target for r in broker.seen[1:]] == [
+        "/v1/domains/tenant-a",
+        "/v1/domains/tenant-a",
+        "/v1/domains/tenant-a",
+        "/v1/domains/a%20b%2Fc",
+    ]
+    bad = MockTransport(lambda r: _json(200, {"domains": []}))
+    with pytest.raises(ProtocolError):
+        AdminClient("http://b", "adm", transport=bad).domains()
 
 
 def test_errors_are_the_agents_exception_tree() -> None:

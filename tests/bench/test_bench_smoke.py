@@ -38,6 +38,14 @@ needs_redis = pytest.mark.skipif(
         ("a", {"put one page", "get one page"}),
         ("b,c", {"put_many 256 pages", "get_many 256 pages", "put_many 256, durability sync"}),
         ("e,f", {"overhead per stored 4 KiB page"}),
+        (
+            "g",
+            {
+                "pages held: TMEM_COMPRESS=pressure + trusted domain",
+                "guest faults served by the broker: pressure + trusted",
+                "persistent pages lost, all 4 configurations",
+            },
+        ),
     ],
 )
 def test_sections_run_and_write_their_figures(
@@ -53,7 +61,10 @@ def test_sections_run_and_write_their_figures(
     names = {r["measure"].split(" (")[0] for r in rows}
     assert measures <= names, names
     for r in rows:
-        assert r["broker"] > 0 and r["baseline"] > 0, r
+        if r["unit"] == "pages lost":  # a count that must be 0, against nothing
+            assert (r["broker"], r["met"]) == (0, True), r
+        else:
+            assert r["broker"] > 0 and r["baseline"] > 0, r
     assert "tmem broker vs baselines" in done.stdout  # the table was printed
 
 
@@ -81,4 +92,16 @@ def test_unknown_section_is_refused(tmp_path: Path) -> None:
     done = run_all(tmp_path, "--only", "a,z")
     assert done.returncode == 2
     assert "unknown section" in done.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("item", ["TMEM_COMPRESS=always", "PERSISTENT_SHARE=0.9", "TMEM_X"])
+def test_capacity_bench_refuses_a_broker_setting_it_cannot_pass(tmp_path: Path, item: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.capacity_bench", "--quick", "--broker-env", item,
+         "--json", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "give TMEM_NAME=VALUE" in done.stderr
     assert not (tmp_path / "out.json").exists()

@@ -48,6 +48,10 @@ def app() -> typer.Typer:
         (["--admin-token", "x", "--ram", "64KiB", "--accesses", "100"], "must not exceed"),
         (["--admin-token", "x"], "broker unreachable"),
         (["--tokens", "t1,t2"], "simulate:"),
+        (["--admin-token", "x", "--compress", "sometimes"], "unknown compress mode"),
+        (["--admin-token", "x", "--domain", "a", "--trusted-domain", "b"], "two domains"),
+        (["--tokens", "t1", "--compress", "always"], "--admin-token instead of --tokens"),
+        (["--tokens", "t1", "--trusted-domain", "t"], "--admin-token instead of --tokens"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
