@@ -7,7 +7,8 @@
                       [--host-watch] [--database-url URL] [--durability sync|none]
                       [--admin-token T]
     tmem-broker db upgrade [--database-url URL] [--data-dir ./var]
-    tmem-broker admin {create-guest,list,show,freeze,thaw,flush,delete,stats,shared-auth} ...
+    tmem-broker admin {create-guest,list,show,set-guest,freeze,thaw,flush,delete,stats,
+                       shared-auth,domains,set-domain,set-compress} ...
     tmem-broker migrate --from URL --to URL --guest NAME [--from-token T] [--to-token T]
 
 Every ``serve`` flag is also read from ``TMEM_<FLAG>`` (``TMEM_CAPACITY=4GiB``). The admin
@@ -324,18 +325,124 @@ def create_guest(
     weight: Annotated[int, typer.Option(help="share of memory under contention")] = 100,
     cap_pages: Annotated[int | None, typer.Option(help="persistent page cap")] = None,
     dedup_domain: Annotated[str, typer.Option(help="guests that may share pages")] = "default",
-    compress: Annotated[bool, typer.Option(help="compress this guest's pages")] = False,
+    compress: Annotated[
+        str, typer.Option(help="on, off, or inherit (its domain's mode, else the broker's)")
+    ] = "inherit",
     url: UrlOpt = None,
     admin_token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Create a guest and print its token (shown only this once)."""
+    setting = _compress_setting(compress)
     with _client(url, admin_token, data_dir) as client:
         created = client.create_guest(
-            name, weight=weight, cap_pages=cap_pages, dedup_domain=dedup_domain, compress=compress
+            name, weight=weight, cap_pages=cap_pages, dedup_domain=dedup_domain, compress=setting
         ).model_dump(mode="json")
     console.print(_guest_table([created]))
     console.print(f"token (shown once): [bold]{created['token']}[/bold]")
+
+
+def _compress_setting(value: str) -> bool | None:
+    """A guest's ``--compress``: on/off, or inherit (None)."""
+    settings = {"on": True, "off": False, "inherit": None}
+    if value not in settings:
+        err.print(f"[red]invalid --compress[/red]: {value!r} (use on, off or inherit)")
+        raise typer.Exit(2)
+    return settings[value]
+
+
+@admin_app.command("set-guest")
+def set_guest(
+    guest_id: int,
+    weight: Annotated[int | None, typer.Option(help="share of memory under contention")] = None,
+    cap_pages: Annotated[int | None, typer.Option(help="persistent page cap (-1: none)")] = None,
+    compress: Annotated[
+        str | None, typer.Option(help="on, off, or inherit (its domain's mode)")
+    ] = None,
+    dedup_domain: Annotated[str | None, typer.Option(help="move to this dedup domain")] = None,
+    url: UrlOpt = None,
+    admin_token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Change a guest's weight, cap, compression or dedup domain (options left out stay)."""
+    changes: dict[str, Any] = {}
+    if weight is not None:
+        changes["weight"] = weight
+    if cap_pages is not None:
+        changes["cap_pages"] = None if cap_pages < 0 else cap_pages
+    if compress is not None:
+        changes["compress"] = _compress_setting(compress)
+    if dedup_domain is not None:
+        changes["dedup_domain"] = dedup_domain
+    with _client(url, admin_token, data_dir) as client:
+        guest = client.patch_guest(guest_id, **changes).model_dump(mode="json")
+    guest.pop("pools", None)
+    guest.pop("stats", None)
+    console.print(_kv_table(f"guest {guest_id}", guest))
+
+
+def _domain_table(domains: list[dict[str, Any]]) -> Table:
+    keys = ["name", "trusted", "compress", "compress_mode", "guests", "charged_bytes",
+            "used_bytes", "overridden_by"]  # fmt: skip
+    table = Table(*keys, title="dedup domains")
+    for d in domains:
+        table.add_row(*(str(d.get(k)) for k in keys))
+    return table
+
+
+@admin_app.command("domains")
+def domains(url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None) -> None:
+    """List the dedup domains: trust, compression mode, guests and storage."""
+    with _client(url, admin_token, data_dir) as client:
+        shown = [d.model_dump(mode="json") for d in client.domains()]
+    console.print(_domain_table(shown))
+
+
+@admin_app.command("set-domain")
+def set_domain(
+    name: str,
+    trusted: Annotated[
+        bool | None,
+        typer.Option(
+            "--trusted/--untrusted",
+            help="its guests trust each other: shared contents count once (docs/security.md)",
+        ),
+    ] = None,
+    compress: Annotated[
+        str | None, typer.Option(help="never, always, pressure, or default (the broker's)")
+    ] = None,
+    url: UrlOpt = None,
+    admin_token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Set a dedup domain's trust and compression mode (options left out stay)."""
+    changes: dict[str, Any] = {}
+    if compress is not None:
+        if compress not in ("never", "always", "pressure", "default"):
+            err.print(f"[red]invalid --compress[/red]: {compress!r}")
+            raise typer.Exit(2)
+        changes["compress"] = None if compress == "default" else compress
+    with _client(url, admin_token, data_dir) as client:
+        shown = client.put_domain(name, trusted=trusted, **changes).model_dump(mode="json")
+    console.print(_domain_table([shown]))
+    if shown["overridden_by"]:
+        console.print(
+            f"guests {shown['overridden_by']} keep their own compress setting "
+            "(set-guest --compress inherit to follow the domain)"
+        )
+
+
+@admin_app.command("set-compress")
+def set_compress(
+    mode: str, url: UrlOpt = None, admin_token: TokenOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """The broker's compression mode for guests and domains that set none."""
+    if mode not in ("never", "always", "pressure"):
+        err.print(f"[red]invalid mode[/red]: {mode!r} (never, always or pressure)")
+        raise typer.Exit(2)
+    with _client(url, admin_token, data_dir) as client:
+        settings = client.patch_settings(compress=mode)
+    console.print(f"compress default: {settings.compress}")
 
 
 @admin_app.command("list")

@@ -102,6 +102,10 @@ def test_readme_tour(broker: tuple[str, Path, Path]) -> None:
     assert admin_token not in log  # ... never the token
 
 
+def admin_token_of(workdir: Path) -> str:
+    return (workdir / "var" / "admin-token").read_text().strip()
+
+
 @pytest.mark.timeout(120)
 def test_admin_cli_against_the_running_broker(broker: tuple[str, Path, Path]) -> None:
     from typer.testing import CliRunner
@@ -128,6 +132,25 @@ def test_admin_cli_against_the_running_broker(broker: tuple[str, Path, Path]) ->
     run("flush", "1")
     run("shared-auth", "6f1d3a2e-1b7c-4e55-9d1a-0e8f2c3b4a5d", "1")
     assert "logical_pages" in run("stats")
+    # compression and dedup domains (issue #16): a guest that inherits, a domain's settings
+    run("create-guest", "cli-img", "--dedup-domain", "tenant", "--compress", "on")
+    shown = run("set-domain", "tenant", "--trusted", "--compress", "pressure")
+    assert "pressure" in shown and "keep their own compress setting" in shown
+    assert "tenant" in run("domains")
+    assert re.search(r"compress_mode\W+pressure", run("set-guest", "2", "--compress", "inherit"))
+    run("set-compress", "always")
+    assert runner.invoke(app, ["admin", "set-compress", "sometimes", *common]).exit_code == 2
+    listed = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{url}/v1/domains", headers={"Authorization": f"Bearer {admin_token_of(workdir)}"}
+            ),
+            timeout=10,
+        ).read()
+    )
+    (tenant,) = [d for d in listed if d["name"] == "tenant"]
+    assert tenant["trusted"] is True and tenant["compress"] == "pressure"
+    run("delete", "2")
     request = urllib.request.Request(
         f"{url}/v1/notices", headers={"Authorization": f"Bearer {token.group(1)}"}
     )
