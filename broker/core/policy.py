@@ -21,8 +21,8 @@ module decides which of its pages leaves. Two policies, chosen broker-wide by
     candidate goes. A scan's pages are seen once, a working set's pages again and again: the
     scan passes through the window without flushing the working set. Ties admit the
     candidate, so a workload of pages each used once behaves as LRU does.
-    Frequencies age: after ``10 * width`` recorded events every counter is halved and the
-    doorkeeper cleared, so a working set that moved is picked up within that many events
+    Frequencies age: after ``10`` recorded events per page the sketch is sized for, every
+    counter is halved and the doorkeeper cleared, so a working set that moved is picked up within that many events
     (its pages then outweigh the old set's halved counts).
 
 Cost. Every operation is O(1): a put records one event (one keyed 64-bit hash, four
@@ -30,9 +30,11 @@ counters) and moves at most one page from the window to the main list; an evicti
 two estimates. The LRU default's hot path pays one attribute test (``account.sketch is
 None``). Memory: a page sits in exactly one of the two lists, as in LRU, so TinyLFU adds only
 the sketch: ``DEPTH`` one-byte counters and one doorkeeper byte (8 bits) per slot of its
-width, the width being the power of two at or above the account's largest page count
-(at least :data:`MIN_WIDTH`): 5 to 10 bytes per page (``tests/core/test_policy.py`` measures
-it with tracemalloc).
+width, the width being the power of two at or above ``SLOTS_PER_PAGE`` (2) times the
+account's largest page count (at least :data:`MIN_WIDTH`): 10 to 20 bytes per page
+(``tests/core/test_policy.py`` measures it with tracemalloc). One slot per page saturated
+the doorkeeper and the counters under a scan (10 events per page between agings) and
+delayed the hot set's return; four slots bought little more than two.
 
 Privacy. Each account has its own sketch, keyed with its own secret salt: a guest's private
 pages are judged only by that guest's operations, never by another guest's puts. A shared
@@ -54,7 +56,8 @@ EPHEMERAL_POLICIES: Final = (LRU, TINYLFU)
 DEPTH: Final = 4  # rows of the count-min sketch
 MIN_WIDTH: Final = 64
 COUNTER_MAX: Final = 15  # 4-bit counters, as Caffeine's (kept a byte each: no bit fiddling)
-SAMPLE_FACTOR: Final = 10  # events per width slot before the counts are halved
+SAMPLE_FACTOR: Final = 10  # events per page (of the sized-for count) before counts halve
+SLOTS_PER_PAGE: Final = 2  # sketch slots (each: DEPTH counters, 8 doorkeeper bits) per page
 WINDOW_PERCENT: Final = 1  # the window's share of the account's pages
 
 _M32: Final = (1 << 32) - 1
@@ -92,15 +95,17 @@ class FrequencySketch:
         self.grow(expected)
 
     def grow(self, expected: int) -> None:
-        """Size for ``expected`` keys: width = the power of two >= max(expected, MIN_WIDTH)."""
+        """Size for ``expected`` keys: width = the power of two >= ``SLOTS_PER_PAGE *
+        expected`` (at least MIN_WIDTH); counts halve every ``SAMPLE_FACTOR * width /
+        SLOTS_PER_PAGE`` events."""
         width = MIN_WIDTH
-        while width < expected:
+        while width < SLOTS_PER_PAGE * expected:
             width <<= 1
         if width <= self.width:
             return
         self.width = width
         self.mask = width - 1
-        self.sample = SAMPLE_FACTOR * width
+        self.sample = SAMPLE_FACTOR * width // SLOTS_PER_PAGE
         self.events = 0
         self.counts = bytearray(DEPTH * width)
         self.door = bytearray(width)  # 8 * width bits
@@ -156,12 +161,12 @@ class FrequencySketch:
         b1 = h1 & bits
         b2 = h2 & bits
         door = self.door
-        if not (door[b1 >> 3] & (1 << (b1 & 7)) and door[b2 >> 3] & (1 << (b2 & 7))):
-            return 0
+        # the counters survive an aging that cleared the doorkeeper: read them either way
+        seen = 1 if door[b1 >> 3] & (1 << (b1 & 7)) and door[b2 >> 3] & (1 << (b2 & 7)) else 0
         counts = self.counts
         mask = self.mask
         width = self.width
-        return 1 + min(
+        return seen + min(
             counts[h1 & mask],
             counts[width + ((h1 + h2) & mask)],
             counts[2 * width + ((h1 + 2 * h2) & mask)],
@@ -195,7 +200,7 @@ class TinyLfu:
         sketch = self.sketch
         sketch.record(key)
         pages = len(window) + len(main)
-        if pages > sketch.width:
+        if pages * SLOTS_PER_PAGE > sketch.width:
             sketch.grow(pages)
         if len(window) > pages * WINDOW_PERCENT // 100 + 2:
             old = next(iter(window))

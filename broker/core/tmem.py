@@ -725,11 +725,16 @@ class Tmem:
         pool.gets += 1
         g.gets += 1
         obj = pool.objects.get(oid)
-        if obj is None:
-            return None
-        key = obj.get(index)
+        key = None if obj is None else obj.get(index)
         if key is None:
+            account = pool.account
+            if account is not None and account.tinylfu is not None:
+                # a miss is demand too: the page is worth more when it is put again
+                account.tinylfu.on_get(
+                    (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
+                )
             return None
+        assert obj is not None
         pool.get_hits += 1
         g.get_hits += 1
         page = self._contents.load(key)
