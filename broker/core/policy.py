@@ -58,7 +58,15 @@ MIN_WIDTH: Final = 64
 COUNTER_MAX: Final = 15  # 4-bit counters, as Caffeine's (kept a byte each: no bit fiddling)
 SAMPLE_FACTOR: Final = 10  # events per page (of the sized-for count) before counts halve
 SLOTS_PER_PAGE: Final = 2  # sketch slots (each: DEPTH counters, 8 doorkeeper bits) per page
-WINDOW_PERCENT: Final = 1  # the window's share of the account's pages
+# The window's share of the account's pages. Caffeine starts at 1 % and adapts it by hill
+# climbing; on these exclusive (cleancache) loads a fixed share did as well as a climber
+# (bench/README.md, "Policy scoreboard"): 1 % lost to LRU on a shifting working set, 50 %
+# left too little of the account to protect a working set from a scan.
+WINDOW_PERCENT: Final = 25
+# a tie between two pages seen at most this often (once: put, never got) admits the
+# newcomer: pages used once are kept as LRU keeps them; a tie between pages seen more often
+# keeps the incumbent (a loop larger than the account keeps a stable part of it)
+ONCE: Final = 1
 
 _M32: Final = (1 << 32) - 1
 # bytes.translate tables: halving a whole row costs one C call, not a Python loop
@@ -208,7 +216,7 @@ class TinyLfu:
             main[old] = None
 
     def on_get(self, key: int) -> None:
-        """A get found the page at ``key``."""
+        """A get asked for the page at ``key`` (found or not: both are demand)."""
         self.sketch.record(key)
 
     def victim(self, window: OrderedDict[int, None], main: OrderedDict[int, None]) -> int:
@@ -219,7 +227,9 @@ class TinyLfu:
                 candidate = next(iter(window))
                 victim = next(iter(main))
                 sketch = self.sketch
-                if sketch.estimate(candidate) >= sketch.estimate(victim):
+                seen = sketch.estimate(candidate)
+                rival = sketch.estimate(victim)
+                if seen > rival or (seen == rival and rival <= ONCE):
                     del window[candidate]
                     main[candidate] = None
                     del main[victim]
