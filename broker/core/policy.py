@@ -10,24 +10,26 @@ module decides which of its pages leaves. Two policies, chosen broker-wide by
     back, and each of them pushes out a page of the working set.
 
 ``tinylfu`` (W-TinyLFU, after Einziger, Friedman and Manes, and Caffeine's write-up)
-    An account's pages live in two LRU lists: a small *window* (``Account.lru``, where
-    every put lands, about 1 % of the account's pages) and the *main* list
+    An account's pages live in two LRU lists: a *window* (``Account.lru``, where every put
+    lands, a quarter of the account's pages: :data:`WINDOW_PERCENT`) and the *main* list
     (``Account.main``). A :class:`FrequencySketch` per account counts how often each handle
-    was put or got lately, including handles whose page has left: cleancache gets are
-    exclusive, so a hot page leaves on every hit and its history must outlive it. When the
-    account must give up a page and its window is over its target, the window's oldest page
-    (the *candidate*) meets the main list's oldest (the *victim*): the candidate enters the
-    main list and the victim goes when the candidate was seen at least as often, else the
-    candidate goes. A scan's pages are seen once, a working set's pages again and again: the
-    scan passes through the window without flushing the working set. Ties admit the
-    candidate, so a workload of pages each used once behaves as LRU does.
+    was put or asked for (a get, hit or miss) lately, including handles whose page has left:
+    cleancache gets are exclusive, so a hot page leaves on every hit and its history must
+    outlive it. When the account must give up a page and its window is over its target, the
+    window's oldest page (the *candidate*) meets the main list's oldest (the *victim*): the
+    candidate enters the main list and the victim goes when the candidate was seen more
+    often, else the candidate goes. A scan's pages are seen once, a working set's pages
+    again and again: the scan passes through the window without flushing the working set.
+    A tie admits the candidate only when both were seen at most once (:data:`ONCE`), so a
+    workload of pages each used once behaves as LRU does, and a loop larger than the
+    account keeps a stable part of itself instead of none.
     Frequencies age: after ``10`` recorded events per page the sketch is sized for, every
-    counter is halved and the doorkeeper cleared, so a working set that moved is picked up within that many events
-    (its pages then outweigh the old set's halved counts).
+    counter is halved and the doorkeeper cleared, so a working set that moved is picked up
+    within that many events (its pages then outweigh the old set's halved counts).
 
 Cost. Every operation is O(1): a put records one event (one keyed 64-bit hash, four
 counters) and moves at most one page from the window to the main list; an eviction compares
-two estimates. The LRU default's hot path pays one attribute test (``account.sketch is
+two estimates. The LRU default's hot path pays one attribute test (``account.tinylfu is
 None``). Memory: a page sits in exactly one of the two lists, as in LRU, so TinyLFU adds only
 the sketch: ``DEPTH`` one-byte counters and one doorkeeper byte (8 bits) per slot of its
 width, the width being the power of two at or above ``SLOTS_PER_PAGE`` (2) times the
