@@ -5,6 +5,8 @@ ephemeral pages go first."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.core import CoreConfig, Tmem
 from broker.core.pressure import (
@@ -151,3 +153,25 @@ def test_a_stale_report_weighs_nothing_again() -> None:
     assert tmem._reg.guest(1).account.bias == 1.0
     tmem.evict(2 * PAGE)  # equal standing again: the older account first, then the other
     assert tmem.guest_stats(1).ephemeral_pages == 19 == tmem.guest_stats(2).ephemeral_pages
+
+
+opt_pct = st.none() | st.floats(0.0, 100.0)
+opt_bytes = st.none() | st.integers(0, 1 << 40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    some=opt_pct, full=opt_pct, available=opt_bytes, swap=opt_bytes, less=st.integers(0, 1 << 30)
+)
+def test_the_multiplier_stays_in_its_bounds_and_less_memory_never_weighs_less(
+    some: float | None, full: float | None, available: int | None, swap: int | None, less: int
+) -> None:
+    r = GuestPressure(some, 0.0, psi_full=full, mem_available=available, swap_used=swap)
+    m = pressure_multiplier(r, S)
+    assert 1 - S.pressure_free_discount <= m <= 1 + S.pressure_boost
+    if available is not None:
+        tighter = GuestPressure(
+            some, 0.0, psi_full=full, mem_available=max(0, available - less), swap_used=swap
+        )
+        assert memory_need(tighter, S) >= memory_need(r, S)
+        assert pressure_multiplier(tighter, S) >= m - 1e-12
