@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     admission_floor: Annotated[float, Field(gt=0, le=1)] = 0.10
     admission_window: Annotated[int, Field(ge=1)] = 8192
     evicted_notice_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    # what a guest's MemAvailable means (docs/pressure.md, "Feedback from the guest")
+    pressure_low_available_bytes: Size = 256 << 20
+    pressure_free_available_bytes: Size = 1 << 30
+    pressure_free_discount: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    # which page of an eviction account goes (docs/pressure.md, "Ephemeral policy")
+    ephemeral_policy: Literal["lru", "tinylfu"] = "lru"
     pressure_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
 
     @field_validator("capacity")

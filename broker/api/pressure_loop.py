@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -49,6 +49,7 @@ SETTINGS_KEY = "pressure"
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
+EphemeralPolicy = Literal["lru", "tinylfu"]
 
 
 class PressureSettingsView(BaseModel):
@@ -66,6 +67,10 @@ class PressureSettingsView(BaseModel):
     admission_floor: float
     admission_window: int
     evicted_notice_interval_s: float
+    pressure_low_available_bytes: int
+    pressure_free_available_bytes: int
+    pressure_free_discount: float
+    ephemeral_policy: EphemeralPolicy
 
 
 class PressureSettingsPatch(BaseModel):
@@ -85,6 +90,10 @@ class PressureSettingsPatch(BaseModel):
     admission_floor: Fraction | None = None
     admission_window: Annotated[int, Field(ge=1, le=1 << 30)] | None = None
     evicted_notice_interval_s: Seconds | None = None
+    pressure_low_available_bytes: Annotated[int, Field(gt=0, le=1 << 50)] | None = None
+    pressure_free_available_bytes: Annotated[int, Field(gt=0, le=1 << 50)] | None = None
+    pressure_free_discount: Annotated[float, Field(ge=0, lt=1)] | None = None
+    ephemeral_policy: EphemeralPolicy | None = None
 
     def pressure_changes(self) -> dict[str, Any]:
         names = PressureSettingsPatch.model_fields
@@ -254,7 +263,14 @@ class PressureLoop:
         out: dict[int, GuestPressure] = {}
         for guest_id, pressure in self.reports.items():
             age = max(0.0, (wall - pressure.received_at).total_seconds())
-            out[guest_id] = GuestPressure(pressure.report.psi_some_avg10, now - age)
+            report = pressure.report
+            out[guest_id] = GuestPressure(
+                report.psi_some_avg10,
+                now - age,
+                psi_full=report.psi_full_avg10,
+                mem_available=report.mem_available_bytes,
+                swap_used=report.swap_used_bytes,
+            )
         return out
 
     async def step_once(self) -> list[Notice]:

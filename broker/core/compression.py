@@ -73,7 +73,7 @@ class ColdCompressor:
                 continue
             own = [(pid, p) for pid, p in g.pools.items() if not p.shared]
             by_ref = {p.ref: (pid, p) for pid, p in own if not p.persistent}
-            for lru_key in list(g.account.lru):
+            for lru_key in g.account.coldest():
                 entry = by_ref.get(lru_ref(lru_key))
                 if entry is not None:
                     oid, index = lru_handle(lru_key)

@@ -12,11 +12,15 @@ Capacity
     declined with ``capacity``.
 
 Eviction accounts
-    Ephemeral pages are evicted least recently used within an *eviction account*, taking
-    from the account furthest over its weighted share: the largest ``ephemeral_pages /
-    weight`` (ties: the older account). Each guest is one account for its private ephemeral
-    pools; each shared pool is an account of its own whose weight is the largest weight of
-    its members. Each eviction is O(1) in pages (a loop over accounts).
+    Ephemeral pages are evicted within an *eviction account*, taking from the account
+    furthest over its weighted share: the largest ``ephemeral_pages / (weight * bias)``
+    (ties: the older account). Each guest is one account for its private ephemeral pools;
+    each shared pool is an account of its own whose weight is the largest weight of its
+    members. ``bias`` is the guest's pressure multiplier (:func:`broker.core.pressure.
+    pressure_multiplier`, 1 without a fresh report, always 1 for shared pools): a guest with
+    free memory gives up its ephemeral pages first, one close to OOM last. Which page of the
+    account goes is the ephemeral policy's choice (:mod:`broker.core.policy`: LRU or
+    TinyLFU). Each eviction is O(1) in pages (a loop over accounts).
 
 Watermarks (pressure hooks; the settings are :class:`broker.core.pressure.PressureSettings`)
     Once configured, a put that finds storage above the high watermark evicts at most
@@ -32,12 +36,15 @@ Watermarks (pressure hooks; the settings are :class:`broker.core.pressure.Pressu
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from broker.core.errors import TooManyPools
 from broker.core.keys import REF_MASK, lru_handle, lru_ref
 from broker.core.pages import PageTable
+from broker.core.policy import LRU, TINYLFU, TinyLfu, check_policy
 from broker.core.pressure import PressureSettings
 
 if TYPE_CHECKING:
@@ -52,17 +59,68 @@ _DEFAULT_LOW = PressureSettings.low_watermark
 
 
 class Account:
-    """An eviction account: ephemeral pages in LRU order (oldest first) and a weight."""
+    """An eviction account: ephemeral pages in LRU order (oldest first), a weight and a
+    pressure bias.
 
-    __slots__ = ("eph_pages", "lru", "serial", "weight")
+    Under the ``lru`` policy every page is in ``lru``; under ``tinylfu`` (``tinylfu`` set)
+    ``lru`` is the policy's window and ``main`` its main list (:mod:`broker.core.policy`).
+    A page is in exactly one of the two."""
+
+    __slots__ = ("_bias", "_weight", "eph_pages", "lru", "main", "serial", "share", "tinylfu")
 
     def __init__(self, serial: int, weight: int) -> None:
         self.serial = serial
-        self.weight = weight
+        self._weight = weight
+        self._bias = 1.0
+        # what the victim choice divides by: weight * bias
+        self.share: float = float(weight)
         self.eph_pages = 0
         # LRU keys: keys.lru_key. OrderedDict: O(1) pop of the oldest (a plain dict re-scans
         # the deleted slots at its front on every pop).
         self.lru: OrderedDict[int, None] = OrderedDict()
+        self.main: OrderedDict[int, None] = OrderedDict()
+        self.tinylfu: TinyLfu | None = None
+
+    @property
+    def weight(self) -> int:
+        """The admin's weight (a shared pool's: its best-weighted member's)."""
+        return self._weight
+
+    @weight.setter
+    def weight(self, weight: int) -> None:
+        self._weight = weight
+        self.share = weight * self._bias
+
+    @property
+    def bias(self) -> float:
+        """The pressure multiplier of the weight in the victim choice (> 0, 1: neutral)."""
+        return self._bias
+
+    @bias.setter
+    def bias(self, bias: float) -> None:
+        self._bias = bias
+        self.share = self._weight * bias
+
+    def coldest(self) -> Iterator[int]:
+        """LRU keys of the account's pages, the first to go first (main list, then window);
+        listed lazily from a copy taken per list."""
+        yield from list(self.main)
+        yield from list(self.lru)
+
+    def use_policy(self, name: str, salt: int) -> None:
+        """Switch this account to the ephemeral policy ``name`` (O(its pages), once)."""
+        if name == TINYLFU and self.tinylfu is None:
+            # every page held so far enters the main list in its LRU order; the window
+            # fills with the next puts
+            self.main = self.lru
+            self.lru = OrderedDict()
+            self.tinylfu = TinyLfu(salt, self.eph_pages)
+        elif name == LRU and self.tinylfu is not None:
+            merged = self.main
+            merged.update(self.lru)  # the window's pages are the newer
+            self.lru = merged
+            self.main = OrderedDict()
+            self.tinylfu = None
 
 
 class Eviction:
@@ -73,6 +131,7 @@ class Eviction:
         "capacity",
         "compress_above",
         "eph_pools",
+        "ephemeral_policy",
         "evictions",
         "free_refs",
         "high_bytes",
@@ -82,13 +141,17 @@ class Eviction:
         "reclaim_above",
         "reclaimed_on_put",
         "reclaiming",
+        "salt",
         "settings",
         "table",
     )
 
-    def __init__(self, table: PageTable, capacity: int) -> None:
+    def __init__(self, table: PageTable, capacity: int, *, salt: int | None = None) -> None:
         self.table = table
         self.capacity = capacity
+        self.ephemeral_policy = LRU
+        # keys each account's TinyLFU sketch (secret: a guest must not aim collisions)
+        self.salt = secrets.randbits(64) if salt is None else salt
         # accounts in creation order: dict order breaks ratio ties (older first)
         self.accounts: dict[int, Account] = {}
         self.next_serial = 0
@@ -111,7 +174,20 @@ class Eviction:
         account = Account(self.next_serial, weight)
         self.next_serial += 1
         self.accounts[account.serial] = account
+        if self.ephemeral_policy != LRU:
+            account.use_policy(self.ephemeral_policy, self._account_salt(account))
         return account
+
+    def _account_salt(self, account: Account) -> int:
+        return (self.salt ^ (account.serial * 0x9E3779B97F4A7C15)) & ((1 << 64) - 1)
+
+    def set_policy(self, name: str) -> None:
+        """Use the ephemeral policy ``name`` (``lru`` or ``tinylfu``) for every account from
+        now on; pages held stay (O(pages) once)."""
+        check_policy(name)
+        self.ephemeral_policy = name
+        for account in self.accounts.values():
+            account.use_policy(name, self._account_salt(account))
 
     def close_account(self, account: Account) -> None:
         del self.accounts[account.serial]
@@ -136,18 +212,23 @@ class Eviction:
     # ------------------------------------------------------------------ evicting
 
     def victim(self) -> Account | None:
-        """The account to evict from: the largest ``eph_pages / weight`` (older on ties)."""
+        """The account to evict from: the largest ``eph_pages / (weight * bias)`` (older on
+        ties)."""
         best: Account | None = None
         for account in self.accounts.values():
             n = account.eph_pages
             # by cross-multiplication; ">" keeps the older on ties
-            if n and (best is None or n * best.weight > best.eph_pages * account.weight):
+            if n and (best is None or n * best.share > best.eph_pages * account.share):
                 best = account
         return best
 
     def evict_one(self, account: Account) -> None:
-        """Evict the account's least recently used page."""
-        lru_key = account.lru.popitem(last=False)[0]
+        """Evict the page the account's policy gives up (LRU: its least recently used)."""
+        tinylfu = account.tinylfu
+        if tinylfu is None:
+            lru_key = account.lru.popitem(last=False)[0]
+        else:
+            lru_key = tinylfu.victim(account.lru, account.main)
         pool = self.eph_pools[lru_ref(lru_key)]
         oid, index = lru_handle(lru_key)
         obj = pool.objects[oid]

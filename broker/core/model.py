@@ -41,13 +41,16 @@ class CoreConfig:
     page is kept raw and counted as ``compress_poor``. ``compress_default``: the compression
     mode of a guest that sets none, in a domain that sets none: ``never``, ``always``, or
     ``pressure`` (compress new puts once storage is above the low watermark, and the coldest
-    stored pages while above the high one).
+    stored pages while above the high one). ``ephemeral_policy``: which page of an eviction
+    account goes, ``lru`` or ``tinylfu`` (:mod:`broker.core.policy`); the pressure settings
+    may change it later.
     """
 
     capacity_bytes: int
     max_pools_per_guest: int = 16
     compress_max_ratio: float = 0.75
     compress_default: str = "never"
+    ephemeral_policy: str = "lru"
 
 
 @dataclass(frozen=True, slots=True)

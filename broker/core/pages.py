@@ -80,7 +80,10 @@ class PageTable:
             account = pool.account
             assert account is not None
             account.eph_pages += 1
-            account.lru[lru_key(pool.lru_tag, oid, index)] = None
+            slot = lru_key(pool.lru_tag, oid, index)
+            account.lru[slot] = None
+            if account.tinylfu is not None:
+                account.tinylfu.on_put(account.lru, account.main, slot)
 
     def drop(self, pool: Pool, oid: int, index: int, key: int, in_lru: bool = True) -> None:
         """Forget the page ``key`` that was at (oid, index) (already gone from its object):
@@ -102,7 +105,11 @@ class PageTable:
             assert account is not None
             account.eph_pages -= 1
             if in_lru:
-                del account.lru[lru_key(pool.lru_tag, oid, index)]
+                slot = lru_key(pool.lru_tag, oid, index)
+                try:
+                    del account.lru[slot]
+                except KeyError:  # TinyLFU: the page is in the main list (policy.py)
+                    del account.main[slot]
 
     def trust(self, domain: Domain, trusted: bool) -> None:
         """(Un)trust a dedup domain: its pages count by their contents held, or by their

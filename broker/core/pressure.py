@@ -23,10 +23,18 @@ The tunables (:class:`PressureSettings`) and what they do:
 ``shed_deadline_s``
     How long a guest has to come under its lowered quota before its persistent puts are
     declined with ``quota``.
-``pressure_boost`` / ``pressure_ttl_s``
-    A guest's reported memory pressure (PSI ``some avg10``, percent) raises its weight in the
-    fair-share computation: ``weight * (1 + pressure_boost * psi / 100)``. Reports older than
-    ``pressure_ttl_s`` are ignored.
+``pressure_boost`` / ``pressure_ttl_s`` / ``pressure_low_available_bytes`` /
+``pressure_free_available_bytes`` / ``pressure_free_discount``
+    A guest's pressure report (PSI some and full, MemAvailable, swap used) turns into a
+    multiplier of its weight (:func:`pressure_multiplier`, the formula is in
+    docs/pressure.md): between ``1 - pressure_free_discount`` (plenty of memory free) and
+    ``1 + pressure_boost`` (close to OOM). It weighs in the fair share of persistent pages
+    (more headroom, shed last) and in the choice of the account whose ephemeral pages go
+    (:mod:`broker.core.eviction`); sheds go out to the lowest multipliers first. With PSI
+    some alone it is ``1 + pressure_boost * psi / 100``, the rule before the other fields
+    counted. Reports older than ``pressure_ttl_s`` are ignored (multiplier 1).
+``ephemeral_policy``
+    Which page of an eviction account goes: ``lru`` or ``tinylfu`` (:mod:`broker.core.policy`).
 ``admission_min_hit_rate`` / ``admission_min_samples`` / ``admission_floor`` / ``admission_window``
     While memory is tight (above the low watermark), a guest whose ephemeral pages are rarely
     got back (hit rate, over roughly the last ``admission_window`` ephemeral puts, below
@@ -55,6 +63,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from broker.core.figures import PRESSURE_STATES, PressureFigures
+from broker.core.policy import LRU, check_policy
 from schemas.batch import PAGE_SIZE
 
 
@@ -87,6 +96,8 @@ class PressureTarget(Protocol):
 
     def drain_evicted(self, guest_id: int) -> int: ...
 
+    def set_pressure_bias(self, guest_id: int, bias: float) -> None: ...
+
 
 @dataclass
 class PressureSettings:
@@ -104,6 +115,10 @@ class PressureSettings:
     admission_floor: float = 0.10
     admission_window: int = 8192
     evicted_notice_interval_s: float = 5.0
+    pressure_low_available_bytes: int = 256 << 20
+    pressure_free_available_bytes: int = 1 << 30
+    pressure_free_discount: float = 0.5
+    ephemeral_policy: str = LRU
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +145,13 @@ class PressureSettings:
             # the decayed put count swings between window/2 and window: a larger minimum would
             # be reached only now and then, or never, and the gate would silently stay open
             raise ValueError("admission_min_samples must be at most admission_window / 2")
+        if not 0 < self.pressure_low_available_bytes < self.pressure_free_available_bytes:
+            raise ValueError(
+                "need 0 < pressure_low_available_bytes < pressure_free_available_bytes"
+            )
+        if not 0.0 <= self.pressure_free_discount < 1.0:
+            raise ValueError("pressure_free_discount must be within [0, 1)")
+        check_policy(self.ephemeral_policy)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -162,11 +184,69 @@ class Claim:
     demand: int
 
 
+# PSI full counts this many times PSI some: every task stalled is much closer to OOM than one
+PSI_FULL_GAIN = 4.0
+
+
+def _clamp(x: float) -> float:
+    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
+
+
+def memory_need(report: GuestPressure, settings: PressureSettings) -> float:
+    """How close the guest is to OOM, 0..1 (docs/pressure.md, "Feedback from the guest")::
+
+        need = max(psi_some / 100, min(1, PSI_FULL_GAIN * psi_full / 100),
+                   (L - available) / L  (clamped to 0..1),
+                   swap_used / (swap_used + available))
+
+    ``L``: ``pressure_low_available_bytes``. A field not reported counts 0."""
+    need = 0.0
+    if report.psi_some is not None:
+        need = _clamp(report.psi_some / 100.0)
+    if report.psi_full is not None:
+        need = max(need, _clamp(PSI_FULL_GAIN * report.psi_full / 100.0))
+    available = report.mem_available
+    if available is not None:
+        low = settings.pressure_low_available_bytes
+        need = max(need, _clamp((low - available) / low))
+        swap = report.swap_used
+        if swap is not None and swap + available > 0:
+            need = max(need, swap / (swap + available))
+    return need
+
+
+def memory_free(report: GuestPressure, settings: PressureSettings, need: float) -> float:
+    """How much memory the guest has to spare, 0..1::
+
+        free = (available - L) / (F - L)  (clamped to 0..1)  *  (1 - need)
+
+    ``L``, ``F``: ``pressure_low_available_bytes``, ``pressure_free_available_bytes``; 0 when
+    MemAvailable is not reported."""
+    if report.mem_available is None:
+        return 0.0
+    low, high = settings.pressure_low_available_bytes, settings.pressure_free_available_bytes
+    return _clamp((report.mem_available - low) / (high - low)) * (1.0 - need)
+
+
+def pressure_multiplier(report: GuestPressure | None, settings: PressureSettings) -> float:
+    """What the guest's weight is multiplied by (``None``: no fresh report, 1)::
+
+        multiplier = (1 + pressure_boost * need) * (1 - pressure_free_discount * free)
+
+    within ``[1 - pressure_free_discount, 1 + pressure_boost]``."""
+    if report is None:
+        return 1.0
+    need = memory_need(report, settings)
+    free = memory_free(report, settings, need)
+    return (1.0 + settings.pressure_boost * need) * (1.0 - settings.pressure_free_discount * free)
+
+
 def effective_weight(weight: int, psi_some: float | None, settings: PressureSettings) -> float:
-    """A guest's weight raised by its reported pressure (``None``: no fresh report)."""
+    """A guest's weight raised by its reported PSI some alone (``None``: no fresh report);
+    :func:`pressure_multiplier` weighs every field of a report."""
     if psi_some is None:
         return float(weight)
-    return weight * (1.0 + settings.pressure_boost * max(0.0, min(psi_some, 100.0)) / 100.0)
+    return weight * pressure_multiplier(GuestPressure(psi_some, 0.0), settings)
 
 
 def fair_shares(budget: int, claims: Sequence[Claim]) -> dict[int, int]:
@@ -217,11 +297,15 @@ class Shed:
 
 @dataclass(frozen=True, slots=True)
 class GuestPressure:
-    """A guest's latest pressure report: PSI ``some avg10`` (percent, None: not reported)
-    and when it arrived (``at``, on the policy's monotonic clock)."""
+    """A guest's latest pressure report and when it arrived (``at``, on the policy's
+    monotonic clock): PSI ``some avg10`` and ``full avg10`` (percent), MemAvailable and swap
+    used (bytes); None: not reported."""
 
     psi_some: float | None
     at: float
+    psi_full: float | None = None
+    mem_available: int | None = None
+    swap_used: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,12 +466,13 @@ class PressurePolicy:
         """One round of every rule; returns what the guests must be told, in order."""
         intents: list[Intent] = []
         self.counters.steps += 1
-        self._watermarks()
         held = self.tmem.persistent_pages_of()
+        multipliers = self._multipliers(now, held, reports)
+        self._watermarks()
         known = self.quotas.keys() | self.sheds.keys() | self._last_evicted.keys()
         for gid in [g for g in known if g not in held]:
             self.forget(gid)
-        self._quotas(now, held, reports, intents)
+        self._quotas(now, held, multipliers, intents)
         self._deadlines(now, held)
         self._evicted(now, held, intents)
         return intents
@@ -405,11 +490,28 @@ class PressurePolicy:
             self.counters.reclaim_runs += 1
             self.counters.reclaimed_pages += tmem.evict(min(reclaim, self.MAX_EVICT_BYTES_PER_STEP))
 
-    def _quotas(
+    def _multipliers(
         self,
         now: float,
         held: Mapping[int, tuple[int, int, int | None]],
         reports: Mapping[int, GuestPressure],
+    ) -> dict[int, float]:
+        """Each guest's pressure multiplier (1 without a fresh report), also given to the
+        core as its eviction bias before this step evicts anything."""
+        ttl = self.settings.pressure_ttl_s
+        out: dict[int, float] = {}
+        for gid in held:
+            report = reports.get(gid)
+            fresh = report if report is not None and now - report.at <= ttl else None
+            out[gid] = m = pressure_multiplier(fresh, self.settings)
+            self.tmem.set_pressure_bias(gid, m)
+        return out
+
+    def _quotas(
+        self,
+        now: float,
+        held: Mapping[int, tuple[int, int, int | None]],
+        multipliers: Mapping[int, float],
         intents: list[Intent],
     ) -> None:
         trigger, release = self.budget_pages()
@@ -421,17 +523,18 @@ class PressurePolicy:
         if total <= trigger:
             return  # hysteresis: quotas stay as they are between the two shares
         self.lowered = True
-        ttl = self.settings.pressure_ttl_s
-        claims = []
-        for gid, (pages, weight, cap) in held.items():
-            report = reports.get(gid)
-            psi = report.psi_some if report is not None and now - report.at <= ttl else None
-            claims.append(Claim(gid, effective_weight(weight, psi, self.settings), cap, pages))
+        claims = [
+            Claim(gid, weight * multipliers[gid], cap, pages)
+            for gid, (pages, weight, cap) in held.items()
+        ]
         shares = fair_shares(trigger, claims)
         # changes smaller than this are not worth a notice (the level moves by a few pages
         # whenever a small guest grows)
         slack = max(1, trigger // 256)
-        for gid, (pages, _, cap) in held.items():
+        # the guests with memory to spare hear first, those closest to OOM last (sorted is
+        # stable: equal multipliers keep the order the guests were added)
+        for gid in sorted(held, key=multipliers.__getitem__):
+            pages, _, cap = held[gid]
             share = shares.get(gid, 0)
             old = self.quotas.get(gid)
             if old is None and cap is not None and share >= cap:

@@ -111,6 +111,7 @@ class Tmem:
         journal: PersistentJournal | None = None,
         clock: Callable[[], float] = time.monotonic,
         hasher: Hasher = xxh3_128,
+        salt: int | None = None,
     ) -> None:
         if config.capacity_bytes < 0:
             raise BadRequest("capacity_bytes must be >= 0")
@@ -122,7 +123,8 @@ class Tmem:
         self._journal = journal
         self._contents = Contents(self.store, hasher, int(config.compress_max_ratio * PAGE_SIZE))
         self._table = PageTable(self._contents)
-        self._ev = Eviction(self._table, config.capacity_bytes)
+        self._ev = Eviction(self._table, config.capacity_bytes, salt=salt)
+        self.ephemeral_policy = config.ephemeral_policy
         self._adm = Admission()
         self._reg = Registry(config.max_pools_per_guest, config.compress_default)
         self._retired = Ops()  # counters of removed guests
@@ -175,9 +177,35 @@ class Tmem:
     # ------------------------------------------------------------------ pressure hooks
 
     def configure_pressure(self, settings: PressureSettings | None) -> None:
-        """Turn on (or, with None, off) the put path's watermark step and admission gate."""
+        """Turn on (or, with None, off) the put path's watermark step and admission gate;
+        settings also choose the ephemeral policy (None keeps the one in force)."""
         self._ev.configure(settings)
         self._adm.settings = settings
+        if settings is not None:
+            self.ephemeral_policy = settings.ephemeral_policy
+
+    @property
+    def ephemeral_policy(self) -> str:
+        """Which page of an eviction account goes: ``lru`` or ``tinylfu``
+        (:mod:`broker.core.policy`); settable (pages held stay, O(pages) once)."""
+        return self._ev.ephemeral_policy
+
+    @ephemeral_policy.setter
+    def ephemeral_policy(self, name: str) -> None:
+        if name != self._ev.ephemeral_policy:
+            try:
+                self._ev.set_policy(name)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
+
+    def set_pressure_bias(self, guest_id: int, bias: float) -> None:
+        """Multiply the guest's weight by ``bias`` (> 0) when choosing whose ephemeral pages
+        go (:func:`broker.core.pressure.pressure_multiplier`; 1: neutral)."""
+        if not bias > 0:
+            raise BadRequest(f"bias must be > 0, not {bias!r}")
+        account = self._reg.guest(guest_id).account
+        if account.bias != bias:
+            account.bias = bias
 
     @property
     def reclaiming(self) -> bool:
@@ -571,9 +599,10 @@ class Tmem:
                     account = pool.account
                     assert account is not None
                     account.eph_pages += 1
-                    account.lru[
-                        (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
-                    ] = None
+                    slot = (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
+                    account.lru[slot] = None
+                    if account.tinylfu is not None:  # the LRU default pays this test only
+                        account.tinylfu.on_put(account.lru, account.main, slot)
                 return STATUS_DONE
             pool.declined_capacity += 1
             g.declined_capacity += 1
@@ -593,11 +622,16 @@ class Tmem:
         pool.gets += 1
         g.gets += 1
         obj = pool.objects.get(oid)
-        if obj is None:
-            return None
-        key = obj.get(index)
+        key = None if obj is None else obj.get(index)
         if key is None:
+            account = pool.account
+            if account is not None and account.tinylfu is not None:
+                # a miss is demand too: the page is worth more when it is put again
+                account.tinylfu.on_get(
+                    (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
+                )
             return None
+        assert obj is not None
         pool.get_hits += 1
         g.get_hits += 1
         page = self._contents.load(key)
@@ -611,13 +645,25 @@ class Tmem:
                     self._journal.record_flush(g.guest_id, pool_id, oid, index)
         elif pool.shared:
             g.gate.record_hit()
-            assert pool.account is not None
+            account = pool.account
+            assert account is not None
             # keys.lru_key, inlined: a shared get does nothing else but this
-            pool.account.lru.move_to_end(
-                (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
-            )
+            slot = (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
+            if account.tinylfu is None:
+                account.lru.move_to_end(slot)
+            else:
+                account.tinylfu.on_get(slot)
+                # the page stays in its list (window or main), as the newest there
+                (account.lru if slot in account.lru else account.main).move_to_end(slot)
         else:
             g.gate.record_hit()
+            account = pool.account
+            assert account is not None
+            if account.tinylfu is not None:
+                # the page leaves (exclusive get); its count stays for when it is put again
+                account.tinylfu.on_get(
+                    (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
+                )
             del obj[index]
             if not obj:
                 del pool.objects[oid]
