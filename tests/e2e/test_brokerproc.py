@@ -32,6 +32,11 @@ def _alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 @pytest.mark.skipif(dies_with_us(["x"]) == ["x"], reason="util-linux setpriv is not installed")
 def test_a_child_started_through_dies_with_us_is_killed_with_its_parent() -> None:
     with subprocess.Popen(
@@ -44,6 +49,12 @@ def test_a_child_started_through_dies_with_us_is_killed_with_its_parent() -> Non
         child = int(parent.stdout.readline())
         try:
             assert _alive(child)
+            # setpriv sets the death signal and then execs: wait until it has (on a loaded
+            # machine the parent could otherwise die first, before anything was set)
+            deadline = time.monotonic() + 10
+            while _comm(child) != "sleep" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _comm(child) == "sleep"
             parent.send_signal(signal.SIGKILL)  # as a test run stopped hard: no teardown runs
             parent.wait()
             deadline = time.monotonic() + 10
