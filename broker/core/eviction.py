@@ -206,7 +206,9 @@ class Eviction:
         self.eph_pools[pool.ref] = pool
 
     def remove_pool(self, pool: Pool) -> None:
-        del self.eph_pools[pool.ref]
+        """The pool was destroyed: its ref is free again (ephemeral pools leave the map)."""
+        if not pool.persistent:
+            del self.eph_pools[pool.ref]
         self.free_refs.append(pool.ref)
 
     # ------------------------------------------------------------------ evicting

@@ -1,4 +1,5 @@
-"""Pages in and out without the put and get paths: restore at broker start, and export views.
+"""Pages in and out without the put and get paths: restore at broker start, export views and
+the shed candidates (which pages a shed asks back first).
 
 Restore puts persistent pages back as the journal or a migration holds them: no quota,
 capacity or frozen check, not journaled, not counted as a put; a page replaces what is at its
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from itertools import islice
+
 from broker.core.content import ZERO_KEY, ZERO_PAGE
 from broker.core.errors import BadHandle, BadPageSize, BadRequest
+from broker.core.keys import lru_handle, lru_ref
 from broker.core.pages import PageTable
-from broker.core.registry import Pool
+from broker.core.registry import Guest, Pool
 from schemas.batch import MAX_INDEX, MAX_OID, PAGE_SIZE
 
 
@@ -75,3 +79,19 @@ def read_pages(
 def pool_handles(pool: Pool) -> list[tuple[int, list[int]]]:
     """Every handle of the pool now, by object."""
     return [(oid, list(obj)) for oid, obj in pool.objects.items()]
+
+
+def shed_candidates(g: Guest, limit: int) -> list[tuple[int, int, int]]:
+    """The guest's ``limit`` coldest persistent pages by last access (put or get), coldest
+    first, as ``(pool_id, oid, index)``: what a shed asks back first.
+
+    Reads ``Guest.recency`` from its oldest end: O(limit) (plus the slots left empty at that
+    end by pages touched since the dict last compacted itself, which its resizes bound). The
+    listing moves nothing: as the guest takes pages back and flushes them they leave the
+    order, so the next call names the next coldest."""
+    pool_ids = {pool.ref: pid for pid, pool in g.pools.items() if pool.persistent}
+    out: list[tuple[int, int, int]] = []
+    for key in islice(g.recency, limit):
+        oid, index = lru_handle(key)
+        out.append((pool_ids[lru_ref(key)], oid, index))
+    return out

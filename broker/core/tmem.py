@@ -70,7 +70,7 @@ from broker.core.registry import (
     check_weight,
     normalise_uuid,
 )
-from broker.core.restore import pool_handles, read_pages, restore_pages
+from broker.core.restore import pool_handles, read_pages, restore_pages, shed_candidates
 from broker.core.store import MemoryPageStore, PageStore
 from schemas.batch import (
     MAX_INDEX,
@@ -221,6 +221,13 @@ class Tmem:
         g.quota_pages = quota_pages
         g.hold = hold
         g.relimit()
+
+    def shed_candidates(self, guest_id: int, limit: int) -> list[tuple[int, int, int]]:
+        """The guest's ``limit`` (>= 0) coldest persistent pages by last access, coldest
+        first, as ``(pool_id, oid, index)`` (:func:`broker.core.restore.shed_candidates`)."""
+        if type(limit) is not int or limit < 0:
+            raise BadRequest(f"limit must be an integer >= 0, not {limit!r}")
+        return shed_candidates(self._reg.guest(guest_id), limit)
 
     def quota_of(self, guest_id: int) -> int | None:
         """The guest's effective quota, ``min(cap_pages, dynamic quota)``."""
@@ -459,9 +466,8 @@ class Tmem:
             del self._reg.shared[pool.uuid]
             self._ev.close_account(pool.account)
         self._table.clear(pool)
-        if not pool.persistent:
-            self._ev.remove_pool(pool)
-        elif journal and self._journal is not None:
+        self._ev.remove_pool(pool)
+        if pool.persistent and journal and self._journal is not None:
             self._journal.record_destroy_pool(g.guest_id, pool_id)
 
     def pools(self, guest_id: int) -> list[PoolView]:
@@ -585,21 +591,23 @@ class Tmem:
                 else:
                     obj[index] = key
                 pool.pages += 1
+                mixed = (index + (oid & M32) * MIX) & M32
                 if charge == 0:
                     pool.zero_pages += 1
                 else:
                     table.charge(pool, charge)
                     if charge != PAGE_SIZE:
-                        pool.charges[(oid << 32) | ((index + (oid & M32) * MIX) & M32)] = charge
+                        pool.charges[(oid << 32) | mixed] = charge
+                slot = (oid << 56) | pool.lru_tag | mixed
                 if persistent:
                     g.persistent_pages += 1  # persistent pools are private: g owns it
+                    g.recency[slot] = None
                     if self._journal is not None:
                         self._journal.record_put(g.guest_id, pool_id, oid, index, data)
                 else:
                     account = pool.account
                     assert account is not None
                     account.eph_pages += 1
-                    slot = (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
                     account.lru[slot] = None
                     if account.tinylfu is not None:  # the LRU default pays this test only
                         account.tinylfu.on_put(account.lru, account.main, slot)
@@ -643,6 +651,12 @@ class Tmem:
                 self._table.drop(pool, oid, index, key)
                 if self._journal is not None:
                     self._journal.record_flush(g.guest_id, pool_id, oid, index)
+            else:
+                # the page is the guest's most recently used now (shed candidates go last)
+                recency = g.recency
+                slot = (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
+                del recency[slot]
+                recency[slot] = None
         elif pool.shared:
             g.gate.record_hit()
             account = pool.account
