@@ -369,7 +369,7 @@ GOLDEN: dict[str, Any] = {
 # a compress setting now shows ``compress: null`` (it inherits) where it showed false.
 ADDED = {
     "stats": {"counted_bytes": 61467, "compress_default": "never", "compressed_cold": 0},
-    "pressure": {"compressed_pages": 0},
+    "pressure": {"compressed_pages": 0, "admin_sheds": 0},
 }
 GUEST_MODES = {1: "always", 2: "never", 3: "never"}
 INHERITING = {2, 3}
