@@ -10,7 +10,6 @@ exclusive-get pool, no LRU moves.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-
 from itertools import islice
 
 from broker.core.content import ZERO_KEY, ZERO_PAGE

@@ -69,6 +69,8 @@ FALLBACK = 2
 BLOCKS_PER_OBJECT = 256
 _T = TypeVar("_T")
 _OBJECT_SHIFT = 8
+# a shed asks the broker for at most this many of its coldest pages (the endpoint's limit)
+SHED_CANDIDATES_MAX = 4096
 
 
 def export_policy(read_retry_s: float = 30.0) -> RetryPolicy:
@@ -103,6 +105,10 @@ class PageClient(Protocol):
     async def flush_many(
         self, pool_id: int, handles: Sequence[tuple[int, int]]
     ) -> None: ...  # pragma: no cover
+
+    async def shed_candidates(
+        self, limit: int = 256
+    ) -> list[tuple[int, int, int]]: ...  # pragma: no cover
 
 
 class BrokerBackend:
@@ -282,14 +288,17 @@ class BrokerBackend:
         returned = await self._flush_stale()
         pages -= returned
         location = self.location
-        chosen: list[int] = []
-        # highest blocks first: swap allocates from the start, so the tail is the coldest
+        # the blocks the broker names as its coldest (by last access) first
+        chosen = await self._named_blocks(pages)
+        named = set(chosen)
+        # then the highest blocks: swap allocates from the start, so the tail is colder
         block = self.block_count - 1
         while block >= 0 and len(chosen) < pages:
             block = location.rfind(BROKER, 0, block + 1)
             if block < 0:
                 break
-            chosen.append(block)
+            if block not in named:
+                chosen.append(block)
             block -= 1
         if not chosen:
             return returned
@@ -312,6 +321,29 @@ class BrokerBackend:
             raise BackendError(f"broker: {exc}") from exc
         self.stats["shed_blocks"] += len(moved)
         return returned + len(moved)
+
+    async def _named_blocks(self, pages: int) -> list[int]:
+        """Up to ``pages`` blocks the broker holds for this export, its coldest first
+        (``GET /v1/self/shed-candidates``); none when it cannot say (then the tail goes)."""
+        try:
+            named = await self.client.shed_candidates(min(pages, SHED_CANDIDATES_MAX))
+        except TmemClientError as exc:
+            log.info("nbd: no shed candidates from the broker (%s): the tail goes first", exc)
+            return []
+        location = self.location
+        out: list[int] = []
+        seen: set[int] = set()
+        for pool_id, oid, block in named:
+            if (
+                pool_id == self.pool_id
+                and 0 <= block < self.block_count
+                and block_handle(block)[0] == oid
+                and location[block] == BROKER
+                and block not in seen
+            ):
+                seen.add(block)
+                out.append(block)
+        return out[:pages]
 
     async def _flush_stale(self) -> int:
         """Flush every stale broker copy (only beside no other call); how many went."""

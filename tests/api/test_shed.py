@@ -87,9 +87,7 @@ def test_admin_shed_notifies_holds_then_escalates_without_losing_a_page(
     assert coldest == [(pool, 1, i) for i in range(4)]
     for _pid, oid, index in coldest:
         client.delete(page_url(pool, oid, index), headers=h)
-    ack = client.post(
-        f"/v1/notices/{body['seq']}/ack", json={"pages_returned": 4}, headers=h
-    )
+    ack = client.post(f"/v1/notices/{body['seq']}/ack", json={"pages_returned": 4}, headers=h)
     assert ack.status_code == 204
     step(client)
     assert client.get("/v1/self", headers=h).json()["quota_pages"] is None

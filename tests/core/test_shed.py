@@ -158,9 +158,7 @@ def test_admin_shed_holds_then_clamps_then_releases_and_never_drops_a_page() -> 
     assert f.pages_returned == 3
 
 
-def test_admin_shed_met_in_time_stands_through_a_release_and_is_bounded_by_what_is_held() -> (
-    None
-):
+def test_admin_shed_met_in_time_stands_through_a_release_and_is_bounded_by_what_is_held() -> None:
     t = core()
     policy = _policy(t)
     assert policy.admin_shed(0.0, 1, 5) == []  # holds nothing: nothing to ask

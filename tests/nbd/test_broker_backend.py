@@ -36,6 +36,7 @@ class FakeClient:
         self.down = False
         self.declining = False  # decline every put, as a frozen guest's are
         self.land_then_fail = False  # store the puts, then lose the answer
+        self.no_candidates = False  # a broker that cannot name its coldest pages
         self.calls: list[str] = []
 
     async def create_pool(self, kind: str) -> int:
@@ -62,6 +63,7 @@ class FakeClient:
                 self.pages.pop(key, None)
                 out.append(False)
             else:
+                self.pages.pop(key, None)  # (re)put: the newest by last access
                 self.pages[key] = bytes(page)
                 out.append(True)
         if self.land_then_fail:
@@ -74,7 +76,18 @@ class FakeClient:
         self.calls.append("get_many")
         if self.down:
             raise BrokerUnavailable("connection refused")
-        return [self.pages.get(h) for h in handles]
+        out = [self.pages.pop(h, None) for h in handles]
+        for h, got in zip(handles, out, strict=True):
+            if got is not None:
+                self.pages[h] = got  # a get makes it the newest by last access
+        return out
+
+    async def shed_candidates(self, limit: int = 256) -> list[tuple[int, int, int]]:
+        """Coldest first by last access, as the broker names them."""
+        self.calls.append("shed_candidates")
+        if self.down or self.no_candidates:
+            raise BrokerUnavailable("connection refused")
+        return [(0, oid, index) for oid, index in list(self.pages)[:limit]]
 
     async def flush_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> None:
         self.calls.append("flush_many")
@@ -259,6 +272,23 @@ async def test_shed_moves_broker_blocks_to_the_file(tmp_path: Path) -> None:
     assert await backend.shed(1000) == 70
     assert not client.pages
     assert await backend.shed(5) == 0
+    await backend.close()
+
+
+async def test_shed_takes_the_blocks_the_broker_names_coldest_first(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(b, page(b % 251)) for b in range(20)])
+    # blocks 0..9 read again: the broker's coldest are 10..19 (not the tail, 19 down)
+    assert await backend.read_blocks(list(range(10))) == [page(b) for b in range(10)]
+    assert await backend.shed(4) == 4
+    assert [b for b in range(20) if backend.location[b] == FALLBACK] == [10, 11, 12, 13]
+    assert "shed_candidates" in client.calls
+    # a broker that cannot name pages: the highest blocks go, as before
+    client.no_candidates = True
+    assert await backend.shed(2) == 2
+    assert [b for b in range(20) if backend.location[b] == FALLBACK] == [10, 11, 12, 13, 18, 19]
+    assert await backend.read_blocks(list(range(20))) == [page(b) for b in range(20)]
     await backend.close()
 
 
