@@ -5,6 +5,11 @@ ephemeral pages are rarely got back has only a fraction of its ephemeral puts ad
 ``max(admission_floor, hit_rate / admission_min_hit_rate)`` (the settings are
 :class:`broker.core.pressure.PressureSettings`). The others are declined with ``policy`` and
 counted by sub-reason (``low_hit_rate``). Zero pages cost nothing and are always admitted.
+
+Under the ``tinylfu`` ephemeral policy, a put to an object the policy predicts useless (its
+pages keep being evicted unread and none was read lately: :meth:`broker.core.policy.TinyLfu.
+useless`) is declined first, counted as ``predicted_useless``: storing it would only push out
+a page that may be read.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from broker.core.content import ZERO_PAGE
 from broker.core.pressure import PressureSettings
 
 if TYPE_CHECKING:
-    from broker.core.registry import Guest
+    from broker.core.registry import Guest, Pool
 
 
 class AdmissionGate:
@@ -70,20 +75,29 @@ class AdmissionGate:
 class Admission:
     """The broker's admission policy: off until :attr:`settings` is set (pressure hooks)."""
 
-    __slots__ = ("low_hit_rate", "settings")
+    __slots__ = ("low_hit_rate", "predicted_useless", "settings")
 
     def __init__(self) -> None:
         self.settings: PressureSettings | None = None
         self.low_hit_rate = 0  # ephemeral puts declined by a gate
+        self.predicted_useless = 0  # ... by the TinyLFU object prediction
 
-    def admit(self, g: Guest, data: bytes, tight: bool) -> bool:
-        """Whether the guest's ephemeral put of ``data`` is admitted; ``tight``: storage is
-        above the low watermark (only then may the gate say no)."""
+    def admit(self, g: Guest, pool: Pool, oid: int, data: bytes, tight: bool) -> bool:
+        """Whether the guest's ephemeral put of ``data`` to object ``oid`` of ``pool`` is
+        admitted; ``tight``: storage is above the low watermark (only then may it say no)."""
         settings = self.settings
         assert settings is not None
         gate = g.gate
         gate.record_put(settings.admission_window)
-        if not tight or data == ZERO_PAGE or gate.admit(settings):
+        if not tight or data == ZERO_PAGE:
+            return True
+        account = pool.account
+        tinylfu = None if account is None else account.tinylfu
+        if tinylfu is not None and tinylfu.useless((oid << 24) | pool.ref):
+            g.policy_predicted_useless += 1
+            self.predicted_useless += 1
+            return False
+        if gate.admit(settings):
             return True
         g.policy_low_hit_rate += 1
         self.low_hit_rate += 1

@@ -231,6 +231,7 @@ class Eviction:
             lru_key = account.lru.popitem(last=False)[0]
         else:
             lru_key = tinylfu.victim(account.lru, account.main)
+            tinylfu.on_evicted(lru_key)
         pool = self.eph_pools[lru_ref(lru_key)]
         oid, index = lru_handle(lru_key)
         obj = pool.objects[oid]

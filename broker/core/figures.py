@@ -150,6 +150,10 @@ class PolicyDeclines:
     low_hit_rate: int = counter(
         "ephemeral puts declined because the guest's ephemeral pages were rarely got back"
     )
+    predicted_useless: int = counter(
+        "ephemeral puts declined because the policy predicted them useless (their object's "
+        "pages kept being evicted unread; tinylfu only)"
+    )
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -486,6 +490,7 @@ class GuestState(OpCounts, Protocol):
     compress: bool | None
     persistent_pages: int
     policy_low_hit_rate: int
+    policy_predicted_useless: int
 
     @property
     def weight(self) -> int: ...
@@ -572,7 +577,9 @@ def guest_figures(g: GuestState, compress_mode: str, *, admin: bool) -> GuestFig
         charged_bytes=charged,
         compression_ratio=_ratio(pages - zero, charged),
         ops=op_figures(g, admin=admin),
-        policy_declines=PolicyDeclines(low_hit_rate=g.policy_low_hit_rate),
+        policy_declines=PolicyDeclines(
+            low_hit_rate=g.policy_low_hit_rate, predicted_useless=g.policy_predicted_useless
+        ),
     )
 
 
@@ -602,6 +609,7 @@ def broker_figures(
     counted_bytes: int,
     unique_pages: int,
     low_hit_rate: int,
+    predicted_useless: int,
     reclaimed_on_put: int,
     compress_default: str,
     compressed_cold: int,
@@ -640,7 +648,9 @@ def broker_figures(
         dedup_ratio=((logical - zero) / unique_pages) if unique_pages else 1.0,
         compression_ratio=(unique_pages * PAGE_SIZE / used_bytes) if used_bytes else 1.0,
         ops=op_figures(ops, admin=True),
-        policy_declines=PolicyDeclines(low_hit_rate=low_hit_rate),
+        policy_declines=PolicyDeclines(
+            low_hit_rate=low_hit_rate, predicted_useless=predicted_useless
+        ),
         reclaimed_on_put=reclaimed_on_put,
         compress_default=compress_default,
         compressed_cold=compressed_cold,

@@ -172,6 +172,7 @@ class Guest(Ops):
         "pack",
         "persistent_pages",
         "policy_low_hit_rate",
+        "policy_predicted_useless",
         "pools",
         "quota_pages",
         "recency",
@@ -212,6 +213,7 @@ class Guest(Ops):
         self.limit: int | None = cap_pages
         self.gate = AdmissionGate()
         self.policy_low_hit_rate = 0
+        self.policy_predicted_useless = 0
 
     def effective_quota(self) -> int | None:
         """``min(cap_pages, quota_pages)`` (None: unbounded)."""

@@ -354,8 +354,8 @@ class Tmem:
     def compress_cold(self, max_pages: int) -> int:
         """The ``pressure`` mode's background pass: while storage is above the high
         watermark, keep up to ``max_pages`` stored pages of guests in that mode as lz4
-        blocks, coldest first (ephemeral pages in LRU order, then persistent pages in the
-        order they were put). Returns the pages compressed. Call it from a background loop."""
+        blocks, those least likely to be read soon first (:mod:`broker.core.compression`).
+        Returns the pages compressed. Call it from a background loop."""
         return self._cold.step(max_pages)
 
     def remove_guest(self, guest_id: int) -> None:
@@ -533,7 +533,7 @@ class Tmem:
         elif (
             not persistent
             and self._adm.settings is not None
-            and not self._adm.admit(g, data, table.counted_bytes > self._ev.low_bytes)
+            and not self._adm.admit(g, pool, oid, data, table.counted_bytes > self._ev.low_bytes)
         ):
             pool.declined_policy += 1
             g.declined_policy += 1
@@ -666,7 +666,7 @@ class Tmem:
             if account.tinylfu is None:
                 account.lru.move_to_end(slot)
             else:
-                account.tinylfu.on_get(slot)
+                account.tinylfu.on_hit(slot)
                 # the page stays in its list (window or main), as the newest there
                 (account.lru if slot in account.lru else account.main).move_to_end(slot)
         else:
@@ -675,7 +675,7 @@ class Tmem:
             assert account is not None
             if account.tinylfu is not None:
                 # the page leaves (exclusive get); its count stays for when it is put again
-                account.tinylfu.on_get(
+                account.tinylfu.on_hit(
                     (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
                 )
             del obj[index]
@@ -802,6 +802,7 @@ class Tmem:
             counted_bytes=self._table.counted_bytes,
             unique_pages=self.unique_pages,
             low_hit_rate=self._adm.low_hit_rate,
+            predicted_useless=self._adm.predicted_useless,
             reclaimed_on_put=self._ev.reclaimed_on_put,
             compress_default=reg.compress_default,
             compressed_cold=self._cold.compressed,
