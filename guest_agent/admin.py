@@ -332,7 +332,9 @@ def _parse_list(data: Any) -> list[AdminGuest]:
     return [_parse(AdminGuest, item) for item in data]
 
 
-_M = TypeVar("_M", GuestInfo, AdminGuest, GuestCreated, Imported, DomainInfo, BrokerSettings)
+_M = TypeVar(
+    "_M", GuestInfo, AdminGuest, GuestCreated, Imported, DomainInfo, BrokerSettings, ShedIssued
+)
 
 
 def _parse(model: type[_M], data: Any) -> _M:
