@@ -154,6 +154,10 @@ class PolicyDeclines:
         "ephemeral puts declined because the policy predicted them useless (their object's "
         "pages kept being evicted unread; tinylfu only)"
     )
+    poor_compression: int = counter(
+        "ephemeral puts declined because they compressed poorly and were seen at most once "
+        "lately (compressing guests, tinylfu only)"
+    )
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -491,6 +495,7 @@ class GuestState(OpCounts, Protocol):
     persistent_pages: int
     policy_low_hit_rate: int
     policy_predicted_useless: int
+    policy_poor_compression: int
 
     @property
     def weight(self) -> int: ...
@@ -578,7 +583,9 @@ def guest_figures(g: GuestState, compress_mode: str, *, admin: bool) -> GuestFig
         compression_ratio=_ratio(pages - zero, charged),
         ops=op_figures(g, admin=admin),
         policy_declines=PolicyDeclines(
-            low_hit_rate=g.policy_low_hit_rate, predicted_useless=g.policy_predicted_useless
+            low_hit_rate=g.policy_low_hit_rate,
+            predicted_useless=g.policy_predicted_useless,
+            poor_compression=g.policy_poor_compression,
         ),
     )
 
@@ -610,6 +617,7 @@ def broker_figures(
     unique_pages: int,
     low_hit_rate: int,
     predicted_useless: int,
+    poor_compression: int,
     reclaimed_on_put: int,
     compress_default: str,
     compressed_cold: int,
@@ -649,7 +657,9 @@ def broker_figures(
         compression_ratio=(unique_pages * PAGE_SIZE / used_bytes) if used_bytes else 1.0,
         ops=op_figures(ops, admin=True),
         policy_declines=PolicyDeclines(
-            low_hit_rate=low_hit_rate, predicted_useless=predicted_useless
+            low_hit_rate=low_hit_rate,
+            predicted_useless=predicted_useless,
+            poor_compression=poor_compression,
         ),
         reclaimed_on_put=reclaimed_on_put,
         compress_default=compress_default,

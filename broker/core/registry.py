@@ -172,6 +172,7 @@ class Guest(Ops):
         "pack",
         "persistent_pages",
         "policy_low_hit_rate",
+        "policy_poor_compression",
         "policy_predicted_useless",
         "pools",
         "quota_pages",
@@ -214,6 +215,7 @@ class Guest(Ops):
         self.gate = AdmissionGate()
         self.policy_low_hit_rate = 0
         self.policy_predicted_useless = 0
+        self.policy_poor_compression = 0
 
     def effective_quota(self) -> int | None:
         """``min(cap_pages, quota_pages)`` (None: unbounded)."""

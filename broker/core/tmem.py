@@ -558,6 +558,12 @@ class Tmem:
                     if poor:
                         pool.compress_poor += 1
                         g.compress_poor += 1
+                        if not persistent and self._adm.too_costly(
+                            g, pool, oid, index, level > ev.low_bytes
+                        ):
+                            pool.declined_policy += 1
+                            g.declined_policy += 1
+                            return STATUS_POLICY  # (ephemeral: nothing to journal)
                 need = charge = len(stored)
                 if (
                     domain.trusted
@@ -803,6 +809,7 @@ class Tmem:
             unique_pages=self.unique_pages,
             low_hit_rate=self._adm.low_hit_rate,
             predicted_useless=self._adm.predicted_useless,
+            poor_compression=self._adm.poor_compression,
             reclaimed_on_put=self._ev.reclaimed_on_put,
             compress_default=reg.compress_default,
             compressed_cold=self._cold.compressed,

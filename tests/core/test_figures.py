@@ -382,9 +382,11 @@ def _before_capacity(got: dict[str, Any]) -> dict[str, Any]:
         for key, value in added.items():
             assert out[part].pop(key) == value, (part, key)
     assert out["stats"]["policy_declines"].pop("predicted_useless") == 0
+    assert out["stats"]["policy_declines"].pop("poor_compression") == 0
     guests = [*out["stats"]["guests"], out["guest_1"], out["guest_3"]]
     for g in guests:
         assert g["policy_declines"].pop("predicted_useless") == 0
+        assert g["policy_declines"].pop("poor_compression") == 0
         gid = g["guest_id"]
         assert g.pop("compress_mode") == GUEST_MODES[gid]
         if gid in INHERITING:

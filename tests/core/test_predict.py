@@ -14,7 +14,7 @@ from broker.core.policy import TINYLFU, USELESS_EVICTIONS
 from broker.core.pressure import PressurePolicy, PressureSettings
 from schemas.batch import STATUS_DONE, STATUS_POLICY
 from tests.core.conftest import PAGE, page
-from tests.core.test_capacity import compressible
+from tests.core.test_capacity import compressible, incompressible
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -183,3 +183,31 @@ def test_no_policy_ever_drops_an_acknowledged_persistent_page(
     for (gid, oid, index), data in held.items():
         assert t.get(gid, 0, oid, index) == data
     assert sum(t.persistent_pages_of()[g][0] for g in range(3)) == len(held)
+
+
+def test_a_poor_compressor_seen_rarely_is_declined_while_tight_and_a_frequent_one_kept() -> None:
+    t = Tmem(CoreConfig(capacity_bytes=64 * PAGE, compress_default="always"), salt=1)
+    t.configure_pressure(
+        PressureSettings(low_watermark=0.5, high_watermark=0.9, ephemeral_policy=TINYLFU)
+    )
+    t.add_guest(1, name="a")
+    t.add_guest(2, name="raw")  # compresses nothing: never judged so
+    t.update_guest(2, compress=False)
+    t.create_pool(1, "ephemeral")
+    t.create_pool(2, "ephemeral")
+    # not tight: a poor compressor is stored raw, as always
+    assert t.put(1, 0, 1, 0, incompressible(0)) == STATUS_DONE
+    for i in range(40):
+        t.put(2, 0, 1, i, incompressible(100 + i))  # storage above the low watermark now
+    assert t.put(1, 0, 1, 1, incompressible(1)) == STATUS_POLICY
+    assert t.get(1, 0, 1, 1) is None  # nothing left at the handle
+    declines = t.stats().policy_declines
+    assert (declines.poor_compression, declines.predicted_useless) == (1, 0)
+    assert t.guest_stats(1).policy_declines.poor_compression == 1
+    # a page read back again and again is worth its whole page
+    for _ in range(3):
+        t.get(1, 0, 1, 2)
+        t.put(1, 0, 1, 2, incompressible(2))
+    assert t.put(1, 0, 1, 2, incompressible(2)) == STATUS_DONE
+    assert t.put(1, 0, 1, 3, compressible(3)) == STATUS_DONE  # compresses: no question
+    assert t.put(2, 0, 1, 99, incompressible(99)) == STATUS_DONE  # not compressing
