@@ -1,6 +1,7 @@
 """The policy scoreboard: the simulator's workloads replayed against the core, once per policy.
 
-Run: ``.venv/bin/python -m bench.policy_scoreboard [--steps 300] [--runs 3] [--png FILE]``
+Run: ``.venv/bin/python -m bench.policy_scoreboard [--steps 300] [--runs 3] [--png FILE]
+[--persistent-share 0.75]``
 
 Each simulated guest has a page cache (an LRU of ``--guest-pages`` pages) in front of its
 memory: anonymous pages (an eighth of its page space) and the pages of an OS image of real
@@ -117,9 +118,12 @@ class Pages:
         """A guest's anonymous page: an image page's bytes (real compressibility) stamped with
         the guest, the page and its version, so that every store is checkably distinct."""
         base = self.contents[(page * 7 + gid) % len(self.contents)]
-        return gid.to_bytes(2, "little") + page.to_bytes(4, "little") + version.to_bytes(
-            4, "little"
-        ) + base[10:]
+        return (
+            gid.to_bytes(2, "little")
+            + page.to_bytes(4, "little")
+            + version.to_bytes(4, "little")
+            + base[10:]
+        )
 
 
 class Guest:
@@ -225,7 +229,9 @@ class Guest:
             score.shed_pages += 1
 
 
-def _broker(policy: str, capacity_pages: int) -> tuple[Tmem, PressurePolicy | None]:
+def _broker(
+    policy: str, capacity_pages: int, persistent_share: float
+) -> tuple[Tmem, PressurePolicy | None]:
     eph = TINYLFU if policy == TINYLFU else LRU
     # the new policy compresses every put as zswap does: the ``pressure`` mode (compress
     # above the low watermark, the cold pass) served fewer faults per MiB here (README)
@@ -240,7 +246,14 @@ def _broker(policy: str, capacity_pages: int) -> tuple[Tmem, PressurePolicy | No
     )
     if policy in ("xen", "zswap"):
         return tmem, None
-    return tmem, PressurePolicy(tmem, PressureSettings(ephemeral_policy=eph), now=0.0)
+    # the default persistent share (3/4 of the capacity) is never reached by these loads:
+    # --persistent-share 0.25 makes the policies with a pressure loop shed
+    settings = PressureSettings(
+        ephemeral_policy=eph,
+        persistent_share=persistent_share,
+        release_share=min(persistent_share, PressureSettings.release_share),
+    )
+    return tmem, PressurePolicy(tmem, settings, now=0.0)
 
 
 def _workload(name: str, space: PageSpace, k: int, seed: int) -> Workload:
@@ -258,7 +271,15 @@ def _workload(name: str, space: PageSpace, k: int, seed: int) -> Workload:
     return make_workload("mix", space, seed=seed, accesses_per_step=k)
 
 
-def run(workload: str, policy: str, steps: int, scale: int, seed: int, pages: Pages) -> Score:
+def run(
+    workload: str,
+    policy: str,
+    steps: int,
+    scale: int,
+    seed: int,
+    pages: Pages,
+    persistent_share: float = PressureSettings.persistent_share,
+) -> Score:
     """Replay ``workload`` for ``steps`` steps against a fresh core under ``policy``."""
     score = Score(workload, policy)
     if workload == "8-guests":
@@ -268,7 +289,7 @@ def run(workload: str, policy: str, steps: int, scale: int, seed: int, pages: Pa
         weights = (100,)
         total, cache_pages, capacity, k = 16384 * scale, 2048 * scale, 4096 * scale, 512
     space = PageSpace(total // 8, total - total // 8)
-    tmem, pressure = _broker(policy, capacity)
+    tmem, pressure = _broker(policy, capacity, persistent_share)
     guests: dict[int, Guest] = {}
     for gid, weight in enumerate(weights, start=1):
         tmem.add_guest(gid, name=f"g{gid}", weight=weight)
@@ -355,12 +376,23 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> l
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--png", default=None, help="write the bar chart here")
+    parser.add_argument(
+        "--persistent-share",
+        type=float,
+        default=PressureSettings.persistent_share,
+        help="shed persistent pages above this share of capacity (lru and tinylfu)",
+    )
     args = parser.parse_args(argv)
     chosen = args.workloads.split(",")
     policies = args.policies.split(",")
     pages = Pages(16384 * args.scale)
     scores = [
-        median([run(w, p, args.steps, args.scale, 7 + 1000 * r, pages) for r in range(args.runs)])
+        median(
+            [
+                run(w, p, args.steps, args.scale, 7 + 1000 * r, pages, args.persistent_share)
+                for r in range(args.runs)
+            ]
+        )
         for w in chosen
         for p in policies
     ]

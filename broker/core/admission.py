@@ -28,10 +28,10 @@ if TYPE_CHECKING:
 
 
 # a poorly compressing ephemeral put is kept when TinyLFU saw its page more often than this
-# lately (a get and a put per round trip: 3 is a page on its second round or later). The
-# scoreboard (bench/README.md): 1 declined too few to matter, 3 and "every one" (zswap's
-# rule) did alike on the scan and the shifting loads
-POOR_KEPT_ABOVE = 3
+# lately, this put included (a get and a put per round trip: 4 is a page on its second round).
+# The scoreboard (bench/README.md): 2 or 3 kept too many, 4 and "none" (zswap's rule)
+# did alike
+POOR_KEPT_ABOVE = 4
 
 
 class AdmissionGate:
