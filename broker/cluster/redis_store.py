@@ -288,6 +288,7 @@ class RedisPages:
                     c.result = ClusterUnavailable(f"node {addr} went away during a drop")
             return True
         refresh = False
+        ran = False
         it = iter(replies)
         for c in group:
             if c.ask is not None:
@@ -302,9 +303,12 @@ class RedisPages:
                 self._client(*addr).script_load(SCRIPTS[self._script_name(c.args[1])])
             else:
                 c.result = reply
-        if durable:
+                ran = True
+        if durable and ran:  # (a node that ran nothing, e.g. all MOVED, has nothing to confirm)
             acked = next(it)
             if isinstance(acked, ResponseError) or int(acked) < 1:
+                if refresh:
+                    self._refresh()
                 raise ClusterUnavailable(f"no replica of {addr[0]}:{addr[1]} confirmed in time")
         return refresh
 
