@@ -271,6 +271,7 @@ class ClusterEngine(Tmem):
         takes: Sequence[tuple[int, bytes]],
         call: Callable[[set[int]], Any],
         prefetch: Iterable[int] = (),
+        fix: Callable[[Any, set[tuple[int, int, int]]], Any] | None = None,
     ) -> Any:
         """Step 1 (take ``takes``: (key with tail, page)), ``call(full)`` (the core; ``full``:
         indexes into ``takes`` the cluster had no room for), step 2 and step 3."""
@@ -310,19 +311,49 @@ class ClusterEngine(Tmem):
             cc.take_time = {}
         leftover_drops = [(k, times[k]) for k in leftover]
         try:
-            since = self._write_handles(guest_id, handle_cmds)
+            since, full_handles = self._write_handles(guest_id, handle_cmds)
         except Fenced:
             # None of the refused handles holds its new reference: give those back (the
             # handles it would have replaced keep theirs; they were not removed either).
             self._drop(leftover_drops + self._refused_takes(handle_cmds))
             raise
+        if full_handles:
+            leftover_drops += self._undo_full(guest_id, full_handles)
+            if fix is None:
+                raise ClusterUnavailable("the cluster is full")
+            result = fix(result, {h for h, _k, _t in full_handles})
         self._drop([(k, since) for k in drops] + leftover_drops)
         return result
 
-    def _write_handles(self, guest_id: int, cmds: list[Cmd]) -> int:
-        """Step 2; returns the server time the handles changed (for the drops' deadline)."""
+    def _undo_full(
+        self, guest_id: int, full: list[tuple[tuple[int, int, int], int, int]]
+    ) -> list[tuple[int, int]]:
+        """Handles the cluster had no room to write (OOM): remove them (the put is declined
+        ``capacity``, which flushes the old copy too), here and in Redis; their new references
+        are returned for dropping."""
+        epoch = self.epochs.get(guest_id, 0)
+        cmds = [self.pages.handle_cmd(guest_id, epoch, b"d", *h) for h, _k, _t in full]
+        self.pages.run(cmds, durable=True)
+        g = self._reg.guest(guest_id)
+
+        def forget() -> None:
+            for (pool_id, oid, index), _key, _taken in full:
+                pool = g.pools[pool_id]
+                self._table.take(pool, oid, index)
+                pool.declined_capacity += 1
+                g.declined_capacity += 1
+
+        self._local(forget)
+        return [(key, taken) for _h, key, taken in full if key != ZERO_KEY]
+
+    def _write_handles(
+        self, guest_id: int, cmds: list[Cmd]
+    ) -> tuple[int, list[tuple[tuple[int, int, int], int, int]]]:
+        """Step 2; returns the server time the handles changed (for the drops' deadline) and
+        the handles whose last write found the cluster full: ``((pool, oid, index), key,
+        take time)``."""
         if not cmds:
-            return 0
+            return 0, []
         try:
             self.pages.run(cmds, durable=True)
         except ClusterUnavailable:
@@ -330,8 +361,12 @@ class ClusterEngine(Tmem):
             raise
         since = 0
         fenced = None
+        last: dict[tuple[bytes, bytes], Cmd] = {}
         for cmd in cmds:
             reply = cmd.result
+            last[(cmd.args[8], cmd.args[9])] = cmd
+            if is_oom(reply) and cmd.args[7] == b"p":
+                continue
             if isinstance(reply, Exception):
                 self._stale.add(guest_id)
                 raise ClusterUnavailable(f"writing a handle failed: {reply}") from reply
@@ -347,7 +382,14 @@ class ClusterEngine(Tmem):
             epoch = self.epochs.get(guest_id, 0)
             self.release(guest_id)
             raise Fenced(guest_id, epoch, fenced)
-        return since
+        full = []
+        for (member, field), cmd in last.items():
+            if cmd.args[7] == b"p" and is_oom(cmd.result):
+                pool_id, _, oid = member.partition(b":")
+                handle = (int(pool_id), int(oid), int.from_bytes(field, "big"))
+                value, taken = cmd.args[10], cmd.args[11]
+                full.append((handle, key_of(value) if value else ZERO_KEY, int(taken or 0)))
+        return since, full
 
     @staticmethod
     def _refused_takes(cmds: list[Cmd]) -> list[tuple[int, int]]:
@@ -438,7 +480,18 @@ class ClusterEngine(Tmem):
                 out += Tmem.batch(self, guest_id, pool_id, segment)
             return out
 
-        result: list[tuple[int, bytes | None]] = self._around(guest_id, takes, call, prefetch)
+        def fix(
+            out: list[tuple[int, bytes | None]], full: set[tuple[int, int, int]]
+        ) -> list[tuple[int, bytes | None]]:
+            """The last put at each handle the cluster had no room for is declined."""
+            for i in range(len(ops) - 1, -1, -1):
+                op, oid, index, _page = ops[i]
+                if op == OP_PUT and (pool_id, oid, index) in full:
+                    full.discard((pool_id, oid, index))
+                    out[i] = (STATUS_CAPACITY, None)
+            return out
+
+        result: list[tuple[int, bytes | None]] = self._around(guest_id, takes, call, prefetch, fix)
         return result
 
     def _decline_full(self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int) -> int:
