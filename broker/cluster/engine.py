@@ -37,6 +37,7 @@ from typing import Any
 
 from broker.cluster.errors import ClusterUnavailable, Fenced
 from broker.cluster.redis_store import (
+    BUCKET_BITS,
     IN_REDIS,
     Cmd,
     RedisPages,
@@ -109,7 +110,9 @@ class ClusterJournal:
     def __init__(self, engine: ClusterEngine) -> None:
         self.engine = engine
         self.cmds: list[Cmd] = []
-        self.snapshot: dict[tuple[int, int], list[int]] = {}
+        # the handle hashes of objects and pools about to go (ClusterEngine notes them)
+        self.snapshot: dict[tuple[int, int], list[tuple[int, set[int]]]] = {}
+        self.buckets: dict[tuple[int, int, int], set[int]] = {}
 
     def _cmd(self, guest_id: int, op: bytes, pool_id: int, oid: int, index: int = 0) -> None:
         engine = self.engine
@@ -135,11 +138,13 @@ class ClusterJournal:
         self._cmd(guest_id, b"d", pool_id, oid, index)
 
     def record_flush_object(self, guest_id: int, pool_id: int, oid: int) -> None:
-        self._cmd(guest_id, b"o", pool_id, oid)
+        for bucket in self.buckets.pop((guest_id, pool_id, oid), ()):
+            self._cmd(guest_id, b"o", pool_id, oid, bucket << BUCKET_BITS)
 
     def record_destroy_pool(self, guest_id: int, pool_id: int) -> None:
-        for oid in self.snapshot.pop((guest_id, pool_id), ()):
-            self._cmd(guest_id, b"o", pool_id, oid)
+        for oid, buckets in self.snapshot.pop((guest_id, pool_id), ()):
+            for bucket in buckets:
+                self._cmd(guest_id, b"o", pool_id, oid, bucket << BUCKET_BITS)
 
     def record_remove_guest(self, guest_id: int) -> None:
         for gid, pool_id in [k for k in self.snapshot if k[0] == guest_id]:
@@ -385,8 +390,7 @@ class ClusterEngine(Tmem):
         full = []
         for (member, field), cmd in last.items():
             if cmd.args[7] == b"p" and is_oom(cmd.result):
-                pool_id, _, oid = member.partition(b":")
-                handle = (int(pool_id), int(oid), int.from_bytes(field, "big"))
+                handle = self.pages.handle_of(member, field)
                 value, taken = cmd.args[10], cmd.args[11]
                 full.append((handle, key_of(value) if value else ZERO_KEY, int(taken or 0)))
         return since, full
@@ -545,13 +549,24 @@ class ClusterEngine(Tmem):
         )
         return n
 
+    def _flush_object(self, g: Guest, pool: Pool, pool_id: int, oid: int) -> int:
+        if pool.persistent:  # note the object's handle hashes for the journal
+            obj = pool.objects.get(oid, ())
+            self.handles.buckets[(g.guest_id, pool_id, oid)] = {i >> BUCKET_BITS for i in obj}
+        try:
+            return super()._flush_object(g, pool, pool_id, oid)
+        finally:
+            self.handles.buckets.pop((g.guest_id, pool_id, oid), None)
+
     def _snapshot(self, g: Guest, pool_ids: Iterable[int]) -> bool:
         """Note the objects of the guest's persistent pools about to go (for the journal)."""
         any_ = False
         for pool_id in pool_ids:
             pool = g.pools.get(pool_id)
             if pool is not None and pool.persistent and pool.objects:
-                self.handles.snapshot[(g.guest_id, pool_id)] = list(pool.objects)
+                self.handles.snapshot[(g.guest_id, pool_id)] = [
+                    (oid, {i >> BUCKET_BITS for i in obj}) for oid, obj in pool.objects.items()
+                ]
                 any_ = True
         return any_
 
