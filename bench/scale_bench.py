@@ -117,12 +117,17 @@ def memory(seeds: list[str], pages: int) -> dict[str, float]:
         before = _used(rc)
         _put_all(e, 2, pool2, [same] * pages)
         per_handle = (_used(rc) - before - usage) / pages
+        hashes = list(
+            rc.scan_iter(match=b"mem:{g2}:o:*", count=1000, target_nodes=RedisCluster.PRIMARIES)
+        )
+        per_handle_usage = sum(int(rc.memory_usage(k)) for k in hashes) / pages
         return {
             "bytes_per_unique_page": per_page,
             "ratio_per_page": per_page / PAGE_SIZE,
             "used_memory_per_page": per_page_all,
             "memory_usage_one_content": usage,
             "bytes_per_handle": per_handle,
+            "bytes_per_handle_usage": per_handle_usage,
         }
     finally:
         e.pages.close()
@@ -248,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         f"1. memory per unique page per copy: {m['bytes_per_unique_page']:.0f} B = "
         f"{m['ratio_per_page']:.3f} x 4096 (aim <= 1.1; used_memory_dataset, handle maps "
         f"included; used_memory: {m['used_memory_per_page']:.0f} B); MEMORY USAGE of a content "
-        f"{m['memory_usage_one_content']} B; one more handle {m['bytes_per_handle']:.0f} B"
+        f"{m['memory_usage_one_content']} B; one more handle {m['bytes_per_handle']:.0f} B "
+        f"(MEMORY USAGE of the handle hashes: {m['bytes_per_handle_usage']:.0f} B a handle)"
     )
     print(
         f"2. one image through 3 brokers: {d['three_brokers']} B vs ideal {d['ideal']} B "
