@@ -268,6 +268,30 @@ class ClusterEngine(Tmem):
         if guest_id in self._stale:
             self._load_handles(guest_id)
 
+    def cluster_stats(self) -> dict[str, Any]:
+        """The Redis Cluster as the admin sees it: per master, memory used and its limit
+        (0: none), keys, and its replicas; whether every slot is served."""
+        rc = self.pages.rc
+        try:
+            rc.nodes_manager.initialize()
+            masters = []
+            for node in rc.get_primaries():
+                conn = rc.get_redis_connection(node)
+                memory = conn.info("memory")
+                masters.append(
+                    {
+                        "node": node.name,
+                        "used_memory": int(memory["used_memory"]),
+                        "maxmemory": int(memory["maxmemory"]),
+                        "keys": int(conn.dbsize()),
+                        "replicas": int(conn.info("replication")["connected_slaves"]),
+                    }
+                )
+            state = rc.cluster_info(target_nodes=rc.get_random_node())["cluster_state"]
+        except Exception as exc:
+            raise ClusterUnavailable(f"reading the cluster's figures failed: {exc}") from exc
+        return {"state": state, "masters": masters}
+
     # ---------------------------------------------------------------- the three steps
 
     def _around(
