@@ -43,121 +43,17 @@ from broker.cluster.redis_store import (
     RedisPages,
     is_oom,
     key_of,
-    ref_of,
     with_tail,
 )
-from broker.core.compression import ColdCompressor
-from broker.core.content import ZERO_KEY, ZERO_PAGE, Contents, Hasher
-from broker.core.errors import BadPageSize, BadRequest, UnknownGuest
+from broker.cluster.redis_tables import HIT, ClusterCold, ClusterContents, ClusterJournal
+from broker.core.content import ZERO_KEY, ZERO_PAGE, Hasher
+from broker.core.errors import BadPageSize, BadRequest
 from broker.core.model import CoreConfig
 from broker.core.registry import Domain, Guest, Pool
 from broker.core.tmem import _OPS, BatchOp, Tmem, _check_handle
 from schemas.batch import OP_GET, OP_PUT, PAGE_SIZE, STATUS_CAPACITY, STATUS_DONE
 
 log = logging.getLogger(__name__)
-
-
-class ClusterContents(Contents):
-    """The content table with persistent contents in Redis: keys flagged ``IN_REDIS`` take
-    the references prepared by the engine, queue their drops, and load from Redis."""
-
-    def __init__(self, base: Contents, pages: RedisPages) -> None:
-        super().__init__(base.store, base.hash, base.compress_max)
-        self.pages = pages
-        # Always truthy: the put path then calls acquire() for every new content, which is
-        # where a flagged key takes its prepared Redis reference (a dummy entry, never a base).
-        self.collided = {-2: 0}
-        self.prepared: dict[int, deque[int]] = {}
-        self.take_time: dict[int, int] = {}
-        self.drops: list[int] = []
-        self.cache: dict[int, bytes | None] = {}
-        self.local_only = False
-
-    def acquire(self, base: int, page: bytes, stored: bytes, domain: Domain) -> tuple[int, bool]:
-        if not base & IN_REDIS:
-            return super().acquire(base, page, stored, domain)
-        queue = self.prepared.get(base)
-        if not queue:
-            raise AssertionError("a persistent put without a prepared Redis reference")
-        key = queue.popleft()
-        return key & ~_HIT, bool(key & _HIT)  # the engine marks shared references
-
-    def unref(self, key: int, domain: Domain) -> None:
-        if not key & IN_REDIS:
-            super().unref(key, domain)
-        elif not self.local_only:
-            self.drops.append(key & ~_HIT)
-
-    def load(self, key: int) -> bytes:
-        if key == ZERO_KEY or not key & IN_REDIS:
-            return super().load(key)
-        key &= ~_HIT
-        page = self.cache.get(key)
-        if page is None:
-            page = self.pages.get_many((key,))[key]
-        if page is None:
-            raise ClusterUnavailable("a handle's content is missing from the cluster")
-        return page
-
-
-# Marks a prepared key as a shared (dedup) reference; bit 190, never set in a stored key.
-_HIT = 1 << 190
-
-
-class ClusterJournal:
-    """The core's journal seam: collects the handle-map writes of one engine call."""
-
-    def __init__(self, engine: ClusterEngine) -> None:
-        self.engine = engine
-        self.cmds: list[Cmd] = []
-        # the handle hashes of objects and pools about to go (ClusterEngine notes them)
-        self.snapshot: dict[tuple[int, int], list[tuple[int, set[int]]]] = {}
-        self.buckets: dict[tuple[int, int, int], set[int]] = {}
-
-    def _cmd(self, guest_id: int, op: bytes, pool_id: int, oid: int, index: int = 0) -> None:
-        engine = self.engine
-        if engine._contents.local_only:
-            return
-        value = b""
-        taken = None
-        if op == b"p":
-            key = engine._reg.pool(guest_id, pool_id)[1].objects[oid][index]
-            if key != ZERO_KEY:
-                key &= ~_HIT
-                value = ref_of(key)
-                taken = engine._contents.take_time.get(key)
-        epoch = engine.epochs.get(guest_id, 0)
-        self.cmds.append(
-            engine.pages.handle_cmd(guest_id, epoch, op, pool_id, oid, index, value, taken)
-        )
-
-    def record_put(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:
-        self._cmd(guest_id, b"p", pool_id, oid, index)
-
-    def record_flush(self, guest_id: int, pool_id: int, oid: int, index: int) -> None:
-        self._cmd(guest_id, b"d", pool_id, oid, index)
-
-    def record_flush_object(self, guest_id: int, pool_id: int, oid: int) -> None:
-        for bucket in self.buckets.pop((guest_id, pool_id, oid), ()):
-            self._cmd(guest_id, b"o", pool_id, oid, bucket << BUCKET_BITS)
-
-    def record_destroy_pool(self, guest_id: int, pool_id: int) -> None:
-        for oid, buckets in self.snapshot.pop((guest_id, pool_id), ()):
-            for bucket in buckets:
-                self._cmd(guest_id, b"o", pool_id, oid, bucket << BUCKET_BITS)
-
-    def record_remove_guest(self, guest_id: int) -> None:
-        for gid, pool_id in [k for k in self.snapshot if k[0] == guest_id]:
-            self.record_destroy_pool(gid, pool_id)
-
-
-class _ClusterCold(ColdCompressor):
-    """Cold compression of local (ephemeral) pages only: Redis holds persistent pages raw."""
-
-    def _compress(self, pool: Pool, oid: int, index: int) -> bool:
-        if pool.persistent:
-            return False
-        return super()._compress(pool, oid, index)
 
 
 class ClusterEngine(Tmem):
@@ -184,7 +80,7 @@ class ClusterEngine(Tmem):
         self.broker_id = broker_id
         self._contents = ClusterContents(self._contents, pages)
         self._table.contents = self._contents
-        self._cold = _ClusterCold(self._reg, self._table, self._ev)
+        self._cold = ClusterCold(self._reg, self._table, self._ev)
         self.epochs: dict[int, int] = {}
         self._stale: set[int] = set()
 
@@ -233,10 +129,10 @@ class ClusterEngine(Tmem):
         finally:
             cc.local_only = False
 
-    def _clear_local(self, guest_id: int) -> None:
+    def _clear_local(self, guest_id: int, persistent_only: bool = False) -> None:
         g = self._reg.guest(guest_id)
         for pool in g.pools.values():
-            if not pool.shared:
+            if not pool.shared and (pool.persistent or not persistent_only):
                 self._table.clear(pool)
 
     def _load_handles(self, guest_id: int) -> int:
@@ -244,7 +140,7 @@ class ClusterEngine(Tmem):
         g = self._reg.guest(guest_id)
 
         def load() -> int:
-            self._clear_local(guest_id)
+            self._clear_local(guest_id, persistent_only=True)
             n = 0
             for pool_id, oid, index, ref in handles:
                 pool = g.pools.get(pool_id)
@@ -311,13 +207,15 @@ class ClusterEngine(Tmem):
         if takes:
             cmds = [pages.take_cmd(key, page) for key, page in takes]
             pages.run(cmds, durable=True)
+            failed: Exception | None = None
             for i, ((key, _page), cmd) in enumerate(zip(takes, cmds, strict=True)):
                 reply = cmd.result
                 if is_oom(reply):
                     full.add(i)
                     continue
                 if isinstance(reply, Exception):
-                    raise ClusterUnavailable(f"taking a reference failed: {reply}") from reply
+                    failed = reply
+                    continue
                 k, hit, taken = (int(x) for x in reply)
                 if k < 0:  # every collision number holds other bytes: no room for this one
                     full.add(i)
@@ -325,13 +223,20 @@ class ClusterEngine(Tmem):
                 real = key | k << 160
                 cc.take_time[real] = taken
                 base = key & ((1 << 192) - 1)
-                cc.prepared.setdefault(base, deque()).append(real | (_HIT if hit else 0))
-        cc.cache = pages.get_many(prefetch) if prefetch else {}
+                cc.prepared.setdefault(base, deque()).append(real | (HIT if hit else 0))
+            if failed is not None:
+                self._give_back()
+                raise ClusterUnavailable(f"taking a reference failed: {failed}") from failed
         journal = self.handles
+        try:
+            cc.cache = pages.get_many(prefetch) if prefetch else {}
+        except ClusterUnavailable:
+            self._give_back()
+            raise
         try:
             result = call(full)
         finally:
-            leftover = [k & ~_HIT for q in cc.prepared.values() for k in q]
+            leftover = [k & ~HIT for q in cc.prepared.values() for k in q]
             cc.prepared.clear()
             cc.cache = {}
             handle_cmds, journal.cmds = journal.cmds, []
@@ -374,6 +279,15 @@ class ClusterEngine(Tmem):
 
         self._local(forget)
         return [(key, taken) for _h, key, taken in full if key != ZERO_KEY]
+
+    def _give_back(self) -> None:
+        """Drop the references prepared for a call that will not run."""
+        cc = self._contents
+        leftover = [k & ~HIT for q in cc.prepared.values() for k in q]
+        times = cc.take_time
+        cc.prepared.clear()
+        cc.take_time = {}
+        self._drop([(k, times[k]) for k in leftover])
 
     def _write_handles(
         self, guest_id: int, cmds: list[Cmd]
@@ -651,7 +565,7 @@ class ClusterEngine(Tmem):
                     self._table.place(pool, oid, index, ZERO_KEY, 0)
                 else:
                     base = cc.hash(data) | pool.domain_bits
-                    key = cc.prepared[base].popleft() & ~_HIT
+                    key = cc.prepared[base].popleft() & ~HIT
                     self._table.place(pool, oid, index, key, PAGE_SIZE)
                 self.handles.record_put(g.guest_id, pool_id, oid, index, data)
             return len(items)
@@ -686,4 +600,4 @@ def open_cluster_engine(settings: Any, broker_id: str) -> ClusterEngine:
     return ClusterEngine(config, pages, broker_id)
 
 
-__all__ = ["ClusterEngine", "UnknownGuest", "open_cluster_engine"]
+__all__ = ["ClusterEngine", "open_cluster_engine"]
