@@ -189,3 +189,34 @@ def test_cluster_unavailable_is_a_retryable_503() -> None:
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
     assert b"cluster_unavailable" in bytes(response.body)
+
+
+def test_open_cluster_engine_and_the_collector_thread(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    from types import SimpleNamespace
+
+    from broker.cluster.collector import CollectorThread
+    from broker.cluster.engine import open_cluster_engine
+
+    seeds = ",".join(f"redis://{s}" for s in redis_cluster.seeds[:2])
+    settings = SimpleNamespace(
+        cluster=seeds, capacity_bytes=1 << 20, cluster_namespace=cluster_namespace
+    )
+    e = open_cluster_engine(settings, "host:1")
+    try:
+        assert e.broker_id == "host:1" and e.capacity_bytes == 1 << 20
+        pool = add_guest(e, 1)
+        e.adopt(1, 1)
+        assert e.put(1, pool, 0, 0, page(1)) == STATUS_DONE
+        thread = CollectorThread(e.pages, interval=0.1)
+        thread.start()
+        for _ in range(100):
+            if thread.last is not None:
+                break
+            time.sleep(0.05)
+        thread.stop()
+        assert thread.last is not None and thread.last.contents == 1
+        assert e.get(1, pool, 0, 0) == page(1)
+    finally:
+        e.pages.close()
