@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
 
-from broker.api import admin, dashboard, exports, guest_control, ops, pools
+from broker.api import admin, dashboard, exports, guest_control, nbd_exports, ops, pools
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.body import JsonBodyLimit
 from broker.api.errors import exception_handlers
@@ -50,6 +50,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     guest_control.router,
     pools.router,
     exports.router,
+    nbd_exports.router,
     ops.router,
     dashboard.router,
 )
@@ -133,9 +134,13 @@ def create_app(settings: Settings) -> FastAPI:
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
         await service.pressure_loop.start()
+        if settings.nbd_dir is not None:  # exports served by the broker (api/nbd_exports.py)
+            service.nbd = nbd_exports.NbdExports(service, settings.nbd_dir)
         try:
             yield
         finally:
+            if service.nbd is not None:
+                await service.nbd.close()
             await service.pressure_loop.stop()
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
