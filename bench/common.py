@@ -132,13 +132,16 @@ def plain_client(r: redis.Redis) -> Iterator[redis.Redis]:
     """A second client of ``r``'s server that parses replies with redis-py's pure-Python
     parser (what redis-py does without ``hiredis`` installed)."""
     kwargs = r.connection_pool.connection_kwargs
-    client = redis.Redis(host=kwargs.get("host", "localhost"), port=kwargs["port"],
-                         parser_class=_RESP2Parser)  # fmt: skip
+    pool = redis.ConnectionPool(
+        host=kwargs.get("host", "localhost"), port=kwargs["port"], parser_class=_RESP2Parser
+    )
+    client = redis.Redis(connection_pool=pool)
     try:
         client.ping()
         yield client
     finally:
         client.close()
+        pool.disconnect()
 
 
 def hiredis_in_use() -> bool:
