@@ -134,13 +134,16 @@ def create_app(settings: Settings) -> FastAPI:
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
         await service.pressure_loop.start()
-        if settings.nbd_dir is not None:  # exports served by the broker (api/nbd_exports.py)
-            service.nbd = nbd_exports.NbdExports(service, settings.nbd_dir)
+        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
+        nbd = (
+            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
+        )
+        app.state.nbd_exports = nbd
         try:
             yield
         finally:
-            if service.nbd is not None:
-                await service.nbd.close()
+            if nbd is not None:
+                await nbd.close()
             await service.pressure_loop.stop()
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,6 +169,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.box = box
     app.state.metrics = metrics
     app.state.guest_pages = pages  # front.HotRoutes calls these endpoints directly
+    app.state.nbd_exports = None  # the lifespan's NbdExports with --nbd-dir
     app.state.request_times = request_times  # HotRoutes times with it too
     app.router.routes.extend(pages.routes())
     for router in ROUTERS:

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
-from broker.api.deps import GuestDep, ServiceDep
+from broker.api.deps import GuestDep
 from broker.api.errors import ApiError, BadInput
 from broker.api.service import BrokerService
 from guest_agent.nbd.broker_backend import BrokerBackend
@@ -252,8 +252,8 @@ class NbdExports:
                 export.fallback.unlink()
 
 
-def exports_of(service: BrokerService) -> NbdExports:
-    exports = service.nbd
+def exports_of(request: Request) -> NbdExports:
+    exports: NbdExports | None = request.app.state.nbd_exports
     if exports is None:
         raise NbdDisabled("this broker serves no NBD exports (start it with --nbd-dir)")
     return exports
@@ -267,15 +267,15 @@ ExportName = Annotated[str, PathParam(min_length=1, max_length=64, pattern=f"^{N
 async def create_nbd_export(
     name: ExportName,
     body: Annotated[NbdExportCreate, Body()],
-    service: ServiceDep,
+    request: Request,
     guest_id: GuestDep,
 ) -> NbdExportInfo:
     """Serve an NBD export of a new persistent pool on a Unix socket (broker's host only)."""
-    export = await exports_of(service).create(guest_id, name, body.size)
+    export = await exports_of(request).create(guest_id, name, body.size)
     return export.info()
 
 
 @router.delete("/self/nbd/{name}", status_code=204, response_class=Response)
-async def delete_nbd_export(name: ExportName, service: ServiceDep, guest_id: GuestDep) -> None:
+async def delete_nbd_export(name: ExportName, request: Request, guest_id: GuestDep) -> None:
     """Stop an export and destroy its pool."""
-    await exports_of(service).delete(guest_id, name)
+    await exports_of(request).delete(guest_id, name)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -37,9 +37,6 @@ from schemas.wire import (
     PoolInfo,
     Pressure,
 )
-
-if TYPE_CHECKING:
-    from broker.api.nbd_exports import NbdExports
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +68,6 @@ class BrokerService:
         self.guests: dict[int, GuestRecord] = {}
         self.pressure: dict[int, PressureReport] = {}
         self.ready = asyncio.Event()
-        # the broker's own NBD exports (``--nbd-dir``; api/nbd_exports.py), set by the lifespan
-        self.nbd: NbdExports | None = None
         self.started_at = time.time()
         self.limits = GuestLimits.from_settings(settings)  # per-guest rate and waiter limits
         # Admin and pool changes are serialised: each is a core change plus a SQL write, and
