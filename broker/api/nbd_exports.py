@@ -48,7 +48,7 @@ from broker.api.deps import GuestDep
 from broker.api.errors import ApiError, BadInput
 from broker.api.service import BrokerService
 from guest_agent.nbd.broker_backend import BrokerBackend
-from guest_agent.nbd.dispatcher import Dispatcher
+from guest_agent.nbd.dispatcher import NOT_NOW, Dispatcher
 from guest_agent.nbd.notices import follow_notices
 from guest_agent.nbd.server import NbdServer
 from schemas.batch import OP_FLUSH_PAGE, OP_GET, OP_PUT, STATUS_DONE
@@ -103,6 +103,14 @@ class CorePages:
         if service.journal.pending:
             await service.journal.barrier()
         return out
+
+    def get_now(self, pool_id: int, oid: int, index: int) -> object:
+        """A get answered at once (``BrokerBackend.read_block_now``), or ``NOT_NOW`` while the
+        broker is not ready. A non-exclusive persistent get records nothing in the journal,
+        so there is nothing to wait for."""
+        if not self.service.ready.is_set():
+            return NOT_NOW
+        return self.service.core.get(self.guest_id, pool_id, oid, index)
 
     async def put_many(
         self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]

@@ -57,6 +57,7 @@ from typing import Literal, Protocol, TypeVar
 
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE
+from guest_agent.nbd.dispatcher import NOT_NOW
 from guest_agent.nbd.errors import BackendError
 from guest_agent.placement import TRANSIENT, Placement, RetryPolicy, aretry
 
@@ -181,6 +182,32 @@ class BrokerBackend:
                 out[i] = page
             self.stats["broker_reads"] += len(at_broker)
         return out
+
+    def read_block_now(self, block: int) -> object:
+        """One block's content without waiting, or :data:`~guest_agent.nbd.dispatcher.NOT_NOW`
+        (the dispatcher's ``read_now``): only when the client can answer a get synchronously
+        (``get_now``: the broker's own exports, whose client is the core in-process). Anything
+        unusual (the broker not ready, an error, a missing page) is left to the normal path,
+        which retries or fails the read as it does."""
+        where = self.location[block]
+        if where == NOWHERE:
+            return None
+        if where == FALLBACK:
+            try:
+                return self._read_fallback(block)
+            except (OSError, BackendError):
+                return NOT_NOW
+        get_now = getattr(self.client, "get_now", None)
+        if get_now is None:
+            return NOT_NOW
+        try:
+            page = get_now(self.pool_id, *block_handle(block))
+        except Exception:
+            return NOT_NOW
+        if page is None or page is NOT_NOW:
+            return NOT_NOW
+        self.stats["broker_reads"] += 1
+        return page
 
     async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
         placement = self.placement

@@ -51,6 +51,11 @@ EXCLUSIVE = 5
 _T = TypeVar("_T")
 _NO_BLOCKS = range(0)
 
+NOT_NOW = object()
+"""What a backend's ``read_block_now(block)`` answers when it cannot read the block without
+waiting (the dispatcher then queues the read); otherwise it answers the block's bytes, or
+``None`` for a block that holds nothing."""
+
 
 Completion = Callable[["BlockRequest", "bytes | None", "BaseException | None"], None]
 """Called once when a request completes: (request, read data or None, error or None)."""
@@ -182,6 +187,12 @@ class Dispatcher:
         self.requests = 0
         self.largest_round = 0
         self.most_inflight = 0
+        self.reads_now = 0  # reads answered by read_now, outside any round
+        self._exclusive_running = False
+        # a backend that can answer a block read synchronously (the broker's own exports)
+        self._read_block_now: Callable[[int], object] | None = getattr(
+            backend, "read_block_now", None
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -210,6 +221,39 @@ class Dispatcher:
         self._pending_blocks += len(request.blocks)
         self._pending_reads += request.kind == READ
         self._wake.set()
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """Answer a one-block read at once, without a round, when nothing is queued or in
+        flight (so every acknowledged write is stored and no block is moving) and the backend
+        can read a block synchronously (``read_block_now``: the broker's own exports, whose
+        core calls do not wait). ``None``: queue the request as usual.
+
+        Why: at queue depth 1 a read is what a swapping guest waits for; a round costs a
+        dispatcher wake-up, a task and the round's bookkeeping for one block (the broker's
+        export: ~84 µs of CPU per read at QD 1 through rounds on this machine)."""
+        fn = self._read_block_now
+        if (
+            fn is None
+            or length != BLOCK_SIZE
+            or offset % BLOCK_SIZE
+            or self._pending
+            or self._exclusive_running
+            or self._stopping
+        ):
+            return None
+        if self._inflight:
+            self._reap()
+            if self._inflight:
+                return None
+        block = offset // BLOCK_SIZE
+        if block in self._lost:
+            return None  # the round reports the lost write
+        content = fn(block)
+        if content is NOT_NOW:
+            return None
+        self.reads_now += 1
+        self.requests += 1
+        return content if isinstance(content, bytes) else ZERO_BLOCK
 
     async def read(self, offset: int, length: int) -> bytes:
         data = await self.submit(BlockRequest(READ, offset, length))
@@ -266,12 +310,15 @@ class Dispatcher:
                 request = self._pending.popleft()
                 await self._drain()
                 assert request.action is not None
+                self._exclusive_running = True  # no read_now while blocks may move
                 try:
                     await request.action()
                 except Exception as exc:
                     request.fail(exc)
                 else:
                     request.resolve(None)
+                finally:
+                    self._exclusive_running = False
                 self._replied()
                 continue
             batch: list[BlockRequest] = []
