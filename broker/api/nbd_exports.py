@@ -112,6 +112,21 @@ class CorePages:
             return NOT_NOW
         return self.service.core.get(self.guest_id, pool_id, oid, index)
 
+    def put_now(self, pool_id: int, oid: int, index: int, page: bytes) -> object:
+        """A put answered at once (``BrokerBackend.write_block_now``): whether it was stored,
+        or ``NOT_NOW`` when it should take the batch path — the broker is not ready, or it
+        keeps a journal (durability ``sync``), whose commits that path waits for a round at a
+        time (group commits), where a put stored here would leave them all to the next
+        ``FLUSH``."""
+        service = self.service
+        if not service.ready.is_set() or service.settings.durability != "none":
+            return NOT_NOW
+        return service.core.put(self.guest_id, pool_id, oid, index, page) == STATUS_DONE
+
+    async def barrier(self) -> None:
+        """Wait for the journal (``BrokerBackend.flush``: a FLUSH covers every stored put)."""
+        await self.service.barrier()
+
     async def put_many(
         self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
     ) -> list[bool]:

@@ -188,10 +188,14 @@ class Dispatcher:
         self.largest_round = 0
         self.most_inflight = 0
         self.reads_now = 0  # reads answered by read_now, outside any round
+        self.writes_now = 0  # writes stored by write_now
         self._exclusive_running = False
         # a backend that can answer a block read synchronously (the broker's own exports)
         self._read_block_now: Callable[[int], object] | None = getattr(
             backend, "read_block_now", None
+        )
+        self._write_block_now: Callable[[int, bytes], bool] | None = getattr(
+            backend, "write_block_now", None
         )
 
     def start(self) -> None:
@@ -254,6 +258,32 @@ class Dispatcher:
         self.reads_now += 1
         self.requests += 1
         return content if isinstance(content, bytes) else ZERO_BLOCK
+
+    def write_now(self, offset: int, data: bytes) -> bool:
+        """Store a one-block write (no FUA) at once, outside any round, under the same
+        conditions as :meth:`read_now`, when the backend can (``write_block_now``: the broker's
+        own exports without a journal to wait for). ``False``: queue the request as usual.
+        An all-zero block goes through a round (which stores it as nothing)."""
+        fn = self._write_block_now
+        if (
+            fn is None
+            or len(data) != BLOCK_SIZE
+            or offset % BLOCK_SIZE
+            or self._pending
+            or self._exclusive_running
+            or self._stopping
+        ):
+            return False
+        if self._inflight:
+            self._reap()
+            if self._inflight:
+                return False
+        block = offset // BLOCK_SIZE
+        if block in self._lost or data == ZERO_BLOCK or not fn(block, data):
+            return False
+        self.writes_now += 1
+        self.requests += 1
+        return True
 
     async def read(self, offset: int, length: int) -> bytes:
         data = await self.submit(BlockRequest(READ, offset, length))

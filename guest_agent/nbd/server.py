@@ -245,6 +245,7 @@ class NbdServer:
         on_done = conn.on_done
         enqueue = self.dispatcher.enqueue
         read_now = self.dispatcher.read_now
+        write_now = self.dispatcher.write_now
         unpack_from = p.REQUEST.unpack_from
         head = p.REQUEST.size
         buf = bytearray()
@@ -305,6 +306,10 @@ class NbdServer:
                     continue
                 request = BlockRequest(READ, offset, length, None, False, on_done, handle)
             elif kind == p.CMD_WRITE:
+                assert payload is not None
+                if not fua and write_now(offset, payload):  # stored at once, as read_now
+                    reply(handle, 0)
+                    continue
                 request = BlockRequest(WRITE, offset, length, payload, fua, on_done, handle)
             elif kind == p.CMD_WRITE_ZEROES:
                 request = BlockRequest(ZERO, offset, length, None, fua, on_done, handle)

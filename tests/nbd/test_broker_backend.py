@@ -310,10 +310,24 @@ async def test_discard_gives_fallback_file_space_back(tmp_path: Path) -> None:
 class NowClient(FakeClient):
     """A client that can answer a get at once (the broker's own exports' ``CorePages``)."""
 
+    barriers = 0
+
     def get_now(self, pool_id: int, oid: int, index: int) -> object:
         if self.down:
             raise ConnectionError("broker down")
         return self.pages.get((oid, index))
+
+    def put_now(self, pool_id: int, oid: int, index: int, data: bytes) -> object:
+        if self.down:
+            raise ConnectionError("broker down")
+        if self.cap is not None and len(self.pages) >= self.cap and (oid, index) not in self.pages:
+            self.pages.pop((oid, index), None)
+            return False
+        self.pages[(oid, index)] = data
+        return True
+
+    async def barrier(self) -> None:
+        self.barriers += 1
 
 
 async def test_read_block_now_from_each_place_or_not_now(tmp_path: Path) -> None:
@@ -335,4 +349,19 @@ async def test_read_block_now_from_each_place_or_not_now(tmp_path: Path) -> None
     client.down = False
     client.pages.clear()  # a page the broker lost: the normal path fails the read
     assert backend.read_block_now(1) is NOT_NOW
+    await backend.close()
+
+
+async def test_write_block_now_stores_declines_to_the_file_and_flush_waits(tmp_path: Path) -> None:
+    client = NowClient(cap=1)
+    backend = await make(tmp_path, client)
+    assert backend.write_block_now(1, page(1))
+    assert backend.write_block_now(2, page(2))  # declined: into the fallback file
+    assert [backend.location[1], backend.location[2]] == [BROKER, FALLBACK]
+    assert await backend.read_blocks([1, 2]) == [page(1), page(2)]
+    client.down = True
+    assert not backend.write_block_now(3, page(3))  # left to the round
+    assert backend.location[3] == NOWHERE
+    await backend.flush()
+    assert client.barriers == 1
     await backend.close()

@@ -318,8 +318,12 @@ class NowBackend(SlowBackend):
     def read_block_now(self, block: int) -> object:
         return self.blocks.get(block)
 
+    def write_block_now(self, block: int, data: bytes) -> bool:
+        self.blocks[block] = data
+        return True
 
-async def test_read_now_answers_only_when_idle_and_never_stale() -> None:
+
+async def test_read_and_write_now_only_when_idle_and_never_stale() -> None:
     backend = NowBackend()
     dispatcher = Dispatcher(backend, max_round_blocks=8)
     dispatcher.start()
@@ -332,7 +336,9 @@ async def test_read_now_answers_only_when_idle_and_never_stale() -> None:
         offset = block * BLOCK_SIZE
         if rng.random() < 0.5:
             data = rng.randbytes(BLOCK_SIZE)
-            pending.append((dispatcher.submit(BlockRequest(WRITE, offset, BLOCK_SIZE, data)), None))
+            if not (rng.random() < 0.5 and dispatcher.write_now(offset, data)):
+                request = BlockRequest(WRITE, offset, BLOCK_SIZE, data)
+                pending.append((dispatcher.submit(request), None))
             model[offset : offset + BLOCK_SIZE] = data
         else:
             expected = bytes(model[offset : offset + BLOCK_SIZE])
@@ -347,7 +353,7 @@ async def test_read_now_answers_only_when_idle_and_never_stale() -> None:
             await asyncio.sleep(0.003 if rng.random() < 0.3 else 0)
     for fut, expected in pending:
         assert await fut == expected
-    assert dispatcher.reads_now > 0  # the workload had idle moments, and used them
+    assert dispatcher.reads_now > 0 and dispatcher.writes_now > 0  # idle moments, used
     await asyncio.sleep(0.01)
     before = dispatcher.reads_now
     assert dispatcher.read_now(0, BLOCK_SIZE) == bytes(model[:BLOCK_SIZE])  # idle: at once
@@ -370,4 +376,5 @@ async def test_read_now_needs_a_backend_that_can() -> None:
     dispatcher.start()
     await dispatcher.write(0, b"x" * BLOCK_SIZE)
     assert dispatcher.read_now(0, BLOCK_SIZE) is None
+    assert not dispatcher.write_now(0, b"y" * BLOCK_SIZE)
     await dispatcher.stop()
