@@ -26,6 +26,11 @@ round in flight, whose writes may already be acknowledged, so the flush covers t
 that fails after its writes were acknowledged makes reads of those blocks fail (until they are
 rewritten) and the next FLUSH report the error. Work that must see the export quiet (a shed
 moving blocks between places) goes through :meth:`Dispatcher.exclusive`.
+
+Queue depth 1 skips the rounds where the backend allows it: with nothing queued or in flight,
+:meth:`Dispatcher.read_now` and :meth:`Dispatcher.write_now` serve a one-block request at once
+from a backend with ``read_block_now`` / ``write_block_now`` (the broker's own exports, whose
+block store is the core in the same process); ordering holds because nothing else is pending.
 """
 
 from __future__ import annotations
