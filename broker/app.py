@@ -94,10 +94,15 @@ def _admin_token(settings: Settings) -> str:
 def create_app(settings: Settings) -> FastAPI:
     """The broker's ASGI app; ``settings`` are used as given (no environment is read here)."""
     box = ServiceBox()
+    # Two views of one set of figures: the admin token's scrape, and the unauthenticated one,
+    # which leaves out the figures that depend on what guests share (docs/security.md).
     metrics = CollectorRegistry(auto_describe=False)
+    public_metrics = CollectorRegistry(auto_describe=False)
     metrics.register(FiguresCollector(box))
+    public_metrics.register(FiguresCollector(box, public=True))
     request_times = RequestTimes()
     metrics.register(request_times)
+    public_metrics.register(request_times)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -168,6 +173,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.box = box
     app.state.metrics = metrics
+    app.state.public_metrics = public_metrics
     app.state.guest_pages = pages  # front.HotRoutes calls these endpoints directly
     app.state.nbd_exports = None  # the lifespan's NbdExports with --nbd-dir
     app.state.request_times = request_times  # HotRoutes times with it too
