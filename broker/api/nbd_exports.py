@@ -104,6 +104,10 @@ class CorePages:
             await service.journal.barrier()
         return out
 
+    async def shed_candidates(self, limit: int = 256) -> list[tuple[int, int, int]]:
+        """The guest's coldest persistent pages (what a shed takes back first)."""
+        return self.service.core.shed_candidates(self.guest_id, limit)
+
     def get_now(self, pool_id: int, oid: int, index: int) -> object:
         """A get answered at once (``BrokerBackend.read_block_now``), or ``NOT_NOW`` while the
         broker is not ready. A non-exclusive persistent get records nothing in the journal,

@@ -69,8 +69,9 @@ from broker.core.registry import (
     check_weight,
     normalise_uuid,
 )
-from broker.core.restore import PageMoves
-from broker.core.restore import check_handle as _check_handle
+from broker.core.restore import _OPS as _OPS  # (re-exported: broker.cluster.engine)
+from broker.core.restore import BatchOp as BatchOp
+from broker.core.restore import PageMoves, check_handle
 from broker.core.stats import Stats
 from broker.core.store import MemoryPageStore, PageStore
 from schemas.batch import (
@@ -81,6 +82,9 @@ from schemas.batch import (
     STATUS_POLICY,
     STATUS_QUOTA,
 )
+
+# the handle check, under the name broker.cluster.engine imports it by
+_check_handle = check_handle
 
 
 class Tmem(PageMoves, Stats):
