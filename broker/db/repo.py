@@ -18,7 +18,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.core.errors import GuestExists, UnknownGuest
-from broker.db.models import DomainRow, GuestRow, NoticeRow, PoolRow, SettingRow, SharedAuthRow
+from broker.db.models import (
+    DomainRow,
+    GuestHomeRow,
+    GuestMoveRow,
+    GuestRow,
+    NoticeRow,
+    PoolRow,
+    SettingRow,
+    SharedAuthRow,
+)
 
 
 def utcnow() -> datetime:
@@ -184,7 +193,7 @@ class Repository:
         with self._begin() as session, session.begin():
             # Explicit deletes rather than relying on ON DELETE CASCADE, which SQLite only
             # honours with the foreign_keys pragma on.
-            for table in (NoticeRow, PoolRow, SharedAuthRow):
+            for table in (NoticeRow, PoolRow, SharedAuthRow, GuestHomeRow):
                 session.execute(delete(table).where(table.guest_id == guest_id))
             result = session.execute(delete(GuestRow).where(GuestRow.id == guest_id))
             if result.rowcount == 0:  # type: ignore[attr-defined]
