@@ -30,11 +30,12 @@ if a later request fails, earlier ones have taken effect.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 from guest_agent.errors import ProtocolError, error_for_status
+from guest_agent.redirects import Chain, is_redirect, new_base
 from guest_agent.transport import (
     AsyncHTTPTransport,
     AsyncTransport,
@@ -351,6 +352,9 @@ class TmemClient(_Base):
 
     ``transport`` replaces the network (e.g. :class:`~guest_agent.transport.MockTransport`);
     ``max_batch_ops`` is the broker's batch limit; ``timeout`` bounds connect and reads.
+    A ``307`` to the guest's home broker is followed and remembered (``base_url`` changes;
+    :mod:`guest_agent.redirects`); ``transport_factory(base_url)`` makes the transport for
+    the new address (by default an :class:`~guest_agent.transport.HTTPTransport`).
     """
 
     def __init__(
@@ -361,10 +365,12 @@ class TmemClient(_Base):
         transport: Transport | None = None,
         timeout: float = 30.0,
         max_batch_ops: int = DEFAULT_MAX_BATCH_OPS,
+        transport_factory: Callable[[str], Transport] | None = None,
     ) -> None:
         super().__init__(token, max_batch_ops)
         self.base_url = base_url
-        self._transport: Transport = transport or HTTPTransport(base_url, timeout=timeout)
+        self._factory = transport_factory or (lambda url: HTTPTransport(url, timeout=timeout))
+        self._transport: Transport = transport or self._factory(base_url)
 
     def __enter__(self) -> TmemClient:
         return self
@@ -379,7 +385,16 @@ class TmemClient(_Base):
             close()
 
     def _send(self, request: Request) -> Response:
-        return self._transport.handle_request(request)
+        response = self._transport.handle_request(request)
+        if not is_redirect(response):
+            return response
+        chain = Chain(self.base_url)
+        while is_redirect(response):
+            base = chain.next(new_base(request.target, response))
+            self.close()
+            self.base_url, self._transport = base, self._factory(base)
+            response = self._transport.handle_request(request)
+        return response
 
     # --- pools
     def create_pool(
@@ -493,7 +508,8 @@ class AsyncTmemClient(_Base):
     """The asyncio client: the methods of :class:`TmemClient`, awaited.
 
     Safe to share between tasks of one event loop; the default transport pools up to
-    ``max_connections`` keep-alive connections.
+    ``max_connections`` keep-alive connections. Redirects to the guest's home broker are
+    followed as :class:`TmemClient` does (``transport_factory`` makes the new transport).
     """
 
     def __init__(
@@ -505,12 +521,14 @@ class AsyncTmemClient(_Base):
         timeout: float = 30.0,
         max_batch_ops: int = DEFAULT_MAX_BATCH_OPS,
         max_connections: int = 4,
+        transport_factory: Callable[[str], AsyncTransport] | None = None,
     ) -> None:
         super().__init__(token, max_batch_ops)
         self.base_url = base_url
-        self._transport: AsyncTransport = transport or AsyncHTTPTransport(
-            base_url, timeout=timeout, max_connections=max_connections
+        self._factory = transport_factory or (
+            lambda url: AsyncHTTPTransport(url, timeout=timeout, max_connections=max_connections)
         )
+        self._transport: AsyncTransport = transport or self._factory(base_url)
 
     async def __aenter__(self) -> AsyncTmemClient:
         return self
@@ -525,7 +543,21 @@ class AsyncTmemClient(_Base):
             await aclose()
 
     async def _send(self, request: Request) -> Response:
-        return await self._transport.handle_async_request(request)
+        response = await self._transport.handle_async_request(request)
+        if not is_redirect(response):
+            return response
+        chain = Chain(self.base_url)
+        while is_redirect(response):
+            base = chain.next(new_base(request.target, response))
+            if base != self.base_url:
+                # other tasks may have followed the same move already: switch once
+                old, self._transport = self._transport, self._factory(base)
+                self.base_url = base
+                aclose = getattr(old, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            response = await self._transport.handle_async_request(request)
+        return response
 
     async def create_pool(
         self,
