@@ -64,26 +64,32 @@ def test_a_chain_of_moves_is_followed() -> None:
 
 def test_a_loop_is_an_unavailable_broker() -> None:
     net = Brokers("http://nobody:9", {"http://a:1": "http://b:2", "http://b:2": "http://a:1"})
-    with TmemClient("http://a:1", "tok", transport_factory=net.transport) as client:
-        with pytest.raises(BrokerUnavailable, match="loop"):
-            client.put(0, 1, 2, PAGE)
+    with (
+        TmemClient("http://a:1", "tok", transport_factory=net.transport) as client,
+        pytest.raises(BrokerUnavailable, match="loop"),
+    ):
+        client.put(0, 1, 2, PAGE)
 
 
 def test_too_many_hops() -> None:
     chain = {f"http://h{i}:1": f"http://h{i + 1}:1" for i in range(10)}
     net = Brokers("http://end:1", chain)
-    with TmemClient("http://h0:1", "tok", transport_factory=net.transport) as client:
-        with pytest.raises(BrokerUnavailable, match="redirects"):
-            client.get(0, 1, 2)
+    with (
+        TmemClient("http://h0:1", "tok", transport_factory=net.transport) as client,
+        pytest.raises(BrokerUnavailable, match="redirects"),
+    ):
+        client.get(0, 1, 2)
 
 
 def test_a_redirect_to_another_scheme_is_refused() -> None:
     def handle(request: Request) -> Response:
         return Response(307, b"", {"location": "file:///etc/passwd"})
 
-    with TmemClient("http://a:1", "tok", transport=MockTransport(handle)) as client:
-        with pytest.raises(ProtocolError):
-            client.flush_page(0, 1, 2)
+    with (
+        TmemClient("http://a:1", "tok", transport=MockTransport(handle)) as client,
+        pytest.raises(ProtocolError),
+    ):
+        client.flush_page(0, 1, 2)
 
 
 async def test_async_client_follows() -> None:
