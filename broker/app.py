@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,9 @@ from broker.api.metrics import FiguresCollector, RequestTimer, RequestTimes
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
 from broker.api.service import BrokerService, ServiceBox
+from broker.cluster.control import ClusterControl
+from broker.cluster.leases import LeaseManager
+from broker.cluster.routing import AdminHomeRedirect
 from broker.core import CoreConfig, Tmem
 from broker.db.engine import make_engine, upgrade
 from broker.db.repo import Repository
@@ -90,8 +93,24 @@ def _admin_token(settings: Settings) -> str:
     return token
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The broker's ASGI app; ``settings`` are used as given (no environment is read here)."""
+# (settings, broker id) -> (core, journal): what holds the pages in cluster mode
+CoreFactory = Callable[[Settings, str], tuple[Any, Any]]
+
+
+def open_cluster_core(settings: Settings, broker_id: str) -> tuple[Any, Any]:
+    """The cluster engine (pages and handle maps in the Redis Cluster ``settings.cluster``)
+    and the journal the service waits on (the engine's own)."""
+    from broker.cluster.engine import open_cluster_engine
+
+    engine = open_cluster_engine(settings, broker_id)
+    return engine, engine.journal
+
+
+def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -> FastAPI:
+    """The broker's ASGI app; ``settings`` are used as given (no environment is read here).
+
+    In cluster mode (``settings.cluster``) ``cluster_core`` builds what holds the pages
+    (default: :func:`open_cluster_core`, the Redis Cluster engine)."""
     box = ServiceBox()
     metrics = CollectorRegistry(auto_describe=False)
     metrics.register(FiguresCollector(box))
@@ -105,20 +124,32 @@ def create_app(settings: Settings) -> FastAPI:
         url = settings.sqlalchemy_url
         await asyncio.to_thread(upgrade, url, settings.migrations_dir)
         repo = Repository(make_engine(url))
-        journal = open_journal(settings)
-        core = Tmem(
-            CoreConfig(
-                capacity_bytes=settings.capacity_bytes,
-                compress_default=settings.compress,
-                max_pools_per_guest=settings.max_pools_per_guest,
-            ),
-            journal=journal,
-        )
+        broker_id = settings.cluster_broker_id
+        if settings.cluster:
+            core, journal = (cluster_core or open_cluster_core)(settings, broker_id)
+        else:
+            journal = open_journal(settings)
+            core = Tmem(
+                CoreConfig(
+                    capacity_bytes=settings.capacity_bytes,
+                    compress_default=settings.compress,
+                    max_pools_per_guest=settings.max_pools_per_guest,
+                ),
+                journal=journal,
+            )
         hub = NoticeHub(repo, max_notices=settings.max_notices_per_guest)
         service = BrokerService(settings, core, repo, TokenRegistry(admin_token), hub, journal)
         guests, pools = service.load_from_sql()
+        service.moved = await asyncio.to_thread(repo.moves)
         log.info("loaded %d guests and %d pools from %s", guests, pools, repo.engine.url.drivername)
         box.service = service
+        if settings.cluster:
+            leases = LeaseManager(
+                repo.engine, broker_id, settings.cluster_url, lease_s=settings.lease_s
+            )
+            service.cluster = ClusterControl(service, leases, lease_s=settings.lease_s)
+            await service.cluster.start()
+            log.info("broker %s joined the cluster at %s", broker_id, settings.cluster_url)
 
         async def reload() -> None:
             try:
@@ -136,6 +167,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            if service.cluster is not None:
+                await service.cluster.stop()  # hands its guests over at once
             await service.pressure_loop.stop()
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,6 +199,8 @@ def create_app(settings: Settings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
+    if settings.cluster:
+        app.add_middleware(AdminHomeRedirect, box=box)
     # outermost: times every request, the 413s of JsonBodyLimit included
     app.add_middleware(RequestTimer, times=request_times)
     install_openapi(app)

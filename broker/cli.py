@@ -95,6 +95,24 @@ def serve(
         str | None, typer.Option(help="admin token [$TMEM_ADMIN_TOKEN or generated]")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="join a cluster of brokers: the Redis Cluster's nodes, "
+            "redis://HOST:PORT[,HOST:PORT...] (needs a PostgreSQL --database-url) [off]"
+        ),
+    ] = None,
+    broker_id: Annotated[
+        str | None, typer.Option(help="this broker's id in the cluster [hostname:port]")
+    ] = None,
+    advertise_url: Annotated[
+        str | None,
+        typer.Option(help="the URL other brokers redirect this broker's guests to [http://host:port]"),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(help="seconds without a heartbeat before a broker's guests move [10]"),
+    ] = None,
 ) -> None:
     """Run the broker (upgrades the database schema first)."""
     settings = _settings(
@@ -109,6 +127,10 @@ def serve(
         durability=durability,
         admin_token=admin_token,
         log_level=log_level,
+        cluster=cluster,
+        broker_id=broker_id,
+        advertise_url=advertise_url,
+        lease_s=lease,
     )
     import uvicorn
 

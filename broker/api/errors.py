@@ -3,6 +3,7 @@
 The shell's own tree (the core has its own in ``broker.core.errors``)::
 
     ApiError                      status code
+    ├── NotHome                   307  not_home         another broker is the guest's home
     ├── BadInput                  400  bad_request      malformed path, body or batch
     │   ├── BadJson               400  bad_json
     │   ├── BadBatch              400  bad_batch
@@ -46,6 +47,19 @@ class ApiError(Exception):
 
     status: ClassVar[int] = 400
     code: ClassVar[str] = "bad_request"
+
+
+class NotHome(ApiError):
+    """Another broker of the cluster is the guest's home: ``307`` with ``Location`` on the
+    home's URL and the same path (docs/scale.md, "Redirects")."""
+
+    status = 307
+    code = "not_home"
+
+    def __init__(self, location: str, broker_id: str = "") -> None:
+        super().__init__(f"the guest's home is broker {broker_id or '?'} at {location}")
+        self.location = location
+        self.broker_id = broker_id
 
 
 class BadInput(ApiError):
@@ -164,6 +178,8 @@ def error_response(exc: Exception) -> Response:
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(exc.retry_after)}
         return json_error(exc.status, exc.code, str(exc), headers=headers)
+    if isinstance(exc, NotHome):
+        return json_error(exc.status, exc.code, str(exc), headers={"Location": exc.location})
     if isinstance(exc, TmemError | ApiError):
         return json_error(exc.status, exc.code, str(exc) or exc.code.replace("_", " "))
     if isinstance(exc, StoreError):

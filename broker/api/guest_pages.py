@@ -21,6 +21,7 @@ from broker.api.auth import bearer_token
 from broker.api.body import read_body
 from broker.api.errors import HANDLED, MISS, NOT_STORED, BadBatch, error_response
 from broker.api.service import BrokerService, ServiceBox
+from broker.cluster.routing import guest_of
 from broker.core.errors import BadHandle, BadPageSize
 from schemas.batch import (
     BATCH_CONTENT_TYPE,
@@ -104,7 +105,10 @@ class GuestPages:
         assert service is not None  # routes run only after the lifespan started
         if not service.ready.is_set():
             await service.ready.wait()  # the journal is still being reloaded
-        guest_id = service.tokens.guest(bearer_token(scope))
+        if service.cluster is None and not service.moved:
+            guest_id = service.tokens.guest(bearer_token(scope))
+        else:
+            guest_id = await guest_of(service, scope)  # NotHome: a 307 to the guest's home
         if service.limits.enabled:
             service.limits.charge(guest_id, pages=pages)
         return service, guest_id, _decimal(scope["path_params"]["pool_id"], 0x7FFFFFFF, "pool_id")

@@ -10,10 +10,11 @@ for SQLite and PostgreSQL, while the event loop never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +38,9 @@ from schemas.wire import (
     PoolInfo,
     Pressure,
 )
+
+if TYPE_CHECKING:
+    from broker.cluster.control import ClusterControl
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,11 @@ class BrokerService:
         self.hub = hub
         self.journal = journal
         self.guests: dict[int, GuestRecord] = {}
+        # cluster mode (serve --cluster): which guests this broker serves, where the others
+        # live (broker/cluster/control.py); None in single-host mode
+        self.cluster: ClusterControl | None = None
+        # guests moved away by `tmem-broker migrate`: token hash -> the new broker's URL
+        self.moved: dict[bytes, str] = {}
         self.pressure: dict[int, PressureReport] = {}
         self.ready = asyncio.Event()
         self.started_at = time.time()
@@ -137,6 +146,60 @@ class BrokerService:
                 # e.g. the shared-pool authorisation was withdrawn while the broker was down.
                 log.warning("pool %d of guest %d not restored: %s", p.pool_id, p.guest_id, exc)
         return len(self.guests), pools
+
+    # cluster mode --------------------------------------------------------------------------
+
+    def install_guest(self, record: GuestRecord, pools: list[PoolRecord]) -> None:
+        """Bring a guest this broker is about to serve up to date with SQL: its settings,
+        token and pools (cluster mode: another broker may have changed them)."""
+        gid = record.guest_id
+        settings = {
+            "weight": record.weight,
+            "cap_pages": record.cap_pages,
+            "compress": record.compress,
+            "dedup_domain": record.dedup_domain,
+        }
+        if gid in self.guests:
+            self.core.update_guest(gid, **settings)
+            (self.core.freeze if record.frozen else self.core.thaw)(gid)
+        else:
+            self.core.add_guest(gid, name=record.name, frozen=record.frozen, **settings)
+            self.tokens.add(record.token_hash, gid)
+        self.guests[gid] = record
+        have = {p.pool_id for p in self.core.pools(gid)}
+        for p in pools:
+            if p.pool_id in have:
+                continue
+            try:
+                self.core.create_pool(
+                    gid,
+                    p.kind,
+                    shared=p.shared,
+                    uuid=p.uuid,
+                    exclusive_gets=p.exclusive_gets,
+                    pool_id=p.pool_id,
+                )
+            except TmemError as exc:
+                log.warning("pool %d of guest %d not restored: %s", p.pool_id, gid, exc)
+
+    def sync_guests(self, records: list[GuestRecord], *, keep: set[int]) -> None:
+        """Learn guests created through other brokers and forget deleted ones (cluster mode);
+        the ones in ``keep`` (served here) keep their state, the others take SQL's record."""
+        seen = set()
+        for record in records:
+            gid = record.guest_id
+            seen.add(gid)
+            if gid not in self.guests:
+                self.install_guest(record, [])
+            elif gid not in keep:
+                self.guests[gid] = record
+        for gid in [g for g in self.guests if g not in seen]:
+            self.tokens.remove_guest(gid)
+            self.guests.pop(gid, None)
+            self.pressure.pop(gid, None)
+            self.limits.forget(gid)
+            with contextlib.suppress(TmemError):
+                self.core.remove_guest(gid)
 
     # guests ------------------------------------------------------------------------------
 
@@ -217,6 +280,8 @@ class BrokerService:
                 raise
             self.guests[record.guest_id] = record
             self.tokens.add(record.token_hash, record.guest_id)
+        if self.cluster is not None:
+            await self.cluster.place_new_guest(record.guest_id)
         log.info("created guest %d (%s)", record.guest_id, record.name)
         return record, token
 
@@ -264,6 +329,8 @@ class BrokerService:
             self.pressure.pop(guest_id, None)
             self.limits.forget(guest_id)
             self.core.remove_guest(guest_id)
+            if self.cluster is not None:
+                self.cluster.serving.pop(guest_id, None)
             await self.barrier()
             await run_in_threadpool(self.repo.delete_guest, guest_id)
             self.hub.forget(guest_id)

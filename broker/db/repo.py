@@ -226,6 +226,39 @@ class Repository:
             stmt = select(PoolRow).order_by(PoolRow.guest_id, PoolRow.pool_id)
             return [_pool(r) for r in session.scalars(stmt)]
 
+    def pools_of(self, guest_id: int) -> list[PoolRecord]:
+        with self._begin() as session:
+            stmt = select(PoolRow).where(PoolRow.guest_id == guest_id).order_by(PoolRow.pool_id)
+            return [_pool(r) for r in session.scalars(stmt)]
+
+    def guest_by_token_hash(self, token_hash: bytes) -> GuestRecord | None:
+        with self._begin() as session:
+            row = session.scalars(select(GuestRow).where(GuestRow.token_hash == token_hash)).first()
+            return None if row is None else _guest(row)
+
+    # guests moved away (tmem-broker migrate) -----------------------------------------------
+
+    def add_move(self, token_hash: bytes, name: str, url: str) -> None:
+        """Remember that the guest with this token now lives at ``url`` (replacing any older
+        move of the same token)."""
+        with self._begin() as session, session.begin():
+            row = session.get(GuestMoveRow, token_hash)
+            if row is None:
+                session.add(
+                    GuestMoveRow(token_hash=token_hash, name=name, url=url, moved_at=utcnow())
+                )
+            else:
+                row.name, row.url, row.moved_at = name, url, utcnow()
+
+    def moves(self) -> dict[bytes, str]:
+        """Token hash -> the URL of the broker its guest moved to."""
+        with self._begin() as session:
+            return {bytes(r.token_hash): r.url for r in session.scalars(select(GuestMoveRow))}
+
+    def forget_move(self, token_hash: bytes) -> None:
+        with self._begin() as session, session.begin():
+            session.execute(delete(GuestMoveRow).where(GuestMoveRow.token_hash == token_hash))
+
     # shared-pool authorisations -----------------------------------------------------------
 
     def set_shared_auth(self, uuid: str, guest_id: int, allow: bool) -> None:

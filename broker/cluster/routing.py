@@ -1,0 +1,100 @@
+"""Any broker answers any guest: the redirects to a guest's home broker.
+
+A broker that is not a guest's home answers the guest's calls with ``307`` and ``Location`` on
+the home's URL and the same path (:class:`broker.api.errors.NotHome`); the agents follow it and
+remember the new address (``guest_agent.redirects``). Why a redirect and not a forward: a
+forwarded page crosses the network twice and costs a second broker's CPU on every call for as
+long as the agent keeps calling the wrong broker, while a redirect costs one extra round trip
+once per move (docs/scale.md, "Redirects").
+
+The same redirect answers the token of a guest moved away by ``tmem-broker migrate`` (the old
+broker remembers where it went), and an admin's per-guest change sent to another broker than
+the guest's home (:class:`AdminHomeRedirect`).
+
+Use, in a guest route::
+
+    guest_id = await guest_of(service, scope)   # 401/403, or NotHome (307), or the guest
+"""
+
+from __future__ import annotations
+
+import re
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from broker.api.auth import bearer_token, hash_token
+from broker.api.errors import NotHome, Unauthorised, error_response
+from broker.api.service import BrokerService, ServiceBox
+
+
+def target_of(scope: Scope) -> str:
+    """The request's path with its query string, as a redirect repeats it."""
+    query = scope.get("query_string") or b""
+    path = scope.get("root_path", "") + scope["path"]
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+async def guest_of(service: BrokerService, scope: Scope) -> int:
+    """Authenticate the guest of ``scope`` and make sure this broker serves it.
+
+    Raises :class:`Unauthorised`/``Forbidden`` as ``TokenRegistry.guest`` does, and
+    :class:`NotHome` when the guest lives at another broker (a cluster, or a migration)."""
+    token = bearer_token(scope)
+    try:
+        guest_id = service.tokens.guest(token)
+    except Unauthorised:
+        guest_id = await _unknown_token(service, token, scope)
+    cluster = service.cluster
+    if cluster is not None and not cluster.serves(guest_id):
+        await cluster.route(guest_id, target_of(scope))
+    return guest_id
+
+
+async def _unknown_token(service: BrokerService, token: str | None, scope: Scope) -> int:
+    if token is not None:
+        url = service.moved.get(hash_token(token)) if service.moved else None
+        if url is not None:
+            raise NotHome(url.rstrip("/") + target_of(scope), "migrated")
+        if service.cluster is not None:
+            # a guest created through another broker since the last sync
+            await service.cluster.sync_guests()
+            guest_id = service.tokens.guest_for_token(token)
+            if guest_id is not None:
+                return guest_id
+    return service.tokens.guest(token)  # raises the right refusal
+
+
+# /v1/guests/{id} and its per-guest actions: the home broker changes the guest's core state
+_ADMIN_GUEST = re.compile(r"^/v1/guests/(\d{1,10})(?:/(freeze|thaw|flush|export))?$")
+
+
+class AdminHomeRedirect:
+    """ASGI middleware (cluster mode): an admin's change of one guest (PATCH or DELETE of
+    ``/v1/guests/{id}``, freeze, thaw, flush, export) made at a broker that is not the guest's
+    home is redirected there, where the guest's state lives. Reads (``GET /v1/guests/{id}``)
+    are answered by any broker from SQL and the home's published figures."""
+
+    def __init__(self, app: ASGIApp, box: ServiceBox) -> None:
+        self.app = app
+        self.box = box
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = self.box.service
+        if scope["type"] != "http" or service is None or service.cluster is None:
+            await self.app(scope, receive, send)
+            return
+        match = _ADMIN_GUEST.match(scope["path"])
+        if match is None or (scope["method"] == "GET" and match.group(2) != "export"):
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope)
+        guest_id = int(match.group(1))
+        if token is None or not service.tokens.is_admin(token) or guest_id not in service.guests:
+            await self.app(scope, receive, send)  # the route refuses it as usual
+            return
+        try:
+            await service.cluster.route(guest_id, target_of(scope))
+        except NotHome as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
