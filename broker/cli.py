@@ -107,7 +107,9 @@ def serve(
     ] = None,
     advertise_url: Annotated[
         str | None,
-        typer.Option(help="the URL other brokers redirect this broker's guests to [http://host:port]"),
+        typer.Option(
+            help="the URL other brokers redirect this broker's guests to [http://host:port]"
+        ),
     ] = None,
     lease: Annotated[
         float | None,

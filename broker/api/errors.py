@@ -12,6 +12,7 @@ The shell's own tree (the core has its own in ``broker.core.errors``)::
     ├── Forbidden                 403  forbidden        a valid token on the wrong side
     ├── UnknownNotice             404  unknown_notice
     ├── ImportDeclined            409  import_declined  an import this broker cannot take whole
+    ├── NotACluster               409  not_a_cluster    a cluster call made to a single host
     ├── BodyTooLarge              413  body_too_large
     └── RateLimited               429  rate_limited     over the guest's own rate limit
         └── TooManyWaiters        429  too_many_waiters too many long-polls/WebSockets
@@ -82,6 +83,11 @@ class BadExport(BadInput):
 class ImportDeclined(ApiError):
     status = 409
     code = "import_declined"
+
+
+class NotACluster(ApiError):
+    status = 409
+    code = "not_a_cluster"
 
 
 class Unauthorised(ApiError):

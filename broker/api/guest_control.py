@@ -11,10 +11,10 @@ from fastapi import APIRouter, Path, Query, Response, WebSocket, WebSocketDiscon
 
 from broker.api.auth import bearer_token
 from broker.api.deps import GuestDep, ServiceDep
-from broker.cluster.routing import target_of
 from broker.api.errors import ApiError, RateLimited, UnknownNotice, error_response
 from broker.api.notices import MAX_WAIT_SECONDS
 from broker.api.service import BrokerService
+from broker.cluster.routing import target_of
 from schemas.wire import Ack, Notice, PoolCreate, PoolInfo, Pressure, SelfInfo
 
 # Ids are bounded by what their SQL columns hold (INTEGER, BIGINT), so an absurd id is a 422,

@@ -153,17 +153,25 @@ class BrokerService:
         """Bring a guest this broker is about to serve up to date with SQL: its settings,
         token and pools (cluster mode: another broker may have changed them)."""
         gid = record.guest_id
-        settings = {
-            "weight": record.weight,
-            "cap_pages": record.cap_pages,
-            "compress": record.compress,
-            "dedup_domain": record.dedup_domain,
-        }
         if gid in self.guests:
-            self.core.update_guest(gid, **settings)
+            self.core.update_guest(
+                gid,
+                weight=record.weight,
+                cap_pages=record.cap_pages,
+                compress=record.compress,
+                dedup_domain=record.dedup_domain,
+            )
             (self.core.freeze if record.frozen else self.core.thaw)(gid)
         else:
-            self.core.add_guest(gid, name=record.name, frozen=record.frozen, **settings)
+            self.core.add_guest(
+                gid,
+                name=record.name,
+                weight=record.weight,
+                cap_pages=record.cap_pages,
+                dedup_domain=record.dedup_domain,
+                compress=record.compress,
+                frozen=record.frozen,
+            )
             self.tokens.add(record.token_hash, gid)
         self.guests[gid] = record
         have = {p.pool_id for p in self.core.pools(gid)}

@@ -204,20 +204,24 @@ class ClusterControl:
             won = await run_in_threadpool(self.leases.take_over)
             for lease in [*held, *won]:
                 await self._adopt(lease)
-            self.homes = await run_in_threadpool(self.leases.homes)
-            self.brokers = [
-                {
-                    "broker_id": b.broker_id,
-                    "url": b.url,
-                    "alive": b.alive,
-                    "heartbeat_at": b.heartbeat_at.isoformat(),
-                    "stats": b.figures,
-                }
-                for b in await run_in_threadpool(self.leases.brokers)
-            ]
+        await self.step_views()
         await self.sync_guests(force=True)
         self.steps += 1
         self.last_step_error = None
+
+    async def step_views(self) -> None:
+        """Refresh the views of the homes and the brokers (admin listings, routing)."""
+        self.homes = await run_in_threadpool(self.leases.homes)
+        self.brokers = [
+            {
+                "broker_id": b.broker_id,
+                "url": b.url,
+                "alive": b.alive,
+                "heartbeat_at": b.heartbeat_at.isoformat(),
+                "stats": b.figures,
+            }
+            for b in await run_in_threadpool(self.leases.brokers)
+        ]
 
     async def sync_guests(self, *, force: bool = False) -> None:
         """Learn guests created or deleted through other brokers (their tokens included);
@@ -263,6 +267,12 @@ class ClusterControl:
         serves, the guest's own figures (for the admin views of the other brokers)."""
         service = self.service
         out = as_json(service.stats())
+        # the guests this broker serves (the others are loaded with no pages: not counted)
+        out["guests"] = [
+            g
+            for g in out.get("guests", [])
+            if isinstance(g, dict) and g.get("guest_id") in self.serving
+        ]
         guests: dict[str, Any] = {}
         for gid in self.serving:
             with contextlib.suppress(TmemError):

@@ -243,7 +243,7 @@ class LeaseManager:
                 ),
                 {"g": guest_id, "me": self.broker_id},
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(result.rowcount)
 
     def move(self, guest_id: int, to_broker: str) -> Lease:
         """Make ``to_broker`` (a live broker) the home of ``guest_id``, whoever held it: an
