@@ -574,9 +574,17 @@ def migrate(
         str | None,
         typer.Option(envvar="TMEM_TO_TOKEN", help="destination admin token [$TMEM_ADMIN_TOKEN]"),
     ] = None,
+    keep_token: Annotated[
+        bool,
+        typer.Option(
+            "--keep-token/--new-token",
+            help="the guest keeps its token and the source redirects it to the destination",
+        ),
+    ] = True,
 ) -> None:
     """Move a guest to another broker: export, import, verify the counts, then delete it at
-    the source. Prints the guest's new id and token."""
+    the source (which redirects the guest's calls to the destination). Prints the guest's new
+    id, and its token when --new-token gave it one."""
     from broker.migrate import MigrationError, run
 
     fallback = os.environ.get("TMEM_ADMIN_TOKEN")
@@ -585,11 +593,14 @@ def migrate(
         err.print("[red]no admin tokens[/red]: pass --from-token/--to-token or set the env vars")
         raise typer.Exit(2)
     try:
-        result = run(from_url, to_url, guest, src, dst)
+        result = run(from_url, to_url, guest, src, dst, keep_token=keep_token)
     except MigrationError as exc:
         err.print(f"[red]migration failed[/red]: {exc}")
         raise typer.Exit(1) from exc
-    console.print(json.dumps({"guest_id": result.guest_id, "token": result.token}))
+    out: dict[str, object] = {"guest_id": result.guest_id, "kept_token": keep_token}
+    if not keep_token:
+        out["token"] = result.token
+    console.print(json.dumps(out))
 
 
 def main() -> None:

@@ -292,20 +292,25 @@ class AdminClient:
                 _raise_for(Response(answer.status, answer.read(), answer.headers))
         return ExportStream(answer)
 
-    def import_guest(self, stream: Iterable[bytes]) -> Imported:
-        """``POST /v1/guests/import`` of an export stream, sent as it is produced (chunked).
+    def moved(self, guest_id: int, url: str) -> None:
+        """``POST /v1/guests/{id}/moved``: the guest lives at broker ``url`` now; deleted here,
+        its token's calls are redirected there."""
+        self._call("POST", f"/v1/guests/{int(guest_id)}/moved", {"url": url})
+
+    def import_guest(self, stream: Iterable[bytes], *, keep_token: bool = False) -> Imported:
+        """``POST /v1/guests/import`` of an export stream, sent as it is produced (chunked);
+        ``keep_token``: the guest keeps its token (the answer's token is then empty).
 
         An exception raised while producing ``stream`` propagates after the connection was
         dropped mid-body: the broker refuses a truncated stream whole."""
         headers = [*self._auth, ("Content-Type", EXPORT_CONTENT_TYPE)]
+        target = "/v1/guests/import?keep_token=true" if keep_token else "/v1/guests/import"
         send_chunked = getattr(self._transport, "send_chunked", None)
         if send_chunked is None:
             body = b"".join(stream)
-            response = self._transport.handle_request(
-                Request("POST", "/v1/guests/import", body, headers)
-            )
+            response = self._transport.handle_request(Request("POST", target, body, headers))
         else:
-            response = send_chunked(Request("POST", "/v1/guests/import", b"", headers), stream)
+            response = send_chunked(Request("POST", target, b"", headers), stream)
         if response.status != 201:
             _raise_for(response)
         return _parse(Imported, _json(response))

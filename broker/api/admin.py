@@ -264,6 +264,22 @@ async def export_guest(guest_id: int, service: ServiceDep, _admin: AdminDep) -> 
 
 
 @router.post("/guests/import", status_code=201, response_model=Imported)
-async def import_guest(request: Request, service: ServiceDep, _admin: AdminDep) -> Imported:
-    """Recreate an exported guest here: new id and token, same name, pools and pages."""
-    return await migration.import_guest(service, request.stream())
+async def import_guest(
+    request: Request, service: ServiceDep, _admin: AdminDep, keep_token: bool = False
+) -> Imported:
+    """Recreate an exported guest here: new id, same name, pools and pages; a new token, or
+    with ``keep_token=true`` the one it had (the answer's ``token`` is then empty)."""
+    return await migration.import_guest(service, request.stream(), keep_token=keep_token)
+
+
+class MovedTo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Field(min_length=8, max_length=512, pattern=r"^https?://[^/\s]+")]
+
+
+@router.post("/guests/{guest_id}/moved", status_code=204, response_class=Response)
+async def guest_moved(guest_id: GuestId, body: MovedTo, service: ServiceDep, _: AdminDep) -> None:
+    """The guest now lives at the broker ``url`` (``tmem-broker migrate``, once it verified the
+    copy there): it is deleted here and its token's calls are redirected (307) to ``url``."""
+    await service.move_away(guest_id, body.url.rstrip("/"))

@@ -259,14 +259,19 @@ class BrokerService:
         )
         return info
 
-    async def create_guest(self, body: GuestCreate) -> tuple[GuestRecord, str]:
-        """Create a guest; returns it and its token (shown once, stored only as a hash)."""
-        token = new_token()
+    async def create_guest(
+        self, body: GuestCreate, *, token_hash: bytes | None = None
+    ) -> tuple[GuestRecord, str]:
+        """Create a guest; returns it and its token (shown once, stored only as a hash).
+        ``token_hash``: the guest keeps the token of that hash (a migration; the token
+        returned is then empty: this broker never knew it)."""
+        token = "" if token_hash is not None else new_token()
+        digest = token_hash if token_hash is not None else hash_token(token)
         async with self.lock:
             record = await run_in_threadpool(
                 lambda: self.repo.create_guest(
                     name=body.name,
-                    token_hash=hash_token(token),
+                    token_hash=digest,
                     weight=body.weight,
                     cap_pages=body.cap_pages,
                     dedup_domain=body.dedup_domain,
@@ -288,6 +293,9 @@ class BrokerService:
                 raise
             self.guests[record.guest_id] = record
             self.tokens.add(record.token_hash, record.guest_id)
+            if self.moved.pop(record.token_hash, None) is not None:
+                # the guest comes back to this broker: its token is served here again
+                await run_in_threadpool(self.repo.forget_move, record.token_hash)
         if self.cluster is not None:
             await self.cluster.place_new_guest(record.guest_id)
         log.info("created guest %d (%s)", record.guest_id, record.name)
@@ -343,6 +351,15 @@ class BrokerService:
             await run_in_threadpool(self.repo.delete_guest, guest_id)
             self.hub.forget(guest_id)
         log.info("deleted guest %d", guest_id)
+
+    async def move_away(self, guest_id: int, url: str) -> None:
+        """The guest now lives at the broker ``url`` (``tmem-broker migrate`` verified it there):
+        delete it here and answer its token's calls with a redirect to ``url`` from now on."""
+        record = self.guest_record(guest_id)
+        await run_in_threadpool(self.repo.add_move, record.token_hash, record.name, url)
+        self.moved[record.token_hash] = url
+        await self.delete_guest(guest_id)
+        log.info("guest %d (%s) moved to %s", guest_id, record.name, url)
 
     async def set_shared_auth(self, uuid: str, guest_id: int, allow: bool) -> None:
         async with self.lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_agent.client import TmemClient
 from schemas.batch import (
     BATCH_CONTENT_TYPE,
     OP_GET,
@@ -149,8 +150,17 @@ def test_export_import_and_migrate_50k_pages(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         moved = json.loads(done.stdout.decode().strip().splitlines()[-1])
-        new_token = moved["token"]
+        assert moved["kept_token"] is True and "token" not in moved
+        new_token = token  # the guest keeps its token
         assert f"{PAGES} persistent pages" in done.stderr.decode()
+        # the source sends the guest's calls on to the destination, same path, and its agent
+        # (TmemClient, the shims, the NBD export) follows and remembers it
+        status, body = a.call("GET", "/v1/pools/0/objects/1/pages/0", token=token)
+        assert status == 307, body[:300]
+        assert json.loads(body)["error"]["code"] == "not_home"
+        with TmemClient(a.url, token) as follower:
+            assert follower.self_info().name == "mover"
+            assert follower.base_url == b.url
 
         # The source no longer has the guest; the destination has it, settings and pools intact.
         status, _ = a.call("GET", f"/v1/guests/{gid}")
