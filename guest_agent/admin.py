@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from guest_agent.client import _json, _raise_for
 from guest_agent.errors import BrokerUnavailable, ProtocolError
+from guest_agent.redirects import Chain, is_redirect, new_base
 from guest_agent.transport import HTTPTransport, Request, Response, StreamedResponse, Transport
 from schemas.export import EXPORT_CONTENT_TYPE
 from schemas.wire import CompressMode, DomainInfo, GuestCreated, GuestInfo, Imported
@@ -122,6 +123,7 @@ class AdminClient:
         timeout: float = 30.0,
     ) -> None:
         self.base_url = base_url
+        self._timeout = timeout
         self._transport: Transport = transport or HTTPTransport(base_url, timeout=timeout)
         self._auth = [("Authorization", f"Bearer {token}")]
         self._h_json = [*self._auth, ("Content-Type", "application/json")]
@@ -144,8 +146,24 @@ class AdminClient:
         else:
             request = Request(method, path, json.dumps(body).encode(), self._h_json)
         response = self._transport.handle_request(request)
+        if is_redirect(response):
+            response = self._follow(request, response)
         if not 200 <= response.status < 300:
             _raise_for(response)
+        return response
+
+    def _follow(self, request: Request, response: Response) -> Response:
+        """A per-guest change sent to a broker of a cluster that is not the guest's home is
+        redirected there (307): follow it for this call only (an admin keeps talking to the
+        broker it chose)."""
+        chain = Chain(self.base_url)
+        while is_redirect(response):
+            base = chain.next(new_base(request.target, response))
+            hop = HTTPTransport(base, timeout=self._timeout)
+            try:
+                response = hop.handle_request(request)
+            finally:
+                hop.close()
         return response
 
     # --- health
