@@ -10,6 +10,7 @@ declare -A want=(
   [fio]=fio
   [busybox]=busybox-static
   [redis-server]=redis-server
+  [redis-cli]=redis-tools
   [cpio]=cpio
   [gcc]=gcc
   [xz]=xz-utils
