@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     advertise_url: str | None = None
     # how long a broker may go without a heartbeat before its guests are taken over
     lease_s: Annotated[float, Field(ge=0.2, le=600)] = 10.0
+    # the Redis keys' prefix (brokers of one pool share it; tests keep apart by it) and how
+    # long a durable write waits for a replica's acknowledgement (WAIT 1 <ms>)
+    cluster_namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "tmem"
+    cluster_wait_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
 
     @field_validator("capacity")
     @classmethod
