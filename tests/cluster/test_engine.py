@@ -1,0 +1,158 @@
+"""ClusterEngine against the session's real Redis Cluster: the contract's page rules with the
+bytes and persistent handle maps in Redis, dedup across engines (standing for brokers),
+fencing, adopt/release, and the collector."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from broker.cluster.collector import Collector
+from broker.cluster.errors import Fenced
+from broker.cluster.redis_store import IN_REDIS
+from schemas.batch import OP_FLUSH_PAGE, OP_GET, OP_PUT, STATUS_DONE, STATUS_MISS, STATUS_QUOTA
+from tests.cluster.engines import add_guest, audit, engines, make_engine
+from tests.cluster.redis_proc import RedisClusterProc
+
+
+def page(i: int) -> bytes:
+    return (i + 1).to_bytes(8, "big") * 512  # never the zero page
+
+
+def test_persistent_pages_live_in_redis_and_survive_the_engine(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    with engines(redis_cluster.seeds, cluster_namespace, 2) as (a, b):
+        pool = add_guest(a, 1)
+        a.adopt(1, 1)
+        assert a.put(1, pool, 5, 0, page(1)) == STATUS_DONE
+        assert a.put(1, pool, 5, 1, bytes(4096)) == STATUS_DONE  # zero page: no content
+        assert a.put(1, pool, 6, 0, page(2)) == STATUS_DONE
+        assert a.put(1, pool, 6, 0, page(3)) == STATUS_DONE  # overwrite: page(2) goes
+        assert a.get(1, pool, 5, 0) == page(1)
+        assert a.get(1, pool, 5, 1) == bytes(4096)
+        key = a._reg.pool(1, pool)[1].objects[5][0]
+        assert key & IN_REDIS and key not in a.store  # no page bytes in the broker
+        aud = audit(a.pages)
+        assert aud.consistent and aud.contents == 2 and aud.handles == 2
+        # another broker takes the guest: no bytes copied, every page reads back
+        add_guest(b, 1)
+        b.adopt(1, 2)
+        a.release(1)
+        assert b.get(1, pool, 5, 0) == page(1)
+        assert b.get(1, pool, 6, 0) == page(3)
+        assert b.get(1, pool, 5, 1) == bytes(4096)
+        assert b.guest_stats(1).persistent_pages == 3
+        # the old home is fenced: its late writes are refused
+        a.epochs[1] = 1  # as if it had not noticed
+        with pytest.raises(Fenced):
+            a.put(1, pool, 7, 0, page(4))
+        assert a.fenced(1)
+        assert not b.fenced(1)
+        assert b.get(1, pool, 7, 0) is None
+        assert audit(a.pages).consistent
+
+
+def test_flushes_and_batches_keep_refcounts_exact(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    with engines(redis_cluster.seeds, cluster_namespace, 1) as (e,):
+        pool = add_guest(e, 3)
+        e.adopt(3, 1)
+        ops = [(OP_PUT, i // 16, i % 16, page(i % 40 + 1)) for i in range(256)]
+        res = e.batch(3, pool, ops)
+        assert all(s == STATUS_DONE for s, _ in res)
+        aud = audit(e.pages)
+        assert aud.consistent and aud.contents == 40 and aud.handles == 256
+        res = e.batch(
+            3, pool, [(OP_GET, 0, 1, None), (OP_FLUSH_PAGE, 0, 1, None), (OP_GET, 0, 1, None)]
+        )
+        assert res == [(STATUS_DONE, page(2)), (STATUS_DONE, None), (STATUS_MISS, None)]
+        assert e.flush_object(3, pool, 1) == 16
+        assert e.flush_page(3, pool, 2, 0)
+        aud = audit(e.pages)
+        assert aud.consistent and aud.handles == 256 - 18
+        e.destroy_pool(3, pool)
+        aud = audit(e.pages)
+        assert aud.consistent and aud.contents == 0 and aud.handles == 0
+
+
+def test_dedup_across_brokers_and_quota_declines_take_nothing(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    with engines(redis_cluster.seeds, cluster_namespace, 3) as brokers:
+        image = [os.urandom(4096) for _ in range(20)]
+        for gid, e in enumerate(brokers, start=10):
+            pool = add_guest(e, gid)
+            e.adopt(gid, 1)
+            res = e.batch(gid, pool, [(OP_PUT, 0, i, p) for i, p in enumerate(image)])
+            assert all(s == STATUS_DONE for s, _ in res)
+        aud = audit(brokers[0].pages)
+        assert aud.consistent and aud.contents == 20 and aud.handles == 60
+        # another domain never shares
+        other = brokers[0]
+        pool = add_guest(other, 20, domain="other")
+        other.adopt(20, 1)
+        assert other.put(20, pool, 0, 0, image[0]) == STATUS_DONE
+        assert audit(other.pages).contents == 21
+        # a declined put flushes the old copy and leaves no reference behind
+        other.update_guest(20, cap_pages=1)
+        assert other.put(20, pool, 0, 1, image[1]) == STATUS_QUOTA
+        assert other.put(20, pool, 0, 0, image[2]) == STATUS_DONE
+        aud = audit(other.pages)
+        assert aud.consistent and aud.handles == 61
+
+
+def test_writes_need_adoption(redis_cluster: RedisClusterProc, cluster_namespace: str) -> None:
+    e = make_engine(redis_cluster.seeds, cluster_namespace)
+    try:
+        pool = add_guest(e, 1)
+        with pytest.raises(Fenced):
+            e.put(1, pool, 0, 0, page(1))
+        eph = e.create_pool(1, "ephemeral")  # ephemeral pages stay local: no fence needed
+        assert e.put(1, eph, 0, 0, page(1)) == STATUS_DONE
+        assert e.get(1, eph, 0, 0) == page(1)
+        assert e.get(1, eph, 0, 0) is None  # exclusive
+    finally:
+        e.pages.close()
+
+
+def test_collector_reclaims_leaks_only(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    with engines(redis_cluster.seeds, cluster_namespace, 1) as (e,):
+        pool = add_guest(e, 1)
+        e.adopt(1, 1)
+        for i in range(10):
+            assert e.put(1, pool, 0, i, page(i)) == STATUS_DONE
+        # leak: references taken by a "crashed" put that never wrote its handle
+        cmds = [e.pages.take_cmd(k, page(i)) for i, k in _keys(e, 1, pool)[:4]]
+        leaked_new = e.pages.take_cmd(_new_key(e, page(99)), page(99))
+        e.pages.run([*cmds, leaked_new], durable=True)
+        aud = audit(e.pages)
+        assert len(aud.mismatched) == 5
+        collector = Collector(e.pages)
+        fresh = collector.collect()  # too recent to tell from a put in flight: left alone
+        assert fresh.leaked_refs == 0 and fresh.reclaimed_refs == 0
+        t = collector.server_time()
+        while collector.server_time() <= t + e.pages.grace_s:
+            time.sleep(0.1)
+        report = collector.collect()
+        assert report.reclaimed_refs == 5 and report.deleted_contents == 1
+        aud = audit(e.pages)
+        assert aud.consistent and aud.contents == 10
+        for i in range(10):
+            assert e.get(1, pool, 0, i) == page(i)
+
+
+def _keys(e, gid: int, pool: int) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    obj = e._reg.pool(gid, pool)[1].objects[0]
+    return [(i, obj[i] & ~(3 << 160)) for i in sorted(obj)]
+
+
+def _new_key(e, data: bytes) -> int:  # type: ignore[no-untyped-def]
+    from broker.cluster.redis_store import with_tail
+
+    return with_tail(e._contents.hash(data) | IN_REDIS, data)
