@@ -28,9 +28,10 @@ from broker.api.metrics import FiguresCollector, RequestTimer, RequestTimes
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
 from broker.api.service import BrokerService, ServiceBox
-from broker.cluster.control import ClusterControl
+from broker.cluster.control import ClusterControl, EngineJournal
+from broker.cluster.errors import Fenced
 from broker.cluster.leases import LeaseManager
-from broker.cluster.routing import AdminHomeRedirect
+from broker.cluster.routing import AdminHomeRedirect, handle_fenced
 from broker.core import CoreConfig, Tmem
 from broker.db.engine import make_engine, upgrade
 from broker.db.repo import Repository
@@ -103,7 +104,7 @@ def open_cluster_core(settings: Settings, broker_id: str) -> tuple[Any, Any]:
     from broker.cluster.engine import open_cluster_engine
 
     engine = open_cluster_engine(settings, broker_id)
-    return engine, engine.journal
+    return engine, EngineJournal(engine)
 
 
 def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -> FastAPI:
@@ -161,6 +162,12 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
                 log.info("reloaded %d persistent pages", report.pages)
             service.ready.set()
 
+        if settings.cluster:
+            # the pages are in the Redis Cluster: nothing to reload; guests are adopted
+            # (their handle maps loaded) by the control loop as their leases come
+            async def reload() -> None:
+                service.ready.set()
+
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
         await service.pressure_loop.start()
@@ -187,7 +194,8 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
-        exception_handlers=exception_handlers(),
+        # Fenced (a StoreError) first: it is a redirect to the guest's new home, not a 503
+        exception_handlers={**exception_handlers(), Fenced: handle_fenced},
     )
     pages = GuestPages(box)
     app.state.settings = settings

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.errors import NotHome
+from broker.cluster.errors import Fenced
 from broker.cluster.leases import Home, Lease, LeaseManager, rendezvous
 from broker.core.errors import TmemError, UnknownGuest
 from broker.core.figures import as_json
@@ -134,7 +135,13 @@ class ClusterControl:
         service.install_guest(record, pools)
         adopt = getattr(service.core, "adopt", None)
         if adopt is not None:
-            await _maybe_await(adopt(gid, lease.epoch))
+            try:
+                # Redis round trips: off the event loop
+                await run_in_threadpool(adopt, gid, lease.epoch)
+            except Fenced as exc:
+                # a higher epoch holds the guest in Redis: this lease is stale already
+                log.warning("guest %d not adopted: %s", gid, exc)
+                return
         self.serving[gid] = lease.epoch
         log.info("serving guest %d at epoch %d", gid, lease.epoch)
 
@@ -317,6 +324,20 @@ class ClusterControl:
         }
 
 
-async def _maybe_await(value: Any) -> None:
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-        await value
+class EngineJournal:
+    """What the service waits on in cluster mode: nothing. The cluster engine's page calls are
+    durable in Redis (AOF + a replica's ``WAIT``) before they return, so no write is pending
+    when a route answers. ``close`` closes the engine's Redis connections."""
+
+    pending = False
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def barrier(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pages = getattr(self.engine, "pages", None)
+        if pages is not None:
+            pages.close()

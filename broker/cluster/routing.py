@@ -19,12 +19,16 @@ Use, in a guest route::
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker.api.auth import bearer_token, hash_token
 from broker.api.errors import NotHome, Unauthorised, error_response
 from broker.api.service import BrokerService, ServiceBox
+from broker.cluster.errors import ClusterUnavailable, Fenced
 
 
 def target_of(scope: Scope) -> str:
@@ -62,6 +66,20 @@ async def _unknown_token(service: BrokerService, token: str | None, scope: Scope
             if guest_id is not None:
                 return guest_id
     return service.tokens.guest(token)  # raises the right refusal
+
+
+async def fenced_redirect(service: BrokerService | None, exc: Fenced, scope: Scope) -> Exception:
+    """What to answer when the page store refused a write because another broker holds the
+    guest at a higher epoch: the redirect to its home (this broker stops serving it)."""
+    if service is None or service.cluster is None:
+        return ClusterUnavailable(str(exc))
+    return await service.cluster.fenced(exc.guest_id, target_of(scope))
+
+
+async def handle_fenced(request: Request, exc: Any) -> Response:
+    """The app's exception handler for :class:`Fenced` (JSON routes): the same redirect."""
+    service = request.app.state.box.service
+    return error_response(await fenced_redirect(service, exc, request.scope))
 
 
 # /v1/guests/{id} and its per-guest actions: the home broker changes the guest's core state
