@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
-from guest_agent.errors import ProtocolError, error_for_status
+from guest_agent.errors import BrokerUnavailable, ProtocolError, error_for_status
 from guest_agent.redirects import Chain, is_redirect, new_base
 from guest_agent.transport import (
     AsyncHTTPTransport,
@@ -368,7 +368,7 @@ class TmemClient(_Base):
         transport_factory: Callable[[str], Transport] | None = None,
     ) -> None:
         super().__init__(token, max_batch_ops)
-        self.base_url = base_url
+        self.base_url = self.first_url = base_url
         self._factory = transport_factory or (lambda url: HTTPTransport(url, timeout=timeout))
         self._transport: Transport = transport or self._factory(base_url)
 
@@ -385,7 +385,15 @@ class TmemClient(_Base):
             close()
 
     def _send(self, request: Request) -> Response:
-        response = self._transport.handle_request(request)
+        try:
+            response = self._transport.handle_request(request)
+        except BrokerUnavailable:
+            if self.base_url != self.first_url:
+                # the home we were sent to is gone (a crash): the next call asks the broker
+                # we were given, which knows (or soon knows) the guest's new home
+                self.close()
+                self.base_url, self._transport = self.first_url, self._factory(self.first_url)
+            raise
         if not is_redirect(response):
             return response
         chain = Chain(self.base_url)
@@ -524,7 +532,7 @@ class AsyncTmemClient(_Base):
         transport_factory: Callable[[str], AsyncTransport] | None = None,
     ) -> None:
         super().__init__(token, max_batch_ops)
-        self.base_url = base_url
+        self.base_url = self.first_url = base_url
         self._factory = transport_factory or (
             lambda url: AsyncHTTPTransport(url, timeout=timeout, max_connections=max_connections)
         )
@@ -543,7 +551,17 @@ class AsyncTmemClient(_Base):
             await aclose()
 
     async def _send(self, request: Request) -> Response:
-        response = await self._transport.handle_async_request(request)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except BrokerUnavailable:
+            if self.base_url != self.first_url:
+                # the home we were sent to is gone: back to the broker we were given
+                old, self._transport = self._transport, self._factory(self.first_url)
+                self.base_url = self.first_url
+                aclose = getattr(old, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            raise
         if not is_redirect(response):
             return response
         chain = Chain(self.base_url)

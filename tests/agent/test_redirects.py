@@ -100,3 +100,29 @@ async def test_async_client_follows() -> None:
         assert await client.get(1, 5, 0) == PAGE
     assert [s[0] for s in net.seen] == ["http://a:1", "http://b:2", "http://b:2"]
     assert net.seen[1][4] == "Bearer tok" and net.seen[1][3] == PAGE
+
+
+def test_an_unreachable_home_sends_the_next_call_back_to_the_first_broker() -> None:
+    net = Brokers("http://b:2")
+    dead = {"http://b:2": False}
+
+    def factory(base: str) -> MockTransport:
+        inner = net.transport(base)
+
+        def handle(request: Request) -> Response:
+            if dead.get(base):
+                raise BrokerUnavailable("connection refused")
+            return inner.handler(request)  # type: ignore[return-value]
+
+        return MockTransport(handle)
+
+    with TmemClient("http://a:1", "tok", transport_factory=factory) as client:
+        assert client.put(0, 1, 2, PAGE)
+        assert client.base_url == "http://b:2"
+        dead["http://b:2"] = True
+        with pytest.raises(BrokerUnavailable):
+            client.get(0, 1, 2)
+        assert client.base_url == "http://a:1"  # a knows where the guest went next
+        net.home = "http://c:3"
+        client.put(0, 1, 3, PAGE)
+        assert client.base_url == "http://c:3"
