@@ -241,6 +241,17 @@ class ClusterControl:
         async with self._lock:
             self.service.sync_guests(records, keep=set(self.serving))
 
+    async def learn_token(self, token_hash: bytes) -> int | None:
+        """The guest of a token this broker does not know yet (created through another
+        broker since the last sync), installed here; None: no such guest."""
+        record = await run_in_threadpool(self.service.repo.guest_by_token_hash, token_hash)
+        if record is None:
+            return None
+        async with self._lock:
+            if record.guest_id not in self.service.guests:
+                self.service.install_guest(record, [])
+        return record.guest_id
+
     # placement ----------------------------------------------------------------------------
 
     async def place_new_guest(self, guest_id: int) -> None:

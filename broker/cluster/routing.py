@@ -60,9 +60,9 @@ async def _unknown_token(service: BrokerService, token: str | None, scope: Scope
         if url is not None:
             raise NotHome(url.rstrip("/") + target_of(scope), "migrated")
         if service.cluster is not None:
-            # a guest created through another broker since the last sync
-            await service.cluster.sync_guests()
-            guest_id = service.tokens.guest_for_token(token)
+            # a guest created through another broker since the last sync: one indexed
+            # lookup of the token's hash (the token is unknown here, so this is no hot path)
+            guest_id = await service.cluster.learn_token(hash_token(token))
             if guest_id is not None:
                 return guest_id
     return service.tokens.guest(token)  # raises the right refusal
