@@ -190,9 +190,10 @@ class BrokerService:
             except TmemError as exc:
                 log.warning("pool %d of guest %d not restored: %s", p.pool_id, gid, exc)
 
-    def sync_guests(self, records: list[GuestRecord], *, keep: set[int]) -> None:
+    def sync_guests(self, records: list[GuestRecord], *, keep: set[int], known: set[int]) -> None:
         """Learn guests created through other brokers and forget deleted ones (cluster mode);
-        the ones in ``keep`` (served here) keep their state, the others take SQL's record."""
+        the ones in ``keep`` (served here) keep their state, the others take SQL's record.
+        Only guests in ``known`` (known before ``records`` were read) can be found deleted."""
         seen = set()
         for record in records:
             gid = record.guest_id
@@ -201,7 +202,7 @@ class BrokerService:
                 self.install_guest(record, [])
             elif gid not in keep:
                 self.guests[gid] = record
-        for gid in [g for g in self.guests if g not in seen]:
+        for gid in [g for g in self.guests if g not in seen and g in known]:
             self.tokens.remove_guest(gid)
             self.guests.pop(gid, None)
             self.pressure.pop(gid, None)

@@ -237,9 +237,12 @@ class ClusterControl:
         if not force and now - self._last_sync < 0.2:
             return
         self._last_sync = now
+        # only guests known before the read may be found deleted: one created here while SQL
+        # was being read is simply not in the answer yet
+        known = set(self.service.guests)
         records = await run_in_threadpool(self.service.repo.guests)
         async with self._lock:
-            self.service.sync_guests(records, keep=set(self.serving))
+            self.service.sync_guests(records, keep=set(self.serving), known=known)
 
     async def learn_token(self, token_hash: bytes) -> int | None:
         """The guest of a token this broker does not know yet (created through another
