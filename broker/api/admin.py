@@ -106,6 +106,8 @@ async def list_guests(service: ServiceDep, _: AdminDep) -> list[dict[str, Any]]:
 @router.get("/guests/{guest_id}", response_model=AdminGuestInfo)
 async def show_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> dict[str, Any]:
     """One guest, with its pools, stats and latest pressure report (and its home broker)."""
+    if service.cluster is not None:
+        await service.cluster.know(guest_id)
     return _admin_info(service, guest_id)
 
 
@@ -115,6 +117,8 @@ async def move_guest(
 ) -> dict[str, Any]:
     """Cluster mode: make ``broker`` the guest's home (no page bytes move; the epoch grows,
     so the old home's late writes are refused)."""
+    if service.cluster is not None:
+        await service.cluster.know(guest_id)
     service.guest_record(guest_id)
     if service.cluster is None:
         raise NotACluster("this broker is not in a cluster (serve --cluster)")

@@ -244,6 +244,11 @@ class ClusterControl:
         async with self._lock:
             self.service.sync_guests(records, keep=set(self.serving), known=known)
 
+    async def know(self, guest_id: int) -> None:
+        """Make sure a guest created through another broker is known here (admin calls)."""
+        if guest_id not in self.service.guests:
+            await self.sync_guests(force=True)
+
     async def learn_token(self, token_hash: bytes) -> int | None:
         """The guest of a token this broker does not know yet (created through another
         broker since the last sync), installed here; None: no such guest."""

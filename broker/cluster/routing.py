@@ -107,6 +107,8 @@ class AdminHomeRedirect:
             return
         token = bearer_token(scope)
         guest_id = int(match.group(1))
+        if token is not None and service.tokens.is_admin(token):
+            await service.cluster.know(guest_id)
         if token is None or not service.tokens.is_admin(token) or guest_id not in service.guests:
             await self.app(scope, receive, send)  # the route refuses it as usual
             return
