@@ -22,6 +22,7 @@ import pytest
 from guest_agent.client import TmemClient
 from guest_agent.errors import BrokerUnavailable, TmemClientError
 from tests.cluster.brokers import ClusterBrokers
+from tests.cluster.pg_private import PrivatePostgres
 from tests.cluster.redis_proc import RedisClusterProc
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(240)]
@@ -132,3 +133,27 @@ def test_admin_move_keeps_every_page(
             _put_until(client, pool, written, 300, 50)
             assert client.base_url == brokers.by_id(target).url
         brokers.audit(token, pool, written)
+
+
+def test_restart_postgresql_under_load(tmp_path: Path, redis_cluster: RedisClusterProc) -> None:
+    """A private PostgreSQL restarted while a guest writes: the brokers keep their leases
+    (or give the guest up only until PostgreSQL is back), puts carry on after retries, and
+    every acknowledged page is there at the end."""
+    with (
+        PrivatePostgres() as pg,
+        ClusterBrokers(tmp_path, redis_cluster.seeds, pg.url, n=2, lease_s=3.0) as brokers,
+    ):
+        gid, token = brokers[0].new_guest("vm-pg")
+        brokers.wait_home(gid)
+        written: dict[tuple[int, int], bytes] = {}
+        with TmemClient(brokers[0].url, token, timeout=10) as client:
+            pool = client.create_pool("persistent")
+            n = _put_until(client, pool, written, 0, 100)
+            pg.restart()
+            n = _put_until(client, pool, written, n, 100)
+        assert len(written) >= 150  # most puts were acknowledged across the restart
+        brokers.audit(token, pool, written)
+        # the control plane works again: an admin move succeeds
+        home = brokers.wait_home(gid)
+        target = "b1" if home == "b0" else "b0"
+        assert brokers[0].json("POST", f"/v1/guests/{gid}/home", {"broker": target})
