@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from guest_agent.client import _json, _raise_for
 from guest_agent.errors import BrokerUnavailable, ProtocolError
-from guest_agent.redirects import Chain, is_redirect, new_base
+from guest_agent.redirects import Chain, is_redirect, new_base, resent
 from guest_agent.transport import HTTPTransport, Request, Response, StreamedResponse, Transport
 from schemas.export import EXPORT_CONTENT_TYPE
 from schemas.wire import CompressMode, DomainInfo, GuestCreated, GuestInfo, Imported
@@ -160,6 +160,7 @@ class AdminClient:
         while is_redirect(response):
             base = chain.next(new_base(request.target, response))
             hop = HTTPTransport(base, timeout=self._timeout)
+            request = resent(request)
             try:
                 response = hop.handle_request(request)
             finally:

@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 from guest_agent.errors import BrokerUnavailable, ProtocolError, error_for_status
-from guest_agent.redirects import Chain, is_redirect, new_base
+from guest_agent.redirects import Chain, is_redirect, new_base, resent
 from guest_agent.transport import (
     AsyncHTTPTransport,
     AsyncTransport,
@@ -401,6 +401,7 @@ class TmemClient(_Base):
             base = chain.next(new_base(request.target, response))
             self.close()
             self.base_url, self._transport = base, self._factory(base)
+            request = resent(request)
             response = self._transport.handle_request(request)
         return response
 
@@ -574,6 +575,7 @@ class AsyncTmemClient(_Base):
                 aclose = getattr(old, "aclose", None)
                 if aclose is not None:
                     await aclose()
+            request = resent(request)
             response = await self._transport.handle_async_request(request)
         return response
 

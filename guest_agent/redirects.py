@@ -14,10 +14,23 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from guest_agent.errors import BrokerUnavailable, ProtocolError
-from guest_agent.transport import Response
+from guest_agent.transport import Request, Response
 
 MAX_HOPS = 4
 REDIRECTS = frozenset((307, 308))
+# sent with a request resent after a redirect: the broker then asks its database where the
+# guest lives instead of trusting a view a few hundred ms old (which, just after a move, may
+# still name the broker that redirected us)
+REDIRECTED_HEADER = ("X-Tmem-Redirected", "1")
+
+
+def resent(request: Request) -> Request:
+    """``request`` as it is sent again after a redirect (with :data:`REDIRECTED_HEADER`)."""
+    if REDIRECTED_HEADER in request.headers:
+        return request
+    return Request(
+        request.method, request.target, request.body, [*request.headers, REDIRECTED_HEADER]
+    )
 
 
 def is_redirect(response: Response) -> bool:

@@ -59,6 +59,10 @@ def _pages(count: int, seed: int) -> list[bytes]:
     return random.Random(seed).sample(image, min(count, len(image)))
 
 
+def _port_of(broker_id: str, brokers: list[BrokerProcess]) -> int:
+    return brokers[int(broker_id.removeprefix("b"))].port
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guests", type=int, default=6)
@@ -136,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
             )
         homes = {g["guest_id"]: g["home_broker"] for g in brokers[0].json("GET", "/v1/guests")}
         print(f"homes: {json.dumps(homes)}")
+
+        # what a redirect costs: a fresh agent per get, entering at the home or at another
+        gid0 = next(iter(written))
+        token0, pool0, kept0 = written[gid0]
+        home0 = next(b for b in brokers if b.url.endswith(str(_port_of(homes[gid0], brokers))))
+        away0 = next(b for b in brokers if b is not home0)
+        handle0 = next(iter(kept0))
+        for label, entry in (("at its home", home0), ("elsewhere (307)", away0)):
+            t0 = time.perf_counter()
+            for _ in range(200):
+                with TmemClient(entry.url, token0, timeout=10) as client:
+                    assert client.get(pool0, *handle0) == kept0[handle0]
+            per = (time.perf_counter() - t0) / 200 * 1e6
+            print(f"a fresh agent's first get, entering {label}: {per:,.0f} µs")
 
         # kill -9 the broker serving the most guests; time until each of its guests answers
         victim_id = max({"b0", "b1", "b2"}, key=lambda b: list(homes.values()).count(b))

@@ -78,12 +78,25 @@ class ClusterControl:
         now = time.monotonic()
         return now < self.valid_until or now < self.renewed.get(guest_id, 0.0)
 
-    async def route(self, guest_id: int, target: str) -> None:
+    async def route(self, guest_id: int, target: str, *, fresh: bool = False) -> None:
         """Return when this broker serves ``guest_id`` (adopting it first if it is this
         broker's, or nobody's); raise :class:`NotHome` with the home's URL + ``target``
-        otherwise. ``target`` is the request's path with its query string."""
+        otherwise. ``target`` is the request's path with its query string. ``fresh``: the
+        request was redirected here already, so ask PostgreSQL, not the last step's view
+        (after a move, that view may still name the broker that sent it)."""
         if self.serves(guest_id):
             return
+        cached = None if fresh else self.homes.get(guest_id)
+        if (
+            cached is not None
+            and cached.live
+            and cached.url
+            and cached.broker_id not in (None, self.broker_id)
+            and guest_id not in self.serving
+        ):
+            # the view of the last step (at most L/4 old): a redirect without a SQL round
+            # trip; a home that died since sends the agent back here, and the next step knows
+            raise NotHome(cached.url + target, cached.broker_id or "")
         async with self._lock:
             if self.serves(guest_id):
                 return

@@ -50,8 +50,15 @@ async def guest_of(service: BrokerService, scope: Scope) -> int:
         guest_id = await _unknown_token(service, token, scope)
     cluster = service.cluster
     if cluster is not None and not cluster.serves(guest_id):
-        await cluster.route(guest_id, target_of(scope))
+        await cluster.route(guest_id, target_of(scope), fresh=was_redirected(scope))
     return guest_id
+
+
+REDIRECTED = b"x-tmem-redirected"  # set by the agents on a request they resend after a 307
+
+
+def was_redirected(scope: Scope) -> bool:
+    return any(name == REDIRECTED for name, _ in scope["headers"])
 
 
 async def _unknown_token(service: BrokerService, token: str | None, scope: Scope) -> int:
@@ -113,7 +120,7 @@ class AdminHomeRedirect:
             await self.app(scope, receive, send)  # the route refuses it as usual
             return
         try:
-            await service.cluster.route(guest_id, target_of(scope))
+            await service.cluster.route(guest_id, target_of(scope), fresh=was_redirected(scope))
         except NotHome as exc:
             await error_response(exc)(scope, receive, send)
             return
