@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     from broker.api.service import BrokerService
 
 log = logging.getLogger(__name__)
+
+# How often the pool's leaked references are collected, by one broker (the first live one by
+# id): a run scans every content and handle map of the namespace (broker/cluster/collector.py)
+COLLECT_EVERY_S = 300.0
 
 # A lease is trusted locally for this share of the lease time after the renewal began: the
 # rest is the margin for a renewal in flight and for clock rates.
@@ -68,6 +73,9 @@ class ClusterControl:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._last_sync = 0.0
+        self._last_collect = time.monotonic()
+        self._collecting: asyncio.Task[None] | None = None
+        self.last_collect: dict[str, Any] | None = None
 
     # the hot path -------------------------------------------------------------------------
 
@@ -182,6 +190,8 @@ class ClusterControl:
     async def stop(self) -> None:
         """Stop the loop and hand every guest back (released leases are taken at once)."""
         self._stopping.set()
+        if self._collecting is not None:
+            self._collecting.cancel()  # its thread finishes its run; nothing waits for it
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -226,8 +236,38 @@ class ClusterControl:
                 await self._adopt(lease)
         await self.step_views()
         await self.sync_guests(force=True)
+        self._maybe_collect()
         self.steps += 1
         self.last_step_error = None
+
+    def _maybe_collect(self) -> None:
+        """Start a collector run when one is due and this broker is the first live one (one
+        collector at a time is the usual case; two at once are safe too, collector.py)."""
+        pages = getattr(self.service.core, "pages", None)
+        if pages is None or self._collecting is not None:
+            return
+        if time.monotonic() - self._last_collect < COLLECT_EVERY_S:
+            return
+        live = sorted(b["broker_id"] for b in self.brokers if b["alive"])
+        if live and live[0] != self.broker_id:
+            return
+        self._last_collect = time.monotonic()
+
+        async def run() -> None:
+            from broker.cluster.collector import Collector
+
+            try:
+                report = await asyncio.to_thread(Collector(pages).collect)
+                self.last_collect = asdict(report)
+                log.info("collector: %s", report)
+            except Exception:
+                log.exception(
+                    "collector run failed; the next one is due in %.0f s", COLLECT_EVERY_S
+                )
+            finally:
+                self._collecting = None
+
+        self._collecting = asyncio.create_task(run(), name="tmem-cluster-collector")
 
     async def step_views(self) -> None:
         """Refresh the views of the homes and the brokers (admin listings, routing)."""
@@ -353,6 +393,7 @@ class ClusterControl:
             "leases_valid_for_s": max(0.0, round(self.valid_until - time.monotonic(), 3)),
             "steps": self.steps,
             "last_step_error": self.last_step_error,
+            "last_collect": self.last_collect,
         }
 
 
