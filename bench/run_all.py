@@ -16,6 +16,9 @@ f. dedup: N guests storing the same image: broker memory vs what they stored
 g. capacity: 8 simulated guests on one image, the same broker RAM, four configurations (today's
    defaults, ``TMEM_COMPRESS=pressure``, a trusted dedup domain, both): pages held, faults
    served, disk I/O avoided, persistent pages lost (``bench/capacity_bench.py``)
+h. cluster mode's data plane on a private Redis Cluster (``bench/scale_bench.py``): Redis memory
+   per unique page per copy, one image through 3 engines vs the ideal, durable 256-page batches
+   vs redis-py pipelines doing SET + WAIT
 
 Not a test: it never fails on a time. See bench/README.md for how to read it.
 """
@@ -54,7 +57,7 @@ from guest_agent import TmemClient
 PAGE = 4096
 BATCH = 256
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-SECTIONS = "abcdefg"
+SECTIONS = "abcdefgh"
 _BASE = os.urandom(PAGE)
 
 # Wide enough for the table when the output is a file or a pipe (make bench | tee).
@@ -258,6 +261,17 @@ class Bench:
         m = {k: statistics.median(v) for k, v in rates.items()}
         self.ratio_row("c", "put_many 256, durability sync", "pages/s", m["put_many"], m["MSET"],
                        "MSET appendfsync always", 1.0)  # fmt: skip
+
+    # ----------------------------------------------------------------- h
+
+    def h_scale(self) -> None:
+        from bench.scale_bench import measure  # (needs the server extra, as the broker does)
+
+        tick = self.task("h  cluster data plane", 1)
+        r = measure(self.tmp / "h", self.cfg.quick)
+        tick()
+        self.raw["h"] = r
+        self.rows.extend(_h_rows(r))
 
     # ----------------------------------------------------------------- d
 
@@ -483,6 +497,22 @@ class Bench:
                              lost, 0, "must be 0", 0.0, "= 0", lost == 0))  # fmt: skip
 
 
+def _h_rows(r: dict[str, Any]) -> list[Row]:
+    """Section h's rows (lower is better for the two memory ratios: their own aims)."""
+    m, d, dur = r["memory"], r["dedup"], r["durable"]
+    durable = statistics.median(dur["engine"]), statistics.median(dur["set_wait"])
+    return [
+        Row("h", "Redis bytes per unique page per copy", "B", m["bytes_per_unique_page"],
+            PAGE, "4096 (the page)", m["ratio_per_page"], "<= 1.1x",
+            m["ratio_per_page"] <= 1.1),
+        Row("h", "one image through 3 brokers", "B", d["three_brokers"], d["ideal"],
+            "ideal (once + handles)", d["ratio"], "<= 1.05x", d["ratio"] <= 1.05),
+        Row("h", "durable batch 256, ClusterEngine", "pages/s", durable[0], durable[1],
+            "redis-py SET+WAIT pipelines", r["durable_ratio"], ">= 0.5x",
+            r["durable_ratio"] >= 0.5),
+    ]  # fmt: skip
+
+
 def render(rows: list[Row], info: dict[str, Any], quick: bool) -> Table:
     table = Table(
         title=f"tmem broker vs baselines — medians ({'--quick' if quick else 'full run'}); "
@@ -511,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
-    need = {"redis-server": "abce", "nbdkit": "d", "fio": "d"}
+    need = {"redis-server": "abceh", "nbdkit": "d", "fio": "d"}
     for tool, sections in need.items():
         if any(s in sections for s in chosen) and shutil.which(tool) is None:
             parser.error(f"{tool} is missing (scripts/system-deps.sh installs it)")
@@ -529,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(cfg, Path(tmpdir), progress)
         run = {"a": bench.a_single, "b": bench.b_batches, "c": bench.c_durable,
                "d": bench.d_nbd, "e": bench.e_memory, "f": bench.f_dedup,
-               "g": bench.g_capacity}  # fmt: skip
+               "g": bench.g_capacity, "h": bench.h_scale}  # fmt: skip
         for s in SECTIONS:
             if s in chosen:
                 run[s]()

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from broker.cluster.errors import ClusterUnavailable
 from broker.core.errors import TmemError
 from broker.store.errors import StoreError
 from schemas.batch import STATUS_NAMES
@@ -188,6 +189,10 @@ def error_response(exc: Exception) -> Response:
         return json_error(exc.status, exc.code, str(exc), headers={"Location": exc.location})
     if isinstance(exc, TmemError | ApiError):
         return json_error(exc.status, exc.code, str(exc) or exc.code.replace("_", " "))
+    if isinstance(exc, ClusterUnavailable):
+        # Cluster mode, Redis in a failover or a replica silent: nothing was acknowledged.
+        headers = {"Retry-After": str(exc.retry_after)}
+        return json_error(503, "cluster_unavailable", str(exc), headers=headers)
     if isinstance(exc, StoreError):
         # The journal cannot promise durability: nothing persistent is acknowledged.
         log.error("journal unavailable: %r", exc)

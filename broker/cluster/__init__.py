@@ -5,6 +5,7 @@ The data plane: page bytes and persistent handle maps in a Redis Cluster.
 * :mod:`broker.cluster.redis_store` — the Redis side: content values with their reference
   count, handle maps per guest fenced by epoch, pipelines per node, durability (``WAIT``).
 * :mod:`broker.cluster.lua` — the Lua scripts those run, each on one hash slot.
+* :mod:`broker.cluster.redis_tables` — the core's content table and journal seams in cluster mode.
 * :mod:`broker.cluster.engine` — :class:`ClusterEngine`, the Tmem-compatible core of a broker
   in cluster mode (``open_cluster_engine``).
 * :mod:`broker.cluster.collector` — reclaims references leaked by crashes, while brokers run.

@@ -38,6 +38,8 @@ to 60 s (``cluster_grace_s``).
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -45,6 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.cluster.redis_store import HEADER, RedisPages
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,3 +146,41 @@ class Collector:
             if left == 0:
                 report.deleted_contents += 1
         return report
+
+
+class CollectorThread:
+    """Runs :meth:`Collector.collect` every ``interval`` seconds in a daemon thread (a run
+    sleeps through half the grace: not a job for the event loop). Any broker may run one;
+    two at once are safe. ``last`` is the last run's report and ``beat`` its time (for
+    ``/readyz`` or the admin views); a failed run is logged and retried next time."""
+
+    def __init__(self, pages: RedisPages, interval: float = 300.0) -> None:
+        self.collector = Collector(pages, sleep=self._sleep)
+        self.interval = interval
+        self.last: CollectReport | None = None
+        self.beat = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="tmem-collector", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.last = self.collector.collect()
+                self.beat = time.time()
+            except Exception:
+                log.exception("the collector's run failed; retrying in %s s", self.interval)
+            self._stop.wait(self.interval)

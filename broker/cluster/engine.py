@@ -37,122 +37,23 @@ from typing import Any
 
 from broker.cluster.errors import ClusterUnavailable, Fenced
 from broker.cluster.redis_store import (
+    BUCKET_BITS,
     IN_REDIS,
     Cmd,
     RedisPages,
     is_oom,
     key_of,
-    ref_of,
     with_tail,
 )
-from broker.core.compression import ColdCompressor
-from broker.core.content import ZERO_KEY, ZERO_PAGE, Contents, Hasher
-from broker.core.errors import BadPageSize, BadRequest, UnknownGuest
+from broker.cluster.redis_tables import HIT, ClusterCold, ClusterContents, ClusterJournal
+from broker.core.content import ZERO_KEY, ZERO_PAGE, Hasher
+from broker.core.errors import BadPageSize, BadRequest
 from broker.core.model import CoreConfig
 from broker.core.registry import Domain, Guest, Pool
 from broker.core.tmem import _OPS, BatchOp, Tmem, _check_handle
 from schemas.batch import OP_GET, OP_PUT, PAGE_SIZE, STATUS_CAPACITY, STATUS_DONE
 
 log = logging.getLogger(__name__)
-
-
-class ClusterContents(Contents):
-    """The content table with persistent contents in Redis: keys flagged ``IN_REDIS`` take
-    the references prepared by the engine, queue their drops, and load from Redis."""
-
-    def __init__(self, base: Contents, pages: RedisPages) -> None:
-        super().__init__(base.store, base.hash, base.compress_max)
-        self.pages = pages
-        # Always truthy: the put path then calls acquire() for every new content, which is
-        # where a flagged key takes its prepared Redis reference (a dummy entry, never a base).
-        self.collided = {-2: 0}
-        self.prepared: dict[int, deque[int]] = {}
-        self.take_time: dict[int, int] = {}
-        self.drops: list[int] = []
-        self.cache: dict[int, bytes | None] = {}
-        self.local_only = False
-
-    def acquire(self, base: int, page: bytes, stored: bytes, domain: Domain) -> tuple[int, bool]:
-        if not base & IN_REDIS:
-            return super().acquire(base, page, stored, domain)
-        queue = self.prepared.get(base)
-        if not queue:
-            raise AssertionError("a persistent put without a prepared Redis reference")
-        key = queue.popleft()
-        return key & ~_HIT, bool(key & _HIT)  # the engine marks shared references
-
-    def unref(self, key: int, domain: Domain) -> None:
-        if not key & IN_REDIS:
-            super().unref(key, domain)
-        elif not self.local_only:
-            self.drops.append(key & ~_HIT)
-
-    def load(self, key: int) -> bytes:
-        if key == ZERO_KEY or not key & IN_REDIS:
-            return super().load(key)
-        key &= ~_HIT
-        page = self.cache.get(key)
-        if page is None:
-            page = self.pages.get_many((key,))[key]
-        if page is None:
-            raise ClusterUnavailable("a handle's content is missing from the cluster")
-        return page
-
-
-# Marks a prepared key as a shared (dedup) reference; bit 190, never set in a stored key.
-_HIT = 1 << 190
-
-
-class ClusterJournal:
-    """The core's journal seam: collects the handle-map writes of one engine call."""
-
-    def __init__(self, engine: ClusterEngine) -> None:
-        self.engine = engine
-        self.cmds: list[Cmd] = []
-        self.snapshot: dict[tuple[int, int], list[int]] = {}
-
-    def _cmd(self, guest_id: int, op: bytes, pool_id: int, oid: int, index: int = 0) -> None:
-        engine = self.engine
-        if engine._contents.local_only:
-            return
-        value = b""
-        taken = None
-        if op == b"p":
-            key = engine._reg.pool(guest_id, pool_id)[1].objects[oid][index]
-            if key != ZERO_KEY:
-                key &= ~_HIT
-                value = ref_of(key)
-                taken = engine._contents.take_time.get(key)
-        epoch = engine.epochs.get(guest_id, 0)
-        self.cmds.append(
-            engine.pages.handle_cmd(guest_id, epoch, op, pool_id, oid, index, value, taken)
-        )
-
-    def record_put(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:
-        self._cmd(guest_id, b"p", pool_id, oid, index)
-
-    def record_flush(self, guest_id: int, pool_id: int, oid: int, index: int) -> None:
-        self._cmd(guest_id, b"d", pool_id, oid, index)
-
-    def record_flush_object(self, guest_id: int, pool_id: int, oid: int) -> None:
-        self._cmd(guest_id, b"o", pool_id, oid)
-
-    def record_destroy_pool(self, guest_id: int, pool_id: int) -> None:
-        for oid in self.snapshot.pop((guest_id, pool_id), ()):
-            self._cmd(guest_id, b"o", pool_id, oid)
-
-    def record_remove_guest(self, guest_id: int) -> None:
-        for gid, pool_id in [k for k in self.snapshot if k[0] == guest_id]:
-            self.record_destroy_pool(gid, pool_id)
-
-
-class _ClusterCold(ColdCompressor):
-    """Cold compression of local (ephemeral) pages only: Redis holds persistent pages raw."""
-
-    def _compress(self, pool: Pool, oid: int, index: int) -> bool:
-        if pool.persistent:
-            return False
-        return super()._compress(pool, oid, index)
 
 
 class ClusterEngine(Tmem):
@@ -179,7 +80,7 @@ class ClusterEngine(Tmem):
         self.broker_id = broker_id
         self._contents = ClusterContents(self._contents, pages)
         self._table.contents = self._contents
-        self._cold = _ClusterCold(self._reg, self._table, self._ev)
+        self._cold = ClusterCold(self._reg, self._table, self._ev)
         self.epochs: dict[int, int] = {}
         self._stale: set[int] = set()
 
@@ -228,10 +129,10 @@ class ClusterEngine(Tmem):
         finally:
             cc.local_only = False
 
-    def _clear_local(self, guest_id: int) -> None:
+    def _clear_local(self, guest_id: int, persistent_only: bool = False) -> None:
         g = self._reg.guest(guest_id)
         for pool in g.pools.values():
-            if not pool.shared:
+            if not pool.shared and (pool.persistent or not persistent_only):
                 self._table.clear(pool)
 
     def _load_handles(self, guest_id: int) -> int:
@@ -239,7 +140,7 @@ class ClusterEngine(Tmem):
         g = self._reg.guest(guest_id)
 
         def load() -> int:
-            self._clear_local(guest_id)
+            self._clear_local(guest_id, persistent_only=True)
             n = 0
             for pool_id, oid, index, ref in handles:
                 pool = g.pools.get(pool_id)
@@ -263,6 +164,30 @@ class ClusterEngine(Tmem):
         if guest_id in self._stale:
             self._load_handles(guest_id)
 
+    def cluster_stats(self) -> dict[str, Any]:
+        """The Redis Cluster as the admin sees it: per master, memory used and its limit
+        (0: none), keys, and its replicas; whether every slot is served."""
+        rc = self.pages.rc
+        try:
+            rc.nodes_manager.initialize()
+            masters = []
+            for node in rc.get_primaries():
+                conn = rc.get_redis_connection(node)
+                memory = conn.info("memory")
+                masters.append(
+                    {
+                        "node": node.name,
+                        "used_memory": int(memory["used_memory"]),
+                        "maxmemory": int(memory["maxmemory"]),
+                        "keys": int(conn.dbsize()),
+                        "replicas": int(conn.info("replication")["connected_slaves"]),
+                    }
+                )
+            state = rc.cluster_info(target_nodes=rc.get_random_node())["cluster_state"]
+        except Exception as exc:
+            raise ClusterUnavailable(f"reading the cluster's figures failed: {exc}") from exc
+        return {"state": state, "masters": masters}
+
     # ---------------------------------------------------------------- the three steps
 
     def _around(
@@ -271,6 +196,7 @@ class ClusterEngine(Tmem):
         takes: Sequence[tuple[int, bytes]],
         call: Callable[[set[int]], Any],
         prefetch: Iterable[int] = (),
+        fix: Callable[[Any, set[tuple[int, int, int]]], Any] | None = None,
     ) -> Any:
         """Step 1 (take ``takes``: (key with tail, page)), ``call(full)`` (the core; ``full``:
         indexes into ``takes`` the cluster had no room for), step 2 and step 3."""
@@ -281,13 +207,15 @@ class ClusterEngine(Tmem):
         if takes:
             cmds = [pages.take_cmd(key, page) for key, page in takes]
             pages.run(cmds, durable=True)
+            failed: Exception | None = None
             for i, ((key, _page), cmd) in enumerate(zip(takes, cmds, strict=True)):
                 reply = cmd.result
                 if is_oom(reply):
                     full.add(i)
                     continue
                 if isinstance(reply, Exception):
-                    raise ClusterUnavailable(f"taking a reference failed: {reply}") from reply
+                    failed = reply
+                    continue
                 k, hit, taken = (int(x) for x in reply)
                 if k < 0:  # every collision number holds other bytes: no room for this one
                     full.add(i)
@@ -295,13 +223,20 @@ class ClusterEngine(Tmem):
                 real = key | k << 160
                 cc.take_time[real] = taken
                 base = key & ((1 << 192) - 1)
-                cc.prepared.setdefault(base, deque()).append(real | (_HIT if hit else 0))
-        cc.cache = pages.get_many(prefetch) if prefetch else {}
+                cc.prepared.setdefault(base, deque()).append(real | (HIT if hit else 0))
+            if failed is not None:
+                self._give_back()
+                raise ClusterUnavailable(f"taking a reference failed: {failed}") from failed
         journal = self.handles
+        try:
+            cc.cache = pages.get_many(prefetch) if prefetch else {}
+        except ClusterUnavailable:
+            self._give_back()
+            raise
         try:
             result = call(full)
         finally:
-            leftover = [k & ~_HIT for q in cc.prepared.values() for k in q]
+            leftover = [k & ~HIT for q in cc.prepared.values() for k in q]
             cc.prepared.clear()
             cc.cache = {}
             handle_cmds, journal.cmds = journal.cmds, []
@@ -310,19 +245,58 @@ class ClusterEngine(Tmem):
             cc.take_time = {}
         leftover_drops = [(k, times[k]) for k in leftover]
         try:
-            since = self._write_handles(guest_id, handle_cmds)
+            since, full_handles = self._write_handles(guest_id, handle_cmds)
         except Fenced:
             # None of the refused handles holds its new reference: give those back (the
             # handles it would have replaced keep theirs; they were not removed either).
             self._drop(leftover_drops + self._refused_takes(handle_cmds))
             raise
+        if full_handles:
+            leftover_drops += self._undo_full(guest_id, full_handles)
+            if fix is None:
+                raise ClusterUnavailable("the cluster is full")
+            result = fix(result, {h for h, _k, _t in full_handles})
         self._drop([(k, since) for k in drops] + leftover_drops)
         return result
 
-    def _write_handles(self, guest_id: int, cmds: list[Cmd]) -> int:
-        """Step 2; returns the server time the handles changed (for the drops' deadline)."""
+    def _undo_full(
+        self, guest_id: int, full: list[tuple[tuple[int, int, int], int, int]]
+    ) -> list[tuple[int, int]]:
+        """Handles the cluster had no room to write (OOM): remove them (the put is declined
+        ``capacity``, which flushes the old copy too), here and in Redis; their new references
+        are returned for dropping."""
+        epoch = self.epochs.get(guest_id, 0)
+        cmds = [self.pages.handle_cmd(guest_id, epoch, b"d", *h) for h, _k, _t in full]
+        self.pages.run(cmds, durable=True)
+        g = self._reg.guest(guest_id)
+
+        def forget() -> None:
+            for (pool_id, oid, index), _key, _taken in full:
+                pool = g.pools[pool_id]
+                self._table.take(pool, oid, index)
+                pool.declined_capacity += 1
+                g.declined_capacity += 1
+
+        self._local(forget)
+        return [(key, taken) for _h, key, taken in full if key != ZERO_KEY]
+
+    def _give_back(self) -> None:
+        """Drop the references prepared for a call that will not run."""
+        cc = self._contents
+        leftover = [k & ~HIT for q in cc.prepared.values() for k in q]
+        times = cc.take_time
+        cc.prepared.clear()
+        cc.take_time = {}
+        self._drop([(k, times[k]) for k in leftover])
+
+    def _write_handles(
+        self, guest_id: int, cmds: list[Cmd]
+    ) -> tuple[int, list[tuple[tuple[int, int, int], int, int]]]:
+        """Step 2; returns the server time the handles changed (for the drops' deadline) and
+        the handles whose last write found the cluster full: ``((pool, oid, index), key,
+        take time)``."""
         if not cmds:
-            return 0
+            return 0, []
         try:
             self.pages.run(cmds, durable=True)
         except ClusterUnavailable:
@@ -330,8 +304,12 @@ class ClusterEngine(Tmem):
             raise
         since = 0
         fenced = None
+        last: dict[tuple[bytes, bytes], Cmd] = {}
         for cmd in cmds:
             reply = cmd.result
+            last[(cmd.args[8], cmd.args[9])] = cmd
+            if is_oom(reply) and cmd.args[7] == b"p":
+                continue
             if isinstance(reply, Exception):
                 self._stale.add(guest_id)
                 raise ClusterUnavailable(f"writing a handle failed: {reply}") from reply
@@ -347,7 +325,13 @@ class ClusterEngine(Tmem):
             epoch = self.epochs.get(guest_id, 0)
             self.release(guest_id)
             raise Fenced(guest_id, epoch, fenced)
-        return since
+        full = []
+        for (member, field), cmd in last.items():
+            if cmd.args[7] == b"p" and is_oom(cmd.result):
+                handle = self.pages.handle_of(member, field)
+                value, taken = cmd.args[10], cmd.args[11]
+                full.append((handle, key_of(value) if value else ZERO_KEY, int(taken or 0)))
+        return since, full
 
     @staticmethod
     def _refused_takes(cmds: list[Cmd]) -> list[tuple[int, int]]:
@@ -438,7 +422,18 @@ class ClusterEngine(Tmem):
                 out += Tmem.batch(self, guest_id, pool_id, segment)
             return out
 
-        result: list[tuple[int, bytes | None]] = self._around(guest_id, takes, call, prefetch)
+        def fix(
+            out: list[tuple[int, bytes | None]], full: set[tuple[int, int, int]]
+        ) -> list[tuple[int, bytes | None]]:
+            """The last put at each handle the cluster had no room for is declined."""
+            for i in range(len(ops) - 1, -1, -1):
+                op, oid, index, _page = ops[i]
+                if op == OP_PUT and (pool_id, oid, index) in full:
+                    full.discard((pool_id, oid, index))
+                    out[i] = (STATUS_CAPACITY, None)
+            return out
+
+        result: list[tuple[int, bytes | None]] = self._around(guest_id, takes, call, prefetch, fix)
         return result
 
     def _decline_full(self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int) -> int:
@@ -492,13 +487,24 @@ class ClusterEngine(Tmem):
         )
         return n
 
+    def _flush_object(self, g: Guest, pool: Pool, pool_id: int, oid: int) -> int:
+        if pool.persistent:  # note the object's handle hashes for the journal
+            obj = pool.objects.get(oid, ())
+            self.handles.buckets[(g.guest_id, pool_id, oid)] = {i >> BUCKET_BITS for i in obj}
+        try:
+            return super()._flush_object(g, pool, pool_id, oid)
+        finally:
+            self.handles.buckets.pop((g.guest_id, pool_id, oid), None)
+
     def _snapshot(self, g: Guest, pool_ids: Iterable[int]) -> bool:
         """Note the objects of the guest's persistent pools about to go (for the journal)."""
         any_ = False
         for pool_id in pool_ids:
             pool = g.pools.get(pool_id)
             if pool is not None and pool.persistent and pool.objects:
-                self.handles.snapshot[(g.guest_id, pool_id)] = list(pool.objects)
+                self.handles.snapshot[(g.guest_id, pool_id)] = [
+                    (oid, {i >> BUCKET_BITS for i in obj}) for oid, obj in pool.objects.items()
+                ]
                 any_ = True
         return any_
 
@@ -559,7 +565,7 @@ class ClusterEngine(Tmem):
                     self._table.place(pool, oid, index, ZERO_KEY, 0)
                 else:
                     base = cc.hash(data) | pool.domain_bits
-                    key = cc.prepared[base].popleft() & ~_HIT
+                    key = cc.prepared[base].popleft() & ~HIT
                     self._table.place(pool, oid, index, key, PAGE_SIZE)
                 self.handles.record_put(g.guest_id, pool_id, oid, index, data)
             return len(items)
@@ -594,4 +600,4 @@ def open_cluster_engine(settings: Any, broker_id: str) -> ClusterEngine:
     return ClusterEngine(config, pages, broker_id)
 
 
-__all__ = ["ClusterEngine", "UnknownGuest", "open_cluster_engine"]
+__all__ = ["ClusterEngine", "open_cluster_engine"]

@@ -4,14 +4,14 @@ Names (``ns`` is the deployment's namespace, so several can share a cluster)::
 
     ns:c{<first 8 bytes of ref, hex>}<rest of ref>   a content (lua.py: header | body)
     ns:{g<guest>}:epoch                              the guest's fence (epoch of its home)
-    ns:{g<guest>}:objs                               set of the guest's objects "pool:oid"
-    ns:{g<guest>}:o:<pool>:<oid>                     hash index (4 bytes) -> content ref
+    ns:{g<guest>}:objs                               set of the guest's handle hashes
+    ns:{g<guest>}:o:<pool>:<oid>:<index >> 7>        hash index & 127 (1 byte) -> content ref
 
 A content *ref* (45 bytes) is ``digest (16) | domain (4) | k (1) | tail (24)``: the xxh3_128
 digest and dedup domain the core already uses, the collision number, and the page's last 24
 bytes. Every key of one guest shares the tag ``{g<guest>}``, so one script writes a handle
-atomically with the fence check. A handle map is a hash per object (listpack-encoded while an
-object has up to 128 handles: tens of bytes a handle, see bench/scale_bench.py).
+atomically with the fence check. A handle map is a hash per 128 indexes of an object, so it
+stays listpack-encoded (tens of bytes a handle, see bench/scale_bench.py).
 
 :class:`RedisPages` sends commands grouped by the master that serves their slot, one pipeline
 per node, ending with ``WAIT 1 <ms>`` when the change must be durable: each master runs with
@@ -53,6 +53,10 @@ HEADER: Final = 8
 TAIL: Final = 24
 BODY: Final = PAGE_SIZE - TAIL  # 4072: value = header + body = 4080 bytes
 REF_LEN: Final = 16 + 4 + 1 + TAIL
+# Handles per hash: Redis keeps a hash of up to 128 entries (hash-max-listpack-entries) as a
+# listpack, about 50 bytes a handle here, against about 110 as a hashtable (bench/scale_bench).
+BUCKET_BITS: Final = 7
+BUCKET_MASK: Final = (1 << BUCKET_BITS) - 1
 CANDIDATES: Final = 4  # collision numbers tried per digest (xxh3_128 + 24 bytes: never > 1)
 
 # A content key of the core (an int) that lives in Redis: digest | domain << 128 | k << 160 |
@@ -169,8 +173,16 @@ class RedisPages:
         return self.guest_tag(guest_id) + b":o:" + member
 
     @staticmethod
-    def member(pool_id: int, oid: int) -> bytes:
-        return b"%d:%d" % (pool_id, oid)
+    def member(pool_id: int, oid: int, index: int) -> bytes:
+        """The name of the handle hash holding ``index``: one per 128 indexes of an object
+        (``BUCKET``), so every hash stays listpack-encoded however large the object."""
+        return b"%d:%d:%d" % (pool_id, oid, index >> BUCKET_BITS)
+
+    @staticmethod
+    def handle_of(member: bytes, field: bytes) -> tuple[int, int, int]:
+        """``(pool, oid, index)`` of a handle hash's name and field."""
+        pool, oid, bucket = member.split(b":")
+        return int(pool), int(oid), int(bucket) << BUCKET_BITS | field[0]
 
     # ---------------------------------------------------------------- commands
 
@@ -200,13 +212,13 @@ class RedisPages:
         value: bytes = b"",
         taken: int | None = None,
     ) -> Cmd:
-        member = self.member(pool_id, oid)
+        member = self.member(pool_id, oid, index)
         keys = (self.epoch_key(guest_id), self.objs_key(guest_id), self.obj_key(guest_id, member))
         args = (
             epoch,
             op,
             member,
-            index.to_bytes(4, "big"),
+            bytes((index & BUCKET_MASK,)),
             value,
             b"" if taken is None else taken,
             self.grace_s // 2,
@@ -288,6 +300,7 @@ class RedisPages:
                     c.result = ClusterUnavailable(f"node {addr} went away during a drop")
             return True
         refresh = False
+        ran = False
         it = iter(replies)
         for c in group:
             if c.ask is not None:
@@ -302,9 +315,12 @@ class RedisPages:
                 self._client(*addr).script_load(SCRIPTS[self._script_name(c.args[1])])
             else:
                 c.result = reply
-        if durable:
+                ran = True
+        if durable and ran:  # (a node that ran nothing, e.g. all MOVED, has nothing to confirm)
             acked = next(it)
             if isinstance(acked, ResponseError) or int(acked) < 1:
+                if refresh:
+                    self._refresh()
                 raise ClusterUnavailable(f"no replica of {addr[0]}:{addr[1]} confirmed in time")
         return refresh
 
@@ -336,10 +352,9 @@ class RedisPages:
             members = self.rc.smembers(self.objs_key(guest_id))
             out: list[tuple[int, int, int, bytes]] = []
             for member in sorted(members):
-                pool, _, oid = member.partition(b":")
                 entries = self.rc.hgetall(self.obj_key(guest_id, member))
                 for field_, value in entries.items():
-                    out.append((int(pool), int(oid), int.from_bytes(field_, "big"), value))
+                    out.append((*self.handle_of(member, field_), value))
             return out
         except redis.RedisError as exc:
             raise ClusterUnavailable(f"reading guest {guest_id}'s handles failed: {exc}") from exc

@@ -46,6 +46,14 @@ needs_redis = pytest.mark.skipif(
                 "persistent pages lost, all 4 configurations",
             },
         ),
+        (
+            "h",
+            {
+                "Redis bytes per unique page per copy",
+                "one image through 3 brokers",
+                "durable batch 256, ClusterEngine",
+            },
+        ),
     ],
 )
 def test_sections_run_and_write_their_figures(

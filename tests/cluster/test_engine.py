@@ -156,3 +156,67 @@ def _new_key(e, data: bytes) -> int:  # type: ignore[no-untyped-def]
     from broker.cluster.redis_store import with_tail
 
     return with_tail(e._contents.hash(data) | IN_REDIS, data)
+
+
+def test_import_exclusive_gets_and_cluster_figures(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    with engines(redis_cluster.seeds, cluster_namespace, 2) as (a, b):
+        a.add_guest(1, name="g1")
+        pool = a.create_pool(1, "persistent", exclusive_gets=True)
+        a.adopt(1, 1)
+        assert a.restore_pages(1, pool, [(0, i, page(i)) for i in range(5)] + [(1, 0, bytes(4096))])
+        assert a.get(1, pool, 0, 3) == page(3)
+        assert a.get(1, pool, 0, 3) is None  # exclusive: it left, in Redis too
+        b.add_guest(1, name="g1")
+        b.create_pool(1, "persistent", exclusive_gets=True, pool_id=pool)
+        b.adopt(1, 2)
+        assert b.get(1, pool, 0, 3) is None
+        assert b.get(1, pool, 0, 4) == page(4)
+        assert b.get(1, pool, 1, 0) == bytes(4096)
+        aud = audit(b.pages)
+        assert aud.consistent and aud.handles == 3
+        figures = b.cluster_stats()
+        assert figures["state"] == "ok" and len(figures["masters"]) == 3
+        assert all(m["replicas"] == 1 and m["used_memory"] > 0 for m in figures["masters"])
+
+
+def test_cluster_unavailable_is_a_retryable_503() -> None:
+    from broker.api.errors import error_response
+    from broker.cluster.errors import ClusterUnavailable
+
+    response = error_response(ClusterUnavailable("a master is failing over"))
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert b"cluster_unavailable" in bytes(response.body)
+
+
+def test_open_cluster_engine_and_the_collector_thread(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    from types import SimpleNamespace
+
+    from broker.cluster.collector import CollectorThread
+    from broker.cluster.engine import open_cluster_engine
+
+    seeds = ",".join(f"redis://{s}" for s in redis_cluster.seeds[:2])
+    settings = SimpleNamespace(
+        cluster=seeds, capacity_bytes=1 << 20, cluster_namespace=cluster_namespace
+    )
+    e = open_cluster_engine(settings, "host:1")
+    try:
+        assert e.broker_id == "host:1" and e.capacity_bytes == 1 << 20
+        pool = add_guest(e, 1)
+        e.adopt(1, 1)
+        assert e.put(1, pool, 0, 0, page(1)) == STATUS_DONE
+        thread = CollectorThread(e.pages, interval=0.1)
+        thread.start()
+        for _ in range(100):
+            if thread.last is not None:
+                break
+            time.sleep(0.05)
+        thread.stop()
+        assert thread.last is not None and thread.last.contents == 1
+        assert e.get(1, pool, 0, 0) == page(1)
+    finally:
+        e.pages.close()
