@@ -113,10 +113,15 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
     In cluster mode (``settings.cluster``) ``cluster_core`` builds what holds the pages
     (default: :func:`open_cluster_core`, the Redis Cluster engine)."""
     box = ServiceBox()
+    # Two views of one set of figures: the admin token's scrape, and the unauthenticated one,
+    # which leaves out the figures that depend on what guests share (docs/security.md).
     metrics = CollectorRegistry(auto_describe=False)
+    public_metrics = CollectorRegistry(auto_describe=False)
     metrics.register(FiguresCollector(box))
+    public_metrics.register(FiguresCollector(box, public=True))
     request_times = RequestTimes()
     metrics.register(request_times)
+    public_metrics.register(request_times)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -201,6 +206,7 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
     app.state.settings = settings
     app.state.box = box
     app.state.metrics = metrics
+    app.state.public_metrics = public_metrics
     app.state.guest_pages = pages  # front.HotRoutes calls these endpoints directly
     app.state.request_times = request_times  # HotRoutes times with it too
     app.router.routes.extend(pages.routes())

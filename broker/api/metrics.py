@@ -47,13 +47,16 @@ PREFIX = "tmem_"
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
     """One metric family: its exposed name (counters end in ``_total``), Prometheus type,
-    help text, label names, and where its value comes from (``source``, for the docs)."""
+    help text, label names, where its value comes from (``source``, for the docs), and whether
+    it is ``private``: it depends on what guests share, so a scrape without the admin token
+    leaves it out (docs/security.md)."""
 
     name: str
     type: str
     help: str
     labels: tuple[str, ...]
     source: str
+    private: bool = False
 
 
 def _kind(f: Field[Any]) -> str:
@@ -103,7 +106,8 @@ def _specs(
         if kind in _LEAF:
             type_, extra = _LEAF[kind]
             help = meta["help"] + ("; 1 for the current state" if kind == "state" else "")
-            yield MetricSpec(_name(prefix, f), type_, help, labels + extra, where)
+            private = bool(meta.get("private"))
+            yield MetricSpec(_name(prefix, f), type_, help, labels + extra, where, private)
         elif kind == "inline":
             yield from _specs(meta["model"], prefix, labels, source, guest_view)
         elif kind == "nested":
@@ -166,10 +170,12 @@ TABLE = _table()
 Sample = tuple[str, tuple[str, ...], float]
 
 
-def samples(figures: Any, prefix: str = PREFIX, labels: tuple[str, ...] = ()) -> Iterator[Sample]:
+def samples(
+    figures: Any, prefix: str = PREFIX, labels: tuple[str, ...] = (), *, public: bool = False
+) -> Iterator[Sample]:
     """``(metric name, label values, value)`` of every figure in ``figures``, by the rules
-    :data:`TABLE` was derived with."""
-    yield from _samples(figures, prefix, labels, False)
+    :data:`TABLE` was derived with; ``public`` leaves out every private figure."""
+    yield from _samples(figures, prefix, labels, public)
 
 
 def _samples(obj: Any, prefix: str, labels: tuple[str, ...], guest_view: bool) -> Iterator[Sample]:
@@ -219,10 +225,12 @@ _FAMILY: dict[str, Callable[..., Metric]] = {
 
 class FiguresCollector(Collector):
     """Reads the figures at scrape time (O(guests + pools)), so the hot path keeps no
-    Prometheus objects of its own."""
+    Prometheus objects of its own. ``public``: the view of a scrape without the admin token,
+    which leaves out the private figures (those that depend on what guests share)."""
 
-    def __init__(self, box: ServiceBox) -> None:
+    def __init__(self, box: ServiceBox, *, public: bool = False) -> None:
         self._box = box
+        self._public = public
 
     def collect(self) -> Iterator[Metric]:
         service = self._box.service
@@ -231,7 +239,7 @@ class FiguresCollector(Collector):
         families: dict[str, Metric] = {
             spec.name: _FAMILY[spec.type](spec.name, spec.help, labels=list(spec.labels))
             for spec in TABLE
-            if spec.type in _FAMILY
+            if spec.type in _FAMILY and not (self._public and spec.private)
         }
         figures = (
             service.stats(),
@@ -242,7 +250,7 @@ class FiguresCollector(Collector):
             ),
         )
         for one in figures:
-            for name, labels, value in samples(one):
+            for name, labels, value in samples(one, public=self._public):
                 families[name].add_metric(labels, value)  # type: ignore[attr-defined]
         yield from families.values()
 
@@ -341,7 +349,8 @@ def markdown_table() -> str:
     lines = ["| metric | type | labels | what it is |", "|---|---|---|---|"]
     for spec in TABLE:
         labels = ", ".join(f"`{label}`" for label in spec.labels)
-        lines.append(f"| `{spec.name}` | {spec.type} | {labels} | {spec.help} |")
+        help = spec.help + (" **(admin token only)**" if spec.private else "")
+        lines.append(f"| `{spec.name}` | {spec.type} | {labels} | {help} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from broker.api.auth import bearer_token
+from broker.api.deps import get_service
 from broker.api.service import ServiceBox
 from broker.core.figures import as_json
 
@@ -36,9 +38,22 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={401: {"description": "unknown token"}, 403: {"description": "a guest's token"}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text format: the figures of ``/v1/stats`` and request latencies
-    (``docs/metrics.md``)."""
-    registry: CollectorRegistry = request.app.state.metrics
+    (``docs/metrics.md``). Without a token it leaves out the figures that depend on what
+    guests share (``unique_pages``, ``used_bytes``, ``dedup_hits``, ...: a guest could read
+    them to learn whether a neighbour holds a page); with the admin token it has them all."""
+    token = bearer_token(request.scope)
+    registry: CollectorRegistry
+    if token is None:
+        registry = request.app.state.public_metrics
+    else:
+        service = await get_service(request)
+        service.tokens.admin(token)  # 401 unknown, 403 a guest's
+        registry = request.app.state.metrics
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

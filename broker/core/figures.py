@@ -42,7 +42,8 @@ The kinds (``metadata["kind"]``) and what ``/metrics`` makes of each:
 
 ``private`` marks a figure a guest must not see (it depends on other guests' contents): the
 guest's own view leaves it ``None``, and JSON and ``/metrics`` leave out a ``None`` private
-figure (and a ``None`` nested one). The builders (:func:`op_figures` ...) read the core's objects through the small
+figure (and a ``None`` nested one). A ``/metrics`` scrape without the admin token leaves out
+every private figure, the broker-wide ones included (docs/security.md). The builders (:func:`op_figures` ...) read the core's objects through the small
 protocols below, so the core's classes need not know this module.
 """
 
@@ -67,9 +68,9 @@ def counter(help: str, *, metric: str | None = None, private: bool = False) -> A
     return field(metadata={"kind": "counter", "help": help, "metric": metric, "private": private})
 
 
-def gauge(help: str, *, metric: str | None = None) -> Any:
+def gauge(help: str, *, metric: str | None = None, private: bool = False) -> Any:
     """A value that goes up and down (a bool reads 0/1; ``None`` is no sample)."""
-    return field(metadata={"kind": "gauge", "help": help, "metric": metric})
+    return field(metadata={"kind": "gauge", "help": help, "metric": metric, "private": private})
 
 
 def label(help: str) -> Any:
@@ -256,19 +257,24 @@ class BrokerFigures:
     """The whole broker (``Tmem.stats``, the admin's view)."""
 
     capacity_bytes: int = gauge("page storage the broker may use")
-    used_bytes: int = gauge("page storage actually held (each stored content once)")
+    used_bytes: int = gauge("page storage actually held (each stored content once)", private=True)
     charged_bytes: int = gauge("the sum of every page's own stored size (charge), shared or not")
     counted_bytes: int = gauge(
         "page storage counted against capacity: charges in untrusted dedup domains, bytes "
-        "actually held in trusted ones; every capacity decision and the watermarks use this"
+        "actually held in trusted ones; every capacity decision and the watermarks use this",
+        private=True,
     )
     logical_pages: int = gauge("handles holding a page")
-    unique_pages: int = gauge("distinct stored contents (all-zero pages not counted)")
+    unique_pages: int = gauge("distinct stored contents (all-zero pages not counted)", private=True)
     zero_pages: int = gauge("handles holding an all-zero page (no storage)")
     persistent_pages: int = gauge("pages in persistent pools")
     ephemeral_pages: int = gauge("pages in ephemeral pools, shared ones included")
-    dedup_ratio: float = gauge("non-zero logical pages / unique pages (1.0 when empty)")
-    compression_ratio: float = gauge("unique pages x 4096 / used bytes (1.0 when empty)")
+    dedup_ratio: float = gauge(
+        "non-zero logical pages / unique pages (1.0 when empty)", private=True
+    )
+    compression_ratio: float = gauge(
+        "unique pages x 4096 / used bytes (1.0 when empty)", private=True
+    )
     ops: OpFigures = inline(OpFigures, "operation counters of every guest, removed ones included")
     policy_declines: PolicyDeclines = reasons(
         PolicyDeclines, "puts the admission policy declined, by reason"
@@ -281,7 +287,9 @@ class BrokerFigures:
         "the broker's compression mode for guests and domains that set none",
         states=COMPRESS_MODES,
     )
-    compressed_cold: int = counter("stored pages the pressure mode's background pass compressed")
+    compressed_cold: int = counter(
+        "stored pages the pressure mode's background pass compressed", private=True
+    )
     guests: list[GuestFigures] = each(
         GuestFigures, "one entry per guest", prefix="guest_", guest_view=True
     )
@@ -331,7 +339,8 @@ class PressureFigures:
     reclaim_runs: int = counter("policy steps that evicted ephemeral pages")
     reclaimed_pages: int = counter("ephemeral pages the policy steps evicted")
     compressed_pages: int = counter(
-        "cold pages the policy steps compressed (guests in the pressure compression mode)"
+        "cold pages the policy steps compressed (guests in the pressure compression mode)",
+        private=True,
     )
     evicted_notices: int = counter("evicted notices sent to guests")
     steps: int = counter("policy steps taken")

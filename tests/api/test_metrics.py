@@ -49,8 +49,8 @@ def _expected(model: type, prefix: str) -> Iterator[tuple[str, str]]:
 NOT_PER_GUEST = {"tmem_guest_dedup_hits_total"}
 
 
-def _scrape(client: TestClient) -> dict[str, Any]:
-    r = client.get("/metrics")
+def _scrape(client: TestClient, headers: dict[str, str] | None = ADMIN) -> dict[str, Any]:
+    r = client.get("/metrics", headers=headers)
     assert r.status_code == 200
     return {
         (f.name + "_total" if f.type == "counter" else f.name): f

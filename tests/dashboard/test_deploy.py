@@ -16,12 +16,13 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.conftest import page, page_url
+from tests.api.conftest import ADMIN, page, page_url
 from tests.harden.conftest import new_guest, new_pool
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "tmem-alerts.yml"
 RULES_TEST = ROOT / "deploy" / "prometheus" / "tmem-alerts.test.yml"
+SCRAPE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana" / "tmem-broker.json"
 PROMTOOL = shutil.which("promtool")
 
@@ -104,6 +105,23 @@ def test_the_grafana_dashboard_fits_its_grid() -> None:
 
 
 @needs_promtool
+def test_the_scrape_config_checks_and_sends_the_admin_token(tmp_path: Path) -> None:
+    config = yaml.safe_load(SCRAPE.read_text())
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "tmem-broker"  # what TmemBrokerDown selects
+    assert job["authorization"]["type"] == "Bearer"
+    # promtool wants the credentials file to exist: point it at one in tmp_path
+    token = tmp_path / "tmem-admin-token"
+    token.write_text("token\n")
+    job["authorization"]["credentials_file"] = str(token)
+    config["rule_files"] = [str(RULES)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    checked = promtool("check", "config", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@needs_promtool
 def test_every_grafana_query_parses(tmp_path: Path) -> None:
     # promtool parses PromQL only inside rules: each query becomes a recording rule, with
     # Grafana's variables replaced by what they stand for.
@@ -127,7 +145,7 @@ def test_every_metric_named_is_exported(client: TestClient) -> None:
     _, a = new_guest(client, "a", cap_pages=100)  # an unbounded quota has no sample
     pool = new_pool(client, a)
     assert client.put(page_url(pool, 1, 0), content=page(1), headers=a).status_code == 204
-    exposition = client.get("/metrics").text
+    exposition = client.get("/metrics", headers=ADMIN).text  # as deploy/ scrapes it
     samples = {
         sample.name
         for family in text_string_to_metric_families(exposition)

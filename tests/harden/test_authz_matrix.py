@@ -62,7 +62,9 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/redoc"): Row(PUBLIC),
     ("GET", "/healthz"): Row(PUBLIC),
     ("GET", "/readyz"): Row(PUBLIC),
-    ("GET", "/metrics"): Row(PUBLIC),
+    # public without a token (the figures that depend on what guests share left out), all of
+    # them with the admin token; a token that is not the admin's is refused, not ignored
+    ("GET", "/metrics"): Row({**ADMIN_ONLY, "none": 200, "admin": 200}),
     # the dashboard: the page is public (it shows only a sign-in form); its socket takes the
     # admin token as its first message, or as a header checked at the handshake
     ("GET", "/dashboard"): Row(PUBLIC),

@@ -34,6 +34,17 @@ def _seen(r: Any) -> Observation:
     return (r.status_code, r.content, tuple(headers))
 
 
+# Series whose values are times, not figures: they differ between any two runs.
+_TIMED = ("tmem_request_duration_seconds", "tmem_pressure_loop_last_step_age_seconds")
+
+
+def _public_metrics(client: TestClient) -> list[str]:
+    """What anyone (a guest too) reads at ``/metrics`` without a token, timings left out."""
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    return [line for line in r.text.splitlines() if not line.startswith(_TIMED)]
+
+
 def _self(client: TestClient, headers: dict[str, str]) -> Any:
     r = client.get("/v1/self", headers=headers)
     assert r.status_code == 200
@@ -188,6 +199,7 @@ def _a_session(client: TestClient, a: dict[str, str], step: Callable[[], None]) 
     for i in range(A_PAGES):
         seen.append(_seen(client.get(page_url(1, 2, i), headers=a)))
     seen.append(_self(client, a))
+    seen.append(_public_metrics(client))
     return seen
 
 
