@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.errors import NotHome
+from broker.cluster.collector import CollectorThread
 from broker.cluster.errors import Fenced
 from broker.cluster.leases import Home, Lease, LeaseManager, rendezvous
 from broker.core.errors import TmemError, UnknownGuest
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How often the pool's leaked references are collected, by one broker (the first live one by
-# id): a run scans every content and handle map of the namespace (broker/cluster/collector.py)
+# How often each broker collects the pool's leaked references (broker/cluster/collector.py: a
+# run scans every content and handle map of the namespace; two at once are safe)
 COLLECT_EVERY_S = 300.0
 
 # A lease is trusted locally for this share of the lease time after the renewal began: the
@@ -73,9 +74,7 @@ class ClusterControl:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._last_sync = 0.0
-        self._last_collect = time.monotonic()
-        self._collecting: asyncio.Task[None] | None = None
-        self.last_collect: dict[str, Any] | None = None
+        self.collector: CollectorThread | None = None
 
     # the hot path -------------------------------------------------------------------------
 
@@ -184,14 +183,19 @@ class ClusterControl:
         """Register, run a first step, and start the loop."""
         await run_in_threadpool(self.leases.register)
         await self.step()
+        pages = getattr(self.service.core, "pages", None)
+        if pages is not None:
+            self.collector = CollectorThread(pages, interval=COLLECT_EVERY_S)
+            self.collector.start()
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name="tmem-cluster-control")
 
     async def stop(self) -> None:
         """Stop the loop and hand every guest back (released leases are taken at once)."""
         self._stopping.set()
-        if self._collecting is not None:
-            self._collecting.cancel()  # its thread finishes its run; nothing waits for it
+        if self.collector is not None:
+            await run_in_threadpool(self.collector.stop)  # interrupts a run's grace wait
+            self.collector = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -236,38 +240,8 @@ class ClusterControl:
                 await self._adopt(lease)
         await self.step_views()
         await self.sync_guests(force=True)
-        self._maybe_collect()
         self.steps += 1
         self.last_step_error = None
-
-    def _maybe_collect(self) -> None:
-        """Start a collector run when one is due and this broker is the first live one (one
-        collector at a time is the usual case; two at once are safe too, collector.py)."""
-        pages = getattr(self.service.core, "pages", None)
-        if pages is None or self._collecting is not None:
-            return
-        if time.monotonic() - self._last_collect < COLLECT_EVERY_S:
-            return
-        live = sorted(b["broker_id"] for b in self.brokers if b["alive"])
-        if live and live[0] != self.broker_id:
-            return
-        self._last_collect = time.monotonic()
-
-        async def run() -> None:
-            from broker.cluster.collector import Collector
-
-            try:
-                report = await asyncio.to_thread(Collector(pages).collect)
-                self.last_collect = asdict(report)
-                log.info("collector: %s", report)
-            except Exception:
-                log.exception(
-                    "collector run failed; the next one is due in %.0f s", COLLECT_EVERY_S
-                )
-            finally:
-                self._collecting = None
-
-        self._collecting = asyncio.create_task(run(), name="tmem-cluster-collector")
 
     async def step_views(self) -> None:
         """Refresh the views of the homes and the brokers (admin listings, routing)."""
@@ -393,7 +367,11 @@ class ClusterControl:
             "leases_valid_for_s": max(0.0, round(self.valid_until - time.monotonic(), 3)),
             "steps": self.steps,
             "last_step_error": self.last_step_error,
-            "last_collect": self.last_collect,
+            "last_collect": (
+                asdict(self.collector.last)
+                if self.collector is not None and self.collector.last is not None
+                else None
+            ),
         }
 
 
