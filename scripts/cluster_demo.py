@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             s = b["stats"]
             print(
                 f"  {b['broker_id']}: alive={b['alive']} logical_pages={s.get('logical_pages')}"
-                f" guests={len(s.get('guests', []))}"
+                f" puts={s.get('puts')} guests={len(s.get('guests', []))}"
             )
         homes = {g["guest_id"]: g["home_broker"] for g in brokers[0].json("GET", "/v1/guests")}
         print(f"homes: {json.dumps(homes)}")
