@@ -27,14 +27,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from broker.api.errors import NotHome
 from broker.cluster.collector import CollectorThread
-from broker.cluster.errors import Fenced
+from broker.cluster.errors import ClusterUnavailable, Fenced
 from broker.cluster.leases import Home, Lease, LeaseManager, rendezvous
 from broker.core.errors import TmemError, UnknownGuest
 from broker.core.figures import as_json
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from broker.api.service import BrokerService
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # How often each broker collects the pool's leaked references (broker/cluster/collector.py: a
 # run scans every content and handle map of the namespace; two at once are safe)
@@ -107,14 +110,14 @@ class ClusterControl:
         async with self._lock:
             if self.serves(guest_id):
                 return
-            home = await run_in_threadpool(self.leases.home, guest_id)
+            home = await _db(self.leases.home, guest_id)
             if home.broker_id != self.broker_id and home.live and home.url:
                 self._drop(guest_id)  # not ours (any more)
                 self.homes[guest_id] = home
                 raise NotHome(home.url + target, home.broker_id or "")
             # ours (a lease not yet adopted, or one this broker let lapse) or nobody's
             began = time.monotonic()
-            lease = await run_in_threadpool(self.leases.acquire, guest_id)
+            lease = await _db(self.leases.acquire, guest_id)
             if lease is not None and lease.broker_id == self.broker_id:
                 if self.serving.get(guest_id) not in (None, lease.epoch):
                     self._drop(guest_id)  # held under an older epoch: load it afresh
@@ -122,7 +125,7 @@ class ClusterControl:
                 if guest_id in self.serving:
                     self.renewed[guest_id] = self._trust_from(began)
                     return
-            home = await run_in_threadpool(self.leases.home, guest_id)
+            home = await _db(self.leases.home, guest_id)
         if home.url and home.broker_id != self.broker_id:
             raise NotHome(home.url + target, home.broker_id or "")
         raise UnknownGuest(f"guest {guest_id} has no home broker that answers")
@@ -132,7 +135,7 @@ class ClusterControl:
         it and return the redirect to its new home (the caller raises it)."""
         async with self._lock:
             self._drop(guest_id)
-        home = await run_in_threadpool(self.leases.home, guest_id)
+        home = await _db(self.leases.home, guest_id)
         return NotHome((home.url or self.url) + target, home.broker_id or "")
 
     def _trust_from(self, began: float) -> float:
@@ -279,7 +282,7 @@ class ClusterControl:
     async def learn_token(self, token_hash: bytes) -> int | None:
         """The guest of a token this broker does not know yet (created through another
         broker since the last sync), installed here; None: no such guest."""
-        record = await run_in_threadpool(self.service.repo.guest_by_token_hash, token_hash)
+        record = await _db(self.service.repo.guest_by_token_hash, token_hash)
         if record is None:
             return None
         async with self._lock:
@@ -294,7 +297,7 @@ class ClusterControl:
         live = await run_in_threadpool(self.leases.live_brokers)
         target = rendezvous(guest_id, live or [self.broker_id]) or self.broker_id
         if target == self.broker_id:
-            lease = await run_in_threadpool(self.leases.acquire, guest_id)
+            lease = await _db(self.leases.acquire, guest_id)
             if lease is not None:
                 async with self._lock:
                     await self._adopt(lease)
@@ -310,7 +313,7 @@ class ClusterControl:
                 await self._adopt(lease)
             else:
                 self._drop(guest_id)
-            self.homes[guest_id] = await run_in_threadpool(self.leases.home, guest_id)
+            self.homes[guest_id] = await _db(self.leases.home, guest_id)
         return lease
 
     # views --------------------------------------------------------------------------------
@@ -373,6 +376,18 @@ class ClusterControl:
                 else None
             ),
         }
+
+
+async def _db(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` (a PostgreSQL call) off the event loop, for a guest's request: the
+    database away (restarting) is a 503 ``cluster_unavailable`` with ``Retry-After`` (nothing
+    was done), never a 500."""
+    try:
+        return await run_in_threadpool(fn, *args)
+    except SQLAlchemyError as exc:
+        raise ClusterUnavailable(
+            f"the cluster's database did not answer: {exc.__class__.__name__}"
+        ) from exc
 
 
 class EngineJournal:

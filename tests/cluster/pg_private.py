@@ -60,6 +60,13 @@ class PrivatePostgres:
         self._run(str(BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
         self._ctl("start")
 
+    def pause(self) -> None:
+        """Stop the server (its data stays); :meth:`resume` starts it again."""
+        self._ctl("stop", "-m", "fast")
+
+    def resume(self) -> None:
+        self._ctl("start")
+
     def restart(self) -> None:
         self._ctl("restart", "-m", "fast")
 

@@ -12,6 +12,8 @@ persistent page reads back byte-exact through every live broker.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import time
@@ -153,7 +155,25 @@ def test_restart_postgresql_under_load(tmp_path: Path, redis_cluster: RedisClust
             n = _put_until(client, pool, written, n, 100)
         assert len(written) >= 150  # most puts were acknowledged across the restart
         brokers.audit(token, pool, written)
-        # the control plane works again: an admin move succeeds
+        # PostgreSQL away: a broker that must ask it where the guest lives answers 503
+        # cluster_unavailable (retry later), never a 500 and never a guess
         home = brokers.wait_home(gid)
+        away = brokers[1] if home == "b0" else brokers[0]
+        pg.pause()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", away.port, timeout=30)
+            conn.request(
+                "GET",
+                f"/v1/pools/{pool}/objects/1/pages/0",
+                headers={"Authorization": f"Bearer {token}", "X-Tmem-Redirected": "1"},
+            )
+            answer = conn.getresponse()
+            body = answer.read()
+            conn.close()
+            assert answer.status == 503, body[:300]
+            assert json.loads(body)["error"]["code"] == "cluster_unavailable"
+        finally:
+            pg.resume()
+        # the control plane works again: an admin move succeeds
         target = "b1" if home == "b0" else "b0"
         assert brokers[0].json("POST", f"/v1/guests/{gid}/home", {"broker": target})
