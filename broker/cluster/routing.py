@@ -90,14 +90,15 @@ async def handle_fenced(request: Request, exc: Any) -> Response:
 
 
 # /v1/guests/{id} and its per-guest actions: the home broker changes the guest's core state
-_ADMIN_GUEST = re.compile(r"^/v1/guests/(\d{1,10})(?:/(freeze|thaw|flush|export))?$")
+_ADMIN_GUEST = re.compile(r"^/v1/guests/(\d{1,10})(?:/(freeze|thaw|flush|export|pools))?$")
 
 
 class AdminHomeRedirect:
     """ASGI middleware (cluster mode): an admin's change of one guest (PATCH or DELETE of
-    ``/v1/guests/{id}``, freeze, thaw, flush, export) made at a broker that is not the guest's
-    home is redirected there, where the guest's state lives. Reads (``GET /v1/guests/{id}``)
-    are answered by any broker from SQL and the home's published figures."""
+    ``/v1/guests/{id}``, freeze, thaw, flush, export) or a read of its pools' figures made at a
+    broker that is not the guest's home is redirected there, where the guest's state lives.
+    ``GET /v1/guests/{id}`` is answered by any broker from SQL and the home's published
+    figures."""
 
     def __init__(self, app: ASGIApp, box: ServiceBox) -> None:
         self.app = app
@@ -109,7 +110,7 @@ class AdminHomeRedirect:
             await self.app(scope, receive, send)
             return
         match = _ADMIN_GUEST.match(scope["path"])
-        if match is None or (scope["method"] == "GET" and match.group(2) != "export"):
+        if match is None or (scope["method"] == "GET" and match.group(2) is None):
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope)

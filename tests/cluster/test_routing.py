@@ -104,6 +104,9 @@ def test_the_other_broker_redirects_to_the_home(brokers: dict[str, TestClient]) 
     assert r.status_code == 307 and r.headers["location"] == f"http://{home}.test/v1/self"
     r = o.post(f"/v1/guests/{gid}/freeze", headers=ADMIN, follow_redirects=False)
     assert r.status_code == 307
+    r = o.get(f"/v1/guests/{gid}/pools", headers=ADMIN, follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"].endswith(f"/v1/guests/{gid}/pools")
+    assert h.get(f"/v1/guests/{gid}/pools", headers=ADMIN).status_code == 200
     shown = o.get(f"/v1/guests/{gid}", headers=ADMIN).json()
     assert shown["home_broker"] == home and shown["home_url"] == f"http://{home}.test"
     # the page is still at the home (nothing the other broker did touched it)
