@@ -8,7 +8,10 @@
         r.set("k", page)
     with redis_server(tmp, "always") as r:                     # appendonly yes, appendfsync always
         ...
+    with plain_client(r) as rp:                                # the same server, no hiredis
+        rp.get("k")
     with nbdkit_memory("256MiB") as uri:                       # "nbd://127.0.0.1:PORT"
+    with nbdkit_memory("256MiB", unix=tmp / "k.sock") as uri:  # "nbd+unix:///?socket=..."
         ...
     rss_bytes(pid); summary(latencies_us); machine()
 
@@ -30,6 +33,9 @@ from typing import Any
 from unittest.mock import patch
 
 import redis
+from redis._parsers import _RESP2Parser
+from redis.connection import DefaultParser
+from redis.utils import HIREDIS_AVAILABLE
 
 from tests.e2e.brokerproc import BrokerProcess, dies_with_us, free_port
 
@@ -37,8 +43,10 @@ __all__ = [
     "BrokerProcess",
     "broker_process",
     "free_port",
+    "hiredis_in_use",
     "machine",
     "nbdkit_memory",
+    "plain_client",
     "redis_server",
     "rss_bytes",
     "summary",
@@ -120,19 +128,49 @@ def redis_server(tmp: Path, mode: str = "off") -> Iterator[redis.Redis]:
 
 
 @contextmanager
-def nbdkit_memory(size: str) -> Iterator[str]:
-    """``nbdkit memory SIZE`` (the reference NBD server) on a free port; yields its URI."""
+def plain_client(r: redis.Redis) -> Iterator[redis.Redis]:
+    """A second client of ``r``'s server that parses replies with redis-py's pure-Python
+    parser (what redis-py does without ``hiredis`` installed)."""
+    kwargs = r.connection_pool.connection_kwargs
+    pool = redis.ConnectionPool(
+        host=kwargs.get("host", "localhost"), port=kwargs["port"], parser_class=_RESP2Parser
+    )
+    client = redis.Redis(connection_pool=pool)
+    try:
+        client.ping()
+        yield client
+    finally:
+        client.close()
+        pool.disconnect()
+
+
+def hiredis_in_use() -> bool:
+    """Whether redis-py's default parser is hiredis (``redis[hiredis]`` installed)."""
+    return bool(HIREDIS_AVAILABLE) and DefaultParser.__name__ == "_HiredisParser"
+
+
+@contextmanager
+def nbdkit_memory(size: str, *, unix: Path | None = None) -> Iterator[str]:
+    """``nbdkit memory SIZE`` (the reference NBD server) on a free port, or on the Unix socket
+    ``unix``; yields its URI."""
     port = free_port()
+    where = ["-U", str(unix)] if unix is not None else ["-i", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(
-        dies_with_us(
-            ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", size.replace("iB", "")]
-        ),
+        dies_with_us(["nbdkit", "-f", *where, "memory", size.replace("iB", "")]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_port(port)
-        yield f"nbd://127.0.0.1:{port}"
+        if unix is not None:
+            deadline = time.monotonic() + 30
+            while not unix.is_socket():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nbdkit did not listen on {unix}")
+                time.sleep(0.05)
+            yield f"nbd+unix:///?socket={unix}"
+        else:
+            wait_port(port)
+            yield f"nbd://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
 
-from broker.api import admin, dashboard, exports, guest_control, ops, pools
+from broker.api import admin, dashboard, exports, guest_control, nbd_exports, ops, pools
 from broker.api.auth import TokenRegistry, load_or_create_admin_token
 from broker.api.body import JsonBodyLimit
 from broker.api.errors import exception_handlers
@@ -54,6 +54,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     guest_control.router,
     pools.router,
     exports.router,
+    nbd_exports.router,
     ops.router,
     dashboard.router,
 )
@@ -176,9 +177,16 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
         await service.pressure_loop.start()
+        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
+        nbd = (
+            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
+        )
+        app.state.nbd_exports = nbd
         try:
             yield
         finally:
+            if nbd is not None:
+                await nbd.close()
             if service.cluster is not None:
                 await service.cluster.stop()  # hands its guests over at once
             await service.pressure_loop.stop()
@@ -208,6 +216,7 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
     app.state.metrics = metrics
     app.state.public_metrics = public_metrics
     app.state.guest_pages = pages  # front.HotRoutes calls these endpoints directly
+    app.state.nbd_exports = None  # the lifespan's NbdExports with --nbd-dir
     app.state.request_times = request_times  # HotRoutes times with it too
     app.router.routes.extend(pages.routes())
     for router in ROUTERS:

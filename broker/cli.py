@@ -2,7 +2,7 @@
 
 ::
 
-    tmem-broker serve [--host 127.0.0.1] [--port 8470] [--uds PATH] [--data-dir ./var]
+    tmem-broker serve [--host 127.0.0.1] [--port 8470] [--uds PATH] [--nbd-dir DIR] [--data-dir ./var]
                       [--capacity 1GiB|auto] [--compress never|always|pressure]
                       [--host-watch] [--database-url URL] [--durability sync|none]
                       [--admin-token T]
@@ -68,6 +68,10 @@ def serve(
         Path | None,
         typer.Option(help="also listen on this Unix socket (agents: --broker unix:PATH)"),
     ] = None,
+    nbd_dir: Annotated[
+        Path | None,
+        typer.Option(help="serve guests' NBD exports on Unix sockets in this dir (mode 0700)"),
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="SQLite, journal, admin token [./var]")
     ] = None,
@@ -121,6 +125,7 @@ def serve(
         host=host,
         port=port,
         uds=uds,
+        nbd_dir=nbd_dir,
         data_dir=data_dir,
         capacity=capacity,
         compress=compress,

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     port: Annotated[int, Field(ge=0, le=65535)] = 8470
     # also listen on this Unix domain socket (agents on the same host: ``unix:PATH``)
     uds: Path | None = None
+    # serve NBD exports from the broker on Unix sockets in this directory (mode 0700; guests
+    # create them with PUT /v1/self/nbd/{name}: docs/nbd.md, "Exports served by the broker")
+    nbd_dir: Path | None = None
     data_dir: Path = Path("./var")
     # page storage: a size, or "auto" (sized from the host: docs/pressure.md, "Host-aware
     # capacity"; resolved when the settings are made, an unreadable host is an error then)

@@ -450,6 +450,16 @@ class _Reader:
             return data
         return self._sock.recv(n)
 
+    def iter_exact(self, n: int, size: int, what: str) -> Iterator[bytes]:
+        """Exactly ``n`` bytes in pieces of at most ``size``; a stream that ends first raises
+        ``ConnectionResetError`` naming ``what`` was cut short."""
+        while n:
+            piece = self.read_some(min(n, size))
+            if not piece:
+                raise ConnectionResetError(f"connection closed inside {what}")
+            n -= len(piece)
+            yield piece
+
     def read_chunked(self) -> bytes:
         parts: list[bytes] = []
         while True:
@@ -518,24 +528,13 @@ class StreamedResponse:
                         raise ProtocolError(f"bad chunk size line {line[:40]!r}") from exc
                     if left == 0:
                         break
-                    while left:
-                        piece = rfile.read_some(min(left, size))
-                        if not piece:
-                            raise ConnectionResetError("connection closed inside a chunk")
-                        left -= len(piece)
-                        yield piece
+                    yield from rfile.iter_exact(left, size, "a chunk")
                     rfile.read_exact(2)
             elif self._length is None:
                 while piece := rfile.read_some(size):
                     yield piece
             else:
-                left = self._length
-                while left:
-                    piece = rfile.read_some(min(left, size))
-                    if not piece:
-                        raise ConnectionResetError("connection closed inside the body")
-                    left -= len(piece)
-                    yield piece
+                yield from rfile.iter_exact(self._length, size, "the body")
         except OSError as exc:
             raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
         finally:

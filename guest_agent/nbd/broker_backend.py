@@ -57,6 +57,7 @@ from typing import Literal, Protocol, TypeVar
 
 from guest_agent.errors import TmemClientError
 from guest_agent.nbd.backend import BLOCK_SIZE
+from guest_agent.nbd.dispatcher import NOT_NOW
 from guest_agent.nbd.errors import BackendError
 from guest_agent.placement import TRANSIENT, Placement, RetryPolicy, aretry
 
@@ -182,6 +183,61 @@ class BrokerBackend:
             self.stats["broker_reads"] += len(at_broker)
         return out
 
+    def read_block_now(self, block: int) -> object:
+        """One block's content without waiting, or :data:`~guest_agent.nbd.dispatcher.NOT_NOW`
+        (the dispatcher's ``read_now``): only when the client can answer a get synchronously
+        (``get_now``: the broker's own exports, whose client is the core in-process). Anything
+        unusual (the broker not ready, an error, a missing page) is left to the normal path,
+        which retries or fails the read as it does."""
+        where = self.location[block]
+        if where == NOWHERE:
+            return None
+        if where == FALLBACK:
+            try:
+                return self._read_fallback(block)
+            except (OSError, BackendError):
+                return NOT_NOW
+        get_now = getattr(self.client, "get_now", None)
+        if get_now is None:
+            return NOT_NOW
+        try:
+            page = get_now(self.pool_id, *block_handle(block))
+        except Exception:
+            return NOT_NOW
+        if page is None or page is NOT_NOW:
+            return NOT_NOW
+        self.stats["broker_reads"] += 1
+        return page
+
+    def write_block_now(self, block: int, data: bytes) -> bool:
+        """Store one block without waiting (the dispatcher's ``write_now``), when the client
+        can put synchronously (``put_now``: the broker's own exports, only while their broker
+        has no journal to wait for) and no stale copy or paused offer needs the normal path.
+        ``False``: nothing was done; the caller queues the write."""
+        put_now = getattr(self.client, "put_now", None)
+        placement = self.placement
+        if put_now is None or placement.stale or not placement.may_offer():
+            return False
+        try:
+            stored = put_now(self.pool_id, *block_handle(block), data)
+        except Exception:
+            return False  # the round's write offers it again (a put replaces)
+        if stored is NOT_NOW:
+            return False
+        if stored:
+            self.location[block] = BROKER
+            self.stats["broker_puts"] += 1
+            return True
+        # declined: nothing is left at the handle (contract); the file holds the only copy
+        try:
+            self._write_fallback(block, data)
+        except BackendError:
+            return False  # queued now, the round's write reports the failure
+        self.location[block] = FALLBACK
+        placement.note_declines([False])
+        self.stats["fallback_writes"] += 1
+        return True
+
     async def write_blocks(self, writes: Sequence[tuple[int, bytes]]) -> None:
         placement = self.placement
         location = self.location
@@ -249,6 +305,9 @@ class BrokerBackend:
                 self.stats["broker_flushes"] += len(at_broker)
 
     async def flush(self) -> None:
+        barrier = getattr(self.client, "barrier", None)
+        if barrier is not None:  # writes stored at once (write_block_now) wait here
+            await barrier()
         if self._fallback_dirty:
             self._fallback_dirty = False
             try:

@@ -26,6 +26,11 @@ round in flight, whose writes may already be acknowledged, so the flush covers t
 that fails after its writes were acknowledged makes reads of those blocks fail (until they are
 rewritten) and the next FLUSH report the error. Work that must see the export quiet (a shed
 moving blocks between places) goes through :meth:`Dispatcher.exclusive`.
+
+Queue depth 1 skips the rounds where the backend allows it: with nothing queued or in flight,
+:meth:`Dispatcher.read_now` and :meth:`Dispatcher.write_now` serve a one-block request at once
+from a backend with ``read_block_now`` / ``write_block_now`` (the broker's own exports, whose
+block store is the core in the same process); ordering holds because nothing else is pending.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ EXCLUSIVE = 5
 
 _T = TypeVar("_T")
 _NO_BLOCKS = range(0)
+
+NOT_NOW = object()
+"""What a backend's ``read_block_now(block)`` answers when it cannot read the block without
+waiting (the dispatcher then queues the read); otherwise it answers the block's bytes, or
+``None`` for a block that holds nothing."""
 
 
 Completion = Callable[["BlockRequest", "bytes | None", "BaseException | None"], None]
@@ -182,6 +192,16 @@ class Dispatcher:
         self.requests = 0
         self.largest_round = 0
         self.most_inflight = 0
+        self.reads_now = 0  # reads answered by read_now, outside any round
+        self.writes_now = 0  # writes stored by write_now
+        self._exclusive_running = False
+        # a backend that can answer a block read synchronously (the broker's own exports)
+        self._read_block_now: Callable[[int], object] | None = getattr(
+            backend, "read_block_now", None
+        )
+        self._write_block_now: Callable[[int, bytes], bool] | None = getattr(
+            backend, "write_block_now", None
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -210,6 +230,65 @@ class Dispatcher:
         self._pending_blocks += len(request.blocks)
         self._pending_reads += request.kind == READ
         self._wake.set()
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """Answer a one-block read at once, without a round, when nothing is queued or in
+        flight (so every acknowledged write is stored and no block is moving) and the backend
+        can read a block synchronously (``read_block_now``: the broker's own exports, whose
+        core calls do not wait). ``None``: queue the request as usual.
+
+        Why: at queue depth 1 a read is what a swapping guest waits for; a round costs a
+        dispatcher wake-up, a task and the round's bookkeeping for one block (the broker's
+        export: ~84 µs of CPU per read at QD 1 through rounds on this machine)."""
+        fn = self._read_block_now
+        if (
+            fn is None
+            or length != BLOCK_SIZE
+            or offset % BLOCK_SIZE
+            or self._pending
+            or self._exclusive_running
+            or self._stopping
+        ):
+            return None
+        if self._inflight:
+            self._reap()
+            if self._inflight:
+                return None
+        block = offset // BLOCK_SIZE
+        if block in self._lost:
+            return None  # the round reports the lost write
+        content = fn(block)
+        if content is NOT_NOW:
+            return None
+        self.reads_now += 1
+        self.requests += 1
+        return content if isinstance(content, bytes) else ZERO_BLOCK
+
+    def write_now(self, offset: int, data: bytes) -> bool:
+        """Store a one-block write (no FUA) at once, outside any round, under the same
+        conditions as :meth:`read_now`, when the backend can (``write_block_now``: the broker's
+        own exports without a journal to wait for). ``False``: queue the request as usual.
+        An all-zero block goes through a round (which stores it as nothing)."""
+        fn = self._write_block_now
+        if (
+            fn is None
+            or len(data) != BLOCK_SIZE
+            or offset % BLOCK_SIZE
+            or self._pending
+            or self._exclusive_running
+            or self._stopping
+        ):
+            return False
+        if self._inflight:
+            self._reap()
+            if self._inflight:
+                return False
+        block = offset // BLOCK_SIZE
+        if block in self._lost or data == ZERO_BLOCK or not fn(block, data):
+            return False
+        self.writes_now += 1
+        self.requests += 1
+        return True
 
     async def read(self, offset: int, length: int) -> bytes:
         data = await self.submit(BlockRequest(READ, offset, length))
@@ -266,12 +345,15 @@ class Dispatcher:
                 request = self._pending.popleft()
                 await self._drain()
                 assert request.action is not None
+                self._exclusive_running = True  # no read_now while blocks may move
                 try:
                     await request.action()
                 except Exception as exc:
                     request.fail(exc)
                 else:
                     request.resolve(None)
+                finally:
+                    self._exclusive_running = False
                 self._replied()
                 continue
             batch: list[BlockRequest] = []

@@ -244,6 +244,8 @@ class NbdServer:
         reply = conn.reply
         on_done = conn.on_done
         enqueue = self.dispatcher.enqueue
+        read_now = self.dispatcher.read_now
+        write_now = self.dispatcher.write_now
         unpack_from = p.REQUEST.unpack_from
         head = p.REQUEST.size
         buf = bytearray()
@@ -252,6 +254,8 @@ class NbdServer:
             if len(buf) - pos < head:
                 del buf[:pos]
                 pos = 0
+                if conn.corked:  # replies answered while parsing (read_now) leave now
+                    conn.uncork()
                 if transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
                     await writer.drain()
                 chunk = await reader.read(_READ_CHUNK)
@@ -296,8 +300,16 @@ class NbdServer:
                 continue
             fua = bool(flags & p.CMD_FLAG_FUA)
             if kind == p.CMD_READ:
+                data = read_now(offset, length)  # one block, nothing else in flight
+                if data is not None:
+                    reply(handle, 0, data)
+                    continue
                 request = BlockRequest(READ, offset, length, None, False, on_done, handle)
             elif kind == p.CMD_WRITE:
+                assert payload is not None
+                if not fua and write_now(offset, payload):  # stored at once, as read_now
+                    reply(handle, 0)
+                    continue
                 request = BlockRequest(WRITE, offset, length, payload, fua, on_done, handle)
             elif kind == p.CMD_WRITE_ZEROES:
                 request = BlockRequest(ZERO, offset, length, None, fua, on_done, handle)

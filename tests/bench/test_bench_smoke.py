@@ -84,16 +84,32 @@ def test_nbd_section_runs(tmp_path: Path) -> None:
     done = run_all(tmp_path, "--quick", "--only", "d")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
-    assert {r["measure"] for r in rows} == {
-        f"fio 4k {rw} qd{d} ({path})"
-        for rw in ("randwrite", "randread")
-        for d in (1, 32)
-        for path in ("unix socket", "tcp")
-    }
+    paths = ("broker export, unix socket", "agent on the broker's unix socket", "agent over tcp")
+    iops = {f"fio 4k {rw} qd{d} ({path})" for rw in ("randwrite", "randread") for d in (1, 32)
+            for path in paths}  # fmt: skip
+    p99 = {f"fio 4k {rw} qd1 p99 latency ({path})" for rw in ("randwrite", "randread")
+           for path in paths}  # fmt: skip
+    assert {r["measure"] for r in rows} == iops | p99
     aims = {r["measure"]: r["aim"] for r in rows}
-    assert aims["fio 4k randread qd32 (unix socket)"] == ">= 0.5x"
-    assert aims["fio 4k randread qd32 (tcp)"] == ""
+    assert aims["fio 4k randread qd32 (broker export, unix socket)"] == ">= 0.8x"
+    assert aims["fio 4k randread qd1 (broker export, unix socket)"] == ">= 0.5x"
+    assert aims["fio 4k randread qd32 (agent over tcp)"] == ""
+    against = {r["measure"]: r["baseline_name"] for r in rows}
+    assert against["fio 4k randread qd1 (broker export, unix socket)"] == "nbdkit memory (unix)"
+    assert against["fio 4k randread qd1 (agent over tcp)"] == "nbdkit memory (tcp)"
     assert all(r["broker"] > 0 and r["baseline"] > 0 for r in rows)
+
+
+def test_a_and_b_compare_with_hiredis_and_plain_redis_py(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    done = run_all(tmp_path, "--quick", "--only", "b")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["machine"]["hiredis"] is True  # redis[hiredis] is in the test extras
+    against = {(r["measure"], r["baseline_name"]): r["aim"] for r in report["rows"]}
+    assert against[("get_many 256 pages", "redis-py+hiredis MGET")] == ">= 1x"
+    assert against[("get_many 256 pages", "plain redis-py MGET")] == ""
 
 
 def test_unknown_section_is_refused(tmp_path: Path) -> None:

@@ -51,6 +51,8 @@ def test_persistent_pages_live_in_redis_and_survive_the_engine(
             a.put(1, pool, 7, 0, page(4))
         assert a.fenced(1)
         assert not b.fenced(1)
+        with pytest.raises(Fenced):  # a lower epoch never takes the guest back
+            a.adopt(1, 1)
         assert b.get(1, pool, 7, 0) is None
         assert audit(a.pages).consistent
 

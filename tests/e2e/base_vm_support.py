@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.e2e.brokerproc import dies_with_us
-from tests.e2e.vm_support import BUILD_VM, CACHE, qemu_command
+from tests.e2e.vm_support import pack_initramfs, qemu_command
 
 APPLETS = ("find", "sort", "sha256sum", "wc", "sed", "cut", "umount", "mkdir", "sync", "cat")
 
@@ -113,18 +113,7 @@ def build_reader_initramfs(work: Path) -> tuple[Path, Path]:
         link = extra / "bin" / applet
         if not link.is_symlink():
             link.symlink_to("busybox")
-    init = extra / "init"
-    init.write_text(INIT)
-    init.chmod(0o755)
-    initramfs = work / "initramfs.cpio.gz"
-    done = subprocess.run(
-        ["bash", str(BUILD_VM), str(CACHE), str(initramfs), str(extra)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return Path(done.stdout.strip().splitlines()[-1]), initramfs
+    return pack_initramfs(work, extra, INIT)
 
 
 def vm_command(kernel: Path, initramfs: Path, uri: str, *, vm_id: int, accel: str) -> list[str]:

@@ -66,24 +66,31 @@ class UdsBrokerProcess(BrokerProcess):
     (``tmem-broker serve --uds``, given here as ``TMEM_UDS``); agents reach it at
     :attr:`unix_url`."""
 
-    def __init__(self, data_dir: Path, *, uds: Path, **kwargs: Any) -> None:
+    def __init__(
+        self, data_dir: Path, *, uds: Path, nbd_dir: Path | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(data_dir, **kwargs)
         self.uds = uds
+        self.nbd_dir = nbd_dir  # --nbd-dir: the broker serves exports itself (TMEM_NBD_DIR)
 
     @property
     def unix_url(self) -> str:
         return f"unix:{self.uds}"
 
     def start(self, timeout: float = 60.0) -> None:
-        saved = os.environ.get("TMEM_UDS")
-        os.environ["TMEM_UDS"] = str(self.uds)  # the child inherits it at Popen
+        env = {"TMEM_UDS": str(self.uds)}
+        if self.nbd_dir is not None:
+            env["TMEM_NBD_DIR"] = str(self.nbd_dir)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the child inherits them at Popen
         try:
             super().start(timeout)
         finally:
-            if saved is None:
-                del os.environ["TMEM_UDS"]
-            else:
-                os.environ["TMEM_UDS"] = saved
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
         deadline = time.monotonic() + timeout
         while True:  # both listeners start together; make sure of the second one too
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:

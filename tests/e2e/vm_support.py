@@ -72,9 +72,16 @@ def build_initramfs(work: Path, *, mib: int) -> tuple[Path, Path]:
         check=True,
         capture_output=True,
     )
-    init = extra / "init"
-    init.write_text(INIT.replace("{mib}", str(mib)))
-    init.chmod(0o755)
+    return pack_initramfs(work, extra, INIT.replace("{mib}", str(mib)))
+
+
+def pack_initramfs(work: Path, extra: Path, init: str) -> tuple[Path, Path]:
+    """Write ``init`` as ``extra/init``, then let ``scripts/build-vm.sh`` fetch the kernel
+    (once) and pack busybox, the virtio modules and ``extra`` into ``work/initramfs.cpio.gz``;
+    returns (kernel, initramfs)."""
+    script = extra / "init"
+    script.write_text(init)
+    script.chmod(0o755)
     initramfs = work / "initramfs.cpio.gz"
     done = subprocess.run(
         ["bash", str(BUILD_VM), str(CACHE), str(initramfs), str(extra)],
@@ -83,8 +90,7 @@ def build_initramfs(work: Path, *, mib: int) -> tuple[Path, Path]:
         text=True,
         timeout=600,
     )
-    kernel = Path(done.stdout.strip().splitlines()[-1])
-    return kernel, initramfs
+    return Path(done.stdout.strip().splitlines()[-1]), initramfs
 
 
 def qemu_command(

@@ -100,6 +100,9 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/self/pressure"): guest_row(204, body={"psi_some_avg10": 1.0}),
     ("PUT", "/v1/self/exports/{name}"): guest_row(204, body={"base_reads": 1}),
     ("GET", "/v1/self/exports"): guest_row(200),
+    # the broker's own NBD exports: this broker runs without --nbd-dir (tests/e2e has them)
+    ("PUT", "/v1/self/nbd/{name}"): guest_row(404, body={"size": 4096}),
+    ("DELETE", "/v1/self/nbd/{name}"): guest_row(404),
     ("GET", "/v1/notices"): guest_row(200),
     # B has no notice 1: its own namespace, not A's.
     ("POST", "/v1/notices/{seq}/ack"): guest_row(204, 404, body={"pages_returned": 0}),

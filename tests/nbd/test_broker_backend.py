@@ -20,7 +20,7 @@ from guest_agent.nbd.broker_backend import (
     BrokerBackend,
     block_handle,
 )
-from guest_agent.nbd.dispatcher import Dispatcher
+from guest_agent.nbd.dispatcher import NOT_NOW, Dispatcher
 from guest_agent.nbd.errors import BackendError
 
 pytestmark = pytest.mark.timeout(30)
@@ -304,4 +304,64 @@ async def test_discard_gives_fallback_file_space_back(tmp_path: Path) -> None:
     if backend.stats["fallback_punched"]:  # the filesystem punches holes (tmpfs, ext4, xfs)
         assert path.stat().st_blocks < before
     assert await backend.read_blocks([15, 16, 48]) == [page(9), None, page(9)]
+    await backend.close()
+
+
+class NowClient(FakeClient):
+    """A client that can answer a get at once (the broker's own exports' ``CorePages``)."""
+
+    barriers = 0
+
+    def get_now(self, pool_id: int, oid: int, index: int) -> object:
+        if self.down:
+            raise ConnectionError("broker down")
+        return self.pages.get((oid, index))
+
+    def put_now(self, pool_id: int, oid: int, index: int, data: bytes) -> object:
+        if self.down:
+            raise ConnectionError("broker down")
+        if self.cap is not None and len(self.pages) >= self.cap and (oid, index) not in self.pages:
+            self.pages.pop((oid, index), None)
+            return False
+        self.pages[(oid, index)] = data
+        return True
+
+    async def barrier(self) -> None:
+        self.barriers += 1
+
+
+async def test_read_block_now_from_each_place_or_not_now(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    plain = await make(tmp_path / "a", FakeClient())
+    await plain.write_blocks([(1, page(1))])
+    assert plain.read_block_now(0) is None  # nowhere: zeros, no I/O
+    assert plain.read_block_now(1) is NOT_NOW  # an HTTP client cannot answer at once
+    await plain.close()
+
+    client = NowClient(cap=1)
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(1, page(1)), (2, page(2))])
+    assert [backend.location[1], backend.location[2]] == [BROKER, FALLBACK]
+    assert backend.read_block_now(1) == page(1)
+    assert backend.read_block_now(2) == page(2)  # from the fallback file
+    client.down = True
+    assert backend.read_block_now(1) is NOT_NOW  # the normal path retries
+    client.down = False
+    client.pages.clear()  # a page the broker lost: the normal path fails the read
+    assert backend.read_block_now(1) is NOT_NOW
+    await backend.close()
+
+
+async def test_write_block_now_stores_declines_to_the_file_and_flush_waits(tmp_path: Path) -> None:
+    client = NowClient(cap=1)
+    backend = await make(tmp_path, client)
+    assert backend.write_block_now(1, page(1))
+    assert backend.write_block_now(2, page(2))  # declined: into the fallback file
+    assert [backend.location[1], backend.location[2]] == [BROKER, FALLBACK]
+    assert await backend.read_blocks([1, 2]) == [page(1), page(2)]
+    client.down = True
+    assert not backend.write_block_now(3, page(3))  # left to the round
+    assert backend.location[3] == NOWHERE
+    await backend.flush()
+    assert client.barriers == 1
     await backend.close()

@@ -310,3 +310,71 @@ async def test_out_of_order_completion_keeps_per_block_order(seed: int) -> None:
     assert await dispatcher.read(0, size) == model
     assert dispatcher.most_inflight > 1
     await dispatcher.stop()
+
+
+class NowBackend(SlowBackend):
+    """Answers one block at once when asked (as the broker's own exports do)."""
+
+    def read_block_now(self, block: int) -> object:
+        return self.blocks.get(block)
+
+    def write_block_now(self, block: int, data: bytes) -> bool:
+        self.blocks[block] = data
+        return True
+
+
+async def test_read_and_write_now_only_when_idle_and_never_stale() -> None:
+    backend = NowBackend()
+    dispatcher = Dispatcher(backend, max_round_blocks=8)
+    dispatcher.start()
+    size = 16 * BLOCK_SIZE
+    model = bytearray(size)
+    rng = random.Random(11)
+    pending: list[tuple[asyncio.Future[bytes | None], bytes | None]] = []
+    for step in range(600):
+        block = rng.randrange(16)
+        offset = block * BLOCK_SIZE
+        if rng.random() < 0.5:
+            data = rng.randbytes(BLOCK_SIZE)
+            if not (rng.random() < 0.5 and dispatcher.write_now(offset, data)):
+                request = BlockRequest(WRITE, offset, BLOCK_SIZE, data)
+                pending.append((dispatcher.submit(request), None))
+            model[offset : offset + BLOCK_SIZE] = data
+        else:
+            expected = bytes(model[offset : offset + BLOCK_SIZE])
+            now = dispatcher.read_now(offset, BLOCK_SIZE)
+            if now is not None:
+                assert now == expected, step
+            else:
+                pending.append(
+                    (dispatcher.submit(BlockRequest(READ, offset, BLOCK_SIZE)), expected)
+                )
+        if rng.random() < 0.2:
+            await asyncio.sleep(0.003 if rng.random() < 0.3 else 0)
+    for fut, expected in pending:
+        assert await fut == expected
+    assert dispatcher.reads_now > 0 and dispatcher.writes_now > 0  # idle moments, used
+    await asyncio.sleep(0.01)
+    before = dispatcher.reads_now
+    assert dispatcher.read_now(0, BLOCK_SIZE) == bytes(model[:BLOCK_SIZE])  # idle: at once
+    assert dispatcher.read_now(1, BLOCK_SIZE) is None  # unaligned: a round
+    assert dispatcher.read_now(0, 2 * BLOCK_SIZE) is None  # two blocks: a round
+    assert dispatcher.reads_now == before + 1
+
+    seen: list[bytes | None] = []
+
+    async def action() -> None:
+        seen.append(dispatcher.read_now(0, BLOCK_SIZE))  # blocks may be moving: no
+
+    await dispatcher.exclusive(action)
+    assert seen == [None]
+    await dispatcher.stop()
+
+
+async def test_read_now_needs_a_backend_that_can() -> None:
+    dispatcher = Dispatcher(MemoryBackend())
+    dispatcher.start()
+    await dispatcher.write(0, b"x" * BLOCK_SIZE)
+    assert dispatcher.read_now(0, BLOCK_SIZE) is None
+    assert not dispatcher.write_now(0, b"y" * BLOCK_SIZE)
+    await dispatcher.stop()

@@ -1,0 +1,304 @@
+"""NBD exports served by the broker itself, on Unix sockets, for VMs on the broker's host.
+
+::
+
+    tmem-broker serve --uds /run/tmem/broker.sock --nbd-dir /run/tmem/nbd ...
+    curl --unix-socket /run/tmem/broker.sock -X PUT -H "Authorization: Bearer $GUEST_TOKEN" \\
+        -d '{"size": 1073741824}' http://localhost/v1/self/nbd/swap
+    # -> {"name": "swap", "size": ..., "pool_id": ..., "socket": "/run/tmem/nbd/g7-swap.sock"}
+    qemu-system-x86_64 ... -drive file=nbd+unix:///swap?socket=/run/tmem/nbd/g7-swap.sock,...
+
+Why: through ``tmem-agent nbd`` every NBD round crosses two processes (the agent, then the
+broker over HTTP); here the same export code — ``guest_agent.nbd``'s server, dispatcher and
+:class:`~guest_agent.nbd.broker_backend.BrokerBackend` with its fallback file — runs inside
+the broker and calls the core directly (:class:`CorePages`), so a read at queue depth 1 is one
+hop. The agent's export stays for VMs on other hosts and for exports that must outlive a
+broker restart.
+
+Who may connect: each export is one socket in ``--nbd-dir``, which the broker creates with
+mode 0700, so only the broker's user (the hypervisor's, or a group the operator grants) can
+open it. The export is created by the guest's own token, serves that guest's pool only, and
+its pages count against that guest's quota like any put; what the broker declines goes to the
+export's fallback file in the same directory. The export answers shed notices of its guest
+the way the agent's does (moves blocks to the fallback file, then acks).
+
+Lifetime: an export lives until ``DELETE /v1/self/nbd/{name}`` or the broker stops (its pool
+is destroyed then: like a swap device's contents, they last as long as the process serving
+them). Durability: each batch waits for the journal (``sync``) before the round is answered,
+so ``FLUSH`` keeps the promise the agent's export keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Request, Response
+from fastapi import Path as PathParam
+from pydantic import BaseModel, Field
+
+from broker.api.deps import GuestDep
+from broker.api.errors import ApiError, BadInput
+from broker.api.service import BrokerService
+from guest_agent.nbd.broker_backend import BrokerBackend
+from guest_agent.nbd.dispatcher import NOT_NOW, Dispatcher
+from guest_agent.nbd.notices import follow_notices
+from guest_agent.nbd.server import NbdServer
+from schemas.batch import OP_FLUSH_PAGE, OP_GET, OP_PUT, STATUS_DONE
+from schemas.wire import Notice, PoolCreate
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_SIZE = 1 << 44  # 16 TiB: the block number is the page index (u32)
+_CHUNK = 1024  # ops per core call: bounds the time one call holds the event loop
+
+
+class NbdDisabled(ApiError):
+    status = 404
+    code = "nbd_disabled"
+
+
+class NbdExists(ApiError):
+    status = 409
+    code = "nbd_exists"
+
+
+class UnknownNbdExport(ApiError):
+    status = 404
+    code = "unknown_nbd_export"
+
+
+class CorePages:
+    """The page calls :class:`BrokerBackend` makes (``PageClient``), answered by the core in
+    this process: the same operations and outcomes as the guest's HTTP batch route, without
+    HTTP. Each call waits for the journal, as the route does before it answers."""
+
+    def __init__(self, service: BrokerService, guest_id: int) -> None:
+        self.service = service
+        self.guest_id = guest_id
+
+    async def create_pool(self, kind: Literal["persistent"]) -> int:
+        info = await self.service.create_pool(self.guest_id, PoolCreate(kind=kind))
+        return info.pool_id
+
+    async def destroy_pool(self, pool_id: int) -> None:
+        await self.service.destroy_pool(self.guest_id, pool_id)
+
+    async def _batch(self, pool_id: int, ops: list[Any]) -> list[tuple[int, bytes | None]]:
+        service = self.service
+        if not service.ready.is_set():
+            await service.ready.wait()
+        batch = service.core.batch
+        out: list[tuple[int, bytes | None]] = []
+        for start in range(0, len(ops), _CHUNK):
+            out += batch(self.guest_id, pool_id, ops[start : start + _CHUNK])
+        if service.journal.pending:
+            await service.journal.barrier()
+        return out
+
+    def get_now(self, pool_id: int, oid: int, index: int) -> object:
+        """A get answered at once (``BrokerBackend.read_block_now``), or ``NOT_NOW`` while the
+        broker is not ready. A non-exclusive persistent get records nothing in the journal,
+        so there is nothing to wait for."""
+        if not self.service.ready.is_set():
+            return NOT_NOW
+        return self.service.core.get(self.guest_id, pool_id, oid, index)
+
+    def put_now(self, pool_id: int, oid: int, index: int, page: bytes) -> object:
+        """A put answered at once (``BrokerBackend.write_block_now``): whether it was stored,
+        or ``NOT_NOW`` when it should take the batch path — the broker is not ready, or it
+        keeps a journal (durability ``sync``), whose commits that path waits for a round at a
+        time (group commits), where a put stored here would leave them all to the next
+        ``FLUSH``."""
+        service = self.service
+        if not service.ready.is_set() or service.settings.durability != "none":
+            return NOT_NOW
+        return service.core.put(self.guest_id, pool_id, oid, index, page) == STATUS_DONE
+
+    async def barrier(self) -> None:
+        """Wait for the journal (``BrokerBackend.flush``: a FLUSH covers every stored put)."""
+        await self.service.barrier()
+
+    async def put_many(
+        self, pool_id: int, pages: Sequence[tuple[int, int, bytes | memoryview]]
+    ) -> list[bool]:
+        ops = [(OP_PUT, oid, index, page) for oid, index, page in pages]
+        return [status == STATUS_DONE for status, _ in await self._batch(pool_id, ops)]
+
+    async def get_many(
+        self, pool_id: int, handles: Sequence[tuple[int, int]]
+    ) -> list[bytes | None]:
+        ops = [(OP_GET, oid, index, None) for oid, index in handles]
+        return [page for _, page in await self._batch(pool_id, ops)]
+
+    async def flush_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> None:
+        await self._batch(pool_id, [(OP_FLUSH_PAGE, oid, index, None) for oid, index in handles])
+
+    # the calls follow_notices makes
+    async def notices(self, after: int = 0, wait: float = 0) -> list[Notice]:
+        return await self.service.hub.poll(self.guest_id, after, wait)
+
+    async def ack(self, seq: int, pages_returned: int = 0) -> None:
+        # what the ack route does: store it, then tell the pressure policy
+        if await self.service.hub.ack(self.guest_id, seq, pages_returned):
+            self.service.pressure_loop.acked(self.guest_id, seq, pages_returned)
+
+
+async def _notice_stream(pages: CorePages, after: int) -> AsyncIterator[Notice]:
+    while True:
+        batch = await pages.notices(after, wait=25)
+        for notice in batch:
+            after = max(after, notice.seq)
+            yield notice
+
+
+@dataclass
+class _Export:
+    guest_id: int
+    name: str
+    socket: Path
+    fallback: Path
+    backend: BrokerBackend
+    dispatcher: Dispatcher
+    server: NbdServer
+    tasks: list[asyncio.Task[None]]
+
+    def info(self) -> NbdExportInfo:
+        return NbdExportInfo(
+            name=self.name, size=self.server.size, pool_id=self.backend.pool_id,
+            socket=str(self.socket), uri=f"nbd+unix:///{self.name}?socket={self.socket}",
+        )  # fmt: skip
+
+
+class NbdExportCreate(BaseModel):
+    size: Annotated[int, Field(ge=4096, le=MAX_SIZE, description="bytes, rounded up to 4 KiB")]
+
+
+class NbdExportInfo(BaseModel):
+    name: str
+    size: int
+    pool_id: int
+    socket: str
+    uri: str
+
+
+class NbdExports:
+    """The broker's exports, keyed by (guest id, name); sockets and fallback files in
+    ``directory`` (created mode 0700)."""
+
+    def __init__(self, service: BrokerService, directory: Path) -> None:
+        self.service = service
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self.exports: dict[tuple[int, str], _Export] = {}
+        self._lock = asyncio.Lock()
+
+    async def create(self, guest_id: int, name: str, size: int) -> _Export:
+        if not NAME.fullmatch(name):
+            raise BadInput("an export name is 1-64 of A-Z a-z 0-9 . _ -")
+        async with self._lock:
+            if (guest_id, name) in self.exports:
+                raise NbdExists(f"guest {guest_id} already has an export {name!r}")
+            size = (size + 4095) // 4096 * 4096
+            stem = self.directory / f"g{guest_id}-{name}"
+            sock, fallback = stem.with_suffix(".sock"), stem.with_suffix(".fallback")
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()  # left by a broker that did not stop cleanly
+            pages = CorePages(self.service, guest_id)
+            after = max((n.seq for n in await pages.notices(0, 0)), default=0)
+            backend = await BrokerBackend.open(pages, size=size, fallback_path=str(fallback))
+            dispatcher = Dispatcher(backend)
+            dispatcher.start()
+            server = NbdServer(dispatcher, size=size, name=name)
+            try:
+                await server.listen_unix(str(sock))
+            except BaseException:
+                await dispatcher.stop()
+                await backend.close()
+                raise
+
+            async def shed(n: int) -> int:
+                return await dispatcher.exclusive(lambda: backend.shed(n))
+
+            tasks = [
+                asyncio.create_task(server.serve_forever(), name=f"nbd-{guest_id}-{name}"),
+                asyncio.create_task(
+                    follow_notices(_notice_stream(pages, after), shed, pages),
+                    name=f"nbd-notices-{guest_id}-{name}",
+                ),
+            ]
+            export = _Export(guest_id, name, sock, fallback, backend, dispatcher, server, tasks)
+            self.exports[(guest_id, name)] = export
+            log.info("nbd: guest %d export %r (%d bytes) on %s", guest_id, name, size, sock)
+            return export
+
+    async def delete(self, guest_id: int, name: str) -> None:
+        async with self._lock:
+            export = self.exports.pop((guest_id, name), None)
+        if export is None:
+            raise UnknownNbdExport(f"no export {name!r}")
+        await self._stop(export)
+
+    async def close(self) -> None:
+        """Stop every export (broker shutdown)."""
+        async with self._lock:
+            exports, self.exports = list(self.exports.values()), {}
+        for export in exports:
+            with contextlib.suppress(Exception):
+                await self._stop(export)
+
+    @staticmethod
+    async def _stop(export: _Export) -> None:
+        for task in export.tasks:
+            task.cancel()
+        for task in export.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await export.server.close()
+        await export.dispatcher.stop()
+        try:
+            await export.backend.flush()
+            await export.backend.close()
+        finally:
+            with contextlib.suppress(OSError):
+                export.socket.unlink()
+            with contextlib.suppress(OSError):
+                export.fallback.unlink()
+
+
+def exports_of(request: Request) -> NbdExports:
+    exports: NbdExports | None = request.app.state.nbd_exports
+    if exports is None:
+        raise NbdDisabled("this broker serves no NBD exports (start it with --nbd-dir)")
+    return exports
+
+
+router = APIRouter(prefix="/v1", tags=["guest"])
+ExportName = Annotated[str, PathParam(min_length=1, max_length=64, pattern=f"^{NAME.pattern}$")]
+
+
+@router.put("/self/nbd/{name}", status_code=201, response_model=NbdExportInfo)
+async def create_nbd_export(
+    name: ExportName,
+    body: Annotated[NbdExportCreate, Body()],
+    request: Request,
+    guest_id: GuestDep,
+) -> NbdExportInfo:
+    """Serve an NBD export of a new persistent pool on a Unix socket (broker's host only)."""
+    export = await exports_of(request).create(guest_id, name, body.size)
+    return export.info()
+
+
+@router.delete("/self/nbd/{name}", status_code=204, response_class=Response)
+async def delete_nbd_export(name: ExportName, request: Request, guest_id: GuestDep) -> None:
+    """Stop an export and destroy its pool."""
+    await exports_of(request).delete(guest_id, name)
