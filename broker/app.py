@@ -126,6 +126,12 @@ def create_app(settings: Settings) -> FastAPI:
         log.info("loaded %d guests and %d pools from %s", guests, pools, repo.engine.url.drivername)
         box.service = service
 
+        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
+        nbd = (
+            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
+        )
+        app.state.nbd_exports = nbd
+
         async def reload() -> None:
             try:
                 report = await reload_journal(journal, core)
@@ -134,25 +140,23 @@ def create_app(settings: Settings) -> FastAPI:
                 return
             if report.pages:
                 log.info("reloaded %d persistent pages", report.pages)
+            if nbd is not None:
+                # over the reloaded pools, before /readyz says ready
+                await nbd.restore()
             service.ready.set()
 
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
         await service.pressure_loop.start()
-        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
-        nbd = (
-            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
-        )
-        app.state.nbd_exports = nbd
         try:
             yield
         finally:
-            if nbd is not None:
-                await nbd.close()
-            await service.pressure_loop.stop()
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloading
+            if nbd is not None:
+                await nbd.close()
+            await service.pressure_loop.stop()
             await hub.close()
             aclose = getattr(journal, "aclose", None)
             if aclose is not None:

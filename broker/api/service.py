@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,6 +74,9 @@ class BrokerService:
         # Admin and pool changes are serialised: each is a core change plus a SQL write, and
         # two interleaved ones (say, delete guest while creating its pool) must not cross.
         self.lock = asyncio.Lock()
+        # called with a guest's id as it is deleted, under ``lock``, before the core forgets
+        # it: what serves the guest outside the core stops (the broker's NBD exports)
+        self.guest_removers: list[Callable[[int], Awaitable[None]]] = []
         # memory-pressure policy (docs/pressure.md); the lifespan starts and stops it
         self.pressure_loop = PressureLoop(
             core,
@@ -263,6 +267,8 @@ class BrokerService:
             self.guests.pop(guest_id, None)
             self.pressure.pop(guest_id, None)
             self.limits.forget(guest_id)
+            for remover in self.guest_removers:
+                await remover(guest_id)
             self.core.remove_guest(guest_id)
             await self.barrier()
             await run_in_threadpool(self.repo.delete_guest, guest_id)

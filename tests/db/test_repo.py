@@ -112,7 +112,7 @@ def test_nbd_exports_are_kept_until_deleted_or_their_guest_goes(repo: Repository
         NbdExportRecord(gid, "swap", 8 << 20, 0),
         NbdExportRecord(other, "swap", 1 << 30, 0),
     ]
-    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
         repo.add_nbd_export(NbdExportRecord(gid, "swap", 4096, 2))
     repo.delete_nbd_export(gid, "data")
     repo.delete_guest(gid)
