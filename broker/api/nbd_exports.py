@@ -276,6 +276,16 @@ class NbdExports:
         guest_id, name = record.guest_id, record.name
         core = self.service.core
         sock, fallback = self._paths(guest_id, name)
+        if self.service.settings.durability == "none":
+            # the pool's pages died with the last process: serving the rest would read the
+            # lost blocks as zeros (silent corruption); no device at all is an honest error
+            log.warning("nbd: export %r of guest %d dropped: --durability none kept none of "
+                        "its broker blocks", name, guest_id)  # fmt: skip
+            with contextlib.suppress(TmemError):
+                await self.service.destroy_pool(guest_id, record.pool_id)
+            await asyncio.to_thread(self.service.repo.delete_nbd_export, guest_id, name)
+            _unlink(sock, fallback)
+            return False
         try:
             handles = core.pool_handles(guest_id, record.pool_id)
             pool = next(p for p in core.pools(guest_id) if p.pool_id == record.pool_id)

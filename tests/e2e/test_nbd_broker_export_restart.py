@@ -141,3 +141,25 @@ def run_refused(uri: str) -> bool:
     done = subprocess.run(["qemu-io", "-f", "raw", uri, "-c", "read 0 4k"],
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     return done.returncode != 0
+
+
+def test_without_a_journal_a_restart_drops_the_export(tmp_path: Path) -> None:
+    """``--durability none`` keeps no page across a restart: no device beats one whose broker
+    blocks read as zeros."""
+    nbd_dir = tmp_path / "nbd"
+    broker = UdsBrokerProcess(
+        tmp_path / "broker", uds=tmp_path / "broker.sock", nbd_dir=nbd_dir, durability="none"
+    )
+    broker.start()
+    try:
+        guest_id, token = new_guest(broker, "vm")
+        made = broker.json("PUT", "/v1/self/nbd/swap", {"size": 1 << 20}, token=token, expect=201)
+        qemu_io(made["uri"], "write -P 0x5a 0 64k", "flush")
+        broker.stop()
+        broker.start()
+        assert not Path(made["socket"]).exists()
+        assert not (nbd_dir / f"g{guest_id}-swap.fallback").exists()
+        assert broker.json("GET", f"/v1/guests/{guest_id}")["pools"] == []
+        broker.json("PUT", "/v1/self/nbd/swap", {"size": 4096}, token=token, expect=201)
+    finally:
+        broker.stop()
