@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast check bench system-deps services clean
+.PHONY: demo cluster-demo test test-fast check bench system-deps services clean
 
 # [test] pulls in [server] (the broker) and [sim] (the simulator's plots) beside the test tools;
 # a guest needs only `pip install tmem-broker` (README, Install).
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 ## make demo: a broker on the embedded default (SQLite) plus a few simulated guests
 demo: $(STAMP)
 	$(PY) -m scripts.demo
+
+## make cluster-demo: three brokers as one pool over a real Redis Cluster and PostgreSQL
+## (docs/scale.md): guests spread over them, the pooled stats, a broker killed and taken over
+cluster-demo: $(STAMP) system-deps services
+	$(PY) -m scripts.cluster_demo
 
 ## make test: the whole suite (installs system packages and starts services it needs)
 test: $(STAMP) system-deps services

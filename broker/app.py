@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,10 @@ from broker.api.metrics import FiguresCollector, RequestTimer, RequestTimes
 from broker.api.notices import NoticeHub
 from broker.api.openapi import install_openapi
 from broker.api.service import BrokerService, ServiceBox
+from broker.cluster.control import ClusterControl, EngineJournal
+from broker.cluster.errors import Fenced
+from broker.cluster.leases import LeaseManager
+from broker.cluster.routing import AdminHomeRedirect, handle_fenced
 from broker.core import CoreConfig, Tmem
 from broker.db.engine import make_engine, upgrade
 from broker.db.repo import Repository
@@ -91,8 +95,24 @@ def _admin_token(settings: Settings) -> str:
     return token
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The broker's ASGI app; ``settings`` are used as given (no environment is read here)."""
+# (settings, broker id) -> (core, journal): what holds the pages in cluster mode
+CoreFactory = Callable[[Settings, str], tuple[Any, Any]]
+
+
+def open_cluster_core(settings: Settings, broker_id: str) -> tuple[Any, Any]:
+    """The cluster engine (pages and handle maps in the Redis Cluster ``settings.cluster``)
+    and the journal the service waits on (the engine's own)."""
+    from broker.cluster.engine import open_cluster_engine
+
+    engine = open_cluster_engine(settings, broker_id)
+    return engine, EngineJournal(engine)
+
+
+def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -> FastAPI:
+    """The broker's ASGI app; ``settings`` are used as given (no environment is read here).
+
+    In cluster mode (``settings.cluster``) ``cluster_core`` builds what holds the pages
+    (default: :func:`open_cluster_core`, the Redis Cluster engine)."""
     box = ServiceBox()
     # Two views of one set of figures: the admin token's scrape, and the unauthenticated one,
     # which leaves out the figures that depend on what guests share (docs/security.md).
@@ -111,20 +131,38 @@ def create_app(settings: Settings) -> FastAPI:
         url = settings.sqlalchemy_url
         await asyncio.to_thread(upgrade, url, settings.migrations_dir)
         repo = Repository(make_engine(url))
-        journal = open_journal(settings)
-        core = Tmem(
-            CoreConfig(
-                capacity_bytes=settings.capacity_bytes,
-                compress_default=settings.compress,
-                max_pools_per_guest=settings.max_pools_per_guest,
-            ),
-            journal=journal,
-        )
+        broker_id = settings.cluster_broker_id
+        if settings.cluster:
+            core, journal = (cluster_core or open_cluster_core)(settings, broker_id)
+        else:
+            journal = open_journal(settings)
+            core = Tmem(
+                CoreConfig(
+                    capacity_bytes=settings.capacity_bytes,
+                    compress_default=settings.compress,
+                    max_pools_per_guest=settings.max_pools_per_guest,
+                ),
+                journal=journal,
+            )
         hub = NoticeHub(repo, max_notices=settings.max_notices_per_guest)
         service = BrokerService(settings, core, repo, TokenRegistry(admin_token), hub, journal)
         guests, pools = service.load_from_sql()
+        service.moved = await asyncio.to_thread(repo.moves)
         log.info("loaded %d guests and %d pools from %s", guests, pools, repo.engine.url.drivername)
         box.service = service
+        if settings.cluster:
+            leases = LeaseManager(
+                repo.engine, broker_id, settings.cluster_url, lease_s=settings.lease_s
+            )
+            service.cluster = ClusterControl(service, leases, lease_s=settings.lease_s)
+            await service.cluster.start()
+            log.info("broker %s joined the cluster at %s", broker_id, settings.cluster_url)
+
+        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
+        nbd = (
+            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
+        )
+        app.state.nbd_exports = nbd
 
         async def reload() -> None:
             try:
@@ -134,25 +172,34 @@ def create_app(settings: Settings) -> FastAPI:
                 return
             if report.pages:
                 log.info("reloaded %d persistent pages", report.pages)
+            if nbd is not None:
+                # over the reloaded pools, before /readyz says ready
+                await nbd.restore()
             service.ready.set()
+
+        if settings.cluster:
+            # the pages are in the Redis Cluster: nothing to reload; guests are adopted
+            # (their handle maps loaded) by the control loop as their leases come
+            async def reload() -> None:
+                if nbd is not None:
+                    # not served again here: a guest's pages come with its lease, later
+                    await nbd.restore(serve=False)
+                service.ready.set()
 
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
         await service.pressure_loop.start()
-        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
-        nbd = (
-            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
-        )
-        app.state.nbd_exports = nbd
         try:
             yield
         finally:
-            if nbd is not None:
-                await nbd.close()
-            await service.pressure_loop.stop()
             reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloading
+            if nbd is not None:
+                await nbd.close()
+            if service.cluster is not None:
+                await service.cluster.stop()  # hands its guests over at once
+            await service.pressure_loop.stop()
             await hub.close()
             aclose = getattr(journal, "aclose", None)
             if aclose is not None:
@@ -167,7 +214,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
-        exception_handlers=exception_handlers(),
+        # Fenced (a StoreError) first: it is a redirect to the guest's new home, not a 503
+        exception_handlers={**exception_handlers(), Fenced: handle_fenced},
     )
     pages = GuestPages(box)
     app.state.settings = settings
@@ -181,6 +229,8 @@ def create_app(settings: Settings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(JsonBodyLimit, limit=settings.max_json_bytes)
+    if settings.cluster:
+        app.add_middleware(AdminHomeRedirect, box=box)
     # outermost: times every request, the 413s of JsonBodyLimit included
     app.add_middleware(RequestTimer, times=request_times)
     install_openapi(app)

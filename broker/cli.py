@@ -99,6 +99,26 @@ def serve(
         str | None, typer.Option(help="admin token [$TMEM_ADMIN_TOKEN or generated]")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error")] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="join a cluster of brokers: the Redis Cluster's nodes, "
+            "redis://HOST:PORT[,HOST:PORT...] (needs a PostgreSQL --database-url) [off]"
+        ),
+    ] = None,
+    broker_id: Annotated[
+        str | None, typer.Option(help="this broker's id in the cluster [hostname:port]")
+    ] = None,
+    advertise_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the URL other brokers redirect this broker's guests to [http://host:port]"
+        ),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(help="seconds without a heartbeat before a broker's guests move [10]"),
+    ] = None,
 ) -> None:
     """Run the broker (upgrades the database schema first)."""
     settings = _settings(
@@ -114,6 +134,10 @@ def serve(
         durability=durability,
         admin_token=admin_token,
         log_level=log_level,
+        cluster=cluster,
+        broker_id=broker_id,
+        advertise_url=advertise_url,
+        lease_s=lease,
     )
     import uvicorn
 
@@ -580,9 +604,17 @@ def migrate(
         str | None,
         typer.Option(envvar="TMEM_TO_TOKEN", help="destination admin token [$TMEM_ADMIN_TOKEN]"),
     ] = None,
+    keep_token: Annotated[
+        bool,
+        typer.Option(
+            "--keep-token/--new-token",
+            help="the guest keeps its token and the source redirects it to the destination",
+        ),
+    ] = True,
 ) -> None:
     """Move a guest to another broker: export, import, verify the counts, then delete it at
-    the source. Prints the guest's new id and token."""
+    the source (which redirects the guest's calls to the destination). Prints the guest's new
+    id, and its token when --new-token gave it one."""
     from broker.migrate import MigrationError, run
 
     fallback = os.environ.get("TMEM_ADMIN_TOKEN")
@@ -591,11 +623,14 @@ def migrate(
         err.print("[red]no admin tokens[/red]: pass --from-token/--to-token or set the env vars")
         raise typer.Exit(2)
     try:
-        result = run(from_url, to_url, guest, src, dst)
+        result = run(from_url, to_url, guest, src, dst, keep_token=keep_token)
     except MigrationError as exc:
         err.print(f"[red]migration failed[/red]: {exc}")
         raise typer.Exit(1) from exc
-    console.print(json.dumps({"guest_id": result.guest_id, "token": result.token}))
+    out: dict[str, object] = {"guest_id": result.guest_id, "kept_token": keep_token}
+    if not keep_token:
+        out["token"] = result.token
+    console.print(json.dumps(out))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Xen's save/restore, done by an operator with both admin tokens::
 
     result = migrate("http://a:8470", "http://b:8470", "vm-1", from_token=A, to_token=B,
                      progress=lambda pages, total: ...)
-    print(result.guest_id, result.token)   # the guest's new id and token at the destination
+    print(result.guest_id)   # the guest's new id at the destination; it kept its token
 
 Steps: find the guest by name at the source; freeze it there (so no put lands after the
 export: the export then leaves it frozen); stream ``GET /v1/guests/{id}/export`` into
@@ -12,6 +12,12 @@ export: the export then leaves it frozen); stream ``GET /v1/guests/{id}/export``
 every checksum; verify that the destination holds as many persistent pages as the stream
 carried; only then delete the guest at the source. On any failure before the delete the source
 guest is thawed (unless it was frozen before) and keeps all its pages.
+
+The guest keeps its token (the stream carries its hash; ``keep_token=False`` gives it a new
+one), and the source is told where it went (``POST /v1/guests/{id}/moved``): from then on it
+answers that token's calls with ``307`` to the destination, so the guest's agent (shim or NBD
+export) follows by itself, its pool ids and pages unchanged. Puts made while the guest was
+frozen were declined (``frozen``) and went to the agent's fallback: no page is lost.
 """
 
 from __future__ import annotations
@@ -82,13 +88,14 @@ def migrate(
     to_token: str,
     progress: Callable[[int, int], None] | None = None,
     timeout: float = 600.0,
+    keep_token: bool = True,
 ) -> MigrationResult:
     """Move ``guest_name`` from one broker to another; see the module docstring.
 
     ``progress(pages_sent, pages_total)`` is called as the stream passes through.
     """
     with _client(from_url, from_token, timeout) as src, _client(to_url, to_token, timeout) as dst:
-        return _migrate(src, dst, guest_name, progress)
+        return _migrate(src, dst, guest_name, progress, keep_token)
 
 
 def _migrate(
@@ -96,6 +103,7 @@ def _migrate(
     dst: AdminClient,
     guest_name: str,
     progress: Callable[[int, int], None] | None,
+    keep_token: bool = True,
 ) -> MigrationResult:
     with _step(src, "GET /v1/guests"):
         guest = src.find_guest(guest_name)
@@ -108,7 +116,7 @@ def _migrate(
         with _step(src, f"POST /v1/guests/{source_id}/freeze"):
             src.freeze(source_id)
     try:
-        imported, trailer = _stream(src, dst, source_id, total, progress)
+        imported, trailer = _stream(src, dst, source_id, total, progress, keep_token)
         new_id = imported.guest_id
         with _step(dst, f"GET /v1/guests/{new_id}"):
             there = dst.guest(new_id)
@@ -124,8 +132,12 @@ def _migrate(
             with contextlib.suppress(MigrationError), _step(src, "thaw"):
                 src.thaw(source_id)
         raise
-    with _step(src, f"DELETE /v1/guests/{source_id}"):
-        src.delete_guest(source_id)
+    if keep_token:
+        with _step(src, f"POST /v1/guests/{source_id}/moved"):
+            src.moved(source_id, dst.base_url)  # deletes it there; its token is redirected
+    else:
+        with _step(src, f"DELETE /v1/guests/{source_id}"):
+            src.delete_guest(source_id)
     return MigrationResult(new_id, imported.token, trailer.pages, trailer.zero_pages, source_id)
 
 
@@ -135,6 +147,7 @@ def _stream(
     source_id: int,
     total: int,
     progress: Callable[[int, int], None] | None,
+    keep_token: bool = True,
 ) -> tuple[Imported, ExportTrailer]:
     decoder = ExportDecoder()
     try:
@@ -151,7 +164,7 @@ def _stream(
                 decoder.finish()
 
             try:
-                imported = dst.import_guest(body())
+                imported = dst.import_guest(body(), keep_token=keep_token)
             except BrokerError as exc:
                 raise MigrationError(
                     f"import at {dst.base_url} answered {exc.status}: {exc.code}: {exc.message}"
@@ -165,7 +178,13 @@ def _stream(
 
 
 def run(
-    from_url: str, to_url: str, guest_name: str, from_token: str, to_token: str
+    from_url: str,
+    to_url: str,
+    guest_name: str,
+    from_token: str,
+    to_token: str,
+    *,
+    keep_token: bool = True,
 ) -> MigrationResult:
     """``tmem-broker migrate``: :func:`migrate` with a rich progress bar; prints the result."""
     from rich.console import Console
@@ -198,10 +217,12 @@ def run(
             from_token=from_token,
             to_token=to_token,
             progress=progress,
+            keep_token=keep_token,
         )
         bar.update(task, completed=result.pages, total=result.pages)
     console.print(
         f"moved guest {guest_name!r}: {result.pages} persistent pages ({result.zero_pages} zero) "
         f"verified at {to_url}; source guest {result.source_guest_id} deleted"
+        + (" (its token now redirects there)" if keep_token else "")
     )
     return result

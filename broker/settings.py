@@ -8,12 +8,13 @@ explicitly to :func:`broker.app.create_app`. Sizes take ``B``, ``KiB``, ``MiB``,
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from broker.core.host import auto_capacity
 from broker.core.pressure import PressureSettings
@@ -48,6 +49,24 @@ def _size(value: object) -> object:
 
 
 Size = Annotated[int, BeforeValidator(_size)]
+
+
+def _seeds(value: object) -> object:
+    """``redis://h:p,h:p`` (or ``h:p,h:p``, or a list of either) as a list of ``host:port``."""
+    if value is None or value == "":
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        return value
+    seeds = []
+    for item in items:
+        text = str(item).strip()
+        text = text.removeprefix("redis://").strip("/")
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"not a Redis node: {item!r} (use redis://HOST:PORT[,HOST:PORT...])")
+        seeds.append(f"{host}:{int(port)}")
+    return seeds
 
 
 def _size_or_auto(value: object) -> object:
@@ -120,6 +139,18 @@ class Settings(BaseSettings):
     # which page of an eviction account goes (docs/pressure.md, "Ephemeral policy")
     ephemeral_policy: Literal["lru", "tinylfu"] = "lru"
     pressure_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    # Several brokers as one pool (docs/scale.md): the Redis Cluster's seed nodes (given as
+    # redis://H:P[,H:P...] or a list of "host:port"); empty: single-host mode (the default)
+    cluster: Annotated[list[str], NoDecode, BeforeValidator(_seeds)] = Field(default_factory=list)
+    # this broker's id among the brokers (none: hostname:port) and the URL guests are sent to
+    broker_id: str | None = None
+    advertise_url: str | None = None
+    # how long a broker may go without a heartbeat before its guests are taken over
+    lease_s: Annotated[float, Field(ge=0.2, le=600)] = 10.0
+    # the Redis keys' prefix (brokers of one pool share it; tests keep apart by it) and how
+    # long a durable write waits for a replica's acknowledgement (WAIT 1 <ms>)
+    cluster_namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "tmem"
+    cluster_wait_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
 
     @field_validator("capacity")
     @classmethod
@@ -150,6 +181,30 @@ class Settings(BaseSettings):
         if value and not (4 << 20) <= value <= (64 << 30):
             raise ValueError("journal_log must be 0 (off) or between 4MiB and 64GiB")
         return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_postgresql(self) -> Settings:
+        if self.cluster and not (self.database_url or "").startswith("postgresql"):
+            raise ValueError(
+                "cluster mode (--cluster) needs PostgreSQL, shared by the brokers: "
+                "--database-url postgresql+psycopg://USER@HOST/DB"
+            )
+        if self.advertise_url is not None and not re.match(r"^https?://[^/]+", self.advertise_url):
+            raise ValueError(f"advertise_url must be an http(s) URL, not {self.advertise_url!r}")
+        return self
+
+    @property
+    def cluster_broker_id(self) -> str:
+        """This broker's id in a cluster: ``broker_id``, or ``hostname:port``."""
+        return self.broker_id or f"{socket.gethostname()}:{self.port}"
+
+    @property
+    def cluster_url(self) -> str:
+        """The URL other brokers send this broker's guests to."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
 
     @model_validator(mode="after")
     def _pressure_is_consistent(self) -> Settings:

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from guest_agent.client import _json, _raise_for
 from guest_agent.errors import BrokerUnavailable, ProtocolError
+from guest_agent.redirects import Chain, is_redirect, new_base, resent
 from guest_agent.transport import HTTPTransport, Request, Response, StreamedResponse, Transport
 from schemas.export import EXPORT_CONTENT_TYPE
 from schemas.wire import CompressMode, DomainInfo, GuestCreated, GuestInfo, Imported, ShedIssued
@@ -122,6 +123,7 @@ class AdminClient:
         timeout: float = 30.0,
     ) -> None:
         self.base_url = base_url
+        self._timeout = timeout
         self._transport: Transport = transport or HTTPTransport(base_url, timeout=timeout)
         self._auth = [("Authorization", f"Bearer {token}")]
         self._h_json = [*self._auth, ("Content-Type", "application/json")]
@@ -144,8 +146,25 @@ class AdminClient:
         else:
             request = Request(method, path, json.dumps(body).encode(), self._h_json)
         response = self._transport.handle_request(request)
+        if is_redirect(response):
+            response = self._follow(request, response)
         if not 200 <= response.status < 300:
             _raise_for(response)
+        return response
+
+    def _follow(self, request: Request, response: Response) -> Response:
+        """A per-guest change sent to a broker of a cluster that is not the guest's home is
+        redirected there (307): follow it for this call only (an admin keeps talking to the
+        broker it chose)."""
+        chain = Chain(self.base_url)
+        while is_redirect(response):
+            base = chain.next(new_base(request.target, response))
+            hop = HTTPTransport(base, timeout=self._timeout)
+            request = resent(request)
+            try:
+                response = hop.handle_request(request)
+            finally:
+                hop.close()
         return response
 
     # --- health
@@ -302,20 +321,25 @@ class AdminClient:
                 _raise_for(Response(answer.status, answer.read(), answer.headers))
         return ExportStream(answer)
 
-    def import_guest(self, stream: Iterable[bytes]) -> Imported:
-        """``POST /v1/guests/import`` of an export stream, sent as it is produced (chunked).
+    def moved(self, guest_id: int, url: str) -> None:
+        """``POST /v1/guests/{id}/moved``: the guest lives at broker ``url`` now; deleted here,
+        its token's calls are redirected there."""
+        self._call("POST", f"/v1/guests/{int(guest_id)}/moved", {"url": url})
+
+    def import_guest(self, stream: Iterable[bytes], *, keep_token: bool = False) -> Imported:
+        """``POST /v1/guests/import`` of an export stream, sent as it is produced (chunked);
+        ``keep_token``: the guest keeps its token (the answer's token is then empty).
 
         An exception raised while producing ``stream`` propagates after the connection was
         dropped mid-body: the broker refuses a truncated stream whole."""
         headers = [*self._auth, ("Content-Type", EXPORT_CONTENT_TYPE)]
+        target = "/v1/guests/import?keep_token=true" if keep_token else "/v1/guests/import"
         send_chunked = getattr(self._transport, "send_chunked", None)
         if send_chunked is None:
             body = b"".join(stream)
-            response = self._transport.handle_request(
-                Request("POST", "/v1/guests/import", body, headers)
-            )
+            response = self._transport.handle_request(Request("POST", target, body, headers))
         else:
-            response = send_chunked(Request("POST", "/v1/guests/import", b"", headers), stream)
+            response = send_chunked(Request("POST", target, b"", headers), stream)
         if response.status != 201:
             _raise_for(response)
         return _parse(Imported, _json(response))

@@ -30,11 +30,12 @@ if a later request fails, earlier ones have taken effect.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
-from guest_agent.errors import ProtocolError, error_for_status
+from guest_agent.errors import BrokerUnavailable, ProtocolError, error_for_status
+from guest_agent.redirects import Chain, is_redirect, new_base, resent
 from guest_agent.transport import (
     AsyncHTTPTransport,
     AsyncTransport,
@@ -364,6 +365,9 @@ class TmemClient(_Base):
 
     ``transport`` replaces the network (e.g. :class:`~guest_agent.transport.MockTransport`);
     ``max_batch_ops`` is the broker's batch limit; ``timeout`` bounds connect and reads.
+    A ``307`` to the guest's home broker is followed and remembered (``base_url`` changes;
+    :mod:`guest_agent.redirects`); ``transport_factory(base_url)`` makes the transport for
+    the new address (by default an :class:`~guest_agent.transport.HTTPTransport`).
     """
 
     def __init__(
@@ -374,10 +378,12 @@ class TmemClient(_Base):
         transport: Transport | None = None,
         timeout: float = 30.0,
         max_batch_ops: int = DEFAULT_MAX_BATCH_OPS,
+        transport_factory: Callable[[str], Transport] | None = None,
     ) -> None:
         super().__init__(token, max_batch_ops)
-        self.base_url = base_url
-        self._transport: Transport = transport or HTTPTransport(base_url, timeout=timeout)
+        self.base_url = self.first_url = base_url
+        self._factory = transport_factory or (lambda url: HTTPTransport(url, timeout=timeout))
+        self._transport: Transport = transport or self._factory(base_url)
 
     def __enter__(self) -> TmemClient:
         return self
@@ -392,7 +398,25 @@ class TmemClient(_Base):
             close()
 
     def _send(self, request: Request) -> Response:
-        return self._transport.handle_request(request)
+        try:
+            response = self._transport.handle_request(request)
+        except BrokerUnavailable:
+            if self.base_url != self.first_url:
+                # the home we were sent to is gone (a crash): the next call asks the broker
+                # we were given, which knows (or soon knows) the guest's new home
+                self.close()
+                self.base_url, self._transport = self.first_url, self._factory(self.first_url)
+            raise
+        if not is_redirect(response):
+            return response
+        chain = Chain(self.base_url)
+        while is_redirect(response):
+            base = chain.next(new_base(request.target, response))
+            self.close()
+            self.base_url, self._transport = base, self._factory(base)
+            request = resent(request)
+            response = self._transport.handle_request(request)
+        return response
 
     # --- pools
     def create_pool(
@@ -511,7 +535,8 @@ class AsyncTmemClient(_Base):
     """The asyncio client: the methods of :class:`TmemClient`, awaited.
 
     Safe to share between tasks of one event loop; the default transport pools up to
-    ``max_connections`` keep-alive connections.
+    ``max_connections`` keep-alive connections. Redirects to the guest's home broker are
+    followed as :class:`TmemClient` does (``transport_factory`` makes the new transport).
     """
 
     def __init__(
@@ -523,12 +548,14 @@ class AsyncTmemClient(_Base):
         timeout: float = 30.0,
         max_batch_ops: int = DEFAULT_MAX_BATCH_OPS,
         max_connections: int = 4,
+        transport_factory: Callable[[str], AsyncTransport] | None = None,
     ) -> None:
         super().__init__(token, max_batch_ops)
-        self.base_url = base_url
-        self._transport: AsyncTransport = transport or AsyncHTTPTransport(
-            base_url, timeout=timeout, max_connections=max_connections
+        self.base_url = self.first_url = base_url
+        self._factory = transport_factory or (
+            lambda url: AsyncHTTPTransport(url, timeout=timeout, max_connections=max_connections)
         )
+        self._transport: AsyncTransport = transport or self._factory(base_url)
 
     async def __aenter__(self) -> AsyncTmemClient:
         return self
@@ -543,7 +570,32 @@ class AsyncTmemClient(_Base):
             await aclose()
 
     async def _send(self, request: Request) -> Response:
-        return await self._transport.handle_async_request(request)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except BrokerUnavailable:
+            if self.base_url != self.first_url:
+                # the home we were sent to is gone: back to the broker we were given
+                old, self._transport = self._transport, self._factory(self.first_url)
+                self.base_url = self.first_url
+                aclose = getattr(old, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            raise
+        if not is_redirect(response):
+            return response
+        chain = Chain(self.base_url)
+        while is_redirect(response):
+            base = chain.next(new_base(request.target, response))
+            if base != self.base_url:
+                # other tasks may have followed the same move already: switch once
+                old, self._transport = self._transport, self._factory(base)
+                self.base_url = base
+                aclose = getattr(old, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            request = resent(request)
+            response = await self._transport.handle_async_request(request)
+        return response
 
     async def create_pool(
         self,

@@ -7,13 +7,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from broker.api import migration
 from broker.api.deps import AdminDep, ServiceDep
-from broker.api.errors import BadInput
+from broker.api.errors import BadInput, NotACluster
 from broker.api.pressure_loop import PressureSettingsPatch, PressureSettingsView
 from broker.api.service import BrokerService
+from broker.cluster.aggregate import pooled_stats
+from broker.cluster.leases import UnknownBroker
 from broker.core.figures import as_json
 from broker.settings import Size
 from schemas.export import EXPORT_CONTENT_TYPE
@@ -44,9 +46,19 @@ class PressureView(Pressure):
 
 
 class AdminGuestInfo(GuestInfo):
-    """A guest as admins see it: ``GuestInfo`` plus its latest pressure report."""
+    """A guest as admins see it: ``GuestInfo`` plus its latest pressure report (and, in a
+    cluster, its home broker)."""
 
     pressure: PressureView | None = None
+    home_broker: str | None = None
+    home_url: str | None = None
+    home_epoch: int | None = None
+
+
+class HomeMove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    broker: Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class BrokerSettings(PressureSettingsView):
@@ -74,16 +86,66 @@ async def create_guest(body: GuestCreate, service: ServiceDep, _: AdminDep) -> d
     return {**service.guest_info(record.guest_id), "token": token}
 
 
+def _admin_info(service: BrokerService, guest_id: int) -> dict[str, Any]:
+    info = service.guest_info(guest_id)
+    cluster = service.cluster
+    if cluster is not None:
+        info.update(cluster.home_of(guest_id))
+        if guest_id not in cluster.serving:
+            # its state lives at its home: the figures the home published last
+            info["stats"] = cluster.guest_stats_elsewhere(guest_id) or {}
+    return info
+
+
 @router.get("/guests", response_model=list[AdminGuestInfo])
 async def list_guests(service: ServiceDep, _: AdminDep) -> list[dict[str, Any]]:
-    """Every guest, with its pools, stats and latest pressure report."""
-    return [service.guest_info(gid) for gid in sorted(service.guests)]
+    """Every guest, with its pools, stats and latest pressure report (and its home broker)."""
+    if service.cluster is not None:
+        await service.cluster.sync_guests()
+    return [_admin_info(service, gid) for gid in sorted(service.guests)]
 
 
 @router.get("/guests/{guest_id}", response_model=AdminGuestInfo)
 async def show_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> dict[str, Any]:
-    """One guest, with its pools, stats and latest pressure report."""
-    return service.guest_info(guest_id)
+    """One guest, with its pools, stats and latest pressure report (and its home broker)."""
+    if service.cluster is not None:
+        await service.cluster.know(guest_id)
+    return _admin_info(service, guest_id)
+
+
+@router.post("/guests/{guest_id}/home", response_model=AdminGuestInfo)
+async def move_guest(
+    guest_id: GuestId, body: HomeMove, service: ServiceDep, _: AdminDep
+) -> dict[str, Any]:
+    """Cluster mode: make ``broker`` the guest's home (no page bytes move; the epoch grows,
+    so the old home's late writes are refused)."""
+    if service.cluster is not None:
+        await service.cluster.know(guest_id)
+    service.guest_record(guest_id)
+    if service.cluster is None:
+        raise NotACluster("this broker is not in a cluster (serve --cluster)")
+    try:
+        await service.cluster.move(guest_id, body.broker)
+    except UnknownBroker as exc:
+        raise BadInput(str(exc)) from exc
+    return _admin_info(service, guest_id)
+
+
+@router.get("/brokers")
+async def list_brokers(service: ServiceDep, _: AdminDep) -> list[dict[str, Any]]:
+    """Cluster mode: every broker that joined, alive or not, with its guests served; single
+    host: an empty list."""
+    if service.cluster is None:
+        return []
+    await service.cluster.step_views()
+    homes = service.cluster.homes.values()
+    return [
+        {
+            **{k: v for k, v in b.items() if k != "stats"},
+            "guests": sorted(h.guest_id for h in homes if h.broker_id == b["broker_id"]),
+        }
+        for b in service.cluster.brokers
+    ]
 
 
 @router.patch("/guests/{guest_id}", response_model=AdminGuestInfo)
@@ -152,8 +214,13 @@ async def shared_auth(body: SharedAuth, service: ServiceDep, _: AdminDep) -> Non
 
 @router.get("/stats")
 async def stats(service: ServiceDep, _: AdminDep) -> dict[str, Any]:
-    """Global figures (capacity, use, dedup, counters) and one entry per guest."""
-    return as_json(service.stats())
+    """Global figures (capacity, use, dedup, counters) and one entry per guest; in a cluster,
+    summed over the live brokers, with the per-broker breakdown in ``brokers``."""
+    if service.cluster is None:
+        return as_json(service.stats())
+    cluster = service.cluster
+    await cluster.step_views()  # the other brokers' latest published figures
+    return pooled_stats(cluster.figures(), cluster.broker_id, cluster.brokers)
 
 
 @router.get("/settings", response_model=BrokerSettings)
@@ -221,6 +288,22 @@ async def export_guest(guest_id: int, service: ServiceDep, _admin: AdminDep) -> 
 
 
 @router.post("/guests/import", status_code=201, response_model=Imported)
-async def import_guest(request: Request, service: ServiceDep, _admin: AdminDep) -> Imported:
-    """Recreate an exported guest here: new id and token, same name, pools and pages."""
-    return await migration.import_guest(service, request.stream())
+async def import_guest(
+    request: Request, service: ServiceDep, _admin: AdminDep, keep_token: bool = False
+) -> Imported:
+    """Recreate an exported guest here: new id, same name, pools and pages; a new token, or
+    with ``keep_token=true`` the one it had (the answer's ``token`` is then empty)."""
+    return await migration.import_guest(service, request.stream(), keep_token=keep_token)
+
+
+class MovedTo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: Annotated[str, Field(min_length=8, max_length=512, pattern=r"^https?://[^/\s]+")]
+
+
+@router.post("/guests/{guest_id}/moved", status_code=204, response_class=Response)
+async def guest_moved(guest_id: GuestId, body: MovedTo, service: ServiceDep, _: AdminDep) -> None:
+    """The guest now lives at the broker ``url`` (``tmem-broker migrate``, once it verified the
+    copy there): it is deleted here and its token's calls are redirected (307) to ``url``."""
+    await service.move_away(guest_id, body.url.rstrip("/"))

@@ -16,6 +16,7 @@ from starlette.requests import HTTPConnection
 
 from broker.api.auth import bearer_token
 from broker.api.service import BrokerService
+from broker.cluster.routing import guest_of
 
 
 class BearerToken(SecurityBase):
@@ -48,8 +49,11 @@ async def get_service(request: Request) -> BrokerService:
 ServiceDep = Annotated[BrokerService, Depends(get_service)]
 
 
-async def require_guest(service: ServiceDep, token: _Token) -> int:
-    guest_id = service.tokens.guest(token)
+async def require_guest(service: ServiceDep, token: _Token, request: Request) -> int:
+    if service.cluster is None and not service.moved:
+        guest_id = service.tokens.guest(token)
+    else:
+        guest_id = await guest_of(service, request.scope)  # NotHome: a 307 to the home
     if service.limits.enabled:
         service.limits.charge(guest_id)  # 429 when over the guest's own request rate
     return guest_id

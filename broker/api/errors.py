@@ -3,6 +3,7 @@
 The shell's own tree (the core has its own in ``broker.core.errors``)::
 
     ApiError                      status code
+    ├── NotHome                   307  not_home         another broker is the guest's home
     ├── BadInput                  400  bad_request      malformed path, body or batch
     │   ├── BadJson               400  bad_json
     │   ├── BadBatch              400  bad_batch
@@ -11,6 +12,7 @@ The shell's own tree (the core has its own in ``broker.core.errors``)::
     ├── Forbidden                 403  forbidden        a valid token on the wrong side
     ├── UnknownNotice             404  unknown_notice
     ├── ImportDeclined            409  import_declined  an import this broker cannot take whole
+    ├── NotACluster               409  not_a_cluster    a cluster call made to a single host
     ├── BodyTooLarge              413  body_too_large
     └── RateLimited               429  rate_limited     over the guest's own rate limit
         └── TooManyWaiters        429  too_many_waiters too many long-polls/WebSockets
@@ -49,6 +51,19 @@ class ApiError(Exception):
     code: ClassVar[str] = "bad_request"
 
 
+class NotHome(ApiError):
+    """Another broker of the cluster is the guest's home: ``307`` with ``Location`` on the
+    home's URL and the same path (docs/scale.md, "Redirects")."""
+
+    status = 307
+    code = "not_home"
+
+    def __init__(self, location: str, broker_id: str = "") -> None:
+        super().__init__(f"the guest's home is broker {broker_id or '?'} at {location}")
+        self.location = location
+        self.broker_id = broker_id
+
+
 class BadInput(ApiError):
     status = 400
     code = "bad_request"
@@ -69,6 +84,11 @@ class BadExport(BadInput):
 class ImportDeclined(ApiError):
     status = 409
     code = "import_declined"
+
+
+class NotACluster(ApiError):
+    status = 409
+    code = "not_a_cluster"
 
 
 class Unauthorised(ApiError):
@@ -165,6 +185,8 @@ def error_response(exc: Exception) -> Response:
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(exc.retry_after)}
         return json_error(exc.status, exc.code, str(exc), headers=headers)
+    if isinstance(exc, NotHome):
+        return json_error(exc.status, exc.code, str(exc), headers={"Location": exc.location})
     if isinstance(exc, TmemError | ApiError):
         return json_error(exc.status, exc.code, str(exc) or exc.code.replace("_", " "))
     if isinstance(exc, ClusterUnavailable):

@@ -14,6 +14,7 @@ from broker.api.deps import GuestDep, ServiceDep
 from broker.api.errors import ApiError, RateLimited, UnknownNotice, error_response
 from broker.api.notices import MAX_WAIT_SECONDS
 from broker.api.service import BrokerService
+from broker.cluster.routing import target_of
 from schemas.wire import Ack, Notice, PoolCreate, PoolInfo, Pressure, SelfInfo, ShedCandidate
 
 # Ids are bounded by what their SQL columns hold (INTEGER, BIGINT), so an absurd id is a 422,
@@ -97,6 +98,9 @@ async def notices_ws(websocket: WebSocket, after: After = 0) -> None:
     token = bearer_token(websocket.scope) or websocket.query_params.get("token") or None
     try:
         guest_id = service.tokens.guest(token)
+        if service.cluster is not None and not service.cluster.serves(guest_id):
+            # the home pushes the guest's notices: a 307 there (docs/scale.md)
+            await service.cluster.route(guest_id, target_of(websocket.scope))
         if service.limits.enabled:
             service.limits.charge(guest_id)
     except ApiError as exc:

@@ -21,6 +21,8 @@ from broker.api.auth import bearer_token
 from broker.api.body import read_body
 from broker.api.errors import HANDLED, MISS, NOT_STORED, BadBatch, error_response
 from broker.api.service import BrokerService, ServiceBox
+from broker.cluster.errors import Fenced
+from broker.cluster.routing import fenced_redirect, guest_of
 from broker.core.errors import BadHandle, BadPageSize
 from schemas.batch import (
     BATCH_CONTENT_TYPE,
@@ -59,14 +61,18 @@ class PageEndpoint:
     """One hot route as a plain ASGI app: runs ``handler(scope, receive)`` and sends its answer;
     an error of :data:`~broker.api.errors.HANDLED` becomes its answer (``error_response``)."""
 
-    __slots__ = ("handler",)
+    __slots__ = ("box", "handler")
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, box: ServiceBox) -> None:
         self.handler = handler
+        self.box = box
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             response = await self.handler(scope, receive)
+        except Fenced as exc:
+            # another broker took the guest (a higher epoch): a redirect there, never a 5xx
+            response = error_response(await fenced_redirect(self.box.service, exc, scope))
         except HANDLED as exc:
             response = error_response(exc)
         await response(scope, receive, send)
@@ -81,11 +87,11 @@ class GuestPages:
 
     def __init__(self, box: ServiceBox) -> None:
         self.box = box
-        self.put_page = PageEndpoint(self._put_page)
-        self.get_page = PageEndpoint(self._get_page)
-        self.flush_page = PageEndpoint(self._flush_page)
-        self.flush_object = PageEndpoint(self._flush_object)
-        self.batch = PageEndpoint(self._batch)
+        self.put_page = PageEndpoint(self._put_page, box)
+        self.get_page = PageEndpoint(self._get_page, box)
+        self.flush_page = PageEndpoint(self._flush_page, box)
+        self.flush_object = PageEndpoint(self._flush_object, box)
+        self.batch = PageEndpoint(self._batch, box)
 
     def routes(self) -> list[Route]:
         """The Starlette routes of the endpoints (the app's router serves them)."""
@@ -104,7 +110,10 @@ class GuestPages:
         assert service is not None  # routes run only after the lifespan started
         if not service.ready.is_set():
             await service.ready.wait()  # the journal is still being reloaded
-        guest_id = service.tokens.guest(bearer_token(scope))
+        if service.cluster is None and not service.moved:
+            guest_id = service.tokens.guest(bearer_token(scope))
+        else:
+            guest_id = await guest_of(service, scope)  # NotHome: a 307 to the guest's home
         if service.limits.enabled:
             service.limits.charge(guest_id, pages=pages)
         return service, guest_id, _decimal(scope["path_params"]["pool_id"], 0x7FFFFFFF, "pool_id")

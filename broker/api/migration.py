@@ -64,7 +64,8 @@ async def export_guest(service: BrokerService, guest_id: int) -> StreamingRespon
                 compress=record.compress,
             ),
             pools=_persistent_pools(service, guest_id),
-            source={"guest_id": guest_id},
+            # the token's hash (never the token) lets an import with keep_token keep it
+            source={"guest_id": guest_id, "token_sha256": record.token_hash.hex()},
         )
     except BaseException:
         if not was_frozen:
@@ -130,10 +131,22 @@ async def _read_stream(
     return dec.header, pages
 
 
-async def import_guest(service: BrokerService, body: AsyncIterator[bytes]) -> Imported:
-    """Recreate the guest of the export stream ``body`` (a request's body chunks): new id and
-    token, same name, pools and pages; all of it, or (on any failure) nothing."""
+async def import_guest(
+    service: BrokerService, body: AsyncIterator[bytes], *, keep_token: bool = False
+) -> Imported:
+    """Recreate the guest of the export stream ``body`` (a request's body chunks): new id,
+    same name, pools and pages; all of it, or (on any failure) nothing. ``keep_token``: the
+    guest keeps the token it had at the source (the stream carries its hash; the answer's
+    ``token`` is then empty), else it gets a new one."""
     header, pages = await _read_stream(body, service)
+    token_hash: bytes | None = None
+    if keep_token:
+        try:
+            token_hash = bytes.fromhex(str(header.source.get("token_sha256") or ""))
+        except ValueError:
+            token_hash = b""
+        if len(token_hash) != 32:
+            raise BadExport("keep_token: the stream carries no token hash (an older export)")
     g = header.guest
     # Created without a cap so that a guest over its cap (a shed in progress) still arrives
     # whole; the cap is set once the pages are in.
@@ -144,7 +157,8 @@ async def import_guest(service: BrokerService, body: AsyncIterator[bytes]) -> Im
             cap_pages=None,
             dedup_domain=g.dedup_domain,
             compress=g.compress,
-        )
+        ),
+        token_hash=token_hash,
     )
     guest_id = record.guest_id
     try:

@@ -32,6 +32,9 @@ async def readyz(request: Request) -> JSONResponse:
     body: dict[str, Any] = {"status": "ready", "guests": len(service.guests)}
     if service.pressure_loop is not None:
         body["pressure_loop"] = as_json(service.pressure_loop.heartbeat())
+    if service.cluster is not None:
+        # the cluster control loop's heartbeat (docs/scale.md): leases, steps, last error
+        body["cluster"] = service.cluster.status()
     return JSONResponse(body)
 
 

@@ -10,10 +10,12 @@ for SQLite and PostgreSQL, while the event loop never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +39,9 @@ from schemas.wire import (
     PoolInfo,
     Pressure,
 )
+
+if TYPE_CHECKING:
+    from broker.cluster.control import ClusterControl
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,11 @@ class BrokerService:
         self.hub = hub
         self.journal = journal
         self.guests: dict[int, GuestRecord] = {}
+        # cluster mode (serve --cluster): which guests this broker serves, where the others
+        # live (broker/cluster/control.py); None in single-host mode
+        self.cluster: ClusterControl | None = None
+        # guests moved away by `tmem-broker migrate`: token hash -> the new broker's URL
+        self.moved: dict[bytes, str] = {}
         self.pressure: dict[int, PressureReport] = {}
         self.ready = asyncio.Event()
         self.started_at = time.time()
@@ -73,6 +83,9 @@ class BrokerService:
         # Admin and pool changes are serialised: each is a core change plus a SQL write, and
         # two interleaved ones (say, delete guest while creating its pool) must not cross.
         self.lock = asyncio.Lock()
+        # called with a guest's id as it is deleted, under ``lock``, before the core forgets
+        # it: what serves the guest outside the core stops (the broker's NBD exports)
+        self.guest_removers: list[Callable[[int], Awaitable[None]]] = []
         # memory-pressure policy (docs/pressure.md); the lifespan starts and stops it
         self.pressure_loop = PressureLoop(
             core,
@@ -138,6 +151,69 @@ class BrokerService:
                 log.warning("pool %d of guest %d not restored: %s", p.pool_id, p.guest_id, exc)
         return len(self.guests), pools
 
+    # cluster mode --------------------------------------------------------------------------
+
+    def install_guest(self, record: GuestRecord, pools: list[PoolRecord]) -> None:
+        """Bring a guest this broker is about to serve up to date with SQL: its settings,
+        token and pools (cluster mode: another broker may have changed them)."""
+        gid = record.guest_id
+        if gid in self.guests:
+            self.core.update_guest(
+                gid,
+                weight=record.weight,
+                cap_pages=record.cap_pages,
+                compress=record.compress,
+                dedup_domain=record.dedup_domain,
+            )
+            (self.core.freeze if record.frozen else self.core.thaw)(gid)
+        else:
+            self.core.add_guest(
+                gid,
+                name=record.name,
+                weight=record.weight,
+                cap_pages=record.cap_pages,
+                dedup_domain=record.dedup_domain,
+                compress=record.compress,
+                frozen=record.frozen,
+            )
+            self.tokens.add(record.token_hash, gid)
+        self.guests[gid] = record
+        have = {p.pool_id for p in self.core.pools(gid)}
+        for p in pools:
+            if p.pool_id in have:
+                continue
+            try:
+                self.core.create_pool(
+                    gid,
+                    p.kind,
+                    shared=p.shared,
+                    uuid=p.uuid,
+                    exclusive_gets=p.exclusive_gets,
+                    pool_id=p.pool_id,
+                )
+            except TmemError as exc:
+                log.warning("pool %d of guest %d not restored: %s", p.pool_id, gid, exc)
+
+    def sync_guests(self, records: list[GuestRecord], *, keep: set[int], known: set[int]) -> None:
+        """Learn guests created through other brokers and forget deleted ones (cluster mode);
+        the ones in ``keep`` (served here) keep their state, the others take SQL's record.
+        Only guests in ``known`` (known before ``records`` were read) can be found deleted."""
+        seen = set()
+        for record in records:
+            gid = record.guest_id
+            seen.add(gid)
+            if gid not in self.guests:
+                self.install_guest(record, [])
+            elif gid not in keep:
+                self.guests[gid] = record
+        for gid in [g for g in self.guests if g not in seen and g in known]:
+            self.tokens.remove_guest(gid)
+            self.guests.pop(gid, None)
+            self.pressure.pop(gid, None)
+            self.limits.forget(gid)
+            with contextlib.suppress(TmemError):
+                self.core.remove_guest(gid)
+
     # guests ------------------------------------------------------------------------------
 
     def guest_record(self, guest_id: int) -> GuestRecord:
@@ -188,14 +264,19 @@ class BrokerService:
         )
         return info
 
-    async def create_guest(self, body: GuestCreate) -> tuple[GuestRecord, str]:
-        """Create a guest; returns it and its token (shown once, stored only as a hash)."""
-        token = new_token()
+    async def create_guest(
+        self, body: GuestCreate, *, token_hash: bytes | None = None
+    ) -> tuple[GuestRecord, str]:
+        """Create a guest; returns it and its token (shown once, stored only as a hash).
+        ``token_hash``: the guest keeps the token of that hash (a migration; the token
+        returned is then empty: this broker never knew it)."""
+        token = "" if token_hash is not None else new_token()
+        digest = token_hash if token_hash is not None else hash_token(token)
         async with self.lock:
             record = await run_in_threadpool(
                 lambda: self.repo.create_guest(
                     name=body.name,
-                    token_hash=hash_token(token),
+                    token_hash=digest,
                     weight=body.weight,
                     cap_pages=body.cap_pages,
                     dedup_domain=body.dedup_domain,
@@ -217,6 +298,11 @@ class BrokerService:
                 raise
             self.guests[record.guest_id] = record
             self.tokens.add(record.token_hash, record.guest_id)
+            if self.moved.pop(record.token_hash, None) is not None:
+                # the guest comes back to this broker: its token is served here again
+                await run_in_threadpool(self.repo.forget_move, record.token_hash)
+        if self.cluster is not None:
+            await self.cluster.place_new_guest(record.guest_id)
         log.info("created guest %d (%s)", record.guest_id, record.name)
         return record, token
 
@@ -263,11 +349,24 @@ class BrokerService:
             self.guests.pop(guest_id, None)
             self.pressure.pop(guest_id, None)
             self.limits.forget(guest_id)
+            for remover in self.guest_removers:
+                await remover(guest_id)
             self.core.remove_guest(guest_id)
+            if self.cluster is not None:
+                self.cluster.serving.pop(guest_id, None)
             await self.barrier()
             await run_in_threadpool(self.repo.delete_guest, guest_id)
             self.hub.forget(guest_id)
         log.info("deleted guest %d", guest_id)
+
+    async def move_away(self, guest_id: int, url: str) -> None:
+        """The guest now lives at the broker ``url`` (``tmem-broker migrate`` verified it there):
+        delete it here and answer its token's calls with a redirect to ``url`` from now on."""
+        record = self.guest_record(guest_id)
+        await run_in_threadpool(self.repo.add_move, record.token_hash, record.name, url)
+        self.moved[record.token_hash] = url
+        await self.delete_guest(guest_id)
+        log.info("guest %d (%s) moved to %s", guest_id, record.name, url)
 
     async def set_shared_auth(self, uuid: str, guest_id: int, allow: bool) -> None:
         async with self.lock:

@@ -154,6 +154,12 @@ class PageMoves:
         _g, pool = self._reg.pool(guest_id, pool_id)
         return read_pages(self._table, pool, pool_handles(pool))
 
+    def pool_handles(self, guest_id: int, pool_id: int) -> list[tuple[int, int]]:
+        """Every handle ``(oid, index)`` a pool holds now, without touching a page (what an
+        export re-opened after a restart needs to know where its blocks are)."""
+        _g, pool = self._reg.pool(guest_id, pool_id)
+        return [(oid, index) for oid, indexes in pool_handles(pool) for index in indexes]
+
     def shed_candidates(self, guest_id: int, limit: int) -> list[tuple[int, int, int]]:
         """The guest's ``limit`` (>= 0) coldest persistent pages by last access, coldest
         first, as ``(pool_id, oid, index)`` (:func:`broker.core.restore.shed_candidates`)."""

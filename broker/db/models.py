@@ -121,3 +121,61 @@ class SettingRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class BrokerRow(Base):
+    """A broker of a cluster (``serve --cluster``): its advertised URL, its heartbeat and the
+    figures it last published (the JSON of its ``/v1/stats``), which any broker sums for the
+    pool's stats. A broker whose heartbeat is older than the lease time is dead."""
+
+    __tablename__ = "brokers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url: Mapped[str] = mapped_column(String(512))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    figures: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class GuestHomeRow(Base):
+    """A guest's home broker: the only writer of its handles, held as a lease.
+
+    ``epoch`` is the fencing number: it grows by one every time the holder changes, and the
+    page store refuses writes made under an older one. ``broker_id`` null: released, nobody
+    holds it (the next holder bumps the epoch)."""
+
+    __tablename__ = "guest_homes"
+
+    guest_id: Mapped[int] = mapped_column(
+        ForeignKey("guests.id", ondelete="CASCADE"), primary_key=True
+    )
+    broker_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class GuestMoveRow(Base):
+    """A guest moved to another broker by ``tmem-broker migrate``: its token (hash) now
+    belongs there, and this broker answers that token's calls with a redirect to ``url``."""
+
+    __tablename__ = "guest_moves"
+
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(String(512))
+    moved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class NbdExportRow(Base):
+    """An NBD export the broker serves itself (``--nbd-dir``): re-created at start over the
+    same persistent pool, so it outlives a broker restart; gone with ``DELETE`` or its guest."""
+
+    __tablename__ = "nbd_exports"
+
+    guest_id: Mapped[int] = mapped_column(
+        ForeignKey("guests.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    pool_id: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

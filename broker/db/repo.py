@@ -18,7 +18,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.core.errors import GuestExists, UnknownGuest
-from broker.db.models import DomainRow, GuestRow, NoticeRow, PoolRow, SettingRow, SharedAuthRow
+from broker.db.models import (
+    DomainRow,
+    GuestHomeRow,
+    GuestMoveRow,
+    GuestRow,
+    NbdExportRow,
+    NoticeRow,
+    PoolRow,
+    SettingRow,
+    SharedAuthRow,
+)
 
 
 def utcnow() -> datetime:
@@ -58,6 +68,16 @@ class PoolRecord:
     shared: bool
     uuid: str | None
     exclusive_gets: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NbdExportRecord:
+    """An NBD export the broker serves itself: its guest, name, size and pool."""
+
+    guest_id: int
+    name: str
+    size: int
+    pool_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +204,7 @@ class Repository:
         with self._begin() as session, session.begin():
             # Explicit deletes rather than relying on ON DELETE CASCADE, which SQLite only
             # honours with the foreign_keys pragma on.
-            for table in (NoticeRow, PoolRow, SharedAuthRow):
+            for table in (NoticeRow, NbdExportRow, PoolRow, SharedAuthRow, GuestHomeRow):
                 session.execute(delete(table).where(table.guest_id == guest_id))
             result = session.execute(delete(GuestRow).where(GuestRow.id == guest_id))
             if result.rowcount == 0:  # type: ignore[attr-defined]
@@ -212,10 +232,72 @@ class Repository:
                 delete(PoolRow).where(PoolRow.guest_id == guest_id, PoolRow.pool_id == pool_id)
             )
 
+    # NBD exports served by the broker ----------------------------------------------------
+
+    def add_nbd_export(self, record: NbdExportRecord) -> None:
+        with self._begin() as session, session.begin():
+            session.add(
+                NbdExportRow(
+                    guest_id=record.guest_id,
+                    name=record.name,
+                    size=record.size,
+                    pool_id=record.pool_id,
+                    created_at=utcnow(),
+                )
+            )
+
+    def delete_nbd_export(self, guest_id: int, name: str) -> None:
+        with self._begin() as session, session.begin():
+            session.execute(
+                delete(NbdExportRow).where(
+                    NbdExportRow.guest_id == guest_id, NbdExportRow.name == name
+                )
+            )
+
+    def nbd_exports(self) -> list[NbdExportRecord]:
+        with self._begin() as session:
+            rows = session.scalars(
+                select(NbdExportRow).order_by(NbdExportRow.guest_id, NbdExportRow.name)
+            )
+            return [NbdExportRecord(r.guest_id, r.name, r.size, r.pool_id) for r in rows]
+
     def pools(self) -> list[PoolRecord]:
         with self._begin() as session:
             stmt = select(PoolRow).order_by(PoolRow.guest_id, PoolRow.pool_id)
             return [_pool(r) for r in session.scalars(stmt)]
+
+    def pools_of(self, guest_id: int) -> list[PoolRecord]:
+        with self._begin() as session:
+            stmt = select(PoolRow).where(PoolRow.guest_id == guest_id).order_by(PoolRow.pool_id)
+            return [_pool(r) for r in session.scalars(stmt)]
+
+    def guest_by_token_hash(self, token_hash: bytes) -> GuestRecord | None:
+        with self._begin() as session:
+            row = session.scalars(select(GuestRow).where(GuestRow.token_hash == token_hash)).first()
+            return None if row is None else _guest(row)
+
+    # guests moved away (tmem-broker migrate) -----------------------------------------------
+
+    def add_move(self, token_hash: bytes, name: str, url: str) -> None:
+        """Remember that the guest with this token now lives at ``url`` (replacing any older
+        move of the same token)."""
+        with self._begin() as session, session.begin():
+            row = session.get(GuestMoveRow, token_hash)
+            if row is None:
+                session.add(
+                    GuestMoveRow(token_hash=token_hash, name=name, url=url, moved_at=utcnow())
+                )
+            else:
+                row.name, row.url, row.moved_at = name, url, utcnow()
+
+    def moves(self) -> dict[bytes, str]:
+        """Token hash -> the URL of the broker its guest moved to."""
+        with self._begin() as session:
+            return {bytes(r.token_hash): r.url for r in session.scalars(select(GuestMoveRow))}
+
+    def forget_move(self, token_hash: bytes) -> None:
+        with self._begin() as session, session.begin():
+            session.execute(delete(GuestMoveRow).where(GuestMoveRow.token_hash == token_hash))
 
     # shared-pool authorisations -----------------------------------------------------------
 

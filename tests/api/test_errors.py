@@ -32,8 +32,16 @@ CLASSES = [
     c
     for c in _subclasses(TmemError) + _subclasses(ApiError)
     if c.__module__ in (core_errors.__name__, api_errors.__name__)
-    and c not in (TmemError, ApiError)
+    and c not in (TmemError, ApiError, api_errors.NotHome)
 ]
+
+
+def test_not_home_is_a_redirect_to_the_home() -> None:
+    url = "http://10.0.0.2:8470/v1/pools/0/batch"
+    response = error_response(api_errors.NotHome(url, "b2"))
+    assert response.status_code == 307
+    assert response.headers["location"] == url
+    assert json.loads(bytes(response.body))["error"]["code"] == "not_home"
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

@@ -11,7 +11,18 @@ from sqlalchemy import inspect
 from broker.db.engine import downgrade, make_engine, upgrade
 from broker.db.models import Base
 
-TABLES = {"guests", "pools", "shared_auth", "notices", "settings", "domains"}
+TABLES = {
+    "guests",
+    "pools",
+    "shared_auth",
+    "notices",
+    "settings",
+    "domains",
+    "nbd_exports",
+    "brokers",
+    "guest_homes",
+    "guest_moves",
+}
 
 
 def _tables(url: str) -> set[str]:

@@ -60,7 +60,11 @@ class BrokerProcess:
         durability: str = "sync",
         capacity: str = "2GiB",
         port: int | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_args = list(extra_args or [])
+        self.extra_env = dict(env or {})
         self.data_dir = data_dir
         self.durability = durability
         self.capacity = capacity
@@ -74,7 +78,7 @@ class BrokerProcess:
 
     def start(self, timeout: float = 60.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "TMEM_ADMIN_TOKEN": ADMIN}
+        env = {**os.environ, "TMEM_ADMIN_TOKEN": ADMIN, **self.extra_env}
         logf = self.log.open("ab")
         self.proc = subprocess.Popen(
             dies_with_us(
@@ -91,6 +95,7 @@ class BrokerProcess:
                     self.capacity,
                     "--durability",
                     self.durability,
+                    *self.extra_args,
                 ]
             ),
             env=env,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_agent.client import TmemClient
 from schemas.batch import (
     BATCH_CONTENT_TYPE,
     OP_GET,
@@ -149,8 +150,17 @@ def test_export_import_and_migrate_50k_pages(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         moved = json.loads(done.stdout.decode().strip().splitlines()[-1])
-        new_token = moved["token"]
+        assert moved["kept_token"] is True and "token" not in moved
+        new_token = token  # the guest keeps its token
         assert f"{PAGES} persistent pages" in done.stderr.decode()
+        # the source sends the guest's calls on to the destination, same path, and its agent
+        # (TmemClient, the shims, the NBD export) follows and remembers it
+        status, body = a.call("GET", "/v1/pools/0/objects/1/pages/0", token=token)
+        assert status == 307, body[:300]
+        assert json.loads(body)["error"]["code"] == "not_home"
+        with TmemClient(a.url, token) as follower:
+            assert follower.self_info().name == "mover"
+            assert follower.base_url == b.url
 
         # The source no longer has the guest; the destination has it, settings and pools intact.
         status, _ = a.call("GET", f"/v1/guests/{gid}")
@@ -223,6 +233,49 @@ def test_a_failed_move_keeps_the_guest_at_the_source(tmp_path: Path) -> None:
         assert [r.page for r in results] == [content(i + 2) for i in range(100)]
         with pytest.raises(MigrationError, match="no guest named"):
             migrate(a.url, b.url, "nobody", from_token=ADMIN, to_token=ADMIN)
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_frontswap_shim_follows_its_guest_to_the_new_broker(tmp_path: Path) -> None:
+    """tmem-broker migrate with the token kept, while a Frontswap shim keeps swapping: pages
+    stored before, during (the guest frozen: declined to the fallback) and after the move all
+    load back, and the shim ends up talking to the destination by itself."""
+    from broker.migrate import migrate
+    from guest_agent import Frontswap
+
+    a = BrokerProcess(tmp_path / "a", durability="none")
+    b = BrokerProcess(tmp_path / "b", durability="none")
+    a.start()
+    b.start()
+    try:
+        _, token = a.new_guest("swapper")
+        want: dict[int, bytes] = {}
+        with TmemClient(a.url, token) as client:
+            fs = Frontswap(client, tmp_path / "swap.fallback")
+            try:
+                fs.init(0)
+                for off in range(0, 3000):
+                    want[off] = content(off)
+                    fs.store(0, off, want[off])
+                assert fs.broker_pages == 3000
+                result = migrate(a.url, b.url, "swapper", from_token=ADMIN, to_token=ADMIN)
+                assert result.pages == 3000 and result.token == ""
+                # the shim carries on with the same client and token: new pages go to b
+                for off in range(3000, 3500):
+                    want[off] = content(off)
+                    assert fs.store(0, off, want[off])
+                assert client.base_url == b.url
+                for off, data in want.items():
+                    assert fs.load(0, off) == data, off
+                assert fs.fallback_pages == 0
+            finally:
+                fs.close(destroy_pool=False)  # the count below reads the pool
+        there = b.json("GET", "/v1/guests")
+        assert [g["name"] for g in there] == ["swapper"]
+        assert sum(p["pages"] for p in there[0]["pools"]) == 3500
     finally:
         a.stop()
         b.stop()

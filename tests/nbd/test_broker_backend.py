@@ -395,3 +395,58 @@ async def test_write_block_now_stores_declines_to_the_file_and_flush_waits(tmp_p
     await backend.flush()
     assert client.barriers == 1
     await backend.close()
+
+
+@pytest.mark.parametrize("punch", [True, False], ids=["holes", "no-holes"])
+async def test_reopen_over_the_pool_and_file_reads_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punch: bool
+) -> None:
+    """What the broker's own exports rely on across a restart: the pool and the fallback file
+    alone say where every block is (writes, zeroes, declines, sheds, quota freed)."""
+    if not punch:  # a filesystem that cannot punch holes: zeros are written instead
+        monkeypatch.setattr("guest_agent.nbd.broker_backend._fallocate", None)
+    client = FakeClient(cap=24)
+    blocks = 64
+    backend = await make(tmp_path, client, blocks=blocks)
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    size = blocks * BLOCK_SIZE
+    model = bytearray(size)
+    rng = random.Random(5)
+    for _ in range(300):
+        offset = rng.randrange(size)
+        length = rng.randrange(1, min(size - offset, 3 * BLOCK_SIZE) + 1)
+        roll = rng.random()
+        if roll < 0.55:
+            data = rng.randbytes(length)
+            await dispatcher.write(offset, data)
+            model[offset : offset + length] = data
+        elif roll < 0.85:
+            await dispatcher.zero(offset, length)
+            model[offset : offset + length] = bytes(length)
+        else:
+            await dispatcher.exclusive(lambda: backend.shed(3))
+    await dispatcher.flush()
+    await dispatcher.stop()
+    location = bytes(backend.location)
+    assert FALLBACK in location and BROKER in location and NOWHERE in location
+    await backend.close(keep_pool=True)
+    assert client.pools == {0}  # the pool stays
+
+    again = BrokerBackend.reopen(
+        client, 0, size=size, fallback_path=str(tmp_path / "fallback"),
+        broker_blocks=[index for _, index in client.pages],
+    )  # fmt: skip
+    if punch:
+        assert bytes(again.location) == location
+    else:  # every block outside the pool counts as in the file (holes read as zeros)
+        assert all(
+            was == now or (was == NOWHERE and now == FALLBACK)
+            for was, now in zip(location, again.location, strict=True)
+        )
+    dispatcher = Dispatcher(again)
+    dispatcher.start()
+    assert await dispatcher.read(0, size) == model
+    await dispatcher.stop()
+    await again.close()
+    assert client.pools == set()
