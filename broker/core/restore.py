@@ -47,6 +47,17 @@ def check_handle(oid: int, index: int) -> None:
         raise BadHandle(f"handle out of range: oid={oid} index={index}")
 
 
+def check_batch(ops: Sequence[BatchOp]) -> None:
+    """Raise on the first malformed op (unknown op, bad handle, a put without a whole page),
+    before any op of the batch is applied."""
+    for op, oid, index, page in ops:
+        if op not in _OPS:
+            raise BadRequest(f"unknown op {op}")
+        check_handle(oid, index)
+        if op == OP_PUT and (page is None or len(page) != PAGE_SIZE):
+            raise BadPageSize(f"a page is {PAGE_SIZE} bytes")
+
+
 def restore_pages(
     table: PageTable,
     pool: Pool,
@@ -175,12 +186,7 @@ class PageMoves:
         is validated first: a malformed one (unknown op, bad handle, bad page) raises and
         nothing is applied."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        for op, oid, index, page in ops:
-            if op not in _OPS:
-                raise BadRequest(f"unknown op {op}")
-            check_handle(oid, index)
-            if op == OP_PUT and (page is None or len(page) != PAGE_SIZE):
-                raise BadPageSize(f"a page is {PAGE_SIZE} bytes")
+        check_batch(ops)
         out: list[tuple[int, bytes | None]] = []
         append = out.append
         for op, oid, index, page in ops:

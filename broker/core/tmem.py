@@ -69,7 +69,6 @@ from broker.core.registry import (
     check_weight,
     normalise_uuid,
 )
-from broker.core.restore import _OPS as _OPS  # (re-exported: broker.cluster.engine)
 from broker.core.restore import BatchOp as BatchOp
 from broker.core.restore import PageMoves, check_handle
 from broker.core.stats import Stats
@@ -82,9 +81,6 @@ from schemas.batch import (
     STATUS_POLICY,
     STATUS_QUOTA,
 )
-
-# the handle check, under the name broker.cluster.engine imports it by
-_check_handle = check_handle
 
 
 class Tmem(PageMoves, Stats):
@@ -470,7 +466,7 @@ class Tmem(PageMoves, Stats):
         g, pool = self._reg.pool(guest_id, pool_id)
         if len(data) != PAGE_SIZE:
             raise BadPageSize(f"a page is {PAGE_SIZE} bytes, not {len(data)}")
-        _check_handle(oid, index)
+        check_handle(oid, index)
         return self._put(g, pool, pool_id, oid, index, data)
 
     def _put(
@@ -603,7 +599,7 @@ class Tmem(PageMoves, Stats):
         """The page at the handle or None (a miss). Exclusive (the page leaves) in private
         ephemeral pools and in persistent pools made with ``exclusive_gets``."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        _check_handle(oid, index)
+        check_handle(oid, index)
         return self._get(g, pool, pool_id, oid, index)
 
     def _get(self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int) -> bytes | None:
@@ -667,7 +663,7 @@ class Tmem(PageMoves, Stats):
     def flush_page(self, guest_id: int, pool_id: int, oid: int, index: int) -> bool:
         """Remove the page at the handle; True when there was one. Idempotent."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        _check_handle(oid, index)
+        check_handle(oid, index)
         return self._flush_page(g, pool, pool_id, oid, index)
 
     def _flush_page(self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int) -> bool:
@@ -684,7 +680,7 @@ class Tmem(PageMoves, Stats):
     def flush_object(self, guest_id: int, pool_id: int, oid: int) -> int:
         """Remove every page of the object; returns how many. Idempotent. O(its pages)."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        _check_handle(oid, 0)
+        check_handle(oid, 0)
         return self._flush_object(g, pool, pool_id, oid)
 
     def _flush_object(self, g: Guest, pool: Pool, pool_id: int, oid: int) -> int:
