@@ -19,6 +19,15 @@ is retried with backoff, resuming after the last sequence number yielded, so a n
 yielded once even across reconnects (sequence numbers only grow, also across broker restarts).
 A 401/403 raises :class:`~guest_agent.errors.AuthError`/``Forbidden``.
 
+In a cluster of brokers (docs/scale.md) only the guest's home pushes its notices; any other
+broker answers the handshake with ``307`` and ``Location`` on the home. The stream follows it
+with the same token, under the same bounds as the clients (:mod:`guest_agent.redirects`: at
+most ``MAX_HOPS``, a loop is :class:`~guest_agent.errors.BrokerUnavailable` and retried), and
+keeps the home's address for its reconnects. When the home moves, the old home closes the
+socket (or answers the next handshake with 307) and the stream reconnects to the new one; when
+the remembered home does not answer at all, it goes back to the broker it was given
+(:attr:`NoticeStream.first_url`), which knows the current home.
+
 :class:`NoticeHandler` hands each notice to :meth:`Frontswap.handle_notice` in a worker thread
 (the shim's calls block) and acks every ``shed`` with the number of pages it returned.
 """
@@ -32,8 +41,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.asyncio.client import unix_connect as ws_unix_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from guest_agent.client import AsyncTmemClient
@@ -47,8 +56,9 @@ from guest_agent.errors import (
     ServerError,
     TmemClientError,
 )
+from guest_agent.redirects import REDIRECTED_HEADER, REDIRECTS, Chain, new_base
 from guest_agent.shims import Frontswap
-from guest_agent.transport import unix_socket_path
+from guest_agent.transport import Response, unix_socket_path
 from schemas.wire import Notice
 
 __all__ = ["NoticeHandler", "NoticeStream", "run_notices"]
@@ -56,11 +66,23 @@ __all__ = ["NoticeHandler", "NoticeStream", "run_notices"]
 
 def _ws_url(base_url: str, after: int) -> str:
     if unix_socket_path(base_url) is not None:
-        return f"ws://localhost/v1/notices/ws?after={after}"
+        return f"ws://localhost{_ws_target(after)}"
     parts = urlsplit(base_url)
     scheme = "wss" if parts.scheme == "https" else "ws"
     path = parts.path.rstrip("/") + "/v1/notices/ws"
     return urlunsplit((scheme, parts.netloc, path, f"after={after}", ""))
+
+
+def _ws_target(after: int) -> str:
+    return f"/v1/notices/ws?after={after}"
+
+
+class _Connect(ws_connect):
+    """``websockets``' connect without its own redirect following: a broker's 307 names an
+    ``http://`` Location, which it refuses, and the stream applies the clients' bounds."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
 
 
 class NoticeStream:
@@ -84,7 +106,8 @@ class NoticeStream:
         max_backoff: float = 5.0,
         client: AsyncTmemClient | None = None,
     ) -> None:
-        self.base_url = base_url
+        self.base_url = base_url  # the broker connected to: the home, once redirected there
+        self.first_url = base_url  # the broker given: asked again when the home is unreachable
         self.last_seq = after
         self.use_websocket = use_websocket
         self.poll_wait = poll_wait
@@ -129,7 +152,11 @@ class NoticeStream:
                     continue
             except (AuthError, Forbidden):
                 raise
-            except (BrokerUnavailable, ServerError, RateLimited, ProtocolError, OSError):
+            except OSError:
+                # the remembered home does not answer (it died, or the guest moved off a
+                # broker that stopped): ask the broker we were given where the home is now
+                self.base_url = self.first_url
+            except (BrokerUnavailable, ServerError, RateLimited, ProtocolError):
                 pass
             except WebSocketException:
                 pass
@@ -145,26 +172,8 @@ class NoticeStream:
         return [n for n in notices if self._fresh(n)]
 
     async def _websocket(self) -> AsyncIterator[Notice]:
-        url = _ws_url(self.base_url, self.last_seq)
-        headers = {"Authorization": f"Bearer {self._token}"}
-        try:
-            unix = unix_socket_path(self.base_url)
-            if unix is not None:
-                ws = await ws_unix_connect(
-                    unix, url, additional_headers=headers, proxy=None, open_timeout=10
-                )
-            else:
-                ws = await ws_connect(url, additional_headers=headers, proxy=None, open_timeout=10)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status == 401:
-                raise AuthError(401, "unauthorised", "notice WebSocket refused the token") from exc
-            if status == 403:
-                raise Forbidden(403, "forbidden", "notice WebSocket refused") from exc
-            if status >= 500:
-                raise ServerError(status, "http_error", "notice WebSocket handshake") from exc
-            # No WebSocket route here (404, 405, 426 behind a proxy...): long-poll from now on.
-            self.use_websocket = False
+        ws = await self._handshake()
+        if ws is None:
             return
         self.transport_in_use = "websocket"
         try:
@@ -178,6 +187,45 @@ class NoticeStream:
         finally:
             await ws.close()
         raise BrokerUnavailable("notice WebSocket closed")
+
+    async def _handshake(self) -> ClientConnection | None:
+        """Open the WebSocket at the guest's home, following redirects there (``None``: no
+        WebSocket route, long-poll from now on)."""
+        chain = Chain(self.base_url)
+        headers = {"Authorization": f"Bearer {self._token}"}
+        while True:
+            try:
+                return await self._open(self.base_url, headers)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                location = exc.response.headers.get("Location")
+                if status in REDIRECTS and location:
+                    target = _ws_target(self.last_seq)
+                    base = new_base(target, Response(status, headers={"location": location}))
+                    self.base_url = chain.next(base)
+                    # resent after a redirect: the home is asked of PostgreSQL, not a view
+                    headers = {**headers, REDIRECTED_HEADER[0]: REDIRECTED_HEADER[1]}
+                    continue
+                if status == 401:
+                    raise AuthError(
+                        401, "unauthorised", "notice WebSocket refused the token"
+                    ) from exc
+                if status == 403:
+                    raise Forbidden(403, "forbidden", "notice WebSocket refused") from exc
+                if status >= 500:
+                    raise ServerError(status, "http_error", "notice WebSocket handshake") from exc
+                # No WebSocket route here (404, 405, 426 behind a proxy...): long-poll from now on.
+                self.use_websocket = False
+                return None
+
+    async def _open(self, base_url: str, headers: dict[str, str]) -> ClientConnection:
+        url = _ws_url(base_url, self.last_seq)
+        unix = unix_socket_path(base_url)
+        if unix is not None:
+            return await _Connect(
+                url, unix=True, path=unix, additional_headers=headers, proxy=None, open_timeout=10
+            )
+        return await _Connect(url, additional_headers=headers, proxy=None, open_timeout=10)
 
 
 OnNotice = Callable[[Notice, "int | None"], "Awaitable[None] | None"]

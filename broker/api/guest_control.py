@@ -14,7 +14,7 @@ from broker.api.deps import GuestDep, ServiceDep
 from broker.api.errors import ApiError, RateLimited, UnknownNotice, error_response
 from broker.api.notices import MAX_WAIT_SECONDS
 from broker.api.service import BrokerService
-from broker.cluster.routing import target_of
+from broker.cluster.routing import guest_of_token, target_of, was_redirected
 from schemas.wire import Ack, Notice, PoolCreate, PoolInfo, Pressure, SelfInfo, ShedCandidate
 
 # Ids are bounded by what their SQL columns hold (INTEGER, BIGINT), so an absurd id is a 422,
@@ -97,10 +97,12 @@ async def notices_ws(websocket: WebSocket, after: After = 0) -> None:
     service: BrokerService = websocket.app.state.box.service
     token = bearer_token(websocket.scope) or websocket.query_params.get("token") or None
     try:
-        guest_id = service.tokens.guest(token)
+        guest_id = await guest_of_token(service, token, websocket.scope)
         if service.cluster is not None and not service.cluster.serves(guest_id):
             # the home pushes the guest's notices: a 307 there (docs/scale.md)
-            await service.cluster.route(guest_id, target_of(websocket.scope))
+            await service.cluster.route(
+                guest_id, target_of(websocket.scope), fresh=was_redirected(websocket.scope)
+            )
         if service.limits.enabled:
             service.limits.charge(guest_id)
     except ApiError as exc:
@@ -150,6 +152,9 @@ async def _push_notices(
                 await websocket.send_text(notice.model_dump_json())
                 last = notice.seq
             if guest_id not in service.guests:
+                break
+            if service.cluster is not None and not service.cluster.serves(guest_id):
+                # the guest moved: close, and the agent's reconnect is redirected to its home
                 break
     except WebSocketDisconnect:
         pass

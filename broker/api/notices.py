@@ -51,6 +51,8 @@ class NoticeHub:
         # published between its query and its wait still wakes it.
         self._events: dict[int, asyncio.Event] = {}
         self._closing = False
+        # how many times each guest was forgotten: a poll that sees the count change ends
+        self._forgotten: dict[int, int] = {}
         self.published = 0
         self.issued: dict[str, int] = {}  # notices published since start, by type
         # the latest notices to any guest, as (guest_id, notice): the dashboard's feed
@@ -104,6 +106,7 @@ class NoticeHub:
         """The guest's notices with ``seq > after``; waits up to ``wait`` s when there are none."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(max(wait, 0.0), MAX_WAIT_SECONDS)
+        forgotten = self._forgotten.get(guest_id, 0)
         self._active += 1
         self._idle.clear()
         try:
@@ -115,6 +118,8 @@ class NoticeHub:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._closing:
                     return []
+                if self._forgotten.get(guest_id, 0) != forgotten:
+                    return []  # deleted, or served elsewhere now: the caller decides what next
                 try:
                     await asyncio.wait_for(event.wait(), remaining)
                 except TimeoutError:
@@ -132,7 +137,9 @@ class NoticeHub:
         return record is not None
 
     def forget(self, guest_id: int) -> None:
-        """Wake the waiters of a deleted guest (they find nothing and return)."""
+        """End the waits of a guest deleted or no longer served here (a cluster's move): they
+        return what there is, maybe nothing (one int per guest ever forgotten)."""
+        self._forgotten[guest_id] = self._forgotten.get(guest_id, 0) + 1
         self._wake(guest_id)
 
     async def close(self, timeout: float = 5.0) -> None:

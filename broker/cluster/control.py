@@ -172,6 +172,8 @@ class ClusterControl:
         self.renewed.pop(guest_id, None)
         if self.serving.pop(guest_id, None) is None:
             return
+        # its notice WebSockets here end (their reconnect is redirected to the new home)
+        self.service.hub.forget(guest_id)
         release = getattr(self.service.core, "release", None)
         if release is not None:
             try:

@@ -43,15 +43,20 @@ async def guest_of(service: BrokerService, scope: Scope) -> int:
 
     Raises :class:`Unauthorised`/``Forbidden`` as ``TokenRegistry.guest`` does, and
     :class:`NotHome` when the guest lives at another broker (a cluster, or a migration)."""
-    token = bearer_token(scope)
-    try:
-        guest_id = service.tokens.guest(token)
-    except Unauthorised:
-        guest_id = await _unknown_token(service, token, scope)
+    guest_id = await guest_of_token(service, bearer_token(scope), scope)
     cluster = service.cluster
     if cluster is not None and not cluster.serves(guest_id):
         await cluster.route(guest_id, target_of(scope), fresh=was_redirected(scope))
     return guest_id
+
+
+async def guest_of_token(service: BrokerService, token: str | None, scope: Scope) -> int:
+    """The guest of ``token`` (also one created through another broker since the last sync,
+    or moved away by a migration: :class:`NotHome`); refusals as ``TokenRegistry.guest``."""
+    try:
+        return service.tokens.guest(token)
+    except Unauthorised:
+        return await _unknown_token(service, token, scope)
 
 
 REDIRECTED = b"x-tmem-redirected"  # set by the agents on a request they resend after a 307
