@@ -3,7 +3,9 @@ brokers in cluster mode (the session's Redis Cluster, a fresh PostgreSQL databas
 
 The stream is given the broker that is NOT the guest's home: the handshake's 307 is followed to
 the home (pushes, not long polls), and after an admin move of the guest the old home closes the
-socket and the reconnect is redirected to the new home, where the next notice is pushed."""
+socket and the reconnect is redirected to the new home, where the next notice is pushed. When
+the home is killed, the stream goes back to the broker it was given, which takes the guest over
+and pushes from then on."""
 
 from __future__ import annotations
 
@@ -68,6 +70,43 @@ def test_notice_websocket_follows_the_home(
                 assert stream.transport_in_use == "websocket"
                 assert stream.base_url == other.url
                 assert stream.last_seq == notice.seq
+            finally:
+                await it.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
+
+        asyncio.run(scenario())
+
+
+def test_notice_websocket_finds_the_new_home_after_a_kill(
+    tmp_path: Path, redis_cluster: RedisClusterProc, pg_url: str
+) -> None:
+    with ClusterBrokers(tmp_path, redis_cluster.seeds, pg_url, n=2, lease_s=LEASE) as brokers:
+        gid, token = brokers[0].new_guest("vm-notices-kill")
+        home_id = brokers.wait_home(gid)
+        other_id = "b1" if home_id == "b0" else "b0"
+        home, other = brokers.by_id(home_id), brokers.by_id(other_id)
+
+        async def scenario() -> None:
+            stream = NoticeStream(other.url, token, backoff=0.05, max_backoff=0.5)
+            it = stream.__aiter__()
+            try:
+                first = asyncio.ensure_future(_next(it))
+                while stream.transport_in_use != "websocket":
+                    await asyncio.sleep(0.05)
+                assert stream.base_url == home.url
+                home.kill()
+                # the dead home refuses connections: the stream asks the broker it was
+                # given again, which takes the guest over once the lease has run out
+                await asyncio.to_thread(brokers.wait_home, gid, not_on=home_id)
+                while stream.base_url != other.url:
+                    assert not first.done(), first
+                    await asyncio.sleep(0.1)
+                await asyncio.to_thread(
+                    other.json, "PATCH", f"/v1/guests/{gid}", {"cap_pages": 3000}
+                )
+                notice = await first
+                assert notice.type == "quota" and notice.cap_pages == 3000
+                assert stream.transport_in_use == "websocket"
             finally:
                 await it.aclose()  # type: ignore[attr-defined]
                 await stream.aclose()
