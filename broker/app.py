@@ -158,6 +158,12 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
             await service.cluster.start()
             log.info("broker %s joined the cluster at %s", broker_id, settings.cluster_url)
 
+        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
+        nbd = (
+            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
+        )
+        app.state.nbd_exports = nbd
+
         async def reload() -> None:
             try:
                 report = await reload_journal(journal, core)
@@ -166,33 +172,34 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
                 return
             if report.pages:
                 log.info("reloaded %d persistent pages", report.pages)
+            if nbd is not None:
+                # over the reloaded pools, before /readyz says ready
+                await nbd.restore()
             service.ready.set()
 
         if settings.cluster:
             # the pages are in the Redis Cluster: nothing to reload; guests are adopted
             # (their handle maps loaded) by the control loop as their leases come
             async def reload() -> None:
+                if nbd is not None:
+                    # not served again here: a guest's pages come with its lease, later
+                    await nbd.restore(serve=False)
                 service.ready.set()
 
         reloading = asyncio.create_task(reload(), name="tmem-journal-reload")
         # memory-pressure policy: steps once the reload is done (docs/pressure.md)
         await service.pressure_loop.start()
-        # NBD exports served by the broker itself (api/nbd_exports.py), with --nbd-dir
-        nbd = (
-            None if settings.nbd_dir is None else nbd_exports.NbdExports(service, settings.nbd_dir)
-        )
-        app.state.nbd_exports = nbd
         try:
             yield
         finally:
+            reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloading
             if nbd is not None:
                 await nbd.close()
             if service.cluster is not None:
                 await service.cluster.stop()  # hands its guests over at once
             await service.pressure_loop.stop()
-            reloading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reloading
             await hub.close()
             aclose = getattr(journal, "aclose", None)
             if aclose is not None:

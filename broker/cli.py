@@ -8,7 +8,7 @@
                       [--admin-token T]
     tmem-broker db upgrade [--database-url URL] [--data-dir ./var]
     tmem-broker admin {create-guest,list,show,set-guest,freeze,thaw,flush,delete,stats,
-                       shared-auth,domains,set-domain,set-compress} ...
+                       shared-auth,domains,set-domain,set-compress,shed} ...
     tmem-broker migrate --from URL --to URL --guest NAME [--from-token T] [--to-token T]
 
 Every ``serve`` flag is also read from ``TMEM_<FLAG>`` (``TMEM_CAPACITY=4GiB``). The admin
@@ -534,6 +534,31 @@ admin_app.command("freeze")(_guest_action("freeze"))
 admin_app.command("thaw")(_guest_action("thaw"))
 admin_app.command("flush")(_guest_action("flush"))
 admin_app.command("delete")(_guest_action("delete"))
+
+
+@admin_app.command("shed")
+def shed(
+    guest_id: int,
+    pages: Annotated[int, typer.Option(help="persistent pages the guest must return", min=1)],
+    deadline: Annotated[
+        float | None,
+        typer.Option(help="seconds it has (default: the broker's shed_deadline_s)", min=0.001),
+    ] = None,
+    url: UrlOpt = None,
+    admin_token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Ask a guest to return N persistent pages by a deadline (its coldest first); past the
+    deadline its quota binds (docs/pressure.md, "Sheds"). No page is ever dropped."""
+    with _client(url, admin_token, data_dir) as client:
+        issued = client.shed(guest_id, pages, deadline)
+    if issued.pages == 0:
+        console.print(f"guest {guest_id} holds no persistent page: nothing to shed")
+        return
+    console.print(
+        f"guest {guest_id}: shed {issued.pages} pages by {issued.deadline} "
+        f"(notice {issued.seq}); quota now {issued.cap_pages}"
+    )
 
 
 @admin_app.command("stats")

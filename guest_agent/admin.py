@@ -47,7 +47,7 @@ from guest_agent.errors import BrokerUnavailable, ProtocolError
 from guest_agent.redirects import Chain, is_redirect, new_base, resent
 from guest_agent.transport import HTTPTransport, Request, Response, StreamedResponse, Transport
 from schemas.export import EXPORT_CONTENT_TYPE
-from schemas.wire import CompressMode, DomainInfo, GuestCreated, GuestInfo, Imported
+from schemas.wire import CompressMode, DomainInfo, GuestCreated, GuestInfo, Imported, ShedIssued
 
 __all__ = ["UNSET", "AdminClient", "AdminGuest", "BrokerSettings", "ExportStream", "Unset"]
 
@@ -248,6 +248,16 @@ class AdminClient:
         """Flush every page of a guest (its pools stay)."""
         self._call("POST", f"/v1/guests/{int(guest_id)}/flush")
 
+    def shed(self, guest_id: int, pages: int, deadline_s: float | None = None) -> ShedIssued:
+        """``POST /v1/guests/{id}/shed``: ask the guest to return ``pages`` persistent pages
+        (its coldest first) within ``deadline_s`` seconds (None: the broker's default)."""
+        body: dict[str, Any] = {"pages": pages}
+        if deadline_s is not None:
+            body["deadline_s"] = deadline_s
+        return _parse(
+            ShedIssued, _json(self._call("POST", f"/v1/guests/{int(guest_id)}/shed", body))
+        )
+
     def shared_auth(self, uuid: str, guest_id: int, *, allow: bool = True) -> None:
         """Allow (or with ``allow=False`` withdraw) a guest's use of shared pool ``uuid``."""
         body = {"uuid": str(uuid), "guest_id": guest_id, "allow": allow}
@@ -346,7 +356,9 @@ def _parse_list(data: Any) -> list[AdminGuest]:
     return [_parse(AdminGuest, item) for item in data]
 
 
-_M = TypeVar("_M", GuestInfo, AdminGuest, GuestCreated, Imported, DomainInfo, BrokerSettings)
+_M = TypeVar(
+    "_M", GuestInfo, AdminGuest, GuestCreated, Imported, DomainInfo, BrokerSettings, ShedIssued
+)
 
 
 def _parse(model: type[_M], data: Any) -> _M:

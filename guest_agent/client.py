@@ -320,6 +320,19 @@ class _Base:
             raise ProtocolError(f"bad notices answer: {exc}") from exc
 
     @staticmethod
+    def _parse_candidates(response: Response) -> list[tuple[int, int, int]]:
+        if response.status != 200:
+            _raise_for(response)
+        data = _json(response)
+        try:
+            return [(int(c["pool_id"]), int(c["oid"]), int(c["index"])) for c in data]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProtocolError(f"bad shed candidates answer: {exc}") from exc
+
+    def _req_candidates(self, limit: int) -> Request:
+        return Request("GET", f"/v1/self/shed-candidates?limit={int(limit)}", b"", self._h_plain)
+
+    @staticmethod
     def _pressure_payload(
         psi_some_avg10: float | None,
         psi_full_avg10: float | None,
@@ -493,6 +506,11 @@ class TmemClient(_Base):
         )
         self._ok(self._send(req))
 
+    def shed_candidates(self, limit: int = 256) -> list[tuple[int, int, int]]:
+        """The guest's coldest persistent pages at the broker, coldest first, as
+        ``(pool_id, oid, index)`` (at most ``limit``, <= 4096): what a shed returns first."""
+        return self._parse_candidates(self._send(self._req_candidates(limit)))
+
     def report_pressure(
         self,
         *,
@@ -663,6 +681,11 @@ class AsyncTmemClient(_Base):
             "POST", f"/v1/notices/{int(seq)}/ack", {"pages_returned": pages_returned}
         )
         self._ok(await self._send(req))
+
+    async def shed_candidates(self, limit: int = 256) -> list[tuple[int, int, int]]:
+        """The guest's coldest persistent pages at the broker, coldest first, as
+        ``(pool_id, oid, index)`` (at most ``limit``, <= 4096): what a shed returns first."""
+        return self._parse_candidates(await self._send(self._req_candidates(limit)))
 
     async def report_pressure(
         self,

@@ -34,8 +34,10 @@ offering puts that would exceed the guest's cap (from ``GET /v1/self`` at ``init
 ``quota`` notices); after a ``quota`` decline it stops offering new pages until it has freed
 some, a new ``quota`` notice arrives or ``RetryPolicy.recheck_interval`` passes. A ``freeze``
 notice stops puts until ``thaw`` (a ``frozen`` decline, for ``recheck_interval``).
-``shed(n)`` (what a ``shed`` notice triggers, see :mod:`guest_agent.notices`) moves the ``n``
-oldest broker pages back into the fallback, syncs it and flushes them from the broker.
+``shed(n)`` (what a ``shed`` notice triggers, see :mod:`guest_agent.notices`) moves ``n``
+broker pages back into the fallback, syncs it and flushes them from the broker: first the
+ones the broker names as its coldest (``GET /v1/self/shed-candidates``, by last access), then
+the oldest stored.
 
 These rules are :class:`~guest_agent.placement.Placement`'s (written once, and followed by the
 NBD export too); the shim keeps the map of where each page lives and does the I/O.
@@ -83,6 +85,8 @@ from schemas.wire import Notice
 __all__ = ["Cleancache", "Frontswap", "RetryPolicy", "frontswap_handle"]
 
 Key = tuple[int, int]  # (swap type, offset)
+# a shed asks the broker for at most this many of its coldest pages (the endpoint's limit)
+SHED_CANDIDATES_MAX = 4096
 Handle = tuple[int, int]  # (oid, index) in the frontswap pool
 
 
@@ -470,9 +474,12 @@ class Frontswap:
             before = len(self._stale)
             self._flush_stale()
             returned += before - len(self._stale)
+            order = self._shed_order(pages - returned)
             while returned < pages and self._broker:
                 want = min(pages - returned, self.client.max_batch_ops)
-                keys = list(_take(self._broker, want))
+                keys = list(_take_present(order, self._broker, want))
+                if not keys:
+                    break
                 try:
                     data = self._load_from_broker(keys)
                 except PageUnavailable:
@@ -503,6 +510,22 @@ class Frontswap:
                 self.placement.freed()
         return returned
 
+    def _shed_order(self, pages: int) -> Iterator[Key]:
+        """Which pages a shed moves, first to last: the broker's coldest (by last access,
+        ``GET /v1/self/shed-candidates``) that this shim holds there, then the rest oldest
+        stored first (also when the broker cannot name them)."""
+        named: list[Key] = []
+        try:
+            candidates = self.client.shed_candidates(min(max(pages, 0), SHED_CANDIDATES_MAX))
+        except TmemClientError:
+            candidates = []
+        for pool_id, oid, index in candidates:
+            key = (oid >> 4, (index << 4) | (oid & 0xF))  # frontswap_handle, inverted
+            if pool_id == self.pool_id and key in self._broker:
+                named.append(key)
+        yield from named
+        yield from list(self._broker)
+
     def handle_notice(self, notice: Notice) -> int | None:
         """React to a broker notice; for a ``shed``, the pages returned (to ack)."""
         with self._lock:
@@ -530,11 +553,16 @@ class Frontswap:
             self.fallback.close()
 
 
-def _take(d: dict[Key, None], n: int) -> Iterator[Key]:
-    for i, key in enumerate(d):
-        if i >= n:
-            return
-        yield key
+def _take_present(order: Iterator[Key], held: dict[Key, None], n: int) -> Iterator[Key]:
+    """Up to ``n`` keys of ``order`` still in ``held``, each once (a named key comes again
+    in the oldest-first tail)."""
+    taken: set[Key] = set()
+    for key in order:
+        if key in held and key not in taken:
+            taken.add(key)
+            yield key
+            if len(taken) >= n:
+                return
 
 
 def _file_key(key: int | bytes) -> int:

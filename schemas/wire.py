@@ -123,6 +123,35 @@ class Ack(_Request):
     pages_returned: Annotated[int, Field(ge=0, le=1 << 40)] = 0
 
 
+class ShedRequest(_Request):
+    """``POST /v1/guests/{id}/shed``: return ``pages`` persistent pages within
+    ``deadline_s`` seconds (left out: the broker's ``shed_deadline_s``)."""
+
+    pages: Annotated[int, Field(ge=1, le=1 << 40)]
+    deadline_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+
+
+class ShedIssued(BaseModel):
+    """The answer to an admin shed: the pages asked (at most what the guest holds; 0: it
+    holds none and nothing was sent), the shed notice's ``seq`` and ``deadline``, and the
+    guest's quota now."""
+
+    guest_id: int
+    pages: int
+    seq: int | None = None
+    deadline: datetime | None = None
+    cap_pages: int | None = None
+
+
+class ShedCandidate(BaseModel):
+    """A persistent page a shed asks back first: ``oid`` in decimal, as in a path (it is up
+    to 192 bits, more than many JSON readers keep exact)."""
+
+    pool_id: int
+    oid: str
+    index: int
+
+
 class Pressure(_Request):
     psi_some_avg10: Annotated[float, Field(ge=0, le=100)] | None = None
     psi_full_avg10: Annotated[float, Field(ge=0, le=100)] | None = None

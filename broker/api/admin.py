@@ -30,6 +30,8 @@ from schemas.wire import (
     Imported,
     Pressure,
     SharedAuth,
+    ShedIssued,
+    ShedRequest,
 )
 
 # Ids are bounded by what their SQL columns hold (INTEGER), so an absurd id is a 422, never a
@@ -184,6 +186,24 @@ async def thaw_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> Non
 async def flush_guest(guest_id: GuestId, service: ServiceDep, _: AdminDep) -> None:
     """Flush every page of every pool of a guest; the pools stay."""
     await service.flush_guest(guest_id)
+
+
+@router.post("/guests/{guest_id}/shed", response_model=ShedIssued)
+async def shed_guest(
+    guest_id: GuestId, body: ShedRequest, service: ServiceDep, _: AdminDep
+) -> ShedIssued:
+    """Ask a guest to return N persistent pages by a deadline (its coldest first)."""
+    service.guest_record(guest_id)  # 404 unknown_guest
+    asked, notice, cap = await service.pressure_loop.admin_shed(
+        guest_id, body.pages, body.deadline_s
+    )
+    return ShedIssued(
+        guest_id=guest_id,
+        pages=asked,
+        seq=None if notice is None else notice.seq,
+        deadline=None if notice is None else notice.deadline,
+        cap_pages=cap,
+    )
 
 
 @router.post("/shared-auth", status_code=204, response_class=Response)

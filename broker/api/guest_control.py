@@ -15,7 +15,7 @@ from broker.api.errors import ApiError, RateLimited, UnknownNotice, error_respon
 from broker.api.notices import MAX_WAIT_SECONDS
 from broker.api.service import BrokerService
 from broker.cluster.routing import target_of
-from schemas.wire import Ack, Notice, PoolCreate, PoolInfo, Pressure, SelfInfo
+from schemas.wire import Ack, Notice, PoolCreate, PoolInfo, Pressure, SelfInfo, ShedCandidate
 
 # Ids are bounded by what their SQL columns hold (INTEGER, BIGINT), so an absurd id is a 422,
 # never a database error.
@@ -50,6 +50,19 @@ async def self_info(service: ServiceDep, guest_id: GuestDep) -> dict[str, Any]:
 async def pressure(body: Pressure, service: ServiceDep, guest_id: GuestDep) -> None:
     """Report the guest's own memory pressure (the latest report is kept)."""
     service.record_pressure(guest_id, body)
+
+
+@router.get("/self/shed-candidates", response_model=list[ShedCandidate])
+async def shed_candidates(
+    service: ServiceDep,
+    guest_id: GuestDep,
+    limit: Annotated[int, Query(ge=0, le=4096)] = 256,
+) -> list[ShedCandidate]:
+    """The guest's coldest persistent pages by last access, coldest first: return these first."""
+    return [
+        ShedCandidate(pool_id=pool_id, oid=str(oid), index=index)
+        for pool_id, oid, index in service.core.shed_candidates(guest_id, limit)
+    ]
 
 
 @router.get("/notices", response_model=list[Notice])

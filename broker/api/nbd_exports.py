@@ -22,10 +22,15 @@ its pages count against that guest's quota like any put; what the broker decline
 export's fallback file in the same directory. The export answers shed notices of its guest
 the way the agent's does (moves blocks to the fallback file, then acks).
 
-Lifetime: an export lives until ``DELETE /v1/self/nbd/{name}`` or the broker stops (its pool
-is destroyed then: like a swap device's contents, they last as long as the process serving
-them). Durability: each batch waits for the journal (``sync``) before the round is answered,
-so ``FLUSH`` keeps the promise the agent's export keeps.
+Lifetime: an export lives until ``DELETE /v1/self/nbd/{name}`` or until its guest is deleted;
+a broker restart (a stop or a crash) does not end it. Each export is a row in SQL (guest,
+name, size, pool); at start, once the journal has reloaded the pool's pages and before
+``/readyz`` says ready, the broker serves it again on the same socket over the same pool and
+fallback file (:meth:`BrokerBackend.reopen <guest_agent.nbd.broker_backend.BrokerBackend.reopen>`
+rebuilds where each block is), so a VM whose NBD client reconnects (qemu ``reconnect-delay``)
+reads what it wrote. Durability: each batch waits for the journal (``sync``) before the round
+is answered, and ``FLUSH`` fsyncs the fallback file when it changed, so what a ``FLUSH``
+acknowledged survives a crash of the broker or of the host.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from pydantic import BaseModel, Field
 from broker.api.deps import GuestDep
 from broker.api.errors import ApiError, BadInput
 from broker.api.service import BrokerService
-from guest_agent.nbd.broker_backend import BrokerBackend
+from broker.core.errors import TmemError, UnknownGuest
+from broker.db.repo import NbdExportRecord
+from guest_agent.nbd.broker_backend import BrokerBackend, block_handle
 from guest_agent.nbd.dispatcher import NOT_NOW, Dispatcher
 from guest_agent.nbd.notices import follow_notices
 from guest_agent.nbd.server import NbdServer
@@ -103,6 +110,10 @@ class CorePages:
         if service.journal.pending:
             await service.journal.barrier()
         return out
+
+    async def shed_candidates(self, limit: int = 256) -> list[tuple[int, int, int]]:
+        """The guest's coldest persistent pages (what a shed takes back first)."""
+        return self.service.core.shed_candidates(self.guest_id, limit)
 
     def get_now(self, pool_id: int, oid: int, index: int) -> object:
         """A get answered at once (``BrokerBackend.read_block_now``), or ``NOT_NOW`` while the
@@ -192,7 +203,8 @@ class NbdExportInfo(BaseModel):
 
 class NbdExports:
     """The broker's exports, keyed by (guest id, name); sockets and fallback files in
-    ``directory`` (created mode 0700)."""
+    ``directory`` (created mode 0700), rows in SQL. Call :meth:`restore` once at start, once
+    the journal has reloaded (creations wait for it), and :meth:`close` at shutdown."""
 
     def __init__(self, service: BrokerService, directory: Path) -> None:
         self.service = service
@@ -200,64 +212,191 @@ class NbdExports:
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         self.exports: dict[tuple[int, str], _Export] = {}
+        # exports in SQL that could not be served again at start: only DELETE helps
+        self.unrestored: dict[tuple[int, str], NbdExportRecord] = {}
+        self.restored = asyncio.Event()
         self._lock = asyncio.Lock()
+        service.guest_removers.append(self.forget_guest)
+
+    def _paths(self, guest_id: int, name: str) -> tuple[Path, Path]:
+        stem = self.directory / f"g{guest_id}-{name}"
+        return stem.with_suffix(".sock"), stem.with_suffix(".fallback")
 
     async def create(self, guest_id: int, name: str, size: int) -> _Export:
         if not NAME.fullmatch(name):
             raise BadInput("an export name is 1-64 of A-Z a-z 0-9 . _ -")
+        await self.restored.wait()  # a name kept in SQL is taken, even before it serves again
         async with self._lock:
-            if (guest_id, name) in self.exports:
+            if (guest_id, name) in self.exports or (guest_id, name) in self.unrestored:
                 raise NbdExists(f"guest {guest_id} already has an export {name!r}")
             size = (size + 4095) // 4096 * 4096
-            stem = self.directory / f"g{guest_id}-{name}"
-            sock, fallback = stem.with_suffix(".sock"), stem.with_suffix(".fallback")
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()  # left by a broker that did not stop cleanly
+            sock, fallback = self._paths(guest_id, name)
+            for path in (sock, fallback):  # left by an export whose pool is gone
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             pages = CorePages(self.service, guest_id)
-            after = max((n.seq for n in await pages.notices(0, 0)), default=0)
             backend = await BrokerBackend.open(pages, size=size, fallback_path=str(fallback))
-            dispatcher = Dispatcher(backend)
-            dispatcher.start()
-            server = NbdServer(dispatcher, size=size, name=name)
+            record = NbdExportRecord(guest_id, name, size, backend.pool_id)
             try:
-                await server.listen_unix(str(sock))
+                await asyncio.to_thread(_fsync_dir, self.directory)
+                await asyncio.to_thread(self.service.repo.add_nbd_export, record)
+                export = await self._serve(record, backend, sock, fallback)
+                if guest_id not in self.service.guests:  # deleted while this was made
+                    await self._stop(export, keep_pool=True)
+                    raise UnknownGuest(f"no guest {guest_id}")
             except BaseException:
-                await dispatcher.stop()
-                await backend.close()
+                with contextlib.suppress(Exception):
+                    await backend.close()
+                _unlink(sock, fallback)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.service.repo.delete_nbd_export, guest_id, name)
                 raise
-
-            async def shed(n: int) -> int:
-                return await dispatcher.exclusive(lambda: backend.shed(n))
-
-            tasks = [
-                asyncio.create_task(server.serve_forever(), name=f"nbd-{guest_id}-{name}"),
-                asyncio.create_task(
-                    follow_notices(_notice_stream(pages, after), shed, pages),
-                    name=f"nbd-notices-{guest_id}-{name}",
-                ),
-            ]
-            export = _Export(guest_id, name, sock, fallback, backend, dispatcher, server, tasks)
-            self.exports[(guest_id, name)] = export
             log.info("nbd: guest %d export %r (%d bytes) on %s", guest_id, name, size, sock)
             return export
 
+    async def restore(self, *, serve: bool = True) -> int:
+        """Serve every export SQL holds again, over its pool and fallback file; returns how
+        many. An export whose pool is gone is dropped; one that fails otherwise is logged and
+        kept in :attr:`unrestored` (its name stays taken until ``DELETE``). ``serve=False``
+        (cluster mode: a guest's pages arrive with its lease, after the start) only takes
+        the names."""
+        served = 0
+        try:
+            records = await asyncio.to_thread(self.service.repo.nbd_exports)
+            async with self._lock:
+                for record in records:
+                    if not serve:
+                        log.warning("nbd: export %r of guest %d not served in cluster mode "
+                                    "(DELETE it)", record.name, record.guest_id)  # fmt: skip
+                        self.unrestored[(record.guest_id, record.name)] = record
+                        continue
+                    try:
+                        if await self._restore(record):
+                            served += 1
+                    except Exception:
+                        log.exception("nbd: export %r of guest %d not restored",
+                                      record.name, record.guest_id)  # fmt: skip
+                        self.unrestored[(record.guest_id, record.name)] = record
+        finally:
+            self.restored.set()
+        if served:
+            log.info("nbd: %d exports served again", served)
+        return served
+
+    async def _restore(self, record: NbdExportRecord) -> bool:
+        guest_id, name = record.guest_id, record.name
+        core = self.service.core
+        sock, fallback = self._paths(guest_id, name)
+        if self.service.settings.durability == "none":
+            # the pool's pages died with the last process: serving the rest would read the
+            # lost blocks as zeros (silent corruption); no device at all is an honest error
+            log.warning("nbd: export %r of guest %d dropped: --durability none kept none of "
+                        "its broker blocks", name, guest_id)  # fmt: skip
+            with contextlib.suppress(TmemError):
+                await self.service.destroy_pool(guest_id, record.pool_id)
+            await asyncio.to_thread(self.service.repo.delete_nbd_export, guest_id, name)
+            _unlink(sock, fallback)
+            return False
+        try:
+            handles = core.pool_handles(guest_id, record.pool_id)
+            pool = next(p for p in core.pools(guest_id) if p.pool_id == record.pool_id)
+        except (TmemError, StopIteration):
+            pool = None
+        if pool is None or pool.kind != "persistent" or not fallback.exists():
+            # its pool (or its file) went while the broker was down: half an image is none
+            log.warning("nbd: export %r of guest %d has lost its pool or file; dropped",
+                        name, guest_id)  # fmt: skip
+            await asyncio.to_thread(self.service.repo.delete_nbd_export, guest_id, name)
+            _unlink(sock, fallback)
+            return False
+        blocks = [index for oid, index in handles if block_handle(index) == (oid, index)]
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()  # left by the broker that stopped
+        backend = BrokerBackend.reopen(
+            CorePages(self.service, guest_id), record.pool_id, size=record.size,
+            fallback_path=str(fallback), broker_blocks=blocks,
+        )  # fmt: skip
+        try:
+            await self._serve(record, backend, sock, fallback)
+        except BaseException:
+            await backend.close(keep_pool=True)
+            raise
+        log.info("nbd: guest %d export %r on %s again (%d blocks at the broker)",
+                 guest_id, name, sock, len(blocks))  # fmt: skip
+        return True
+
+    async def _serve(
+        self, record: NbdExportRecord, backend: BrokerBackend, sock: Path, fallback: Path
+    ) -> _Export:
+        guest_id, name = record.guest_id, record.name
+        pages = backend.client
+        assert isinstance(pages, CorePages)
+        after = max((n.seq for n in await pages.notices(0, 0)), default=0)
+        dispatcher = Dispatcher(backend)
+        dispatcher.start()
+        server = NbdServer(dispatcher, size=record.size, name=name)
+        try:
+            await server.listen_unix(str(sock))
+        except BaseException:
+            await dispatcher.stop()
+            raise
+
+        async def shed(n: int) -> int:
+            return await dispatcher.exclusive(lambda: backend.shed(n))
+
+        tasks = [
+            asyncio.create_task(server.serve_forever(), name=f"nbd-{guest_id}-{name}"),
+            asyncio.create_task(
+                follow_notices(_notice_stream(pages, after), shed, pages),
+                name=f"nbd-notices-{guest_id}-{name}",
+            ),
+        ]
+        export = _Export(guest_id, name, sock, fallback, backend, dispatcher, server, tasks)
+        self.exports[(guest_id, name)] = export
+        return export
+
     async def delete(self, guest_id: int, name: str) -> None:
+        """Stop the export, destroy its pool, forget it (SQL, socket, fallback file)."""
         async with self._lock:
             export = self.exports.pop((guest_id, name), None)
-        if export is None:
-            raise UnknownNbdExport(f"no export {name!r}")
-        await self._stop(export)
+            record = self.unrestored.pop((guest_id, name), None)
+            if export is None and record is None:
+                raise UnknownNbdExport(f"no export {name!r}")
+            if export is not None:
+                await self._stop(export, keep_pool=False)
+            elif record is not None:
+                with contextlib.suppress(TmemError):
+                    await self.service.destroy_pool(guest_id, record.pool_id)
+            # the pool first: a crash before the row goes leaves a row whose pool is gone,
+            # which the next start drops
+            await asyncio.to_thread(self.service.repo.delete_nbd_export, guest_id, name)
+            _unlink(*self._paths(guest_id, name))
+
+    async def forget_guest(self, guest_id: int) -> None:
+        """Stop the guest's exports (it is being deleted: the core drops its pools and SQL
+        its rows). Called under the service's lock, so it takes no lock that waits for it."""
+        for key in [k for k in self.unrestored if k[0] == guest_id]:
+            del self.unrestored[key]
+        for key in [k for k in self.exports if k[0] == guest_id]:
+            export = self.exports.pop(key)
+            with contextlib.suppress(Exception):
+                await self._stop(export, keep_pool=True)
+            _unlink(export.socket, export.fallback)
+            log.info("nbd: guest %d export %r stopped with its guest", guest_id, key[1])
 
     async def close(self) -> None:
-        """Stop every export (broker shutdown)."""
+        """Stop serving every export (broker shutdown); pools, files and rows stay for the
+        next start."""
         async with self._lock:
             exports, self.exports = list(self.exports.values()), {}
         for export in exports:
             with contextlib.suppress(Exception):
-                await self._stop(export)
+                await self._stop(export, keep_pool=True)
+            with contextlib.suppress(OSError):
+                export.socket.unlink()
 
     @staticmethod
-    async def _stop(export: _Export) -> None:
+    async def _stop(export: _Export, *, keep_pool: bool) -> None:
         for task in export.tasks:
             task.cancel()
         for task in export.tasks:
@@ -266,13 +405,24 @@ class NbdExports:
         await export.server.close()
         await export.dispatcher.stop()
         try:
-            await export.backend.flush()
-            await export.backend.close()
+            await export.backend.flush()  # the fallback file fsynced when it changed
         finally:
-            with contextlib.suppress(OSError):
-                export.socket.unlink()
-            with contextlib.suppress(OSError):
-                export.fallback.unlink()
+            await export.backend.close(keep_pool=keep_pool)
+
+
+def _unlink(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new file's name durable (its contents are fsynced by the export's FLUSH)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def exports_of(request: Request) -> NbdExports:
@@ -300,5 +450,5 @@ async def create_nbd_export(
 
 @router.delete("/self/nbd/{name}", status_code=204, response_class=Response)
 async def delete_nbd_export(name: ExportName, request: Request, guest_id: GuestDep) -> None:
-    """Stop an export and destroy its pool."""
+    """Stop an export and destroy its pool (a broker restart keeps both)."""
     await exports_of(request).delete(guest_id, name)

@@ -307,6 +307,22 @@ class PressureLoop:
             self.policy.forget(intent.guest_id)  # deleted while the step ran
             return None
 
+    async def admin_shed(
+        self, guest_id: int, pages: int, deadline_s: float | None
+    ) -> tuple[int, Notice | None, int | None]:
+        """An admin's shed (:meth:`PressurePolicy.admin_shed`), its notices sent: (pages
+        asked, the shed notice or None when the guest holds nothing, its quota now)."""
+        async with self._step_lock:
+            now = self.clock()
+            intents = self.policy.admin_shed(now, guest_id, pages, deadline_s)
+            shed: Notice | None = None
+            for intent in intents:
+                notice = await self._send(intent, now)
+                if intent.kind == "shed":
+                    shed = notice
+            asked = next((i.pages or 0 for i in intents if i.kind == "shed"), 0)
+            return asked, shed, self.core.quota_of(guest_id)
+
     def acked(self, guest_id: int, seq: int, pages_returned: int) -> None:
         """A guest acked notice ``seq`` (the route calls this after storing the ack)."""
         self.policy.acked(guest_id, seq, pages_returned)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,9 @@ class BrokerService:
         # Admin and pool changes are serialised: each is a core change plus a SQL write, and
         # two interleaved ones (say, delete guest while creating its pool) must not cross.
         self.lock = asyncio.Lock()
+        # called with a guest's id as it is deleted, under ``lock``, before the core forgets
+        # it: what serves the guest outside the core stops (the broker's NBD exports)
+        self.guest_removers: list[Callable[[int], Awaitable[None]]] = []
         # memory-pressure policy (docs/pressure.md); the lifespan starts and stops it
         self.pressure_loop = PressureLoop(
             core,
@@ -345,6 +349,8 @@ class BrokerService:
             self.guests.pop(guest_id, None)
             self.pressure.pop(guest_id, None)
             self.limits.forget(guest_id)
+            for remover in self.guest_removers:
+                await remover(guest_id)
             self.core.remove_guest(guest_id)
             if self.cluster is not None:
                 self.cluster.serving.pop(guest_id, None)

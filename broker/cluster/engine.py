@@ -50,7 +50,8 @@ from broker.core.content import ZERO_KEY, ZERO_PAGE, Hasher
 from broker.core.errors import BadPageSize, BadRequest
 from broker.core.model import CoreConfig
 from broker.core.registry import Domain, Guest, Pool
-from broker.core.tmem import _OPS, BatchOp, Tmem, _check_handle
+from broker.core.restore import BatchOp, check_batch, check_handle
+from broker.core.tmem import Tmem
 from schemas.batch import OP_GET, OP_PUT, PAGE_SIZE, STATUS_CAPACITY, STATUS_DONE
 
 log = logging.getLogger(__name__)
@@ -395,12 +396,7 @@ class ClusterEngine(Tmem):
         g, pool = self._reg.pool(guest_id, pool_id)
         if not pool.persistent:
             return super().batch(guest_id, pool_id, ops)
-        for op, oid, index, page in ops:
-            if op not in _OPS:
-                raise BadRequest(f"unknown op {op}")
-            _check_handle(oid, index)
-            if op == OP_PUT and (page is None or len(page) != PAGE_SIZE):
-                raise BadPageSize(f"a page is {PAGE_SIZE} bytes")
+        check_batch(ops)
         takes: list[tuple[int, bytes]] = []
         at: dict[int, int] = {}  # op index -> index into takes
         prefetch = []
@@ -469,14 +465,14 @@ class ClusterEngine(Tmem):
             return super().put(guest_id, pool_id, oid, index, data)
         if len(data) != PAGE_SIZE:
             raise BadPageSize(f"a page is {PAGE_SIZE} bytes, not {len(data)}")
-        _check_handle(oid, index)
+        check_handle(oid, index)
         return self.batch(guest_id, pool_id, [(OP_PUT, oid, index, data)])[0][0]
 
     def get(self, guest_id: int, pool_id: int, oid: int, index: int) -> bytes | None:
         _g, pool = self._reg.pool(guest_id, pool_id)
         if not pool.persistent:
             return super().get(guest_id, pool_id, oid, index)
-        _check_handle(oid, index)
+        check_handle(oid, index)
         if not pool.exclusive_gets:  # a plain read changes nothing in Redis
             self._home(guest_id)
             return super().get(guest_id, pool_id, oid, index)
@@ -561,7 +557,7 @@ class ClusterEngine(Tmem):
         for oid, index, data in pages:
             if len(data) != PAGE_SIZE:
                 raise BadPageSize(f"a page is {PAGE_SIZE} bytes, not {len(data)}")
-            _check_handle(oid, index)
+            check_handle(oid, index)
             items.append((oid, index, bytes(data)))
         takes = [
             (with_tail(self._contents.hash(d) | pool.domain_bits, d), d)

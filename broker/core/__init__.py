@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from broker.core.journal import PersistentJournal
 from broker.core.model import UNSET, CoreConfig, PoolView, Status, Unset
+from broker.core.restore import BatchOp
 from broker.core.store import MemoryPageStore, PageStore
-from broker.core.tmem import BatchOp, Tmem
+from broker.core.tmem import Tmem
 
 __all__ = [
     "UNSET",

@@ -3,9 +3,10 @@
 A guest's mode is its own ``compress`` setting, else its dedup domain's, else the broker's
 default (:meth:`broker.core.registry.Registry.compress_mode`): ``never``, ``always``, or
 ``pressure`` — zswap's habit: new puts are compressed once storage is above the low watermark
-(the put path), and while storage is above the high watermark this pass keeps the coldest
-stored pages of such guests as lz4 blocks: ephemeral pages in LRU order, then persistent
-pages in the order they were put. Pages that compress poorly stay raw. A page compressed here
+(the put path), and while storage is above the high watermark this pass keeps the stored
+pages of such guests least likely to be read soon as lz4 blocks: ephemeral pages as the
+ephemeral policy predicts (LRU order; under TinyLFU the pages seen at most once lately first),
+then persistent pages by last access (``Guest.recency``, the shed candidates' order). Pages that compress poorly stay raw. A page compressed here
 is charged its lz4 length from then on, like a page put compressed.
 
 Which pages the pass takes depends only on the guest's own pages, and it runs only while
@@ -21,6 +22,7 @@ from broker.core.content import ZERO_KEY, unpack
 from broker.core.eviction import Eviction
 from broker.core.keys import lru_handle, lru_ref, slot_key
 from broker.core.pages import PageTable
+from broker.core.policy import ONCE
 from broker.core.registry import PACK_PRESSURE, Guest, Pool, Registry
 from schemas.batch import PAGE_SIZE
 
@@ -65,25 +67,45 @@ class ColdCompressor:
         return done
 
     def _handles(self) -> Iterator[tuple[Guest, int, Pool, int, int]]:
-        """Handles of pressure-mode guests' private pools, coldest first. Lists are taken
-        lazily (one LRU or one object at a time), so pages put meanwhile wait for the next
-        pass and pages gone meanwhile are skipped."""
+        """Handles of pressure-mode guests' private pools, least likely to be read soon
+        first (:meth:`_ephemeral_order`, then persistent pages by last access). Lists are
+        taken lazily (one list at a time), so pages put meanwhile wait for the next pass and
+        pages gone meanwhile are skipped."""
         for g in list(self.reg.guests.values()):
             if g.pack != PACK_PRESSURE:
                 continue
             own = [(pid, p) for pid, p in g.pools.items() if not p.shared]
-            by_ref = {p.ref: (pid, p) for pid, p in own if not p.persistent}
-            for lru_key in g.account.coldest():
+            by_ref = {p.ref: (pid, p) for pid, p in own}
+            for lru_key in self._ephemeral_order(g):
+                entry = by_ref.get(lru_ref(lru_key))
+                if entry is not None and not entry[1].persistent:
+                    oid, index = lru_handle(lru_key)
+                    yield g, entry[0], entry[1], oid, index
+            # persistent pages by last access, coldest first (Guest.recency)
+            for lru_key in list(g.recency):
                 entry = by_ref.get(lru_ref(lru_key))
                 if entry is not None:
                     oid, index = lru_handle(lru_key)
                     yield g, entry[0], entry[1], oid, index
-            for pid, pool in own:
-                if not pool.persistent:
-                    continue
-                for oid in list(pool.objects):
-                    for index in list(pool.objects.get(oid, ())):
-                        yield g, pid, pool, oid, index
+
+    @staticmethod
+    def _ephemeral_order(g: Guest) -> Iterator[int]:
+        """The guest's ephemeral pages as the policy predicts their next read, farthest
+        first: under LRU the account's order; under TinyLFU first the pages it saw at most
+        once lately (the eviction's candidates: a scan's), in that order, then the rest."""
+        account = g.account
+        tinylfu = account.tinylfu
+        if tinylfu is None:
+            yield from account.coldest()
+            return
+        estimate = tinylfu.sketch.estimate
+        later: list[int] = []
+        for lru_key in account.coldest():
+            if estimate(lru_key) <= ONCE:
+                yield lru_key
+            else:
+                later.append(lru_key)
+        yield from later
 
     def _compress(self, pool: Pool, oid: int, index: int) -> bool:
         obj = pool.objects.get(oid)

@@ -206,7 +206,9 @@ class Eviction:
         self.eph_pools[pool.ref] = pool
 
     def remove_pool(self, pool: Pool) -> None:
-        del self.eph_pools[pool.ref]
+        """The pool was destroyed: its ref is free again (ephemeral pools leave the map)."""
+        if not pool.persistent:
+            del self.eph_pools[pool.ref]
         self.free_refs.append(pool.ref)
 
     # ------------------------------------------------------------------ evicting
@@ -229,6 +231,7 @@ class Eviction:
             lru_key = account.lru.popitem(last=False)[0]
         else:
             lru_key = tinylfu.victim(account.lru, account.main)
+            tinylfu.on_evicted(lru_key)
         pool = self.eph_pools[lru_ref(lru_key)]
         oid, index = lru_handle(lru_key)
         obj = pool.objects[oid]

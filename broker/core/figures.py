@@ -151,6 +151,14 @@ class PolicyDeclines:
     low_hit_rate: int = counter(
         "ephemeral puts declined because the guest's ephemeral pages were rarely got back"
     )
+    predicted_useless: int = counter(
+        "ephemeral puts declined because the policy predicted them useless (their object's "
+        "pages kept being evicted unread; tinylfu only)"
+    )
+    poor_compression: int = counter(
+        "ephemeral puts declined because they compressed poorly and were seen at most once "
+        "lately (compressing guests, tinylfu only)"
+    )
 
 
 @dataclass(slots=True, frozen=True, kw_only=True)
@@ -327,7 +335,8 @@ class PressureFigures:
     low_watermark_bytes: int = gauge("page storage eviction brings the broker back under")
     persistent_trigger_pages: int = gauge("persistent pages above which quotas are lowered")
     persistent_release_pages: int = gauge("persistent pages below which quotas are released")
-    sheds_issued: int = counter("shed requests the policy issued")
+    sheds_issued: int = counter("shed requests the policy issued (admins' included)")
+    admin_sheds: int = counter("shed requests admins made (POST /v1/guests/{id}/shed)")
     sheds_acked: int = counter("shed requests guests acknowledged")
     sheds_met: int = counter("sheds a guest met (came under its quota) by the deadline")
     sheds_overdue: int = counter("sheds whose deadline passed with the guest still over")
@@ -494,6 +503,8 @@ class GuestState(OpCounts, Protocol):
     compress: bool | None
     persistent_pages: int
     policy_low_hit_rate: int
+    policy_predicted_useless: int
+    policy_poor_compression: int
 
     @property
     def weight(self) -> int: ...
@@ -580,7 +591,11 @@ def guest_figures(g: GuestState, compress_mode: str, *, admin: bool) -> GuestFig
         charged_bytes=charged,
         compression_ratio=_ratio(pages - zero, charged),
         ops=op_figures(g, admin=admin),
-        policy_declines=PolicyDeclines(low_hit_rate=g.policy_low_hit_rate),
+        policy_declines=PolicyDeclines(
+            low_hit_rate=g.policy_low_hit_rate,
+            predicted_useless=g.policy_predicted_useless,
+            poor_compression=g.policy_poor_compression,
+        ),
     )
 
 
@@ -610,6 +625,8 @@ def broker_figures(
     counted_bytes: int,
     unique_pages: int,
     low_hit_rate: int,
+    predicted_useless: int,
+    poor_compression: int,
     reclaimed_on_put: int,
     compress_default: str,
     compressed_cold: int,
@@ -648,7 +665,11 @@ def broker_figures(
         dedup_ratio=((logical - zero) / unique_pages) if unique_pages else 1.0,
         compression_ratio=(unique_pages * PAGE_SIZE / used_bytes) if used_bytes else 1.0,
         ops=op_figures(ops, admin=True),
-        policy_declines=PolicyDeclines(low_hit_rate=low_hit_rate),
+        policy_declines=PolicyDeclines(
+            low_hit_rate=low_hit_rate,
+            predicted_useless=predicted_useless,
+            poor_compression=poor_compression,
+        ),
         reclaimed_on_put=reclaimed_on_put,
         compress_default=compress_default,
         compressed_cold=compressed_cold,

@@ -12,7 +12,8 @@ domains plus the bytes actually held for trusted domains (where a shared content
 more room). With no trusted domain it equals ``charged_bytes``.
 
 :meth:`PageTable.place` and :meth:`PageTable.drop` are the one rule for what a page adds and
-takes away: pool gauges, the guest's persistent pages, the account's ephemeral pages and LRU,
+takes away: pool gauges, the guest's persistent pages and their last-access order, the
+account's ephemeral pages and LRU,
 charges and the content reference. The put and get paths of :class:`broker.core.tmem.Tmem`
 write parts of them inline (see the comments there and ``tests/core/test_keys.py``).
 """
@@ -76,6 +77,7 @@ class PageTable:
             owner = pool.owner
             assert owner is not None
             owner.persistent_pages += 1
+            owner.recency[lru_key(pool.lru_tag, oid, index)] = None
         else:
             account = pool.account
             assert account is not None
@@ -100,6 +102,7 @@ class PageTable:
             owner = pool.owner
             assert owner is not None
             owner.persistent_pages -= 1
+            del owner.recency[lru_key(pool.lru_tag, oid, index)]
         else:
             account = pool.account
             assert account is not None

@@ -70,6 +70,14 @@ WINDOW_PERCENT: Final = 25
 # keeps the incumbent (a loop larger than the account keeps a stable part of it)
 ONCE: Final = 1
 
+# an object whose pages were evicted unread this often lately (an estimate: the doorkeeper
+# counts 1), none read, is predicted useless (TinyLfu.useless)
+USELESS_EVICTIONS: Final = 4
+# the object sketches are sized for this fraction of the pages (objects hold several pages)
+OBJECT_SLOTS_DIVISOR: Final = 4
+_OBJECT_SALT: Final = 0x5BD1E9955BD1E995
+_READ_SALT: Final = 0x27D4EB2F165667C5
+
 _M32: Final = (1 << 32) - 1
 # bytes.translate tables: halving a whole row costs one C call, not a Python loop
 _HALVE: Final = bytes(i >> 1 for i in range(256))
@@ -192,14 +200,48 @@ class FrequencySketch:
 
 
 class TinyLfu:
-    """An account's TinyLFU state: its sketch. The window is ``Account.lru`` and the main
+    """An account's TinyLFU state: its sketches. The window is ``Account.lru`` and the main
     list ``Account.main`` (both ``OrderedDict[lru key, None]``, oldest first), so that the
-    put path appends to the window exactly as it appends to the LRU."""
+    put path appends to the window exactly as it appends to the LRU.
 
-    __slots__ = ("sketch",)
+    Besides the pages' frequencies it keeps two per *object* (the lru key's ``oid`` and pool
+    ref: ``key >> 32``): ``unread``, pages of the object evicted without a hit, and ``read``,
+    gets of the object's pages that hit. :meth:`useless` predicts that a put of an object
+    whose pages keep being evicted unread, and none was read lately, would be evicted unread
+    again (a file streamed once, a scan): the admission declines it while memory is tight
+    (:mod:`broker.core.admission`, ``policy_declines.predicted_useless``)."""
+
+    __slots__ = ("read", "sketch", "unread")
 
     def __init__(self, salt: int, pages: int) -> None:
         self.sketch = FrequencySketch(salt, pages)
+        # keyed apart from the pages' sketch (another salt): objects are fewer than pages
+        self.unread = FrequencySketch(salt ^ _OBJECT_SALT, pages // OBJECT_SLOTS_DIVISOR)
+        self.read = FrequencySketch(salt ^ _READ_SALT, pages // OBJECT_SLOTS_DIVISOR)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three sketches."""
+        return self.sketch.nbytes + self.unread.nbytes + self.read.nbytes
+
+    def on_evicted(self, key: int) -> None:
+        """The page at ``key`` was evicted (it was not got since its put: a hit in a private
+        pool takes it out, and a shared pool's hits count in ``read``)."""
+        self.unread.record(key >> 32)
+
+    def on_hit(self, key: int) -> None:
+        """A get found the page at ``key``: demand for the page (:meth:`on_get`) and a read
+        of its object."""
+        self.sketch.record(key)
+        self.read.record(key >> 32)
+
+    def useless(self, object_key: int) -> bool:
+        """Whether a put to the object ``oid << 24 | ref`` is predicted to be evicted unread:
+        at least :data:`USELESS_EVICTIONS` of its pages were lately, and none was read."""
+        return (
+            self.unread.estimate(object_key) >= USELESS_EVICTIONS
+            and self.read.estimate(object_key) == 0
+        )
 
     def on_put(
         self, window: OrderedDict[int, None], main: OrderedDict[int, None], key: int
@@ -212,6 +254,8 @@ class TinyLfu:
         pages = len(window) + len(main)
         if pages * SLOTS_PER_PAGE > sketch.width:
             sketch.grow(pages)
+            self.unread.grow(pages // OBJECT_SLOTS_DIVISOR)
+            self.read.grow(pages // OBJECT_SLOTS_DIVISOR)
         if len(window) > pages * WINDOW_PERCENT // 100 + 2:
             old = next(iter(window))
             del window[old]

@@ -293,6 +293,7 @@ class Shed:
     acked: bool = False
     pages_returned: int = 0
     overdue: bool = False
+    admin: bool = False  # asked by an admin (POST /v1/guests/{id}/shed), not by the shares
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +334,7 @@ class _Counters:
     sheds_acked: int = 0
     sheds_met: int = 0
     sheds_overdue: int = 0
+    admin_sheds: int = 0
     pages_returned: int = 0
     quotas_lowered: int = 0
     quotas_raised: int = 0
@@ -373,6 +375,8 @@ class PressurePolicy:
         self.lowered = False
         self.reclaiming = False
         self.quotas: dict[int, int] = {}  # dynamic quotas in force
+        # open admin sheds: the quota each guest must come down to (on top of self.quotas)
+        self.admin_targets: dict[int, int] = {}
         self.sheds: dict[int, Shed] = {}  # the open shed of each guest
         self._unacked: dict[tuple[int, int], Shed] = {}  # closed sheds still awaiting an ack
         self._last_evicted: dict[int, float] = {}
@@ -418,6 +422,7 @@ class PressurePolicy:
             sheds_acked=c.sheds_acked,
             sheds_met=c.sheds_met,
             sheds_overdue=c.sheds_overdue,
+            admin_sheds=c.admin_sheds,
             sheds_open=len(self.sheds),
             guests_overdue=sum(1 for sh in self.sheds.values() if sh.overdue),
             pages_returned=c.pages_returned,
@@ -452,8 +457,52 @@ class PressurePolicy:
         self.counters.pages_returned += pages_returned
         return True
 
+    def _set_quota(self, gid: int, quota: int | None, *, hold: int | None = None) -> None:
+        """Set the guest's dynamic quota in the core: the policy's ``quota``, or an open
+        admin shed's target when that is lower."""
+        target = self.admin_targets.get(gid)
+        if target is not None and (quota is None or target < quota):
+            quota = target
+        self.tmem.set_quota(gid, quota, hold=hold)
+
+    def admin_shed(
+        self, now: float, guest_id: int, pages: int, deadline_s: float | None = None
+    ) -> list[Intent]:
+        """An admin asks the guest to return ``pages`` persistent pages within
+        ``deadline_s`` (default ``shed_deadline_s``): its quota becomes what it holds minus
+        ``pages`` (at most what it holds), held at the current count until the deadline, as a
+        shed of the shares is (docs/pressure.md, "Sheds"). Returns the ``quota`` and ``shed``
+        intents to send (none when the guest holds no persistent page). The shed is met
+        once the guest is down by ``pages``; then its quota is the policy's again.
+        UnknownGuest (from the core) for a guest not known."""
+        held = self.tmem.persistent_pages_of()
+        if guest_id not in held:
+            self.tmem.quota_of(guest_id)  # raises UnknownGuest
+        have = held[guest_id][0]
+        pages = min(pages, have)
+        if pages <= 0:
+            return []
+        deadline = now + (self.settings.shed_deadline_s if deadline_s is None else deadline_s)
+        old = self.sheds.get(guest_id)
+        if old is not None and old.seq and not old.acked:
+            self._unacked[(guest_id, old.seq)] = old
+        target = have - pages
+        prior = self.admin_targets.get(guest_id)
+        self.admin_targets[guest_id] = target if prior is None else min(prior, target)
+        overdue = old is not None and old.overdue
+        self.sheds[guest_id] = Shed(seq=0, pages=pages, deadline=deadline, admin=True)
+        self.sheds[guest_id].overdue = overdue
+        self._set_quota(guest_id, self.quotas.get(guest_id), hold=None if overdue else have)
+        self.counters.sheds_issued += 1
+        self.counters.admin_sheds += 1
+        return [
+            Intent("quota", guest_id, cap_pages=self.tmem.quota_of(guest_id)),
+            Intent("shed", guest_id, pages=pages, deadline=deadline),
+        ]
+
     def forget(self, guest_id: int) -> None:
         """The guest was removed."""
+        self.admin_targets.pop(guest_id, None)
         self.quotas.pop(guest_id, None)
         self.sheds.pop(guest_id, None)
         self._last_evicted.pop(guest_id, None)
@@ -473,7 +522,7 @@ class PressurePolicy:
         for gid in [g for g in known if g not in held]:
             self.forget(gid)
         self._quotas(now, held, multipliers, intents)
-        self._deadlines(now, held)
+        self._deadlines(now, held, intents)
         self._evicted(now, held, intents)
         return intents
 
@@ -503,7 +552,13 @@ class PressurePolicy:
         for gid in held:
             report = reports.get(gid)
             fresh = report if report is not None and now - report.at <= ttl else None
-            out[gid] = m = pressure_multiplier(fresh, self.settings)
+            m = pressure_multiplier(fresh, self.settings)
+            shed = self.sheds.get(gid)
+            if shed is not None and shed.overdue:
+                # escalation: a guest past a shed's deadline weighs least (its ephemeral
+                # pages go first, its persistent share is the smallest) until it is met
+                m = min(m, 1.0 - self.settings.pressure_free_discount)
+            out[gid] = m
             self.tmem.set_pressure_bias(gid, m)
         return out
 
@@ -549,12 +604,12 @@ class PressurePolicy:
             shed = self.sheds.get(gid)
             if pages <= share:
                 # under its share: no grace needed (an open shed is met at the next check)
-                self.tmem.set_quota(gid, share)
+                self._set_quota(gid, share)
                 intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
                 continue
             if shed is not None and (old is None or share >= old):
                 # a raised quota while a shed is open: the shed stands, with less to return
-                self.tmem.set_quota(gid, share, hold=None if shed.overdue else pages)
+                self._set_quota(gid, share, hold=None if shed.overdue else pages)
                 intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
                 continue
             # lowered (first time or further): a quota notice and a shed for the excess
@@ -562,10 +617,16 @@ class PressurePolicy:
                 self._unacked[(gid, shed.seq)] = shed
             overdue = shed is not None and shed.overdue
             deadline = now + self.settings.shed_deadline_s
-            self.sheds[gid] = Shed(seq=0, pages=pages - share, deadline=deadline, overdue=overdue)
+            self.sheds[gid] = Shed(
+                seq=0,
+                pages=pages - share,
+                deadline=deadline,
+                overdue=overdue,
+                admin=shed is not None and shed.admin,
+            )
             # grace until the deadline: it keeps what it holds but cannot grow (an overdue
             # guest gets no new grace)
-            self.tmem.set_quota(gid, share, hold=None if overdue else pages)
+            self._set_quota(gid, share, hold=None if overdue else pages)
             self.counters.sheds_issued += 1
             intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
             intents.append(Intent("shed", gid, pages=pages - share, deadline=deadline))
@@ -578,16 +639,20 @@ class PressurePolicy:
         for gid in sorted(self.quotas):
             if gid not in held:
                 continue
-            self.tmem.set_quota(gid, None)
+            self._set_quota(gid, None)  # an open admin shed's target stays
             self.counters.quotas_raised += 1
             intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
         self.quotas.clear()
-        for gid, shed in self.sheds.items():
+        for gid, shed in list(self.sheds.items()):
+            if shed.admin:
+                continue  # an admin's shed stands until met
             if not shed.acked and shed.seq:
                 self._unacked[(gid, shed.seq)] = shed
-        self.sheds.clear()
+            del self.sheds[gid]
 
-    def _deadlines(self, now: float, held: Mapping[int, tuple[int, int, int | None]]) -> None:
+    def _deadlines(
+        self, now: float, held: Mapping[int, tuple[int, int, int | None]], intents: list[Intent]
+    ) -> None:
         while len(self._unacked) > self.MAX_UNACKED:
             del self._unacked[next(iter(self._unacked))]
         for gid in list(self.sheds):
@@ -601,14 +666,17 @@ class PressurePolicy:
                     self.counters.sheds_met += 1
                 if not shed.acked and shed.seq:
                     self._unacked[(gid, shed.seq)] = shed
+                self.admin_targets.pop(gid, None)  # met: the policy's quota again
                 if gid in held:
-                    self.tmem.set_quota(gid, self.quotas.get(gid))
+                    self._set_quota(gid, self.quotas.get(gid))
             elif not shed.overdue and now >= shed.deadline:
                 # past the deadline and still above: the lowered quota is enforced from now on
                 # (its persistent puts are declined with ``quota`` until it is under)
                 shed.overdue = True
                 self.counters.sheds_overdue += 1
-                self.tmem.set_quota(gid, self.quotas.get(gid))
+                self._set_quota(gid, self.quotas.get(gid))
+                # the guest hears that its quota binds now (its puts are declined: quota)
+                intents.append(Intent("quota", gid, cap_pages=self.tmem.quota_of(gid)))
 
     def _evicted(
         self, now: float, held: Mapping[int, tuple[int, int, int | None]], intents: list[Intent]

@@ -133,7 +133,7 @@ class Pool(Ops):
         self.exclusive_gets = exclusive_gets
         self.owner = owner  # None for a shared pool
         self.account = account  # None for a persistent pool
-        self.ref = ref  # LRU keys name the pool by this (ephemeral pools only)
+        self.ref = ref  # LRU keys (and persistent pages' recency keys) name the pool by this
         self.lru_tag = lru_tag(ref)
         self.domain = domain
         self.domain_bits = domain.bits  # read on every put
@@ -172,8 +172,11 @@ class Guest(Ops):
         "pack",
         "persistent_pages",
         "policy_low_hit_rate",
+        "policy_poor_compression",
+        "policy_predicted_useless",
         "pools",
         "quota_pages",
+        "recency",
     )
 
     def __init__(
@@ -200,6 +203,10 @@ class Guest(Ops):
         self.account = account
         self.pools: dict[int, Pool] = {}
         self.persistent_pages = 0
+        # the guest's persistent pages by last access (put or get), oldest first, named by
+        # keys.lru_key: the shed candidates (broker.core.shed). A plain dict re-inserted on
+        # each access: 72 B/page less than an OrderedDict (tests/core/test_shed.py measures)
+        self.recency: dict[int, None] = {}
         self.evicted_unreported = 0
         # dynamic quota (pressure policy), the shed grace floor, and what the put path checks
         self.quota_pages: int | None = None
@@ -207,6 +214,8 @@ class Guest(Ops):
         self.limit: int | None = cap_pages
         self.gate = AdmissionGate()
         self.policy_low_hit_rate = 0
+        self.policy_predicted_useless = 0
+        self.policy_poor_compression = 0
 
     def effective_quota(self) -> int | None:
         """``min(cap_pages, quota_pages)`` (None: unbounded)."""
@@ -399,7 +408,9 @@ class Registry:
                 exclusive_gets=bool(exclusive_gets),
                 owner=g,
                 account=None if persistent else g.account,
-                ref=0 if persistent else ev.take_ref(),
+                # persistent pools take a ref too: the guest's last-access order (shed
+                # candidates) names their pages by the same key layout as the LRUs
+                ref=ev.take_ref(),
                 domain=g.domain,
             )
             if not persistent:

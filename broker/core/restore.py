@@ -1,4 +1,7 @@
-"""Pages in and out without the put and get paths: restore at broker start, and export views.
+"""Pages in and out without the put and get paths: restore at broker start, export views and
+the shed candidates (which pages a shed asks back first); and :class:`PageMoves`, the
+:class:`broker.core.tmem.Tmem` methods that wrap them, with ``batch`` (many operations of one
+pool through the facade's own page paths).
 
 Restore puts persistent pages back as the journal or a migration holds them: no quota,
 capacity or frozen check, not journaled, not counted as a put; a page replaces what is at its
@@ -8,13 +11,51 @@ exclusive-get pool, no LRU moves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING
 
 from broker.core.content import ZERO_KEY, ZERO_PAGE
 from broker.core.errors import BadHandle, BadPageSize, BadRequest
+from broker.core.keys import lru_handle, lru_ref
 from broker.core.pages import PageTable
-from broker.core.registry import Pool
-from schemas.batch import MAX_INDEX, MAX_OID, PAGE_SIZE
+from broker.core.registry import PACK_ALWAYS, PACK_PRESSURE, Guest, Pool
+from schemas.batch import (
+    MAX_INDEX,
+    MAX_OID,
+    OP_FLUSH_OBJECT,
+    OP_FLUSH_PAGE,
+    OP_GET,
+    OP_PUT,
+    PAGE_SIZE,
+    STATUS_DONE,
+    STATUS_MISS,
+)
+
+if TYPE_CHECKING:
+    from broker.core.eviction import Eviction
+    from broker.core.registry import Registry
+
+BatchOp = tuple[int, int, int, "bytes | memoryview | None"]
+
+_OPS = (OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT)
+
+
+def check_handle(oid: int, index: int) -> None:
+    """BadHandle unless 0 <= oid < 2^192 and 0 <= index < 2^32."""
+    if not (0 <= oid <= MAX_OID and 0 <= index <= MAX_INDEX):
+        raise BadHandle(f"handle out of range: oid={oid} index={index}")
+
+
+def check_batch(ops: Sequence[BatchOp]) -> None:
+    """Raise on the first malformed op (unknown op, bad handle, a put without a whole page),
+    before any op of the batch is applied."""
+    for op, oid, index, page in ops:
+        if op not in _OPS:
+            raise BadRequest(f"unknown op {op}")
+        check_handle(oid, index)
+        if op == OP_PUT and (page is None or len(page) != PAGE_SIZE):
+            raise BadPageSize(f"a page is {PAGE_SIZE} bytes")
 
 
 def restore_pages(
@@ -75,3 +116,112 @@ def read_pages(
 def pool_handles(pool: Pool) -> list[tuple[int, list[int]]]:
     """Every handle of the pool now, by object."""
     return [(oid, list(obj)) for oid, obj in pool.objects.items()]
+
+
+def shed_candidates(g: Guest, limit: int) -> list[tuple[int, int, int]]:
+    """The guest's ``limit`` coldest persistent pages by last access (put or get), coldest
+    first, as ``(pool_id, oid, index)``: what a shed asks back first.
+
+    Reads ``Guest.recency`` from its oldest end: O(limit) (plus the slots left empty at that
+    end by pages touched since the dict last compacted itself, which its resizes bound). The
+    listing moves nothing: as the guest takes pages back and flushes them they leave the
+    order, so the next call names the next coldest."""
+    pool_ids = {pool.ref: pid for pid, pool in g.pools.items() if pool.persistent}
+    out: list[tuple[int, int, int]] = []
+    for key in islice(g.recency, limit):
+        oid, index = lru_handle(key)
+        out.append((pool_ids[lru_ref(key)], oid, index))
+    return out
+
+
+class PageMoves:
+    """Part of :class:`broker.core.tmem.Tmem` (a mixin: its methods are the facade's):
+    batches, restore, export reads and shed candidates. Kept here so that the facade's module
+    holds the hot paths and stays short."""
+
+    _reg: Registry
+    _table: PageTable
+    _ev: Eviction
+
+    if TYPE_CHECKING:  # the facade's page paths (broker.core.tmem)
+
+        def _put(
+            self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int, data: bytes | memoryview
+        ) -> int: ...
+
+        def _get(
+            self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int
+        ) -> bytes | None: ...
+
+        def _flush_page(self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int) -> bool: ...
+
+        def _flush_object(self, g: Guest, pool: Pool, pool_id: int, oid: int) -> int: ...
+
+    def pool_pages(self, guest_id: int, pool_id: int) -> Iterator[tuple[int, int, bytes]]:
+        """Every page of a pool as ``(oid, index, page)``, read without side effects: no get
+        is counted, nothing leaves an exclusive-get pool, no LRU moves (for export). The
+        handles are listed when this is called; pages flushed before they are reached are
+        skipped."""
+        _g, pool = self._reg.pool(guest_id, pool_id)
+        return read_pages(self._table, pool, pool_handles(pool))
+
+    def pool_handles(self, guest_id: int, pool_id: int) -> list[tuple[int, int]]:
+        """Every handle ``(oid, index)`` a pool holds now, without touching a page (what an
+        export re-opened after a restart needs to know where its blocks are)."""
+        _g, pool = self._reg.pool(guest_id, pool_id)
+        return [(oid, index) for oid, indexes in pool_handles(pool) for index in indexes]
+
+    def shed_candidates(self, guest_id: int, limit: int) -> list[tuple[int, int, int]]:
+        """The guest's ``limit`` (>= 0) coldest persistent pages by last access, coldest
+        first, as ``(pool_id, oid, index)`` (:func:`broker.core.restore.shed_candidates`)."""
+        if type(limit) is not int or limit < 0:
+            raise BadRequest(f"limit must be an integer >= 0, not {limit!r}")
+        return shed_candidates(self._reg.guest(guest_id), limit)
+
+    def batch(
+        self, guest_id: int, pool_id: int, ops: Sequence[BatchOp]
+    ) -> list[tuple[int, bytes | None]]:
+        """Apply ``(op, oid, index, page)`` operations in order; one ``(status, page)`` per
+        op: put -> its status, get -> (DONE, page) or (MISS, None), flushes -> DONE. Every op
+        is validated first: a malformed one (unknown op, bad handle, bad page) raises and
+        nothing is applied."""
+        g, pool = self._reg.pool(guest_id, pool_id)
+        check_batch(ops)
+        out: list[tuple[int, bytes | None]] = []
+        append = out.append
+        for op, oid, index, page in ops:
+            if op == OP_PUT:
+                assert page is not None
+                append((self._put(g, pool, pool_id, oid, index, page), None))
+            elif op == OP_GET:
+                got = self._get(g, pool, pool_id, oid, index)
+                append((STATUS_MISS, None) if got is None else (STATUS_DONE, got))
+            elif op == OP_FLUSH_PAGE:
+                self._flush_page(g, pool, pool_id, oid, index)
+                append((STATUS_DONE, None))
+            else:
+                self._flush_object(g, pool, pool_id, oid)
+                append((STATUS_DONE, None))
+        return out
+
+    def restore_page(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:
+        """Put a persistent page back at broker start: no quota, capacity or frozen check,
+        not journaled, not counted as a put. Replaces what is at the handle."""
+        g, pool = self._reg.pool(guest_id, pool_id)
+        restore_pages(self._table, pool, ((oid, index, data),), self._packs_now(g))
+
+    def restore_pages(
+        self, guest_id: int, pool_id: int, pages: Iterable[tuple[int, int, bytes]]
+    ) -> int:
+        """:meth:`restore_page` for many ``(oid, index, page)`` of one pool (broker start).
+        Returns how many pages were restored. A malformed page raises (``BadPageSize``,
+        ``BadHandle``) and the pages before it stay restored."""
+        g, pool = self._reg.pool(guest_id, pool_id)
+        return restore_pages(self._table, pool, pages, self._packs_now(g))
+
+    def _packs_now(self, g: Guest) -> bool:
+        """Whether the guest's puts are compressed now (its mode, and for ``pressure`` the
+        storage level)."""
+        return g.pack == PACK_ALWAYS or (
+            g.pack == PACK_PRESSURE and self._table.counted_bytes > self._ev.compress_above
+        )

@@ -14,7 +14,9 @@ the module that owns it (read those for the rules):
 * :mod:`broker.core.compression` — compression modes' background pass over cold pages.
 * :mod:`broker.core.accounting` — operation counters; :mod:`broker.core.figures` — the typed
   figures built from them.
-* :mod:`broker.core.restore` — restore at start and export views.
+* :mod:`broker.core.restore` — batches, restore at start, export views, shed candidates
+  (:class:`~broker.core.restore.PageMoves`, mixed in); :mod:`broker.core.stats` — the
+  figure methods (:class:`~broker.core.stats.Stats`, mixed in).
 * :mod:`broker.core.keys` — the int keys naming a handle in those dicts.
 
 The put and get paths here are the hot path; where they write a rule of those modules inline
@@ -37,16 +39,14 @@ Privacy (no guest may learn whether another guest holds some content)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 
-from broker.core import figures
 from broker.core.accounting import Ops
 from broker.core.admission import Admission
 from broker.core.compression import ColdCompressor
 from broker.core.content import ZERO_KEY, ZERO_PAGE, Contents, Hasher, xxh3_128
-from broker.core.errors import BadHandle, BadPageSize, BadRequest, GuestExists
+from broker.core.errors import BadPageSize, BadRequest, GuestExists
 from broker.core.eviction import Eviction
-from broker.core.figures import BrokerFigures, GuestFigures, PoolFigures
 from broker.core.journal import PersistentJournal
 from broker.core.keys import M32, MIX
 from broker.core.model import (
@@ -60,7 +60,6 @@ from broker.core.pages import PageTable
 from broker.core.pressure import PressureSettings
 from broker.core.registry import (
     PACK_ALWAYS,
-    PACK_PRESSURE,
     Domain,
     Guest,
     Pool,
@@ -70,35 +69,21 @@ from broker.core.registry import (
     check_weight,
     normalise_uuid,
 )
-from broker.core.restore import pool_handles, read_pages, restore_pages
+from broker.core.restore import BatchOp as BatchOp
+from broker.core.restore import PageMoves, check_handle
+from broker.core.stats import Stats
 from broker.core.store import MemoryPageStore, PageStore
 from schemas.batch import (
-    MAX_INDEX,
-    MAX_OID,
-    OP_FLUSH_OBJECT,
-    OP_FLUSH_PAGE,
-    OP_GET,
-    OP_PUT,
     PAGE_SIZE,
     STATUS_CAPACITY,
     STATUS_DONE,
     STATUS_FROZEN,
-    STATUS_MISS,
     STATUS_POLICY,
     STATUS_QUOTA,
 )
 
-BatchOp = tuple[int, int, int, "bytes | memoryview | None"]
 
-_OPS = (OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT)
-
-
-def _check_handle(oid: int, index: int) -> None:
-    if not (0 <= oid <= MAX_OID and 0 <= index <= MAX_INDEX):
-        raise BadHandle(f"handle out of range: oid={oid} index={index}")
-
-
-class Tmem:
+class Tmem(PageMoves, Stats):
     """The broker's memory: every rule of tmem, no I/O. Not thread-safe: call from one thread
     (the event loop). Page calls return statuses; only malformed input raises (and then
     nothing changed)."""
@@ -347,8 +332,8 @@ class Tmem:
     def compress_cold(self, max_pages: int) -> int:
         """The ``pressure`` mode's background pass: while storage is above the high
         watermark, keep up to ``max_pages`` stored pages of guests in that mode as lz4
-        blocks, coldest first (ephemeral pages in LRU order, then persistent pages in the
-        order they were put). Returns the pages compressed. Call it from a background loop."""
+        blocks, those least likely to be read soon first (:mod:`broker.core.compression`).
+        Returns the pages compressed. Call it from a background loop."""
         return self._cold.step(max_pages)
 
     def remove_guest(self, guest_id: int) -> None:
@@ -459,9 +444,8 @@ class Tmem:
             del self._reg.shared[pool.uuid]
             self._ev.close_account(pool.account)
         self._table.clear(pool)
-        if not pool.persistent:
-            self._ev.remove_pool(pool)
-        elif journal and self._journal is not None:
+        self._ev.remove_pool(pool)
+        if pool.persistent and journal and self._journal is not None:
             self._journal.record_destroy_pool(g.guest_id, pool_id)
 
     def pools(self, guest_id: int) -> list[PoolView]:
@@ -471,14 +455,6 @@ class Tmem:
             PoolView(pid, p.kind, p.shared, p.uuid, p.exclusive_gets, p.pages)
             for pid, p in sorted(g.pools.items())
         ]
-
-    def pool_pages(self, guest_id: int, pool_id: int) -> Iterator[tuple[int, int, bytes]]:
-        """Every page of a pool as ``(oid, index, page)``, read without side effects: no get
-        is counted, nothing leaves an exclusive-get pool, no LRU moves (for export). The
-        handles are listed when this is called; pages flushed before they are reached are
-        skipped."""
-        _g, pool = self._reg.pool(guest_id, pool_id)
-        return read_pages(self._table, pool, pool_handles(pool))
 
     # ------------------------------------------------------------------ pages
 
@@ -490,7 +466,7 @@ class Tmem:
         g, pool = self._reg.pool(guest_id, pool_id)
         if len(data) != PAGE_SIZE:
             raise BadPageSize(f"a page is {PAGE_SIZE} bytes, not {len(data)}")
-        _check_handle(oid, index)
+        check_handle(oid, index)
         return self._put(g, pool, pool_id, oid, index, data)
 
     def _put(
@@ -527,7 +503,7 @@ class Tmem:
         elif (
             not persistent
             and self._adm.settings is not None
-            and not self._adm.admit(g, data, table.counted_bytes > self._ev.low_bytes)
+            and not self._adm.admit(g, pool, oid, data, table.counted_bytes > self._ev.low_bytes)
         ):
             pool.declined_policy += 1
             g.declined_policy += 1
@@ -552,6 +528,12 @@ class Tmem:
                     if poor:
                         pool.compress_poor += 1
                         g.compress_poor += 1
+                        if not persistent and self._adm.too_costly(
+                            g, pool, oid, index, level > ev.low_bytes
+                        ):
+                            pool.declined_policy += 1
+                            g.declined_policy += 1
+                            return STATUS_POLICY  # (ephemeral: nothing to journal)
                 need = charge = len(stored)
                 if (
                     domain.trusted
@@ -585,21 +567,23 @@ class Tmem:
                 else:
                     obj[index] = key
                 pool.pages += 1
+                mixed = (index + (oid & M32) * MIX) & M32
                 if charge == 0:
                     pool.zero_pages += 1
                 else:
                     table.charge(pool, charge)
                     if charge != PAGE_SIZE:
-                        pool.charges[(oid << 32) | ((index + (oid & M32) * MIX) & M32)] = charge
+                        pool.charges[(oid << 32) | mixed] = charge
+                slot = (oid << 56) | pool.lru_tag | mixed
                 if persistent:
                     g.persistent_pages += 1  # persistent pools are private: g owns it
+                    g.recency[slot] = None
                     if self._journal is not None:
                         self._journal.record_put(g.guest_id, pool_id, oid, index, data)
                 else:
                     account = pool.account
                     assert account is not None
                     account.eph_pages += 1
-                    slot = (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
                     account.lru[slot] = None
                     if account.tinylfu is not None:  # the LRU default pays this test only
                         account.tinylfu.on_put(account.lru, account.main, slot)
@@ -615,7 +599,7 @@ class Tmem:
         """The page at the handle or None (a miss). Exclusive (the page leaves) in private
         ephemeral pools and in persistent pools made with ``exclusive_gets``."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        _check_handle(oid, index)
+        check_handle(oid, index)
         return self._get(g, pool, pool_id, oid, index)
 
     def _get(self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int) -> bytes | None:
@@ -643,6 +627,12 @@ class Tmem:
                 self._table.drop(pool, oid, index, key)
                 if self._journal is not None:
                     self._journal.record_flush(g.guest_id, pool_id, oid, index)
+            else:
+                # the page is the guest's most recently used now (shed candidates go last)
+                recency = g.recency
+                slot = (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
+                del recency[slot]
+                recency[slot] = None
         elif pool.shared:
             g.gate.record_hit()
             account = pool.account
@@ -652,7 +642,7 @@ class Tmem:
             if account.tinylfu is None:
                 account.lru.move_to_end(slot)
             else:
-                account.tinylfu.on_get(slot)
+                account.tinylfu.on_hit(slot)
                 # the page stays in its list (window or main), as the newest there
                 (account.lru if slot in account.lru else account.main).move_to_end(slot)
         else:
@@ -661,7 +651,7 @@ class Tmem:
             assert account is not None
             if account.tinylfu is not None:
                 # the page leaves (exclusive get); its count stays for when it is put again
-                account.tinylfu.on_get(
+                account.tinylfu.on_hit(
                     (oid << 56) | pool.lru_tag | ((index + (oid & M32) * MIX) & M32)
                 )
             del obj[index]
@@ -673,7 +663,7 @@ class Tmem:
     def flush_page(self, guest_id: int, pool_id: int, oid: int, index: int) -> bool:
         """Remove the page at the handle; True when there was one. Idempotent."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        _check_handle(oid, index)
+        check_handle(oid, index)
         return self._flush_page(g, pool, pool_id, oid, index)
 
     def _flush_page(self, g: Guest, pool: Pool, pool_id: int, oid: int, index: int) -> bool:
@@ -690,7 +680,7 @@ class Tmem:
     def flush_object(self, guest_id: int, pool_id: int, oid: int) -> int:
         """Remove every page of the object; returns how many. Idempotent. O(its pages)."""
         g, pool = self._reg.pool(guest_id, pool_id)
-        _check_handle(oid, 0)
+        check_handle(oid, 0)
         return self._flush_object(g, pool, pool_id, oid)
 
     def _flush_object(self, g: Guest, pool: Pool, pool_id: int, oid: int) -> int:
@@ -700,95 +690,3 @@ class Tmem:
         if n and pool.persistent and self._journal is not None:
             self._journal.record_flush_object(g.guest_id, pool_id, oid)
         return n
-
-    def batch(
-        self, guest_id: int, pool_id: int, ops: Sequence[BatchOp]
-    ) -> list[tuple[int, bytes | None]]:
-        """Apply ``(op, oid, index, page)`` operations in order; one ``(status, page)`` per
-        op: put -> its status, get -> (DONE, page) or (MISS, None), flushes -> DONE. Every op
-        is validated first: a malformed one (unknown op, bad handle, bad page) raises and
-        nothing is applied."""
-        g, pool = self._reg.pool(guest_id, pool_id)
-        for op, oid, index, page in ops:
-            if op not in _OPS:
-                raise BadRequest(f"unknown op {op}")
-            _check_handle(oid, index)
-            if op == OP_PUT and (page is None or len(page) != PAGE_SIZE):
-                raise BadPageSize(f"a page is {PAGE_SIZE} bytes")
-        out: list[tuple[int, bytes | None]] = []
-        append = out.append
-        for op, oid, index, page in ops:
-            if op == OP_PUT:
-                assert page is not None
-                append((self._put(g, pool, pool_id, oid, index, page), None))
-            elif op == OP_GET:
-                got = self._get(g, pool, pool_id, oid, index)
-                append((STATUS_MISS, None) if got is None else (STATUS_DONE, got))
-            elif op == OP_FLUSH_PAGE:
-                self._flush_page(g, pool, pool_id, oid, index)
-                append((STATUS_DONE, None))
-            else:
-                self._flush_object(g, pool, pool_id, oid)
-                append((STATUS_DONE, None))
-        return out
-
-    def restore_page(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:
-        """Put a persistent page back at broker start: no quota, capacity or frozen check,
-        not journaled, not counted as a put. Replaces what is at the handle."""
-        g, pool = self._reg.pool(guest_id, pool_id)
-        restore_pages(self._table, pool, ((oid, index, data),), self._packs_now(g))
-
-    def restore_pages(
-        self, guest_id: int, pool_id: int, pages: Iterable[tuple[int, int, bytes]]
-    ) -> int:
-        """:meth:`restore_page` for many ``(oid, index, page)`` of one pool (broker start).
-        Returns how many pages were restored. A malformed page raises (``BadPageSize``,
-        ``BadHandle``) and the pages before it stay restored."""
-        g, pool = self._reg.pool(guest_id, pool_id)
-        return restore_pages(self._table, pool, pages, self._packs_now(g))
-
-    def _packs_now(self, g: Guest) -> bool:
-        """Whether the guest's puts are compressed now (its mode, and for ``pressure`` the
-        storage level)."""
-        return g.pack == PACK_ALWAYS or (
-            g.pack == PACK_PRESSURE and self._table.counted_bytes > self._ev.compress_above
-        )
-
-    # ------------------------------------------------------------------ stats
-
-    def pool_stats(self, guest_id: int, pool_id: int, *, admin: bool = False) -> PoolFigures:
-        """Figures of one pool (its operation counters count every member's operations).
-        ``admin`` adds dedup hits, which a guest must not see."""
-        _, pool = self._reg.pool(guest_id, pool_id)
-        return figures.pool_figures(pool_id, pool, admin=admin)
-
-    def guest_stats(self, guest_id: int) -> GuestFigures:
-        """The guest's own figures, safe to show it: its private pools' pages, its charges
-        (``charged_bytes``: what its pages take on their own, whether or not shared) and
-        its operations. Nothing here depends on other guests' contents."""
-        g = self._reg.guest(guest_id)
-        return figures.guest_figures(g, self._reg.compress_mode(g), admin=False)
-
-    def stats(self) -> BrokerFigures:
-        """Global figures (the admin's ``GET /v1/stats``), with one admin entry per guest
-        (``guests``) and per shared pool (``shared_pools``)."""
-        reg = self._reg
-        ops = Ops()
-        ops.add(self._retired)
-        for g in reg.guests.values():
-            ops.add(g)
-        ops.evictions = self._ev.evictions
-        return figures.broker_figures(
-            ops=ops,
-            guests=[(g, reg.compress_mode(g)) for g in reg.guests.values()],
-            shared=reg.shared.values(),
-            capacity_bytes=self._ev.capacity,
-            used_bytes=self.used_bytes,
-            charged_bytes=self.charged_bytes,
-            counted_bytes=self._table.counted_bytes,
-            unique_pages=self.unique_pages,
-            low_hit_rate=self._adm.low_hit_rate,
-            reclaimed_on_put=self._ev.reclaimed_on_put,
-            compress_default=reg.compress_default,
-            compressed_cold=self._cold.compressed,
-        )

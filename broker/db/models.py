@@ -164,3 +164,18 @@ class GuestMoveRow(Base):
     name: Mapped[str] = mapped_column(String(128))
     url: Mapped[str] = mapped_column(String(512))
     moved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class NbdExportRow(Base):
+    """An NBD export the broker serves itself (``--nbd-dir``): re-created at start over the
+    same persistent pool, so it outlives a broker restart; gone with ``DELETE`` or its guest."""
+
+    __tablename__ = "nbd_exports"
+
+    guest_id: Mapped[int] = mapped_column(
+        ForeignKey("guests.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    pool_id: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

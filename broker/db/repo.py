@@ -23,6 +23,7 @@ from broker.db.models import (
     GuestHomeRow,
     GuestMoveRow,
     GuestRow,
+    NbdExportRow,
     NoticeRow,
     PoolRow,
     SettingRow,
@@ -67,6 +68,16 @@ class PoolRecord:
     shared: bool
     uuid: str | None
     exclusive_gets: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NbdExportRecord:
+    """An NBD export the broker serves itself: its guest, name, size and pool."""
+
+    guest_id: int
+    name: str
+    size: int
+    pool_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +204,7 @@ class Repository:
         with self._begin() as session, session.begin():
             # Explicit deletes rather than relying on ON DELETE CASCADE, which SQLite only
             # honours with the foreign_keys pragma on.
-            for table in (NoticeRow, PoolRow, SharedAuthRow, GuestHomeRow):
+            for table in (NoticeRow, NbdExportRow, PoolRow, SharedAuthRow, GuestHomeRow):
                 session.execute(delete(table).where(table.guest_id == guest_id))
             result = session.execute(delete(GuestRow).where(GuestRow.id == guest_id))
             if result.rowcount == 0:  # type: ignore[attr-defined]
@@ -220,6 +231,35 @@ class Repository:
             session.execute(
                 delete(PoolRow).where(PoolRow.guest_id == guest_id, PoolRow.pool_id == pool_id)
             )
+
+    # NBD exports served by the broker ----------------------------------------------------
+
+    def add_nbd_export(self, record: NbdExportRecord) -> None:
+        with self._begin() as session, session.begin():
+            session.add(
+                NbdExportRow(
+                    guest_id=record.guest_id,
+                    name=record.name,
+                    size=record.size,
+                    pool_id=record.pool_id,
+                    created_at=utcnow(),
+                )
+            )
+
+    def delete_nbd_export(self, guest_id: int, name: str) -> None:
+        with self._begin() as session, session.begin():
+            session.execute(
+                delete(NbdExportRow).where(
+                    NbdExportRow.guest_id == guest_id, NbdExportRow.name == name
+                )
+            )
+
+    def nbd_exports(self) -> list[NbdExportRecord]:
+        with self._begin() as session:
+            rows = session.scalars(
+                select(NbdExportRow).order_by(NbdExportRow.guest_id, NbdExportRow.name)
+            )
+            return [NbdExportRecord(r.guest_id, r.name, r.size, r.pool_id) for r in rows]
 
     def pools(self) -> list[PoolRecord]:
         with self._begin() as session:

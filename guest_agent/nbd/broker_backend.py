@@ -41,7 +41,21 @@ written since the last flush. A shed writes the pages to the fallback file and f
 
 Lifetime: the pool is created by :meth:`BrokerBackend.open` and destroyed by :meth:`close`; the
 location map lives in the agent's memory, so the export's contents last as long as the agent
-process — the same lifetime a swap device's contents have.
+process — the same lifetime a swap device's contents have. The broker's own exports
+(``broker.api.nbd_exports``) outlive their process instead: ``close(keep_pool=True)`` leaves
+the pool and the fallback file, and :meth:`BrokerBackend.reopen` rebuilds the map from them.
+That works because the two places never disagree about a block's latest content:
+
+- a block at the broker has no other copy that could win: a put stored over a block in the
+  fallback file punches it out of the file (zeros written where holes cannot be punched);
+- a block in the fallback file has no broker copy but an equal one (a declined put leaves
+  nothing at the handle, journaled; a shed fsyncs the file before it flushes the pages; a
+  failed put's stale copy holds the same bytes until the block's next put replaces it);
+- a block discarded or zeroed is in neither (flushed at the broker, punched in the file).
+
+So on reopen: a block the pool holds is ``BROKER``, else a block with data in the file is
+``FALLBACK``, else ``NOWHERE`` (the file's holes are found with ``SEEK_DATA``; where that is
+missing every other block is ``FALLBACK``, which still reads back right: a hole reads zeros).
 """
 
 from __future__ import annotations
@@ -49,10 +63,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Literal, Protocol, TypeVar
 
 from guest_agent.errors import TmemClientError
@@ -70,6 +85,8 @@ FALLBACK = 2
 BLOCKS_PER_OBJECT = 256
 _T = TypeVar("_T")
 _OBJECT_SHIFT = 8
+# a shed asks the broker for at most this many of its coldest pages (the endpoint's limit)
+SHED_CANDIDATES_MAX = 4096
 
 
 def export_policy(read_retry_s: float = 30.0) -> RetryPolicy:
@@ -104,6 +121,10 @@ class PageClient(Protocol):
     async def flush_many(
         self, pool_id: int, handles: Sequence[tuple[int, int]]
     ) -> None: ...  # pragma: no cover
+
+    async def shed_candidates(
+        self, limit: int = 256
+    ) -> list[tuple[int, int, int]]: ...  # pragma: no cover
 
 
 class BrokerBackend:
@@ -152,6 +173,37 @@ class BrokerBackend:
         return cls(
             client, pool_id, size=size, fallback_path=fallback_path, read_retry_s=read_retry_s
         )
+
+    @classmethod
+    def reopen(
+        cls,
+        client: PageClient,
+        pool_id: int,
+        *,
+        size: int,
+        fallback_path: str,
+        broker_blocks: Iterable[int],
+        read_retry_s: float = 30.0,
+    ) -> BrokerBackend:
+        """The export over an existing pool and fallback file (after a restart):
+        ``broker_blocks`` are the blocks the pool holds; the map is rebuilt as the module
+        docstring says. Blocks outside ``size`` are left alone (logged)."""
+        backend = cls(
+            client, pool_id, size=size, fallback_path=fallback_path, read_retry_s=read_retry_s
+        )
+        location = backend.location
+        for start, end in _data_ranges(backend._fd, backend.block_count * BLOCK_SIZE):
+            first, last = start // BLOCK_SIZE, (end + BLOCK_SIZE - 1) // BLOCK_SIZE
+            location[first:last] = bytes([FALLBACK]) * (last - first)
+        outside = 0
+        for block in broker_blocks:
+            if block < backend.block_count:
+                location[block] = BROKER
+            else:
+                outside += 1
+        if outside:
+            log.warning("nbd: pool %d holds %d blocks beyond the export's end", pool_id, outside)
+        return backend
 
     # --- counts ---------------------------------------------------------------------------
 
@@ -225,6 +277,8 @@ class BrokerBackend:
         if stored is NOT_NOW:
             return False
         if stored:
+            if self.location[block] == FALLBACK:
+                self._punch([block])  # the file's older copy must not outlive this one
             self.location[block] = BROKER
             self.stats["broker_puts"] += 1
             return True
@@ -262,8 +316,11 @@ class BrokerBackend:
             stale.update(b for b, _ in writes if location[b] == BROKER)
             results = [False] * len(writes)
         declined = 0
+        left_file: list[int] = []
         for (block, data), result in zip(writes, results, strict=True):
             if result:
+                if location[block] == FALLBACK:
+                    left_file.append(block)
                 location[block] = BROKER
             else:
                 # a declined put left nothing at the handle (contract), so the fallback
@@ -271,6 +328,8 @@ class BrokerBackend:
                 self._write_fallback(block, data)
                 location[block] = FALLBACK
                 declined += 1
+        if left_file:  # stored at the broker now: the file's older copies must go
+            self._punch(left_file)
         if declined:
             placement.note_declines(results)
         self.stats["broker_puts"] += len(writes) - declined
@@ -317,9 +376,11 @@ class BrokerBackend:
                 raise BackendError(f"fsync of {self.fallback_path} failed: {exc}") from exc
             self.stats["fallback_fsyncs"] += 1
 
-    async def close(self) -> None:
+    async def close(self, *, keep_pool: bool = False) -> None:
+        """Close the fallback file; destroy the pool unless ``keep_pool`` (or the backend was
+        built with ``destroy_pool_on_close=False``)."""
         try:
-            if self._destroy_pool_on_close:
+            if self._destroy_pool_on_close and not keep_pool:
                 await self.client.destroy_pool(self.pool_id)
         finally:
             os.close(self._fd)
@@ -341,14 +402,17 @@ class BrokerBackend:
         returned = await self._flush_stale()
         pages -= returned
         location = self.location
-        chosen: list[int] = []
-        # highest blocks first: swap allocates from the start, so the tail is the coldest
+        # the blocks the broker names as its coldest (by last access) first
+        chosen = await self._named_blocks(pages)
+        named = set(chosen)
+        # then the highest blocks: swap allocates from the start, so the tail is colder
         block = self.block_count - 1
         while block >= 0 and len(chosen) < pages:
             block = location.rfind(BROKER, 0, block + 1)
             if block < 0:
                 break
-            chosen.append(block)
+            if block not in named:
+                chosen.append(block)
             block -= 1
         if not chosen:
             return returned
@@ -371,6 +435,29 @@ class BrokerBackend:
             raise BackendError(f"broker: {exc}") from exc
         self.stats["shed_blocks"] += len(moved)
         return returned + len(moved)
+
+    async def _named_blocks(self, pages: int) -> list[int]:
+        """Up to ``pages`` blocks the broker holds for this export, its coldest first
+        (``GET /v1/self/shed-candidates``); none when it cannot say (then the tail goes)."""
+        try:
+            named = await self.client.shed_candidates(min(pages, SHED_CANDIDATES_MAX))
+        except TmemClientError as exc:
+            log.info("nbd: no shed candidates from the broker (%s): the tail goes first", exc)
+            return []
+        location = self.location
+        out: list[int] = []
+        seen: set[int] = set()
+        for pool_id, oid, block in named:
+            if (
+                pool_id == self.pool_id
+                and 0 <= block < self.block_count
+                and block_handle(block)[0] == oid
+                and location[block] == BROKER
+                and block not in seen
+            ):
+                seen.add(block)
+                out.append(block)
+        return out[:pages]
 
     async def _flush_stale(self) -> int:
         """Flush every stale broker copy (only beside no other call); how many went."""
@@ -423,18 +510,23 @@ class BrokerBackend:
             raise BackendError(f"broker: {exc}") from exc
 
     def _punch(self, blocks: Sequence[int]) -> None:
-        """Give forgotten blocks' file space back (best effort: the map already says nowhere)."""
-        if _fallocate is None:
-            return
+        """Take blocks out of the fallback file: punch holes (their space comes back), or
+        write zeros where the filesystem cannot. Not best effort: a reopen after a restart
+        reads the file's data as blocks (module docstring), so old bytes must not stay."""
         for start, count in _runs(sorted(blocks)):
-            rc = _fallocate(
-                self._fd,
-                _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE,
-                ctypes.c_long(start * BLOCK_SIZE),
-                ctypes.c_long(count * BLOCK_SIZE),
-            )
+            rc = -1
+            if _fallocate is not None:
+                rc = _fallocate(
+                    self._fd,
+                    _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE,
+                    ctypes.c_long(start * BLOCK_SIZE),
+                    ctypes.c_long(count * BLOCK_SIZE),
+                )
             if rc != 0:
-                return  # the filesystem cannot punch holes: keep the bytes, nothing reads them
+                zeros = bytes(BLOCK_SIZE)
+                for block in range(start, start + count):
+                    self._write_fallback(block, zeros)
+        self._fallback_dirty = True  # the next FLUSH makes the change durable
         self.stats["fallback_punched"] += len(blocks)
 
     def _read_fallback(self, block: int) -> bytes:
@@ -468,6 +560,29 @@ def _load_fallocate() -> Callable[..., int] | None:
 
 
 _fallocate = _load_fallocate()
+
+
+def _data_ranges(fd: int, end: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` byte ranges of the file holding data (``SEEK_DATA`` /
+    ``SEEK_HOLE``); the whole file where the filesystem cannot say."""
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    try:
+        while offset < end:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after offset
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            ranges.append((start, stop))
+            offset = stop
+    except (OSError, AttributeError):
+        return [(0, end)] if end else []
+    return ranges
 
 
 def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:

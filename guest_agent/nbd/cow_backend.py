@@ -101,6 +101,10 @@ class CowClient(CacheClient, Protocol):
 
     async def self_info(self) -> SelfInfo: ...  # pragma: no cover
 
+    async def shed_candidates(
+        self, limit: int = 256
+    ) -> list[tuple[int, int, int]]: ...  # pragma: no cover
+
     async def report_export(
         self, name: str, figures: dict[str, int]
     ) -> None: ...  # pragma: no cover

@@ -2,7 +2,8 @@
 
 It implements the contract's guest endpoints closely enough to test the agent without the
 broker: pools, put/get/flush with declines (quota, capacity, frozen) that flush the old copy,
-exclusive gets in private ephemeral pools, batches, ``/v1/self``, notices and acks. ``down``
+exclusive gets in private ephemeral pools, batches, ``/v1/self``, notices and acks, and
+the shed candidates (persistent pages by last access, as the broker orders them). ``down``
 makes every request raise :class:`BrokerUnavailable`, as an unreachable broker would.
 """
 
@@ -116,6 +117,7 @@ class FakeBroker:
         ):
             status = STATUS_CAPACITY
         if status == STATUS_DONE:
+            pool.pages.pop(key, None)  # (re)put: the newest by last access
             pool.pages[key] = bytes(data)
         else:
             pool.pages.pop(key, None)  # a declined put leaves nothing at the handle
@@ -124,7 +126,12 @@ class FakeBroker:
     def _get(self, pool: FakePool, oid: int, index: int) -> bytes | None:
         key = (oid, index)
         exclusive = (pool.kind == "ephemeral" and not pool.shared) or pool.exclusive_gets
-        return pool.pages.pop(key, None) if exclusive else pool.pages.get(key)
+        if exclusive:
+            return pool.pages.pop(key, None)
+        page = pool.pages.pop(key, None)
+        if page is not None:
+            pool.pages[key] = page  # a get makes it the newest by last access
+        return page
 
     # --- the handler
     def handle(self, request: Request) -> Response:
@@ -174,6 +181,16 @@ class FakeBroker:
                 "stats": {"persistent_pages": self.persistent_pages()},
             }
             return Response(200, json.dumps(info).encode())
+        if method == "GET" and path == "/v1/self/shed-candidates":
+            limit = int(query.get("limit", ["256"])[0])
+            # pool by pool: enough for one persistent pool, as the agent's tests use
+            named = [
+                {"pool_id": pid, "oid": str(oid), "index": index}
+                for pid, p in self.pools.items()
+                if p.kind == "persistent"
+                for oid, index in p.pages
+            ]
+            return Response(200, json.dumps(named[:limit]).encode(), {})
         if method == "POST" and path == "/v1/self/pressure":
             self.pressure.append(json.loads(bytes(request.body)))
             return Response(204)

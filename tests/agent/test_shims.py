@@ -12,7 +12,7 @@ import pytest
 from guest_agent import Cleancache, Frontswap, TmemClient
 from guest_agent.errors import NotInitialised, PageUnavailable, ProtocolError
 from guest_agent.shims import RetryPolicy, frontswap_handle
-from guest_agent.transport import Response
+from guest_agent.transport import MockTransport, Response
 from schemas.batch import OP_FLUSH_PAGE, OP_GET, decode_request
 from schemas.wire import Notice
 
@@ -148,6 +148,31 @@ def test_shed_moves_the_oldest_pages_home_and_flushes_them() -> None:
     assert all(fs.load(0, i) == page(0, i) for i in range(10))
     assert fs.shed(100) == 4
     assert broker.persistent_pages() == 0 and fs.shed(1) == 0
+
+
+def test_shed_takes_back_the_pages_the_broker_names_coldest_first() -> None:
+    broker = FakeBroker()
+    fs, _ = make(broker, max_batch_ops=4)
+    fs.init(0)
+    for i in range(10):
+        fs.store(0, i, page(0, i))
+    # the guest reads its oldest pages again: the broker's coldest are now 5..9 (last access)
+    assert [fs.load(0, i) for i in range(5)] == [page(0, i) for i in range(5)]
+    assert fs.shed(3) == 3
+    assert [fs.where(0, i) for i in range(10)] == ["broker"] * 5 + ["fallback"] * 3 + ["broker"] * 2
+    assert ("GET", "/v1/self/shed-candidates") in broker.requests
+    # a broker that cannot name pages (an older one: 404): the oldest stored go first
+    real = broker.handle
+
+    def older(request: Any) -> Any:
+        if "shed-candidates" in request.target:
+            return Response(404, b'{"error": {"code": "not_found", "message": "no"}}', {})
+        return real(request)
+
+    fs.client = TmemClient("http://b", "tok", transport=MockTransport(older), max_batch_ops=4)
+    assert fs.shed(2) == 2
+    assert [fs.where(0, i) for i in range(2)] == ["fallback"] * 2
+    assert all(fs.load(0, i) == page(0, i) for i in range(10))
 
 
 def test_shed_syncs_the_fallback_before_the_broker_flushes(

@@ -124,10 +124,18 @@ def test_policy_declines_are_counted_by_reason(
         assert 409 in statuses and 204 in statuses
         stats = c.get("/v1/stats", headers=ADMIN).json()
         declined = statuses.count(409)
-        assert stats["policy_declines"] == {"low_hit_rate": declined}
+        assert stats["policy_declines"] == {
+            "low_hit_rate": declined,
+            "predicted_useless": 0,
+            "poor_compression": 0,
+        }
         assert stats["puts_declined"]["policy"] == declined
         own = c.get("/v1/self", headers=headers).json()["stats"]
-        assert own["policy_declines"] == {"low_hit_rate": declined}
+        assert own["policy_declines"] == {
+            "low_hit_rate": declined,
+            "predicted_useless": 0,
+            "poor_compression": 0,
+        }
         metrics = c.get("/metrics").text
         assert f'tmem_policy_declines_total{{reason="low_hit_rate"}} {declined}.0' in metrics
         assert f'tmem_puts_declined_total{{reason="policy"}} {declined}.0' in metrics

@@ -369,7 +369,7 @@ GOLDEN: dict[str, Any] = {
 # a compress setting now shows ``compress: null`` (it inherits) where it showed false.
 ADDED = {
     "stats": {"counted_bytes": 61467, "compress_default": "never", "compressed_cold": 0},
-    "pressure": {"compressed_pages": 0},
+    "pressure": {"compressed_pages": 0, "admin_sheds": 0},
 }
 GUEST_MODES = {1: "always", 2: "never", 3: "never"}
 INHERITING = {2, 3}
@@ -381,8 +381,12 @@ def _before_capacity(got: dict[str, Any]) -> dict[str, Any]:
     for part, added in ADDED.items():
         for key, value in added.items():
             assert out[part].pop(key) == value, (part, key)
+    assert out["stats"]["policy_declines"].pop("predicted_useless") == 0
+    assert out["stats"]["policy_declines"].pop("poor_compression") == 0
     guests = [*out["stats"]["guests"], out["guest_1"], out["guest_3"]]
     for g in guests:
+        assert g["policy_declines"].pop("predicted_useless") == 0
+        assert g["policy_declines"].pop("poor_compression") == 0
         gid = g["guest_id"]
         assert g.pop("compress_mode") == GUEST_MODES[gid]
         if gid in INHERITING:

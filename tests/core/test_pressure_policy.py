@@ -245,9 +245,13 @@ def test_admission_throttles_unused_ephemeral_pages_only_while_memory_is_tight()
     statuses = fill(tmem, 1, 1, 400, start=1000)
     declined = statuses.count(STATUS_POLICY)
     assert declined == pytest.approx(300, abs=2)  # a quarter (the floor) admitted
-    assert tmem.stats().policy_declines == PolicyDeclines(low_hit_rate=declined)
+    assert tmem.stats().policy_declines == PolicyDeclines(
+        low_hit_rate=declined, predicted_useless=0, poor_compression=0
+    )
     assert tmem.guest_stats(1).ops.puts_declined.policy == declined
-    assert tmem.guest_stats(2).policy_declines == PolicyDeclines(low_hit_rate=0)
+    assert tmem.guest_stats(2).policy_declines == PolicyDeclines(
+        low_hit_rate=0, predicted_useless=0, poor_compression=0
+    )
     # zero pages cost nothing and always pass
     assert all(tmem.put(1, 1, 5, i, ZERO) == STATUS_DONE for i in range(50))
 

@@ -18,6 +18,7 @@ TABLES = {
     "notices",
     "settings",
     "domains",
+    "nbd_exports",
     "brokers",
     "guest_homes",
     "guest_moves",

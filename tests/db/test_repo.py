@@ -8,7 +8,7 @@ import pytest
 
 from broker.core.errors import GuestExists, UnknownGuest
 from broker.db.engine import make_engine, upgrade
-from broker.db.repo import PoolRecord, Repository
+from broker.db.repo import NbdExportRecord, PoolRecord, Repository
 
 
 @pytest.fixture
@@ -99,3 +99,21 @@ def test_settings_round_trip(repo: Repository) -> None:
     repo.set_setting("capacity_bytes", 1 << 20)
     repo.set_setting("capacity_bytes", 2 << 20)
     assert repo.settings() == {"capacity_bytes": 2 << 20}
+
+
+def test_nbd_exports_are_kept_until_deleted_or_their_guest_goes(repo: Repository) -> None:
+    gid, other = _guest(repo, "vm1"), _guest(repo, "vm2")
+    repo.add_pool(PoolRecord(gid, 0, "persistent", False, None, False))
+    repo.add_nbd_export(NbdExportRecord(gid, "swap", 8 << 20, 0))
+    repo.add_nbd_export(NbdExportRecord(gid, "data", 4096, 1))
+    repo.add_nbd_export(NbdExportRecord(other, "swap", 1 << 30, 0))
+    assert repo.nbd_exports() == [
+        NbdExportRecord(gid, "data", 4096, 1),
+        NbdExportRecord(gid, "swap", 8 << 20, 0),
+        NbdExportRecord(other, "swap", 1 << 30, 0),
+    ]
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        repo.add_nbd_export(NbdExportRecord(gid, "swap", 4096, 2))
+    repo.delete_nbd_export(gid, "data")
+    repo.delete_guest(gid)
+    assert repo.nbd_exports() == [NbdExportRecord(other, "swap", 1 << 30, 0)]

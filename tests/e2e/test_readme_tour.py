@@ -130,6 +130,8 @@ def test_admin_cli_against_the_running_broker(broker: tuple[str, Path, Path]) ->
     assert "yes" in run("list")  # the frozen column
     run("thaw", "1")
     run("flush", "1")
+    assert "nothing to shed" in run("shed", "1", "--pages", "3", "--deadline", "5")
+    assert runner.invoke(app, ["admin", "shed", "1", "--pages", "0", *common]).exit_code == 2
     run("shared-auth", "6f1d3a2e-1b7c-4e55-9d1a-0e8f2c3b4a5d", "1")
     assert "logical_pages" in run("stats")
     # compression and dedup domains (issue #16): a guest that inherits, a domain's settings

@@ -79,6 +79,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("PATCH", "/v1/guests/{guest_id}"): admin_row(200, {"weight": 50}),
     ("DELETE", "/v1/guests/{guest_id}"): admin_row(204),
     ("POST", "/v1/guests/{guest_id}/freeze"): admin_row(204),
+    ("POST", "/v1/guests/{guest_id}/shed"): admin_row(200, body={"pages": 1}),
     ("POST", "/v1/guests/{guest_id}/thaw"): admin_row(204),
     ("POST", "/v1/guests/{guest_id}/flush"): admin_row(204),
     ("POST", "/v1/shared-auth"): admin_row(204, {"uuid": UUID, "guest_id": 0, "allow": True}),
@@ -105,6 +106,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/self/pressure"): guest_row(204, body={"psi_some_avg10": 1.0}),
     ("PUT", "/v1/self/exports/{name}"): guest_row(204, body={"base_reads": 1}),
     ("GET", "/v1/self/exports"): guest_row(200),
+    ("GET", "/v1/self/shed-candidates"): guest_row(200),
     # the broker's own NBD exports: this broker runs without --nbd-dir (tests/e2e has them)
     ("PUT", "/v1/self/nbd/{name}"): guest_row(404, body={"size": 4096}),
     ("DELETE", "/v1/self/nbd/{name}"): guest_row(404),

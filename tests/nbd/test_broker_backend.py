@@ -36,6 +36,7 @@ class FakeClient:
         self.down = False
         self.declining = False  # decline every put, as a frozen guest's are
         self.land_then_fail = False  # store the puts, then lose the answer
+        self.no_candidates = False  # a broker that cannot name its coldest pages
         self.calls: list[str] = []
 
     async def create_pool(self, kind: str) -> int:
@@ -62,6 +63,7 @@ class FakeClient:
                 self.pages.pop(key, None)
                 out.append(False)
             else:
+                self.pages.pop(key, None)  # (re)put: the newest by last access
                 self.pages[key] = bytes(page)
                 out.append(True)
         if self.land_then_fail:
@@ -74,7 +76,18 @@ class FakeClient:
         self.calls.append("get_many")
         if self.down:
             raise BrokerUnavailable("connection refused")
-        return [self.pages.get(h) for h in handles]
+        out = [self.pages.pop(h, None) for h in handles]
+        for h, got in zip(handles, out, strict=True):
+            if got is not None:
+                self.pages[h] = got  # a get makes it the newest by last access
+        return out
+
+    async def shed_candidates(self, limit: int = 256) -> list[tuple[int, int, int]]:
+        """Coldest first by last access, as the broker names them."""
+        self.calls.append("shed_candidates")
+        if self.down or self.no_candidates:
+            raise BrokerUnavailable("connection refused")
+        return [(0, oid, index) for oid, index in list(self.pages)[:limit]]
 
     async def flush_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> None:
         self.calls.append("flush_many")
@@ -262,6 +275,23 @@ async def test_shed_moves_broker_blocks_to_the_file(tmp_path: Path) -> None:
     await backend.close()
 
 
+async def test_shed_takes_the_blocks_the_broker_names_coldest_first(tmp_path: Path) -> None:
+    client = FakeClient()
+    backend = await make(tmp_path, client)
+    await backend.write_blocks([(b, page(b % 251)) for b in range(20)])
+    # blocks 0..9 read again: the broker's coldest are 10..19 (not the tail, 19 down)
+    assert await backend.read_blocks(list(range(10))) == [page(b) for b in range(10)]
+    assert await backend.shed(4) == 4
+    assert [b for b in range(20) if backend.location[b] == FALLBACK] == [10, 11, 12, 13]
+    assert "shed_candidates" in client.calls
+    # a broker that cannot name pages: the highest blocks go, as before
+    client.no_candidates = True
+    assert await backend.shed(2) == 2
+    assert [b for b in range(20) if backend.location[b] == FALLBACK] == [10, 11, 12, 13, 18, 19]
+    assert await backend.read_blocks(list(range(20))) == [page(b) for b in range(20)]
+    await backend.close()
+
+
 async def test_dispatcher_over_broker_backend_matches_a_model(tmp_path: Path) -> None:
     client = FakeClient(cap=40)
     backend = await make(tmp_path, client, blocks=64)
@@ -365,3 +395,58 @@ async def test_write_block_now_stores_declines_to_the_file_and_flush_waits(tmp_p
     await backend.flush()
     assert client.barriers == 1
     await backend.close()
+
+
+@pytest.mark.parametrize("punch", [True, False], ids=["holes", "no-holes"])
+async def test_reopen_over_the_pool_and_file_reads_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punch: bool
+) -> None:
+    """What the broker's own exports rely on across a restart: the pool and the fallback file
+    alone say where every block is (writes, zeroes, declines, sheds, quota freed)."""
+    if not punch:  # a filesystem that cannot punch holes: zeros are written instead
+        monkeypatch.setattr("guest_agent.nbd.broker_backend._fallocate", None)
+    client = FakeClient(cap=24)
+    blocks = 64
+    backend = await make(tmp_path, client, blocks=blocks)
+    dispatcher = Dispatcher(backend)
+    dispatcher.start()
+    size = blocks * BLOCK_SIZE
+    model = bytearray(size)
+    rng = random.Random(5)
+    for _ in range(300):
+        offset = rng.randrange(size)
+        length = rng.randrange(1, min(size - offset, 3 * BLOCK_SIZE) + 1)
+        roll = rng.random()
+        if roll < 0.55:
+            data = rng.randbytes(length)
+            await dispatcher.write(offset, data)
+            model[offset : offset + length] = data
+        elif roll < 0.85:
+            await dispatcher.zero(offset, length)
+            model[offset : offset + length] = bytes(length)
+        else:
+            await dispatcher.exclusive(lambda: backend.shed(3))
+    await dispatcher.flush()
+    await dispatcher.stop()
+    location = bytes(backend.location)
+    assert FALLBACK in location and BROKER in location and NOWHERE in location
+    await backend.close(keep_pool=True)
+    assert client.pools == {0}  # the pool stays
+
+    again = BrokerBackend.reopen(
+        client, 0, size=size, fallback_path=str(tmp_path / "fallback"),
+        broker_blocks=[index for _, index in client.pages],
+    )  # fmt: skip
+    if punch:
+        assert bytes(again.location) == location
+    else:  # every block outside the pool counts as in the file (holes read as zeros)
+        assert all(
+            was == now or (was == NOWHERE and now == FALLBACK)
+            for was, now in zip(location, again.location, strict=True)
+        )
+    dispatcher = Dispatcher(again)
+    dispatcher.start()
+    assert await dispatcher.read(0, size) == model
+    await dispatcher.stop()
+    await again.close()
+    assert client.pools == set()
