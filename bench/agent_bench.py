@@ -35,7 +35,7 @@ import httpx  # noqa: E402
 from guest_agent import AsyncTmemClient, TmemClient  # noqa: E402
 from guest_agent.transport import MockTransport, Response  # noqa: E402
 from schemas.batch import STATUS_DONE, encode_results  # noqa: E402
-from tests.e2e.brokerproc import BrokerProcess  # noqa: E402
+from scripts.procs import BrokerProcess  # noqa: E402
 
 
 def pages(n: int, salt: int) -> list[bytes]:
@@ -297,7 +297,7 @@ def main() -> None:
             parser.error("--broker needs --admin-token")
         results = bench(args.broker, new_guest(args.broker, args.admin_token), args)
     else:
-        from tests.e2e.brokerproc import ADMIN
+        from scripts.procs import ADMIN
 
         with (
             tempfile.TemporaryDirectory() as tmp,

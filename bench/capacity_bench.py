@@ -44,7 +44,7 @@ from bench.common import broker_process, machine
 from guest_agent.sim.cli import pages_of, parse_size, run_against_broker
 from guest_agent.sim.images import DEFAULT_IMAGE
 from guest_agent.sim.runner import SimConfig, SimResult
-from tests.e2e.brokerproc import ADMIN
+from scripts.procs import ADMIN
 
 RESULTS = Path(__file__).resolve().parent / "results" / "capacity.json"
 TRUSTED_DOMAIN = "tenant"

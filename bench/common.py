@@ -37,7 +37,7 @@ from redis._parsers import _RESP2Parser
 from redis.connection import DefaultParser
 from redis.utils import HIREDIS_AVAILABLE
 
-from tests.e2e.brokerproc import BrokerProcess, dies_with_us, free_port
+from scripts.procs import BrokerProcess, dies_with_us, free_port
 
 __all__ = [
     "BrokerProcess",

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import nbdkit_memory  # noqa: E402
-from tests.e2e.brokerproc import BrokerProcess  # noqa: E402
+from scripts.procs import BrokerProcess  # noqa: E402
 from tests.e2e.nbd_support import NbdAgent, UdsBrokerProcess, new_guest  # noqa: E402
 
 JOBS = [

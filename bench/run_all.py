@@ -18,7 +18,8 @@ g. capacity: 8 simulated guests on one image, the same broker RAM, four configur
    served, disk I/O avoided, persistent pages lost (``bench/capacity_bench.py``)
 h. cluster mode's data plane on a private Redis Cluster (``bench/scale_bench.py``): Redis memory
    per unique page per copy, one image through 3 engines vs the ideal, durable 256-page batches
-   vs redis-py pipelines doing SET + WAIT
+   vs redis-py pipelines doing SET + WAIT; with real brokers and PostgreSQL, broker CPU per
+   page through 1, 2 and 3 brokers, and get p99 and the outage through a Redis master failover
 
 Not a test: it never fails on a time. See bench/README.md for how to read it.
 """
@@ -547,6 +548,7 @@ class Bench:
 def _h_rows(r: dict[str, Any]) -> list[Row]:
     """Section h's rows (lower is better for the two memory ratios: their own aims)."""
     m, d, dur = r["memory"], r["dedup"], r["durable"]
+    us, fo = r["brokers"]["us_per_page"], r["brokers"]["failover"]
     durable = statistics.median(dur["engine"]), statistics.median(dur["set_wait"])
     return [
         Row("h", "Redis bytes per unique page per copy", "B", m["bytes_per_unique_page"],
@@ -557,6 +559,15 @@ def _h_rows(r: dict[str, Any]) -> list[Row]:
         Row("h", "durable batch 256, ClusterEngine", "pages/s", durable[0], durable[1],
             "redis-py SET+WAIT pipelines", r["durable_ratio"], ">= 0.5x",
             r["durable_ratio"] >= 0.5),
+        *(Row("h", f"broker CPU per page, {n} brokers", "µs", us[n], us[1], "1 broker",
+              us[n] / us[1], "0.85-1.15x", 0.85 <= us[n] / us[1] <= 1.15) for n in (2, 3)),
+        Row("h", "get p99, Redis master failover", "µs", fo["p99_during_ms"] * 1e3,
+            fo["p99_steady_ms"] * 1e3, "steady state", fo["p99_ratio"], "<= 5x",
+            fo["p99_ratio"] <= 5),
+        Row("h", "outage (no get), master failover", "µs", fo["outage_s"] * 1e6,
+            fo["outage_bound_s"] * 1e6, "2 x node timeout + lease",
+            fo["outage_s"] / fo["outage_bound_s"], "<= 1x",
+            fo["outage_s"] <= fo["outage_bound_s"]),
     ]  # fmt: skip
 
 

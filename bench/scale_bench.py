@@ -12,6 +12,9 @@ in one run (medians of rounds, the pairs taking turns):
    once plus two more guests' handles): aim within 5 %.
 3. Durable 256-page batches through ``ClusterEngine.batch`` (references, fenced handle maps,
    WAIT) against redis-py pipelines doing SET + WAIT 1 per node directly (aim >= 0.5x).
+4. and 5. with real broker processes and PostgreSQL (``bench/scale_brokers.py``): broker CPU
+   per page through 1, 2 and 3 brokers (aim: flat within 15 %), and gets through a Redis
+   master failover (p99 <= 5x steady state; outage <= 2 x node timeout + lease).
 
 Not a test: it never fails on a time.
 """
@@ -34,6 +37,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
+from bench import scale_brokers
 from broker.cluster.engine import ClusterEngine
 from broker.cluster.redis_store import RedisPages
 from broker.core.model import CoreConfig
@@ -224,7 +228,9 @@ def measure(tmp: Path, quick: bool = False) -> dict[str, Any]:
         mem = memory(seeds, pages)
         ded = dedup(seeds, pages // 2)
         dur = durable(seeds, 3 if quick else 7, 4 if quick else 10)
+    procs = scale_brokers.measure(tmp, quick)
     return {
+        "brokers": procs,
         "memory": mem,
         "dedup": ded,
         "durable": dur,
@@ -265,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         f"SET+WAIT pipelines {statistics.median(dur['set_wait']):.0f} pages/s = "
         f"{r['durable_ratio']:.2f}x (aim >= 0.5; hiredis: {r['hiredis']})"
     )
+    for line in scale_brokers.report(r["brokers"]):
+        print(line)
     print(f"load average after: {os.getloadavg()}")
     return 0
 

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.procs import BrokerProcess  # noqa: E402
 from tests.e2e.base_support import (  # noqa: E402
     base_agent,
     cache_guests,
@@ -46,7 +47,6 @@ from tests.e2e.base_vm_support import (  # noqa: E402
     make_tree,
     start_vm,
 )
-from tests.e2e.brokerproc import BrokerProcess  # noqa: E402
 from tests.e2e.nbd_support import UdsBrokerProcess  # noqa: E402
 
 

@@ -150,6 +150,7 @@ class ClusterEngine(Tmem):
                     continue
                 if ref:
                     self._table.place(pool, oid, index, key_of(ref), PAGE_SIZE)
+                    self._contents.hold(key_of(ref))
                 else:
                     self._table.place(pool, oid, index, ZERO_KEY, 0)
                 n += 1
@@ -164,6 +165,19 @@ class ClusterEngine(Tmem):
             raise Fenced(guest_id, 0)
         if guest_id in self._stale:
             self._load_handles(guest_id)
+
+    @property
+    def unique_pages(self) -> int:
+        """Distinct contents this broker's handles hold: its own (ephemeral) ones and the
+        Redis contents its guests' handles reference (a content shared by guests of two
+        brokers counts at each)."""
+        return self._contents.unique_pages + len(self._contents.held)
+
+    @property
+    def used_bytes(self) -> int:
+        """Page bytes this broker's handles hold: its own and, raw, the Redis contents it
+        references (so ``compression_ratio`` stays unique pages x 4096 / these bytes)."""
+        return self._contents.used_bytes + len(self._contents.held) * PAGE_SIZE
 
     def cluster_stats(self) -> dict[str, Any]:
         """The Redis Cluster as the admin sees it: per master, memory used and its limit

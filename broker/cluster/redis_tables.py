@@ -38,6 +38,14 @@ class ClusterContents(Contents):
         self.drops: list[int] = []
         self.cache: dict[int, bytes | None] = {}
         self.local_only = False
+        # the Redis contents this broker's handles reference: key -> handles (its share of
+        # ``unique_pages``; kept on every place and drop, so reading it is O(1))
+        self.held: dict[int, int] = {}
+
+    def hold(self, key: int) -> None:
+        """One more of this broker's handles references the Redis content ``key``."""
+        held = self.held
+        held[key] = held.get(key, 0) + 1
 
     def acquire(self, base: int, page: bytes, stored: bytes, domain: Domain) -> tuple[int, bool]:
         if not base & IN_REDIS:
@@ -46,13 +54,22 @@ class ClusterContents(Contents):
         if not queue:
             raise AssertionError("a persistent put without a prepared Redis reference")
         key = queue.popleft()
+        self.hold(key & ~HIT)
         return key & ~HIT, bool(key & HIT)  # the engine marks shared references
 
     def unref(self, key: int, domain: Domain) -> None:
         if not key & IN_REDIS:
             super().unref(key, domain)
-        elif not self.local_only:
-            self.drops.append(key & ~HIT)
+            return
+        key &= ~HIT
+        held = self.held
+        count = held.get(key, 0)
+        if count <= 1:
+            held.pop(key, None)
+        else:
+            held[key] = count - 1
+        if not self.local_only:
+            self.drops.append(key)
 
     def load(self, key: int) -> bytes:
         if key == ZERO_KEY or not key & IN_REDIS:

@@ -43,6 +43,17 @@ class Stats:
         g = self._reg.guest(guest_id)
         return figures.guest_figures(g, self._reg.compress_mode(g), admin=False)
 
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of page storage actually held (compressed length, shared contents once)."""
+        return self._contents.used_bytes
+
+    @property
+    def unique_pages(self) -> int:
+        """Distinct non-zero contents stored (the cluster engine adds those it references
+        in Redis)."""
+        return self._contents.unique_pages
+
     def stats(self) -> BrokerFigures:
         """Global figures (the admin's ``GET /v1/stats``), with one admin entry per guest
         (``guests``) and per shared pool (``shared_pools``)."""
@@ -57,10 +68,10 @@ class Stats:
             guests=[(g, reg.compress_mode(g)) for g in reg.guests.values()],
             shared=reg.shared.values(),
             capacity_bytes=self._ev.capacity,
-            used_bytes=self._contents.used_bytes,
+            used_bytes=self.used_bytes,
             charged_bytes=self._table.charged_bytes,
             counted_bytes=self._table.counted_bytes,
-            unique_pages=self._contents.unique_pages,
+            unique_pages=self.unique_pages,
             low_hit_rate=self._adm.low_hit_rate,
             predicted_useless=self._adm.predicted_useless,
             poor_compression=self._adm.poor_compression,

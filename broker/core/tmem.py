@@ -118,11 +118,6 @@ class Tmem(PageMoves, Stats):
     # ------------------------------------------------------------------ figures read often
 
     @property
-    def used_bytes(self) -> int:
-        """Bytes of page storage actually held (compressed length, shared contents once)."""
-        return self._contents.used_bytes
-
-    @property
     def charged_bytes(self) -> int:
         """The sum of every page's charge: what ``used_bytes`` would be without sharing.
         Capacity decisions use it (see :mod:`broker.core.eviction`)."""
@@ -133,11 +128,6 @@ class Tmem(PageMoves, Stats):
         """Page storage counted against capacity: charges in untrusted dedup domains, bytes
         actually held in trusted ones (see :mod:`broker.core.eviction`)."""
         return self._table.counted_bytes
-
-    @property
-    def unique_pages(self) -> int:
-        """Distinct non-zero contents stored."""
-        return self._contents.unique_pages
 
     # ------------------------------------------------------------------ capacity
 

@@ -222,3 +222,37 @@ def test_open_cluster_engine_and_the_collector_thread(
         assert e.get(1, pool, 0, 0) == page(1)
     finally:
         e.pages.close()
+
+
+def test_stats_report_the_redis_contents_each_broker_references(
+    redis_cluster: RedisClusterProc, cluster_namespace: str
+) -> None:
+    """``unique_pages`` (and so ``dedup_ratio``) count the Redis contents a broker's handles
+    reference, kept on every put, flush, release and adopt (never by scanning Redis)."""
+    with engines(redis_cluster.seeds, cluster_namespace, 2) as (a, b):
+        pools = {gid: add_guest(a, gid) for gid in (1, 2)}
+        for gid in pools:
+            a.adopt(gid, 1)
+        for gid, pool in pools.items():  # both guests hold page(1); guest 2 also page(2)
+            assert a.put(gid, pool, 1, 0, page(1)) == STATUS_DONE
+            assert a.put(gid, pool, 1, 1, page(1)) == STATUS_DONE
+        assert a.put(2, pools[2], 1, 2, page(2)) == STATUS_DONE
+        assert a.put(2, pools[2], 1, 3, bytes(4096)) == STATUS_DONE  # zero: no content
+        s = a.stats()
+        assert (s.unique_pages, s.logical_pages, s.zero_pages) == (2, 6, 1)
+        assert s.dedup_ratio == 2.5  # (6 - 1) non-zero pages over 2 contents
+        assert s.used_bytes == 2 * 4096 and s.compression_ratio == 1.0
+        assert audit(a.pages).contents == 2
+        # a flush of the last handle of a content: it leaves this broker's count
+        assert a.flush_page(2, pools[2], 1, 2)
+        assert a.stats().unique_pages == 1
+        # guest 2 moves to b: each broker counts what its own guests reference
+        add_guest(b, 2)
+        b.adopt(2, 2)
+        a.release(2)
+        assert a.stats().unique_pages == 1 and b.stats().unique_pages == 1
+        assert b.stats().logical_pages == 3
+        assert b.flush_object(2, pools[2], 1) == 3
+        assert b.stats().unique_pages == 0
+        assert a.stats().unique_pages == 1
+        assert audit(a.pages).consistent
