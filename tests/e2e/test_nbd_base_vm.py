@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_agent.nbd.backend import BLOCK_SIZE
 from tests.e2e.base_support import base_agent, cache_guests, export_figures, new_cache_uuid
 from tests.e2e.base_vm_support import (
     VmReport,
@@ -166,5 +167,10 @@ def test_a_tiny_broker_evicts_all_the_time_and_every_file_still_verifies(
         check(report, tree)
     print(f"evictions={stats['evictions']} figures={figures}")
     assert stats["evictions"] > 1000  # the cache was dropped over and over
+    # Every byte of the tree reached each VM from the image or from the shared cache. Which
+    # one depends on timing: the two VMs read the same files at once, so a block one of them
+    # put may still be there when the other asks (a hit) despite the constant evictions.
     for guest_id, _ in guests:
-        assert figures[guest_id]["base_read_bytes"] >= tree_bytes(base)
+        f = figures[guest_id]
+        assert f["base_read_bytes"] + f["cache_hits"] * BLOCK_SIZE >= tree_bytes(base)
+    assert sum(figures[g]["base_read_bytes"] for g, _ in guests) >= tree_bytes(base)
