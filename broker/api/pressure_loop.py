@@ -36,7 +36,8 @@ from starlette.concurrency import run_in_threadpool
 from broker.api.notices import NoticeHub
 from broker.core import Tmem
 from broker.core.errors import UnknownGuest
-from broker.core.figures import HostFigures, LoopFigures, PressureFigures, host_figures
+from broker.core.figures import HostFigures, LoopFigures, PressureFigures
+from broker.core.figures_build import host_figures
 from broker.core.host import HostGovernor, HostMemoryError
 from broker.core.pressure import GuestPressure, Intent, PressurePolicy, PressureSettings
 from broker.db.repo import Repository

@@ -1,12 +1,12 @@
 """The figures :class:`broker.core.tmem.Tmem` reports: a mixin of its stats methods, which
-build :mod:`broker.core.figures` from the core's objects. (figures.py, the typed figures,
-is near the house limit of ~700 lines; this keeps the facade's module to its hot paths.)"""
+build :mod:`broker.core.figures` from the core's objects (through
+:mod:`broker.core.figures_build`), so the facade's module keeps to its hot paths."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker.core import figures
+from broker.core import figures_build
 from broker.core.accounting import Ops
 from broker.core.figures import BrokerFigures, GuestFigures, PoolFigures
 
@@ -34,14 +34,14 @@ class Stats:
         """Figures of one pool (its operation counters count every member's operations).
         ``admin`` adds dedup hits, which a guest must not see."""
         _, pool = self._reg.pool(guest_id, pool_id)
-        return figures.pool_figures(pool_id, pool, admin=admin)
+        return figures_build.pool_figures(pool_id, pool, admin=admin)
 
     def guest_stats(self, guest_id: int) -> GuestFigures:
         """The guest's own figures, safe to show it: its private pools' pages, its charges
         (``charged_bytes``: what its pages take on their own, whether or not shared) and
         its operations. Nothing here depends on other guests' contents."""
         g = self._reg.guest(guest_id)
-        return figures.guest_figures(g, self._reg.compress_mode(g), admin=False)
+        return figures_build.guest_figures(g, self._reg.compress_mode(g), admin=False)
 
     @property
     def used_bytes(self) -> int:
@@ -63,7 +63,7 @@ class Stats:
         for g in reg.guests.values():
             ops.add(g)
         ops.evictions = self._ev.evictions
-        return figures.broker_figures(
+        return figures_build.broker_figures(
             ops=ops,
             guests=[(g, reg.compress_mode(g)) for g in reg.guests.values()],
             shared=reg.shared.values(),
