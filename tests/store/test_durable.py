@@ -340,6 +340,8 @@ _OPS = st.lists(
 )
 
 
+# 60 examples each start a journal writer process: ~15 s on a quiet machine, over 60 s at load 14
+@pytest.mark.timeout(300)
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
