@@ -476,8 +476,8 @@ class RedisPages:
 
     def count_contents(self) -> int:
         """The namespace's contents in the whole cluster: the per-slot counters the scripts
-        keep, summed by one read-only script per master (``lua.COUNT``: ~X ms; a GET per slot
-        through :meth:`run` took 350-700 ms)."""
+        keep, summed by one read-only script per master (``lua.COUNT``: ~50 ms here; a GET per
+        slot through :meth:`run` took 350-700 ms). A dead master's replica answers for it."""
         by_node: dict[tuple[str, int], list[bytes]] = {}
         cache = self.rc.nodes_manager.slots_cache
         for slot in range(SLOTS):
@@ -486,7 +486,8 @@ class RedisPages:
                 by_node.setdefault((nodes[0].host, nodes[0].port), []).append(
                     self.count_of_slot(slot)
                 )
-        cmds = [Cmd(("EVALSHA", self.sha["count"], 1, *ks), ks[0]) for ks in by_node.values()]
+        sha = self.sha["count"]
+        cmds = [Cmd(("EVALSHA", sha, 1, *ks), ks[0], replica_ok=True) for ks in by_node.values()]
         self.run(cmds, durable=False)
         total = 0
         for c in cmds:
