@@ -21,7 +21,7 @@ says a replica has it too. A node answering WAIT with 0 makes the whole call fai
 :class:`~broker.cluster.errors.ClusterUnavailable`: never an acknowledgement.
 
 A master that dies must not stall the broker (its calls run on the event loop): a node that
-refuses a connection or times out is marked *down* for ``DOWN_S``, the slot map is refreshed
+refuses a connection (or resets it) is marked *down* for ``DOWN_S``, the slot map is refreshed
 at once (at most every ``REFRESH_S``), and until the map moves its slots elsewhere a call
 routed to it fails at once with ``ClusterUnavailable`` (503 + Retry-After: puts in the gap are
 declined, never acknowledged) while a read of a content goes to the master's replica, which
@@ -167,10 +167,10 @@ class RedisPages:
         self.wait_ms = wait_ms
         self.grace_s = grace_s
         self.retries = retries
-        # Past a WAIT's own deadline by 1 s: a node silent that long (SIGSTOP, a partition)
-        # is treated as down rather than holding the broker for the old 5 s.
+        # Past a WAIT's own deadline by 2 s (was 5 s): a hung node (SIGSTOP, a partition)
+        # holds a call that long per try, until the cluster fails it over.
         if socket_timeout is None:
-            socket_timeout = wait_ms / 1000 + 1.0
+            socket_timeout = wait_ms / 1000 + 2.0
         self.socket_timeout = socket_timeout
         try:
             # redis-py's cluster client is untyped in places: held as Any
@@ -399,8 +399,9 @@ class RedisPages:
         self.round_trips += 1
         try:
             replies = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError):
-            self._down[addr] = time.monotonic()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if isinstance(exc, redis.ConnectionError):
+                self._down[addr] = time.monotonic()
             return
         for c, reply in zip(group, replies[1:], strict=True):
             if not isinstance(reply, (*_NOT_RUN, ReadOnlyError, AskError)):
@@ -420,13 +421,16 @@ class RedisPages:
         self.round_trips += 1
         try:
             replies = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError):
-            self._down[addr] = time.monotonic()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Refused or reset: the node is gone (mark it down). A timeout may be a slow node
+            # under load (a 256-page durable batch took over 1.5 s at load 12 here): retried.
+            if isinstance(exc, redis.ConnectionError):
+                self._down[addr] = time.monotonic()
             for c in group:
                 c.ask = None
                 if not c.safe:  # it may have run: never send a drop twice
                     c.result = ClusterUnavailable(f"node {addr} went away during a drop")
-            return False, True
+            return False, isinstance(exc, redis.ConnectionError)
         refresh = False
         ran = False
         it = iter(replies)
