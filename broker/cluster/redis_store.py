@@ -187,6 +187,7 @@ class RedisPages:
         self._refreshed = 0.0
         self._no_replica: set[tuple[str, int]] = set()  # masters whose WAIT found no replica
         self.sha = {name: self.rc.script_load(text) for name, text in SCRIPTS.items()}
+        slot_tags()  # ~60 ms once, here at the start rather than in the first put
         # sent commands per kind, for the figures (tests and the bench read them)
         self.round_trips = 0
 
@@ -390,18 +391,28 @@ class RedisPages:
         if left:
             raise ClusterUnavailable(f"{len(left)} Redis commands could not be sent")
 
+    def _execute(self, addr: tuple[str, int], pipe: Any) -> list[Any] | None:
+        """The replies of ``pipe`` sent to ``addr``; None when the node did not answer. Refused
+        or reset: the node is gone (marked down). A timeout may be a slow node under load (a
+        256-page durable batch took over 1.5 s at load 12 here): not marked, retried."""
+        self.round_trips += 1
+        try:
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        except redis.ConnectionError:
+            self._down[addr] = time.monotonic()
+            return None
+        except redis.TimeoutError:
+            return None
+        return replies
+
     def _read_replica(self, addr: tuple[str, int], group: list[Cmd]) -> None:
         """Reads (``replica_ok``) sent to a replica while their master is down."""
         pipe = self._client(*addr).pipeline(transaction=False)
         pipe.execute_command("READONLY")
         for c in group:
             pipe.execute_command(*c.args)
-        self.round_trips += 1
-        try:
-            replies = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if isinstance(exc, redis.ConnectionError):
-                self._down[addr] = time.monotonic()
+        replies = self._execute(addr, pipe)
+        if replies is None:
             return
         for c, reply in zip(group, replies[1:], strict=True):
             if not isinstance(reply, (*_NOT_RUN, ReadOnlyError, AskError)):
@@ -418,19 +429,13 @@ class RedisPages:
             pipe.execute_command(*c.args)
         if durable:
             pipe.execute_command("WAIT", 1, self.wait_ms)
-        self.round_trips += 1
-        try:
-            replies = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Refused or reset: the node is gone (mark it down). A timeout may be a slow node
-            # under load (a 256-page durable batch took over 1.5 s at load 12 here): retried.
-            if isinstance(exc, redis.ConnectionError):
-                self._down[addr] = time.monotonic()
+        replies = self._execute(addr, pipe)
+        if replies is None:
             for c in group:
                 c.ask = None
                 if not c.safe:  # it may have run: never send a drop twice
                     c.result = ClusterUnavailable(f"node {addr} went away during a drop")
-            return False, isinstance(exc, redis.ConnectionError)
+            return False, self._is_down(addr)
         refresh = False
         ran = False
         it = iter(replies)

@@ -10,6 +10,9 @@ and pushes from then on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -18,6 +21,18 @@ from schemas.wire import Notice
 from tests.cluster.brokers import ClusterBrokers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(180)]
+
+
+@contextlib.asynccontextmanager
+async def _following(url: str, token: str) -> AsyncIterator[tuple[NoticeStream, Any]]:
+    """A notice stream given ``url`` and its iterator, closed after."""
+    stream = NoticeStream(url, token, backoff=0.05, max_backoff=0.5)
+    it = stream.__aiter__()
+    try:
+        yield stream, it
+    finally:
+        await it.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
 
 
 async def _next(it: object, timeout: float = 30.0) -> Notice:
@@ -29,9 +44,7 @@ def test_notice_websocket_follows_the_home(two_brokers: ClusterBrokers) -> None:
     other_id = two_brokers.id_of(other)
 
     async def scenario() -> None:
-        stream = NoticeStream(other.url, token, backoff=0.05, max_backoff=0.5)
-        it = stream.__aiter__()
-        try:
+        async with _following(other.url, token) as (stream, it):
             # the first handshake goes to the non-home broker and lands at the home
             first = asyncio.ensure_future(_next(it))
             await asyncio.sleep(0.5)
@@ -57,9 +70,6 @@ def test_notice_websocket_follows_the_home(two_brokers: ClusterBrokers) -> None:
             assert stream.transport_in_use == "websocket"
             assert stream.base_url == other.url
             assert stream.last_seq == notice.seq
-        finally:
-            await it.aclose()  # type: ignore[attr-defined]
-            await stream.aclose()
 
     asyncio.run(scenario())
 
@@ -70,9 +80,7 @@ def test_notice_websocket_finds_the_new_home_after_a_kill(two_brokers: ClusterBr
     home_id = brokers.id_of(home)
 
     async def scenario() -> None:
-        stream = NoticeStream(other.url, token, backoff=0.05, max_backoff=0.5)
-        it = stream.__aiter__()
-        try:
+        async with _following(other.url, token) as (stream, it):
             first = asyncio.ensure_future(_next(it))
             while stream.transport_in_use != "websocket":
                 await asyncio.sleep(0.05)
@@ -88,8 +96,5 @@ def test_notice_websocket_finds_the_new_home_after_a_kill(two_brokers: ClusterBr
             notice = await first
             assert notice.type == "quota" and notice.cap_pages == 3000
             assert stream.transport_in_use == "websocket"
-        finally:
-            await it.aclose()  # type: ignore[attr-defined]
-            await stream.aclose()
 
     asyncio.run(scenario())
