@@ -39,6 +39,21 @@ async def _next(it: object, timeout: float = 30.0) -> Notice:
     return await asyncio.wait_for(it.__anext__(), timeout)  # type: ignore[attr-defined]
 
 
+async def _quota_pushed_at(
+    stream: NoticeStream, pending: asyncio.Future[Notice], broker: Any, gid: int, cap: int
+) -> Notice:
+    """Once ``stream`` talks to ``broker`` (``pending`` still waiting), set the guest's cap
+    there: ``pending`` gets that quota notice, pushed over the WebSocket."""
+    while stream.base_url != broker.url:
+        assert not pending.done(), pending
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(broker.json, "PATCH", f"/v1/guests/{gid}", {"cap_pages": cap})
+    notice = await pending
+    assert notice.type == "quota" and notice.cap_pages == cap
+    assert stream.transport_in_use == "websocket"
+    return notice
+
+
 def test_notice_websocket_follows_the_home(two_brokers: ClusterBrokers) -> None:
     gid, token, home, other = two_brokers.guest_away("vm-notices")
     other_id = two_brokers.id_of(other)
@@ -61,13 +76,7 @@ def test_notice_websocket_follows_the_home(two_brokers: ClusterBrokers) -> None:
             )
             assert moved["home_broker"] == other_id
             second = asyncio.ensure_future(_next(it))
-            while stream.base_url != other.url:
-                assert not second.done(), second
-                await asyncio.sleep(0.1)
-            await asyncio.to_thread(other.json, "PATCH", f"/v1/guests/{gid}", {"cap_pages": 2000})
-            notice = await second
-            assert notice.type == "quota" and notice.cap_pages == 2000
-            assert stream.transport_in_use == "websocket"
+            notice = await _quota_pushed_at(stream, second, other, gid, 2000)
             assert stream.base_url == other.url
             assert stream.last_seq == notice.seq
 
@@ -89,12 +98,6 @@ def test_notice_websocket_finds_the_new_home_after_a_kill(two_brokers: ClusterBr
             # the dead home refuses connections: the stream asks the broker it was
             # given again, which takes the guest over once the lease has run out
             await asyncio.to_thread(brokers.wait_home, gid, not_on=home_id)
-            while stream.base_url != other.url:
-                assert not first.done(), first
-                await asyncio.sleep(0.1)
-            await asyncio.to_thread(other.json, "PATCH", f"/v1/guests/{gid}", {"cap_pages": 3000})
-            notice = await first
-            assert notice.type == "quota" and notice.cap_pages == 3000
-            assert stream.transport_in_use == "websocket"
+            await _quota_pushed_at(stream, first, other, gid, 3000)
 
     asyncio.run(scenario())
