@@ -93,6 +93,14 @@ class ClusterBrokers:
         info: dict[str, Any] = self.alive()[0].json("GET", f"/v1/guests/{gid}")
         return info
 
+    def guest_away(self, name: str) -> tuple[int, str, BrokerProcess, BrokerProcess]:
+        """A new guest (made at ``b0``) once it has a home: ``(id, token, its home, another
+        broker)``, for the tests that hand an agent the broker that is not the home."""
+        gid, token = self.brokers[0].new_guest(name)
+        home = self.by_id(self.wait_home(gid))
+        other = next(b for b in self.brokers if b is not home)
+        return gid, token, home, other
+
     def wait_home(self, gid: int, *, not_on: str | None = None, timeout: float = 30) -> str:
         """The guest's home broker id, once it has one (other than ``not_on``)."""
         deadline = time.monotonic() + timeout

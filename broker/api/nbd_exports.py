@@ -73,6 +73,13 @@ class NbdDisabled(ApiError):
     code = "nbd_disabled"
 
 
+class NbdInCluster(ApiError):
+    """Cluster mode: see :meth:`NbdExports.create`."""
+
+    status = 409
+    code = "nbd_in_cluster_mode"
+
+
 class NbdExists(ApiError):
     status = 409
     code = "nbd_exists"
@@ -223,6 +230,15 @@ class NbdExports:
         return stem.with_suffix(".sock"), stem.with_suffix(".fallback")
 
     async def create(self, guest_id: int, name: str, size: int) -> _Export:
+        if self.service.cluster is not None:
+            # An export is a socket and a fallback file on ONE broker's host, but a guest's
+            # home (its only writer) moves: a failover, an admin move, a restart handing its
+            # guests over. Pinned to a host, the export would lose its writer or drag the
+            # guest back; ``tmem-agent nbd`` follows the home instead (docs/scale.md).
+            raise NbdInCluster(
+                "a broker in cluster mode serves no NBD exports of its own: run `tmem-agent "
+                "nbd`, which follows the guest's home broker"
+            )
         if not NAME.fullmatch(name):
             raise BadInput("an export name is 1-64 of A-Z a-z 0-9 . _ -")
         await self.restored.wait()  # a name kept in SQL is taken, even before it serves again
@@ -265,7 +281,7 @@ class NbdExports:
             records = await asyncio.to_thread(self.service.repo.nbd_exports)
             async with self._lock:
                 for record in records:
-                    if not serve:
+                    if not serve:  # (made before cluster mode: create refuses them there)
                         log.warning("nbd: export %r of guest %d not served in cluster mode "
                                     "(DELETE it)", record.name, record.guest_id)  # fmt: skip
                         self.unrestored[(record.guest_id, record.name)] = record

@@ -6,6 +6,12 @@ numbers are added, counters by reason (dicts) added key by key, the per-guest li
 union of each broker's served guests, and the two ratios are computed again from the sums
 (their definitions in ``broker.core.figures``). Strings and anything else keep this broker's
 value. The per-broker breakdown is the additive field ``brokers``.
+
+Contents in the Redis Cluster are counted once for the pool: each broker's ``unique_pages``
+(and ``used_bytes``) counts the Redis contents its own guests reference
+(``redis_contents_held``), so a content referenced from two brokers would count twice in the
+sum. Given ``redis_contents`` (the cluster's own count, ``ClusterEngine.count_contents``), the
+pool's figures take the brokers' shares out and that count in.
 """
 
 from __future__ import annotations
@@ -33,10 +39,14 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
 
 
 def pooled_stats(
-    local: dict[str, Any], broker_id: str, brokers: list[dict[str, Any]]
+    local: dict[str, Any],
+    broker_id: str,
+    brokers: list[dict[str, Any]],
+    redis_contents: int | None = None,
 ) -> dict[str, Any]:
     """``local`` (this broker's stats) summed with the live ``brokers``' published stats
-    (``{"broker_id", "url", "alive", "heartbeat_at", "stats"}`` each), plus the breakdown."""
+    (``{"broker_id", "url", "alive", "heartbeat_at", "stats"}`` each), plus the breakdown;
+    ``redis_contents``: the cluster-wide count of contents (None: unknown, the sum stays)."""
     total: dict[str, Any] = {
         k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
         for k, v in local.items()
@@ -57,6 +67,11 @@ def pooled_stats(
             }
         )
     total.pop("guests_served", None)
+    held = total.get("redis_contents_held")
+    if redis_contents is not None and isinstance(held, int):
+        total["unique_pages"] = (total.get("unique_pages") or 0) - held + redis_contents
+        total["used_bytes"] = (total.get("used_bytes") or 0) + (redis_contents - held) * PAGE_SIZE
+        total["redis_contents_held"] = redis_contents
     unique = total.get("unique_pages") or 0
     if isinstance(unique, int):
         nonzero = (total.get("logical_pages") or 0) - (total.get("zero_pages") or 0)

@@ -138,7 +138,7 @@ class Collector:
         rc = self.pages.rc
         sha = self.pages.sha["collect"]
         for key, n, t, excess in candidates:
-            left = int(rc.evalsha(sha, 1, key, n, t, excess))
+            left = int(rc.evalsha(sha, 2, key, self.pages.count_name(key), n, t, excess))
             if left < 0:
                 report.changed += 1
                 continue

@@ -336,6 +336,9 @@ class ClusterControl:
             with contextlib.suppress(TmemError):
                 guests[str(gid)] = as_json(service.core.guest_stats(gid))
         out["guests_served"] = guests
+        held = getattr(service.core, "redis_contents_held", None)
+        if held is not None:  # the pool replaces the brokers' shares by one count (aggregate)
+            out["redis_contents_held"] = held
         return out
 
     def home_of(self, guest_id: int) -> dict[str, Any]:

@@ -174,6 +174,19 @@ class ClusterEngine(Tmem):
         return self._contents.unique_pages + len(self._contents.held)
 
     @property
+    def redis_contents_held(self) -> int:
+        """How many distinct Redis contents this broker's handles reference (its share of
+        ``unique_pages``; the pool's figure replaces the brokers' shares by
+        :meth:`count_contents`)."""
+        return len(self._contents.held)
+
+    def count_contents(self) -> int:
+        """The contents in the whole Redis Cluster (this namespace), each counted once however
+        many brokers' guests reference it: the pool's share of ``unique_pages``. Safe to call
+        from a worker thread (it only reads counters)."""
+        return self.pages.count_contents()
+
+    @property
     def used_bytes(self) -> int:
         """Page bytes this broker's handles hold: its own and, raw, the Redis contents it
         references (so ``compression_ratio`` stays unique pages x 4096 / these bytes)."""

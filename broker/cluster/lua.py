@@ -14,18 +14,23 @@ from __future__ import annotations
 
 from typing import Final
 
-# KEYS: the content's candidate names (collision numbers k = 0, 1, ...), all in one slot.
-# ARGV[1]: the body. Takes a reference to the first candidate holding the same bytes, or
-# creates the content at the first free one. Returns {k, shared (0/1), server time}; k = -1
-# when every candidate holds other bytes.
+# Every script that creates or deletes a content also changes its slot's content counter
+# (``ns:n{<tag of that slot>}``, the last key): the sum of the counters over all slots is the
+# namespace's number of contents, the pool's cluster-wide ``unique_pages`` (docs/scale.md).
+
+# KEYS: the content's candidate names (collision numbers k = 0, 1, ...), all in one slot, then
+# the slot's counter. ARGV[1]: the body. Takes a reference to the first candidate holding the
+# same bytes, or creates the content at the first free one. Returns {k, shared (0/1), server
+# time}; k = -1 when every candidate holds other bytes.
 TAKE: Final = """
 local now = tonumber(redis.call('TIME')[1])
 local body = ARGV[1]
-for i = 1, #KEYS do
+for i = 1, #KEYS - 1 do
   local key = KEYS[i]
   local head = redis.call('GETRANGE', key, 0, 7)
   if head == '' then
     redis.call('SET', key, struct.pack('>I4I4', 1, now) .. body)
+    redis.call('INCR', KEYS[#KEYS])
     return {i - 1, 0, now}
   end
   if redis.call('GETRANGE', key, 8, -1) == body then
@@ -37,7 +42,7 @@ end
 return {-1, 0, now}
 """
 
-# KEYS[1]: a content. ARGV[1]: server time of the change that let the reference go (the
+# KEYS[1]: a content, KEYS[2]: its slot's counter. ARGV[1]: server time of the change that let the reference go (the
 # handle's removal, or the take it was for); ARGV[2]: the most seconds a drop may come after
 # it. Returns the references left (0: deleted), -1 when the content is missing, -2 when the
 # drop came too late and was refused (the reference leaks; the collector takes it).
@@ -49,6 +54,7 @@ if head == '' then return -1 end
 local n = struct.unpack('>I4', head)
 if n <= 1 then
   redis.call('DEL', KEYS[1])
+  redis.call('DECR', KEYS[2])
   return 0
 end
 redis.call('SETRANGE', KEYS[1], 0, struct.pack('>I4I4', n - 1, now))
@@ -89,7 +95,8 @@ redis.call('SET', KEYS[1], ARGV[1])
 return {1, epoch}
 """
 
-# KEYS[1]: a content. ARGV: the reference count and change time the collector saw, and the
+# KEYS[1]: a content, KEYS[2]: its slot's counter. ARGV: the reference count and change time
+# the collector saw, and the
 # excess to drop. Drops it only if nothing changed since (see broker.cluster.collector).
 # Returns the references left (0: deleted), -1 missing, -2 changed meanwhile.
 COLLECT: Final = """
@@ -100,10 +107,29 @@ if n ~= tonumber(ARGV[1]) or t ~= tonumber(ARGV[2]) then return -2 end
 local left = n - tonumber(ARGV[3])
 if left <= 0 then
   redis.call('DEL', KEYS[1])
+  redis.call('DECR', KEYS[2])
   return 0
 end
 redis.call('SETRANGE', KEYS[1], 0, struct.pack('>I4I4', left, t))
 return left
 """
 
-SCRIPTS: Final = {"take": TAKE, "drop": DROP, "handle": HANDLE, "adopt": ADOPT, "collect": COLLECT}
+# KEYS[1]: a content counter, ARGV: more counters, of any slots this node serves (declared
+# keys must share a slot; the flag lets a script read others of its node: Redis 7, Valkey).
+# Returns their sum. Read-only: one call per master instead of a GET per slot.
+COUNT: Final = """#!lua flags=no-writes,allow-cross-slot-keys
+local total = tonumber(redis.call('GET', KEYS[1]) or '0')
+for i = 1, #ARGV do
+  total = total + tonumber(redis.call('GET', ARGV[i]) or '0')
+end
+return total
+"""
+
+SCRIPTS: Final = {
+    "take": TAKE,
+    "drop": DROP,
+    "handle": HANDLE,
+    "adopt": ADOPT,
+    "collect": COLLECT,
+    "count": COUNT,
+}

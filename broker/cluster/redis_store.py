@@ -6,6 +6,7 @@ Names (``ns`` is the deployment's namespace, so several can share a cluster)::
     ns:{g<guest>}:epoch                              the guest's fence (epoch of its home)
     ns:{g<guest>}:objs                               set of the guest's handle hashes
     ns:{g<guest>}:o:<pool>:<oid>:<index >> 7>        hash index & 127 (1 byte) -> content ref
+    ns:n{<2 bytes>}                                  contents in that tag's slot (one a slot)
 
 A content *ref* (45 bytes) is ``digest (16) | domain (4) | k (1) | tail (24)``: the xxh3_128
 digest and dedup domain the core already uses, the collision number, and the page's last 24
@@ -18,18 +19,29 @@ per node, ending with ``WAIT 1 <ms>`` when the change must be durable: each mast
 ``appendfsync always`` (its reply means its AOF was fsynced), and WAIT on the same connection
 says a replica has it too. A node answering WAIT with 0 makes the whole call fail with
 :class:`~broker.cluster.errors.ClusterUnavailable`: never an acknowledgement.
+
+A master that dies must not stall the broker (its calls run on the event loop): a node that
+refuses a connection (or resets it) is marked *down* for ``DOWN_S``, the slot map is refreshed
+at once (at most every ``REFRESH_S``), and until the map moves its slots elsewhere a call
+routed to it fails at once with ``ClusterUnavailable`` (503 + Retry-After: puts in the gap are
+declined, never acknowledged) while a read of a content goes to the master's replica, which
+holds every acknowledged page (``WAIT 1``). The per-node clients do not retry by themselves:
+redis-py's default (10 retries, jittered backoff) held every call to a dead node ~4.1 s on
+this machine, the stall that made the failover outage 4.1-6.1 s (bench/README.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
+from binascii import crc_hqx
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AskError,
@@ -65,8 +77,29 @@ IN_REDIS: Final = 1 << 191
 _M128: Final = (1 << 128) - 1
 _M32: Final = (1 << 32) - 1
 
+# How long a node that failed a connection is skipped, and the least time between two slot map
+# refreshes caused by such failures (a refresh asks the live nodes; ~1-3 ms here).
+DOWN_S: Final = 0.5
+REFRESH_S: Final = 0.1
+
 _NOT_RUN = (MovedError, TryAgainError, ClusterDownError, MasterDownError, BusyLoadingError)
 _PENDING: Final[Any] = object()
+
+
+SLOTS: Final = 16384
+
+
+@functools.cache
+def slot_tags() -> tuple[bytes, ...]:
+    """A 2-byte hash tag for every slot: ``slot_tags()[s]`` hashes to slot ``s`` (Redis's
+    CRC16; over 2-byte strings it is a bijection, so every slot has 4, one without ``}``).
+    ~60 ms, once a process."""
+    tags: dict[int, bytes] = {}
+    for i in range(1 << 16):
+        tag = i.to_bytes(2, "big")
+        if b"}" not in tag:
+            tags.setdefault(crc_hqx(tag, 0) % SLOTS, tag)
+    return tuple(tags[s] for s in range(SLOTS))
 
 
 def key_of(ref: bytes) -> int:
@@ -101,6 +134,7 @@ class Cmd:
     args: tuple[Any, ...]
     key: bytes
     safe: bool = True
+    replica_ok: bool = False  # a read a replica may answer while its master is down
     result: Any = _PENDING
     ask: tuple[str, int] | None = None
     attempts: int = field(default=0)
@@ -117,7 +151,7 @@ class RedisPages:
         wait_ms: int = 500,
         grace_s: int = 60,
         retries: int = 4,
-        socket_timeout: float = 5.0,
+        socket_timeout: float | None = None,
     ) -> None:
         if not seeds:
             raise ValueError("a Redis Cluster needs at least one seed host:port")
@@ -133,6 +167,10 @@ class RedisPages:
         self.wait_ms = wait_ms
         self.grace_s = grace_s
         self.retries = retries
+        # Past a WAIT's own deadline by 2 s (was 5 s): a hung node (SIGSTOP, a partition)
+        # holds a call that long per try, until the cluster fails it over.
+        if socket_timeout is None:
+            socket_timeout = wait_ms / 1000 + 2.0
         self.socket_timeout = socket_timeout
         try:
             # redis-py's cluster client is untyped in places: held as Any
@@ -145,7 +183,11 @@ class RedisPages:
         except redis.RedisError as exc:
             raise ClusterUnavailable(f"no Redis Cluster at {', '.join(seeds)}: {exc}") from exc
         self._clients: dict[tuple[str, int], Any] = {}
+        self._down: dict[tuple[str, int], float] = {}  # node -> when it last failed (monotonic)
+        self._refreshed = 0.0
+        self._no_replica: set[tuple[str, int]] = set()  # masters whose WAIT found no replica
         self.sha = {name: self.rc.script_load(text) for name, text in SCRIPTS.items()}
+        slot_tags()  # ~60 ms once, here at the start rather than in the first put
         # sent commands per kind, for the figures (tests and the bench read them)
         self.round_trips = 0
 
@@ -159,6 +201,13 @@ class RedisPages:
 
     def content_name(self, ref: bytes) -> bytes:
         return self.ns + b":c{" + ref[:8].hex().encode() + b"}" + ref[8:]
+
+    def count_name(self, content: bytes) -> bytes:
+        """The counter of contents in the slot of the content named ``content``."""
+        return self.count_of_slot(self.rc.keyslot(content))
+
+    def count_of_slot(self, slot: int) -> bytes:
+        return self.ns + b":n{" + slot_tags()[slot] + b"}"
 
     def guest_tag(self, guest_id: int) -> bytes:
         return self.ns + b":{g%d}" % guest_id
@@ -194,12 +243,13 @@ class RedisPages:
         collision numbers 0.. ``CANDIDATES``-1."""
         ref = ref_of(key)
         names = [self.content_name(ref[:20] + bytes((k,)) + ref[21:]) for k in range(CANDIDATES)]
+        names.append(self.count_name(names[0]))
         return self.script("take", names, (page[:BODY],), safe=True)
 
     def drop_cmd(self, key: int, since: int) -> Cmd:
-        return self.script(
-            "drop", (self.content_name(ref_of(key)),), (since, self.grace_s // 2), safe=False
-        )
+        name = self.content_name(ref_of(key))
+        keys = (name, self.count_name(name))
+        return self.script("drop", keys, (since, self.grace_s // 2), safe=False)
 
     def handle_cmd(
         self,
@@ -227,7 +277,7 @@ class RedisPages:
 
     def get_cmd(self, key: int) -> Cmd:
         name = self.content_name(ref_of(key))
-        return Cmd(("GET", name), name, True)
+        return Cmd(("GET", name), name, True, replica_ok=True)
 
     # ---------------------------------------------------------------- running
 
@@ -239,12 +289,48 @@ class RedisPages:
                 port=port,
                 socket_timeout=self.socket_timeout,
                 socket_connect_timeout=self.socket_timeout,
+                retry=Retry(NoBackoff(), 0),  # run() decides what is retried (module doc)
             )
         return client
 
-    def _refresh(self) -> None:
+    def _refresh(self, *, soon: bool = False) -> None:
+        """Reload the slot map; ``soon``: skip it if one ran in the last ``REFRESH_S``."""
+        now = time.monotonic()
+        if soon and now - self._refreshed < REFRESH_S:
+            return
+        self._refreshed = now
         with contextlib.suppress(redis.RedisError):  # every seed down: the next round tries
             self.rc.nodes_manager.initialize()
+
+    def _is_down(self, addr: tuple[str, int]) -> bool:
+        failed = self._down.get(addr)
+        if failed is None:
+            return False
+        if time.monotonic() - failed < DOWN_S:
+            return True
+        del self._down[addr]  # try it again (a restarted node, or a blip)
+        return False
+
+    def _replica(self, cmd: Cmd) -> tuple[str, int] | None:
+        """A live replica of the master serving ``cmd``'s slot, from the slot map."""
+        slot = self.rc.keyslot(cmd.key)
+        for node in self.rc.nodes_manager.slots_cache.get(slot, ())[1:]:
+            if not self._is_down((node.host, node.port)):
+                return node.host, node.port
+        return None
+
+    def _lonely(self, addr: tuple[str, int], cmd: Cmd) -> bool:
+        """Whether ``addr`` answered a WAIT with no replica and the slot map still shows none
+        for ``cmd``'s slot (Redis lists only live, synced replicas): after a failover the new
+        master has none until the old one returns, and each durable write there would hold
+        the broker ``wait_ms`` only to be declined. The first one waits; the next are
+        declined at once until a refreshed map shows a replica again."""
+        if addr not in self._no_replica:
+            return False
+        if len(self.rc.nodes_manager.slots_cache.get(self.rc.keyslot(cmd.key), ())) > 1:
+            self._no_replica.discard(addr)
+            return False
+        return True
 
     def _route(self, cmd: Cmd) -> tuple[str, int]:
         if cmd.ask is not None:
@@ -259,30 +345,83 @@ class RedisPages:
         Fills each ``result`` (a value, or the error Redis answered for it, e.g. OOM).
         ``durable``: each pipeline ends with ``WAIT 1``; raises :class:`ClusterUnavailable`
         when a node does not confirm a replica (or commands stay unsent after the retries)."""
+        wait = rechecked = False
         for attempt in range(self.retries + 1):
             pending = [c for c in cmds if c.result is _PENDING]
             if not pending:
                 return
-            if attempt:
+            if wait:  # MOVED, TRYAGAIN, CLUSTERDOWN...: give the cluster a moment
                 time.sleep(min(0.05 * 2**attempt, 1.0))
             groups: dict[tuple[str, int], list[Cmd]] = {}
+            reads: dict[tuple[str, int], list[Cmd]] = {}
+            stuck = False  # commands for a down master, no replica to read from
             try:
                 for c in pending:
-                    groups.setdefault(self._route(c), []).append(c)
+                    addr = self._route(c)
+                    if durable and self._lonely(addr, c):
+                        stuck = True  # WAIT 1 would time out again: decline at once
+                    elif not self._is_down(addr):
+                        groups.setdefault(addr, []).append(c)
+                        continue
+                    replica = self._replica(c) if c.replica_ok else None
+                    if replica is None:
+                        stuck = True
+                    else:
+                        reads.setdefault(replica, []).append(c)
             except redis.RedisError:
                 self._refresh()
+                wait = True
                 continue
-            refresh = False
+            if stuck:  # fail now (retrying a dead node would hold the event loop) unless a
+                if rechecked:  # fresh slot map shows a promoted replica, or a replica back
+                    break
+                rechecked = True
+                self._refresh(soon=True)
+                continue
+            wait = lost = False
             for addr, group in groups.items():
-                refresh |= self._run_group(addr, group, durable)
-            if refresh:
-                self._refresh()
+                moved, gone = self._run_group(addr, group, durable)
+                wait |= moved
+                lost |= gone
+            for addr, group in reads.items():
+                self._read_replica(addr, group)
+            if wait or lost:
+                self._refresh(soon=not wait)
         left = [c for c in cmds if c.result is _PENDING]
         if left:
             raise ClusterUnavailable(f"{len(left)} Redis commands could not be sent")
 
-    def _run_group(self, addr: tuple[str, int], group: list[Cmd], durable: bool) -> bool:
-        """One pipeline to one node; True when the slot map should be refreshed."""
+    def _execute(self, addr: tuple[str, int], pipe: Any) -> list[Any] | None:
+        """The replies of ``pipe`` sent to ``addr``; None when the node did not answer. Refused
+        or reset: the node is gone (marked down). A timeout may be a slow node under load (a
+        256-page durable batch took over 1.5 s at load 12 here): not marked, retried."""
+        self.round_trips += 1
+        try:
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        except redis.ConnectionError:
+            self._down[addr] = time.monotonic()
+            return None
+        except redis.TimeoutError:
+            return None
+        return replies
+
+    def _read_replica(self, addr: tuple[str, int], group: list[Cmd]) -> None:
+        """Reads (``replica_ok``) sent to a replica while their master is down."""
+        pipe = self._client(*addr).pipeline(transaction=False)
+        pipe.execute_command("READONLY")
+        for c in group:
+            pipe.execute_command(*c.args)
+        replies = self._execute(addr, pipe)
+        if replies is None:
+            return
+        for c, reply in zip(group, replies[1:], strict=True):
+            if not isinstance(reply, (*_NOT_RUN, ReadOnlyError, AskError)):
+                c.result = reply
+
+    def _run_group(
+        self, addr: tuple[str, int], group: list[Cmd], durable: bool
+    ) -> tuple[bool, bool]:
+        """One pipeline to one node: (whether the slot map moved, whether the node is down)."""
         pipe = self._client(*addr).pipeline(transaction=False)
         for c in group:
             if c.ask is not None:
@@ -290,15 +429,13 @@ class RedisPages:
             pipe.execute_command(*c.args)
         if durable:
             pipe.execute_command("WAIT", 1, self.wait_ms)
-        self.round_trips += 1
-        try:
-            replies = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError):
+        replies = self._execute(addr, pipe)
+        if replies is None:
             for c in group:
                 c.ask = None
                 if not c.safe:  # it may have run: never send a drop twice
                     c.result = ClusterUnavailable(f"node {addr} went away during a drop")
-            return True
+            return False, self._is_down(addr)
         refresh = False
         ran = False
         it = iter(replies)
@@ -319,10 +456,11 @@ class RedisPages:
         if durable and ran:  # (a node that ran nothing, e.g. all MOVED, has nothing to confirm)
             acked = next(it)
             if isinstance(acked, ResponseError) or int(acked) < 1:
+                self._no_replica.add(addr)
                 if refresh:
                     self._refresh()
                 raise ClusterUnavailable(f"no replica of {addr[0]}:{addr[1]} confirmed in time")
-        return refresh
+        return refresh, False
 
     def _script_name(self, sha: Any) -> str:
         for name, known in self.sha.items():
@@ -344,6 +482,28 @@ class RedisPages:
                 raise ClusterUnavailable(f"reading a page failed: {value}") from value
             out[k] = None if value is None else bytes(value[HEADER:]) + ref_of(k)[21:]
         return out
+
+    def count_contents(self) -> int:
+        """The namespace's contents in the whole cluster: the per-slot counters the scripts
+        keep, summed by one read-only script per master (``lua.COUNT``: ~50 ms here; a GET per
+        slot through :meth:`run` took 350-700 ms). A dead master's replica answers for it."""
+        by_node: dict[tuple[str, int], list[bytes]] = {}
+        cache = self.rc.nodes_manager.slots_cache
+        for slot in range(SLOTS):
+            nodes = cache.get(slot)
+            if nodes:
+                by_node.setdefault((nodes[0].host, nodes[0].port), []).append(
+                    self.count_of_slot(slot)
+                )
+        sha = self.sha["count"]
+        cmds = [Cmd(("EVALSHA", sha, 1, *ks), ks[0], replica_ok=True) for ks in by_node.values()]
+        self.run(cmds, durable=False)
+        total = 0
+        for c in cmds:
+            if isinstance(c.result, Exception):
+                raise ClusterUnavailable(f"counting the contents failed: {c.result}")
+            total += int(c.result)
+        return total
 
     def handles(self, guest_id: int) -> list[tuple[int, int, int, bytes]]:
         """Every persistent handle of the guest: ``(pool, oid, index, ref)``; ref ``b''`` is

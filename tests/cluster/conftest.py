@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.brokers import ClusterBrokers
 from tests.cluster.redis_proc import RedisClusterProc, start_cluster
 from tests.db.pg import temp_database
 
@@ -53,6 +54,16 @@ def make_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterFactory]:
 def cluster_namespace() -> str:
     """A key prefix of this test's own, so tests share the session cluster without colliding."""
     return f"t{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def two_brokers(
+    tmp_path: Path, redis_cluster: RedisClusterProc, pg_url: str
+) -> Iterator[ClusterBrokers]:
+    """Two broker processes of one cluster on the session's Redis Cluster (lease 1.5 s), for
+    the tests of agents following a guest's home (``ClusterBrokers.guest_away``)."""
+    with ClusterBrokers(tmp_path, redis_cluster.seeds, pg_url, n=2, lease_s=1.5) as brokers:
+        yield brokers
 
 
 @pytest.fixture(scope="session")

@@ -49,10 +49,11 @@ class Audit:
     handles: int
     mismatched: dict[bytes, tuple[int, int]]  # content -> (refcount, handles) where they differ
     dangling: int  # handles whose content is missing
+    counted: int  # the scripts' per-slot content counters, summed (the pool's figure)
 
     @property
     def consistent(self) -> bool:
-        return not self.mismatched and not self.dangling
+        return not self.mismatched and not self.dangling and self.counted == self.contents
 
 
 def audit(pages: RedisPages) -> Audit:
@@ -64,4 +65,4 @@ def audit(pages: RedisPages) -> Audit:
         k: (n, counts.get(k, 0)) for k, (n, _t) in contents.items() if n != counts.get(k, 0)
     }
     dangling = sum(c for k, c in counts.items() if k not in contents)
-    return Audit(len(contents), sum(counts.values()), mismatched, dangling)
+    return Audit(len(contents), sum(counts.values()), mismatched, dangling, pages.count_contents())

@@ -19,7 +19,14 @@ from fastapi.testclient import TestClient
 
 from broker.app import create_app
 from broker.settings import Settings
-from tests.api.conftest import ADMIN, ADMIN_TOKEN, Guest
+from tests.api.conftest import (  # noqa: F401  (the shared fixtures, with this module's client)
+    ADMIN,
+    ADMIN_TOKEN,
+    Guest,
+    error_code,
+    guest,
+    make_pool,
+)
 from tests.api.test_batch import (  # noqa: F401  (collected here, with this module's fixtures)
     test_batch_on_unknown_pool,
     test_declines_in_a_batch,
@@ -74,8 +81,9 @@ def brokers(
     namespace = f"c{secrets.token_hex(4)}"
     tmp = tmp_path_factory.mktemp("conformance")
 
-    def settings(name: str) -> Settings:
+    def settings(name: str, **extra: Any) -> Settings:
         return Settings(
+            **extra,
             data_dir=tmp / name,
             database_url=pg_url,
             admin_token=ADMIN_TOKEN,
@@ -90,7 +98,9 @@ def brokers(
         )
 
     with (
-        TestClient(create_app(settings("home")), base_url="http://home.test") as home,
+        TestClient(
+            create_app(settings("home", nbd_dir=tmp / "nbd")), base_url="http://home.test"
+        ) as home,
         TestClient(create_app(settings("front")), base_url="http://front.test") as front,
     ):
         front._transport = ByHost(  # type: ignore[assignment]
@@ -122,23 +132,62 @@ def make_guest(brokers: dict[str, TestClient]) -> Callable[..., Guest]:
     return make
 
 
-@pytest.fixture
-def guest(make_guest: Callable[..., Guest]) -> Guest:
-    return make_guest()
+def _publish(brokers: dict[str, TestClient]) -> None:
+    """One control step at each broker: each publishes its figures now."""
+    for c in brokers.values():
+        control = c.app.state.box.service.cluster  # type: ignore[attr-defined]
+        c.portal.call(control.step)  # type: ignore[union-attr]
 
 
-@pytest.fixture
-def make_pool(client: TestClient) -> Callable[..., int]:
-    def make(headers: dict[str, str], kind: str = "persistent", **fields: Any) -> int:
-        r = client.post("/v1/pools", json={"kind": kind, **fields}, headers=headers)
-        assert r.status_code == 201, r.text
-        pool_id: int = r.json()["pool_id"]
-        return pool_id
+def test_pool_counts_a_content_shared_across_brokers_once(
+    brokers: dict[str, TestClient],
+    make_guest: Callable[..., Guest],
+    make_pool: Callable[..., int],  # noqa: F811
+) -> None:
+    """Two guests homed on different brokers put the same page: each broker's figures count
+    it (its guests reference it), the pool's ``unique_pages`` once (the cluster's count)."""
+    front = brokers["front"]
+    front_id = front.app.state.settings.broker_id  # type: ignore[attr-defined]
+    (_a, auth_a), (b, auth_b) = make_guest(), make_guest()
+    moved = front.post(f"/v1/guests/{b}/home", json={"broker": front_id}, headers=ADMIN)
+    assert moved.status_code == 200 and moved.json()["home_broker"] == front_id
+    pools = {id(auth): make_pool(auth) for auth in (auth_a, auth_b)}
+    _publish(brokers)
+    before = front.get("/v1/stats", headers=ADMIN).json()
+    shared = secrets.token_bytes(4096)
+    for auth in (auth_a, auth_b):
+        r = front.put(
+            f"/v1/pools/{pools[id(auth)]}/objects/1/pages/0", content=shared, headers=auth
+        )
+        assert r.status_code == 204, r.text
+    _publish(brokers)
+    after = front.get("/v1/stats", headers=ADMIN).json()
+    assert after["unique_pages"] - before["unique_pages"] == 1
+    assert after["logical_pages"] - before["logical_pages"] == 2
+    # each broker's own figure is kept: both count it (brokers of other tests in this database
+    # are listed too, dead: left out)
+    ours = {front_id, brokers["home"].app.state.settings.broker_id}  # type: ignore[attr-defined]
+    was = {b["broker_id"]: b["stats"]["unique_pages"] for b in before["brokers"]}
+    now = {b["broker_id"]: b["stats"]["unique_pages"] for b in after["brokers"]}
+    assert {k: now[k] - was[k] for k in ours} == dict.fromkeys(ours, 1)
+    # the figure is the admin's: a guest's token does not read it
+    assert front.get("/v1/stats", headers={**auth_a, "x-no-follow": "1"}).status_code in (401, 403)
 
-    return make
+
+def test_broker_nbd_exports_are_refused_in_cluster_mode(
+    brokers: dict[str, TestClient],
+    guest: Guest,  # noqa: F811
+) -> None:
+    """The home runs with --nbd-dir, yet refuses an export of its own (docs/scale.md: the
+    export would be pinned to one host while the guest's home moves)."""
+    _, auth = guest
+    r = brokers["front"].put("/v1/self/nbd/swap", json={"size": 1 << 20}, headers=auth)
+    assert r.status_code == 409 and error_code(r) == "nbd_in_cluster_mode"
+    assert "tmem-agent nbd" in r.json()["error"]["message"]
+    assert list((brokers["home"].app.state.settings.nbd_dir).iterdir()) == []  # type: ignore[attr-defined]
 
 
-def test_front_really_redirects(brokers: dict[str, TestClient], guest: Guest) -> None:
+def test_front_really_redirects(brokers: dict[str, TestClient], guest: Guest) -> None:  # noqa: F811
     """The topology under the imported tests: front is not the home and says so."""
     _, auth = guest
     r = brokers["front"].get(

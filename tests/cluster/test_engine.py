@@ -251,8 +251,11 @@ def test_stats_report_the_redis_contents_each_broker_references(
         b.adopt(2, 2)
         a.release(2)
         assert a.stats().unique_pages == 1 and b.stats().unique_pages == 1
+        assert a.count_contents() == b.count_contents() == 1  # the pool's figure: once
         assert b.stats().logical_pages == 3
         assert b.flush_object(2, pools[2], 1) == 3
         assert b.stats().unique_pages == 0
         assert a.stats().unique_pages == 1
         assert audit(a.pages).consistent
+        assert a.flush_object(1, pools[1], 1) == 2
+        assert a.count_contents() == 0 and audit(a.pages).consistent

@@ -17,6 +17,7 @@ import pytest
 from broker.cluster.collector import Collector
 from broker.cluster.engine import ClusterEngine
 from broker.cluster.errors import ClusterUnavailable
+from broker.cluster.redis_store import ref_of, with_tail
 from schemas.batch import OP_PUT, STATUS_DONE
 from tests.cluster.conftest import RedisClusterFactory
 from tests.cluster.engines import add_guest, audit, make_engine
@@ -126,6 +127,50 @@ def test_kill_a_master_during_puts(make_redis_cluster: RedisClusterFactory) -> N
         _settle_and_audit(proc, load, proc.seeds, "kill")
     finally:
         engine.pages.close()
+
+
+def test_a_dead_masters_pages_are_read_from_its_replica(
+    make_redis_cluster: RedisClusterFactory,
+) -> None:
+    """A master dies and its replica is kept from taking over (``cluster-replica-no-failover``):
+    every acknowledged page still reads back, those of the dead master from its replica (it
+    stays a replica throughout); puts that need the dead master are declined (503), never
+    acknowledged, while the guest's other writes go on; the master's return ends the gap."""
+    proc, engine, load = _start(make_redis_cluster, "ro")
+    try:
+        guest_master = proc.master_for_key(engine.pages.objs_key(GUEST))
+        victim = next(p for p in proc.master_ports() if p != guest_master)
+        replica = proc.replica_of(victim)
+        with proc.node(replica) as r:
+            r.config_set("cluster-replica-no-failover", "yes")
+        on_victim = [
+            h
+            for h, data in load.acked.items()
+            if proc.master_for_key(_name(engine, load.pool, data)) == victim
+        ]
+        assert on_victim  # (5 batches of 16 pages: a third of the contents on each master)
+        proc.kill(victim)
+        load.check()  # every acknowledged page, those of the dead master included
+        assert proc.role(replica) == "slave"  # ... so those came from its replica
+        before = dict(load.acked)
+        assert not load.batch()  # 16 new contents: some for the dead master, declined
+        assert load.acked == before
+        zeros = [(OP_PUT, 1, i, bytes(4096)) for i in range(4)]  # no content: the guest's master
+        assert [s for s, _ in engine.batch(GUEST, load.pool, zeros)] == [STATUS_DONE] * 4
+        for oid, index in ((1, i) for i in range(4)):
+            load.acked[(oid, index)] = bytes(4096)
+            load.maybe.pop((oid, index), None)
+        proc.restart(victim)
+        _settle_and_audit(proc, load, proc.seeds, "ro")
+    finally:
+        engine.pages.close()
+
+
+def _name(engine: ClusterEngine, pool_id: int, data: bytes) -> bytes:
+    """The Redis name of a persistent page's content (k = 0) in the guest's pool."""
+    pool = engine._reg.pool(GUEST, pool_id)[1]
+    key = with_tail(engine._contents.hash(data) | pool.domain_bits, data)
+    return engine.pages.content_name(ref_of(key))
 
 
 def test_stopped_replica_then_dead_master_acknowledges_nothing(
