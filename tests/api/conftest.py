@@ -100,6 +100,14 @@ def page_url(pool_id: int, oid: int | str, index: int | str) -> str:
     return f"/v1/pools/{pool_id}/objects/{oid}/pages/{index}"
 
 
+def own_stats(client: Any, headers: dict[str, str]) -> dict[str, Any]:
+    """The guest's own figures (``GET /v1/self``): what a test changed, whatever else the broker
+    holds (tests/cluster runs these tests on brokers shared by a module's tests, whose pooled
+    ``/v1/stats`` includes the other tests' pages once their home has published them)."""
+    stats: dict[str, Any] = client.get("/v1/self", headers=headers).json()["stats"]
+    return stats
+
+
 def error_code(response: Any) -> str:
     body = response.json()
     assert set(body) == {"error"}, body
