@@ -47,6 +47,15 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from guest_agent.errors import BrokerUnavailable, ProtocolError
+from guest_agent.http11 import (
+    MAX_HEADERS,
+    Dropped,
+    Reader,
+    body_length,
+    keeps_alive,
+    parse_header,
+    parse_status,
+)
 
 __all__ = [
     "AsyncHTTPTransport",
@@ -61,8 +70,6 @@ __all__ = [
 ]
 
 _IDEMPOTENT = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
-_MAX_LINE = 65536
-_MAX_HEADERS = 100
 
 
 @dataclass(slots=True)
@@ -96,10 +103,6 @@ class AsyncTransport(Protocol):
     """The async transport protocol: one method."""
 
     async def handle_async_request(self, request: Request) -> Response: ...
-
-
-class _Dropped(Exception):
-    """The peer closed the connection before a status line arrived."""
 
 
 UNIX_PREFIX = "unix:"
@@ -149,50 +152,6 @@ def _request_head(origin: _Origin, request: Request, *, chunked: bool = False) -
     return "".join(lines).encode("latin-1")
 
 
-def _parse_status(line: bytes) -> int:
-    if not line:
-        raise _Dropped
-    parts = line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-        raise ProtocolError(f"bad status line {line[:80]!r}")
-    try:
-        return int(parts[1])
-    except ValueError as exc:
-        raise ProtocolError(f"bad status line {line[:80]!r}") from exc
-
-
-def _parse_header(line: bytes, headers: dict[str, str]) -> None:
-    name, sep, value = line.partition(b":")
-    if not sep:
-        raise ProtocolError(f"bad header line {line[:80]!r}")
-    key = name.strip().lower().decode("latin-1")
-    text = value.strip().decode("latin-1")
-    # Repeated headers are joined as RFC 9110 allows; none the broker sends repeat meaningfully.
-    headers[key] = f"{headers[key]}, {text}" if key in headers else text
-
-
-def _body_length(method: str, status: int, headers: dict[str, str]) -> int | None:
-    """Bytes of body to read; -1 for chunked, None for read-to-close."""
-    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-        return 0
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return -1
-    length = headers.get("content-length")
-    if length is None:
-        return None
-    try:
-        n = int(length)
-    except ValueError as exc:
-        raise ProtocolError(f"bad Content-Length {length!r}") from exc
-    if n < 0:
-        raise ProtocolError(f"bad Content-Length {length!r}")
-    return n
-
-
-def _keeps_alive(headers: dict[str, str], length: int | None) -> bool:
-    return length is not None and "close" not in headers.get("connection", "").lower()
-
-
 class HTTPTransport:
     """Sync HTTP/1.1 over one keep-alive TCP connection.
 
@@ -204,7 +163,7 @@ class HTTPTransport:
         self._origin = _Origin.parse(base_url)
         self._timeout = timeout
         self._sock: socket.socket | None = None
-        self._rfile: _Reader | None = None
+        self._rfile: Reader | None = None
         self._ssl = ssl.create_default_context() if self._origin.scheme == "https" else None
 
     def handle_request(self, request: Request) -> Response:
@@ -216,7 +175,7 @@ class HTTPTransport:
             reused = False
         try:
             return self._exchange(head, request)
-        except (_Dropped, ConnectionError) as exc:
+        except (Dropped, ConnectionError) as exc:
             self.close()
             if not (reused and request.method in _IDEMPOTENT):
                 raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
@@ -230,7 +189,7 @@ class HTTPTransport:
         # A kept-alive connection died under an idempotent request: replay it once.
         try:
             return self._exchange(head, request)
-        except (_Dropped, OSError) as exc:
+        except (Dropped, OSError) as exc:
             self.close()
             raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
         except BaseException:
@@ -246,7 +205,7 @@ class HTTPTransport:
             return True
         return bool(readable)
 
-    def _connect(self) -> tuple[socket.socket, _Reader]:
+    def _connect(self) -> tuple[socket.socket, Reader]:
         o = self._origin
         if o.unix is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -262,7 +221,7 @@ class HTTPTransport:
         if self._ssl is not None:
             sock = self._ssl.wrap_socket(sock, server_hostname=o.host)
         self._sock = sock
-        self._rfile = _Reader(sock)
+        self._rfile = Reader(sock)
         return sock, self._rfile
 
     def _exchange(self, head: bytes, request: Request) -> Response:
@@ -277,29 +236,29 @@ class HTTPTransport:
             sock.sendall(head)
             sock.sendall(body)
         status, headers = self._read_head(rfile)
-        length = _body_length(request.method, status, headers)
+        length = body_length(request.method, status, headers)
         if length is None:
             data = rfile.read_to_eof()
         elif length == -1:
             data = rfile.read_chunked()
         else:
             data = rfile.read_exact(length)
-        if not _keeps_alive(headers, length):
+        if not keeps_alive(headers, length):
             self.close()
         return Response(status, data, headers)
 
     @staticmethod
-    def _read_head(rfile: _Reader) -> tuple[int, dict[str, str]]:
+    def _read_head(rfile: Reader) -> tuple[int, dict[str, str]]:
         while True:
-            status = _parse_status(rfile.readline())
+            status = parse_status(rfile.readline())
             headers: dict[str, str] = {}
-            for _ in range(_MAX_HEADERS):
+            for _ in range(MAX_HEADERS):
                 line = rfile.readline()
                 if line in (b"\r\n", b"\n"):
                     break
                 if not line:
                     raise ConnectionResetError("connection closed inside the headers")
-                _parse_header(line, headers)
+                parse_header(line, headers)
             else:
                 raise ProtocolError("too many response headers")
             if 100 <= status < 200:
@@ -337,19 +296,19 @@ class HTTPTransport:
             try:
                 sock.sendall(b"0\r\n\r\n")
                 status, headers = self._read_head(rfile)
-                length = _body_length(request.method, status, headers)
+                length = body_length(request.method, status, headers)
                 if length is None:
                     data = rfile.read_to_eof()
                 elif length == -1:
                     data = rfile.read_chunked()
                 else:
                     data = rfile.read_exact(length)
-            except (_Dropped, OSError) as exc:
+            except (Dropped, OSError) as exc:
                 raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
         except BaseException:
             self.close()
             raise
-        if not _keeps_alive(headers, length):
+        if not keeps_alive(headers, length):
             self.close()
         return Response(status, data, headers)
 
@@ -363,7 +322,7 @@ class HTTPTransport:
             sock, rfile = self._connect()
             sock.sendall(head + bytes(request.body) if request.body else head)
             status, headers = self._read_head(rfile)
-        except (_Dropped, OSError) as exc:
+        except (Dropped, OSError) as exc:
             self.close()
             raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
         except BaseException:
@@ -378,111 +337,6 @@ class HTTPTransport:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
-
-
-class _Reader:
-    """A minimal buffered reader over a socket: lines, exact lengths, chunked bodies.
-
-    ``socket.makefile`` would do, but its ``read(n)`` loops in Python through ``readinto``;
-    this keeps one bytearray and slices it. Large bodies are received into a second buffer
-    kept for the connection's life (as large as the largest body so far): a fresh one per
-    response page-faulted every page of it in again, ~0.7 ms per MiB on the project's
-    machine, more than receiving it."""
-
-    __slots__ = ("_big", "_buf", "_sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buf = bytearray()
-        self._big = bytearray()
-
-    def _fill(self, want: int = 65536) -> bool:
-        chunk = self._sock.recv(max(want, 65536))
-        if not chunk:
-            return False
-        self._buf += chunk
-        return True
-
-    def readline(self) -> bytes:
-        buf = self._buf
-        start = 0
-        while True:
-            i = buf.find(b"\n", start)
-            if i >= 0:
-                line = bytes(buf[: i + 1])
-                del buf[: i + 1]
-                return line
-            if len(buf) > _MAX_LINE:
-                raise ProtocolError("response line too long")
-            start = len(buf)
-            if not self._fill():
-                line = bytes(buf)
-                buf.clear()
-                return line
-
-    def read_exact(self, n: int) -> bytes:
-        buf = self._buf
-        if len(buf) >= n:
-            data = bytes(buf[:n])
-            del buf[:n]
-            return data
-        # Large bodies: receive straight into the reused buffer, then one copy out.
-        if len(self._big) < n:
-            self._big = bytearray(n)
-        with memoryview(self._big) as view:
-            have = len(buf)
-            view[:have] = buf
-            buf.clear()
-            while have < n:
-                got = self._sock.recv_into(view[have:n], n - have)
-                if not got:
-                    raise ConnectionResetError("connection closed inside the body")
-                have += got
-            return bytes(view[:n])
-
-    def read_some(self, n: int) -> bytes:
-        """Up to ``n`` bytes (at least one), buffered ones first; ``b""`` at the end of the
-        stream."""
-        buf = self._buf
-        if buf:
-            data = bytes(buf[:n])
-            del buf[:n]
-            return data
-        return self._sock.recv(n)
-
-    def iter_exact(self, n: int, size: int, what: str) -> Iterator[bytes]:
-        """Exactly ``n`` bytes in pieces of at most ``size``; a stream that ends first raises
-        ``ConnectionResetError`` naming ``what`` was cut short."""
-        while n:
-            piece = self.read_some(min(n, size))
-            if not piece:
-                raise ConnectionResetError(f"connection closed inside {what}")
-            n -= len(piece)
-            yield piece
-
-    def read_chunked(self) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            line = self.readline()
-            if not line:
-                raise ConnectionResetError("connection closed inside a chunked body")
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError as exc:
-                raise ProtocolError(f"bad chunk size line {line[:40]!r}") from exc
-            if size == 0:
-                while self.readline() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers are ignored
-                return b"".join(parts)
-            parts.append(self.read_exact(size))
-            self.read_exact(2)
-
-    def read_to_eof(self) -> bytes:
-        while self._fill():
-            pass
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
 
 
 class StreamedResponse:
@@ -504,14 +358,14 @@ class StreamedResponse:
         status: int,
         headers: dict[str, str],
         sock: socket.socket,
-        rfile: _Reader,
+        rfile: Reader,
         method: str,
     ) -> None:
         self.status = status
         self.headers = headers
         self._sock: socket.socket | None = sock
         self._rfile = rfile
-        self._length = _body_length(method, status, headers)
+        self._length = body_length(method, status, headers)
 
     def iter_bytes(self, size: int = 1 << 20) -> Iterator[bytes]:
         """The body in pieces of at most ``size`` bytes; the connection closes at its end."""
@@ -590,7 +444,7 @@ class AsyncHTTPTransport:
                     if conn is None:
                         conn = await self._connect()
                     return await self._exchange(conn, head, request)
-            except (_Dropped, ConnectionError) as exc:
+            except (Dropped, ConnectionError) as exc:
                 _close(conn)
                 if not (reused and request.method in _IDEMPOTENT):
                     raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
@@ -605,7 +459,7 @@ class AsyncHTTPTransport:
                 async with asyncio.timeout(self._timeout):
                     conn = await self._connect()
                     return await self._exchange(conn, head, request)
-            except (_Dropped, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            except (Dropped, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 _close(conn)
                 raise BrokerUnavailable(f"broker unreachable: {exc!r}") from exc
             except BaseException:
@@ -644,20 +498,20 @@ class AsyncHTTPTransport:
                 line = await reader.readuntil(b"\n")
             except asyncio.IncompleteReadError as exc:
                 if not exc.partial:
-                    raise _Dropped from exc
+                    raise Dropped from exc
                 raise
-            status = _parse_status(line)
+            status = parse_status(line)
             headers: dict[str, str] = {}
-            for _ in range(_MAX_HEADERS):
+            for _ in range(MAX_HEADERS):
                 line = await reader.readuntil(b"\n")
                 if line in (b"\r\n", b"\n"):
                     break
-                _parse_header(line, headers)
+                parse_header(line, headers)
             else:
                 raise ProtocolError("too many response headers")
             if not 100 <= status < 200:
                 break
-        length = _body_length(request.method, status, headers)
+        length = body_length(request.method, status, headers)
         if length is None:
             data = await reader.read()
         elif length == -1:
@@ -677,7 +531,7 @@ class AsyncHTTPTransport:
             data = b"".join(parts)
         else:
             data = await reader.readexactly(length) if length else b""
-        if _keeps_alive(headers, length) and len(self._idle) < self._max:
+        if keeps_alive(headers, length) and len(self._idle) < self._max:
             self._idle.append(conn)
         else:
             _close(conn)
