@@ -20,6 +20,7 @@ from guest_agent.errors import ProtocolError
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+MAX_HEAD = 4 * MAX_LINE
 
 
 class Dropped(Exception):
@@ -66,6 +67,23 @@ def body_length(method: str, status: int, headers: dict[str, str]) -> int | None
     return n
 
 
+def read_head(rfile: Reader) -> tuple[int, dict[str, str]]:
+    """The status and headers of the next answer on ``rfile`` (interim 1xx answers skipped).
+
+    The head is cut from the buffer whole and split once: reading it line by line cost
+    ~4 µs more per answer (five ``readline`` calls for the broker's four headers)."""
+    while True:
+        lines = rfile.head_lines()
+        status = parse_status(lines[0] if lines else b"")
+        if len(lines) > MAX_HEADERS + 1:
+            raise ProtocolError("too many response headers")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            parse_header(line, headers)
+        if not 100 <= status < 200:
+            return status, headers
+
+
 def keeps_alive(headers: dict[str, str], length: int | None) -> bool:
     return length is not None and "close" not in headers.get("connection", "").lower()
 
@@ -93,6 +111,33 @@ class Reader:
         self._buf += chunk
         return True
 
+    def head_lines(self) -> list[bytes]:
+        """The lines of the next head, up to its empty line (CRLF or bare LF endings); ``[]``
+        when the stream ends before it starts, ``ConnectionResetError`` inside it."""
+        buf = self._buf
+        start = 0
+        while True:
+            crlf = buf.find(b"\n\r\n", start)
+            lf = buf.find(b"\n\n", start)
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                cut = crlf + 3
+            elif lf >= 0:
+                cut = lf + 2
+            else:
+                if len(buf) > MAX_HEAD:
+                    raise ProtocolError("response head too long")
+                start = max(len(buf) - 2, 0)
+                if not self._fill():
+                    if buf:
+                        raise ConnectionResetError("connection closed inside the headers")
+                    return []
+                continue
+            head = bytes(buf[:cut])
+            del buf[:cut]
+            lines = head.splitlines()
+            lines.pop()  # the empty line that ends the head
+            return lines
+
     def readline(self) -> bytes:
         buf = self._buf
         start = 0
@@ -112,7 +157,11 @@ class Reader:
 
     def read_exact(self, n: int) -> bytes:
         buf = self._buf
-        if len(buf) >= n:
+        if len(buf) == n:  # the usual case: the body is what the last receive left
+            data = bytes(buf)
+            buf.clear()
+            return data
+        if len(buf) > n:
             data = bytes(buf[:n])
             del buf[:n]
             return data
