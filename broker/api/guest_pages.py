@@ -242,8 +242,24 @@ def _store(
     return Response(NOT_STORED[status], status_code=409, media_type="application/json")
 
 
+class PageResponse(Response):
+    """``Response(page, media_type="application/octet-stream")`` without Starlette's header
+    building (a fifth of the protocol's own time for a get): the same status and headers."""
+
+    media_type = _OCTET
+
+    def __init__(self, page: bytes) -> None:
+        self.status_code = 200
+        self.body = page
+        self.background = None
+        self.raw_headers = [(b"content-length", b"%d" % len(page)), _OCTET_HEADER]
+
+
+_OCTET_HEADER = (b"content-type", _OCTET.encode())
+
+
 def _fetch(service: BrokerService, guest_id: int, pool_id: int, oid: int, index: int) -> Response:
     page = service.core.get(guest_id, pool_id, oid, index)
     if page is None:
         return MISS
-    return Response(page, media_type=_OCTET)
+    return PageResponse(page)

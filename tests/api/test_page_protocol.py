@@ -28,7 +28,9 @@ Served = tuple[HotRoutes, int, list[str]]
 
 
 @contextlib.asynccontextmanager
-async def _serve(tmp_path: Path, url: str, **overrides: Any) -> AsyncIterator[Served]:
+async def _serve(
+    tmp_path: Path, url: str, keep_alive: int = 60, **overrides: Any
+) -> AsyncIterator[Served]:
     """The broker's front door under uvicorn with ``page_protocol`` on a free port; yields it,
     the port and the methods ``page_now`` answered (the requests that skipped ASGI)."""
     front = HotRoutes(create_app(make_settings(tmp_path, url, **overrides)))
@@ -48,6 +50,7 @@ async def _serve(tmp_path: Path, url: str, **overrides: Any) -> AsyncIterator[Se
         http=page_protocol(front),
         log_level="warning",
         access_log=False,  # as serve runs it (an access log takes the ASGI path)
+        timeout_keep_alive=keep_alive,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -295,6 +298,26 @@ async def test_durable_answers_wait_for_the_journal(tmp_path: Path, sqlite_url: 
         after = [await conn.answer() for _ in range(4)]
         await conn.close()
     assert [(status, body) for status, _, body in after] == [(200, page(i)) for i in (9, 1, 2, 3)]
+
+
+async def test_idle_connections_close_after_the_keep_alive_timeout(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    async with _serve(tmp_path, sqlite_url, keep_alive=2) as (_, port, answered):
+        conn = await Conn.open(port)
+        guest, pool = await _guest(conn)
+        target = f"/v1/pools/{pool}/objects/1/pages/1"
+        # busy for over two timeouts: requests every 0.25 s keep the connection open (the
+        # one timer armed after the first answer finds it busy and checks again)
+        for _ in range(20):
+            await conn.send(_request("GET", target, b"", guest))
+            conn.expect(1)
+            assert (await conn.answer())[0] == 404
+            await asyncio.sleep(0.25)
+        # then idle: the server closes it
+        assert await asyncio.wait_for(conn.reader.read(), 30) == b""
+        await conn.close()
+    assert answered == ["GET"] * 20
 
 
 @pytest.mark.parametrize(
