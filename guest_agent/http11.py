@@ -199,16 +199,20 @@ class Reader:
             n -= len(piece)
             yield piece
 
+    def chunk_size(self) -> int:
+        """The size of the next chunk of a chunked body (its size line read)."""
+        line = self.readline()
+        if not line:
+            raise ConnectionResetError("connection closed inside a chunked body")
+        try:
+            return int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError as exc:
+            raise ProtocolError(f"bad chunk size line {line[:40]!r}") from exc
+
     def read_chunked(self) -> bytes:
         parts: list[bytes] = []
         while True:
-            line = self.readline()
-            if not line:
-                raise ConnectionResetError("connection closed inside a chunked body")
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError as exc:
-                raise ProtocolError(f"bad chunk size line {line[:40]!r}") from exc
+            size = self.chunk_size()
             if size == 0:
                 while self.readline() not in (b"\r\n", b"\n", b""):
                     pass  # trailers are ignored

@@ -392,13 +392,7 @@ class StreamedResponse:
         try:
             if self._length == -1:
                 while True:
-                    line = rfile.readline()
-                    if not line:
-                        raise ConnectionResetError("connection closed inside a chunked body")
-                    try:
-                        left = int(line.split(b";", 1)[0].strip(), 16)
-                    except ValueError as exc:
-                        raise ProtocolError(f"bad chunk size line {line[:40]!r}") from exc
+                    left = rfile.chunk_size()
                     if left == 0:
                         break
                     yield from rfile.iter_exact(left, size, "a chunk")

@@ -6,7 +6,9 @@ about three times a plain route on this machine; see docs in api-v1 and referenc
 token hash and dict lookup (``auth``), a strict decimal parse of the path, a bounded body read
 (``body.read_body``), one core call, and the journal barrier when the call recorded something.
 Page bytes stay raw. The shell's errors are answered by ``errors.error_response`` here, as the
-app's exception handler answers them for every other route.
+app's exception handler answers them for every other route. :meth:`GuestPages.page_now` is
+the single-page routes without ASGI, for ``page_protocol.PageProtocol``: the same helpers
+(``_charge``, ``_page_handle``, ``_store``, ``_fetch``) in the same order.
 """
 
 from __future__ import annotations

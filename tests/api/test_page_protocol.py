@@ -123,26 +123,23 @@ def _request(
     return (head + extra + "\r\n").encode() + body
 
 
+async def _post_json(conn: Conn, path: str, body: bytes, token: str) -> bytes:
+    await conn.send(_request("POST", path, body, token, "Content-Type: application/json\r\n"))
+    conn.expect(1)
+    status, _, answer = await conn.answer()
+    assert status == 201, answer
+    return answer
+
+
 async def _guest(conn: Conn) -> tuple[str, int]:
     """A guest and its persistent pool, made through the (ASGI) control routes."""
-    body = b'{"name": "vm"}'
     admin = ADMIN["Authorization"].split()[1]
-    await conn.send(
-        _request("POST", "/v1/guests", body, admin, "Content-Type: application/json\r\n")
+    token = re.search(
+        rb'"token":\s*"([^"]+)"', await _post_json(conn, "/v1/guests", b'{"name": "vm"}', admin)
     )
-    conn.expect(1)
-    status, _, answer = await conn.answer()
-    assert status == 201, answer
-    token = re.search(rb'"token":\s*"([^"]+)"', answer)
     assert token is not None
     guest = token.group(1).decode()
-    body = b'{"kind": "persistent"}'
-    await conn.send(
-        _request("POST", "/v1/pools", body, guest, "Content-Type: application/json\r\n")
-    )
-    conn.expect(1)
-    status, _, answer = await conn.answer()
-    assert status == 201, answer
+    answer = await _post_json(conn, "/v1/pools", b'{"kind": "persistent"}', guest)
     pool = re.search(rb'"pool_id":\s*(\d+)', answer)
     assert pool is not None
     return guest, int(pool.group(1))
