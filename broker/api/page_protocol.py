@@ -257,15 +257,25 @@ def page_protocol(front: HotRoutes) -> type[Any]:
                 except HANDLED as exc:
                     response = error_response(exc)
                     final = (response.status_code, response.raw_headers, response.body)
-                finally:
-                    if not waiting.disconnected:
-                        self._send(final, waiting.keep_alive)
-                    waiting.response_complete = True
-                    observe(time.perf_counter() - start)
-                    self.on_response_complete()
+                except BaseException as exc:
+                    # never the answer the barrier did not confirm: uvicorn's 500, as for an
+                    # ASGI task that raised or was cancelled
+                    log.error("Exception in ASGI application\n", exc_info=exc)
+                    final = _SERVER_ERROR
+                    if not isinstance(exc, Exception):
+                        self._finish(waiting, final, start)
+                        raise
+                self._finish(waiting, final, start)
 
             task = self.loop.create_task(wait_then_answer())
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
+
+        def _finish(self, waiting: _Waiting, answer: _Answer, start: float) -> None:
+            if not waiting.disconnected:
+                self._send(answer, waiting.keep_alive)
+            waiting.response_complete = True
+            observe(time.perf_counter() - start)
+            self.on_response_complete()
 
     return PageProtocol

@@ -41,7 +41,7 @@ async def _serve(
         answered.append(method)
         return page_now(service, method, *args)
 
-    front.pages.page_now = spy  # type: ignore[method-assign]
+    front.pages.page_now = spy  # type: ignore[method-assign,assignment]
     port = free_port()
     config = uvicorn.Config(
         front,
@@ -99,7 +99,8 @@ class Conn:
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
-                self.h11.start_next_cycle()
+                if self.h11.our_state is h11.DONE:  # else the answer closes the connection
+                    self.h11.start_next_cycle()
                 return status, headers, body
             else:
                 raise AssertionError(event)
@@ -341,3 +342,42 @@ async def test_unusual_requests_get_a_4xx_never_a_5xx(
         await fresh.close()
     status = int(data.split(b" ", 2)[1])
     assert 400 <= status < 500, data
+
+
+@pytest.mark.parametrize(("failure", "status"), [("store", 503), ("bug", 500)])
+async def test_a_failed_journal_barrier_never_acknowledges(
+    tmp_path: Path, sqlite_url: str, failure: str, status: int
+) -> None:
+    # The put reached the core but its record was not confirmed: the answer is the ASGI
+    # path's (503 journal_unavailable for a journal error, uvicorn's 500 and a close for
+    # anything else), never a 204.
+    from broker.store.errors import StoreError
+
+    async with _serve(tmp_path, sqlite_url, durability="sync") as (front, port, answered):
+        conn = await Conn.open(port)
+        guest, pool = await _guest(conn)
+        service = front.pages.box.service
+        assert service is not None
+        journal = service.journal
+        barrier = journal.barrier
+
+        async def failing() -> None:
+            await barrier()
+            raise StoreError("the disk is gone") if failure == "store" else RuntimeError("bug")
+
+        journal.barrier = failing
+        target = f"/v1/pools/{pool}/objects/6/pages/0"
+        await conn.send(_request("PUT", target, page(6), guest))
+        conn.expect(1, "PUT")
+        got, _, body = await conn.answer()
+        journal.barrier = barrier
+        if failure == "store":  # the connection keeps serving
+            await conn.send(_request("GET", "/v1/self", b"", guest))
+            conn.expect(1)
+            assert (await conn.answer())[0] == 200
+        else:
+            assert await asyncio.wait_for(conn.reader.read(), 10) == b""
+        await conn.close()
+    assert got == status and answered == ["PUT"]
+    if failure == "store":
+        assert b"journal_unavailable" in body
