@@ -141,7 +141,8 @@ def serve(
     )
     import uvicorn
 
-    from broker.api.front import HotRoutes, corked_protocol
+    from broker.api.front import HotRoutes
+    from broker.api.page_protocol import page_protocol
     from broker.app import create_app
 
     logging.basicConfig(
@@ -156,7 +157,9 @@ def serve(
         log_level=settings.log_level,
         # Keep-alive matters for guests that send page after page on one connection.
         timeout_keep_alive=60,
-        http=corked_protocol(),  # head and body in one send (broker/api/front.py)
+        # single pages answered inside the protocol, head and body in one send on every path
+        # (broker/api/page_protocol.py)
+        http=page_protocol(app),
         # One access-log line per page would cost more than the page itself at tens of
         # thousands of requests a second: only at debug level (/metrics counts operations).
         access_log=settings.log_level == "debug",

@@ -105,10 +105,15 @@ def bearer_token(scope: Scope) -> str | None:
     """
     for name, value in scope["headers"]:
         if name == b"authorization":
-            if value[:7].lower() != b"bearer ":
-                return None
-            return value[7:].strip().decode("latin-1") or None
+            return bearer_value(value)
     return None
+
+
+def bearer_value(value: bytes | None) -> str | None:
+    """The token of an ``Authorization`` header's value (``Bearer <token>``), or ``None``."""
+    if value is None or value[:7].lower() != b"bearer ":
+        return None
+    return value[7:].strip().decode("latin-1") or None
 
 
 def load_or_create_admin_token(data_dir: Path) -> tuple[str, Path, bool]:

@@ -3,7 +3,8 @@
 ::
 
     app = create_app(settings)
-    uvicorn.run(HotRoutes(app), http=corked_protocol(), ...)   # what ``tmem-broker serve`` runs
+    front = HotRoutes(app)
+    uvicorn.run(front, http=page_protocol(front), ...)   # what ``tmem-broker serve`` runs
 
 Every request to a page route (put/get/flush page, flush object, batch) otherwise walks the
 whole FastAPI stack: its telemetry check (three ``os.environ`` reads), ServerErrorMiddleware,
@@ -16,10 +17,12 @@ their own errors through ``errors.error_response``, so the answers are the app's
 them in the app's ``tmem_request_duration_seconds`` (as its ``RequestTimer`` middleware would).
 Anything else (other paths, other methods, lifespan, WebSockets) goes to the app unchanged.
 
-:func:`corked_protocol` is the uvicorn HTTP protocol ``serve`` uses: uvicorn's httptools
-protocol, but a response head waits for the write after it, so head and body leave in one send
-(uvicorn sends them apart; one send instead of two took a single-page GET from ~5.8k to ~8.1k
-requests/s on one connection).
+:func:`corked_protocol` is uvicorn's httptools protocol, but a response head waits for the
+write after it, so head and body leave in one send (uvicorn sends them apart; one send instead
+of two took a single-page GET from ~5.8k to ~8.1k requests/s on one connection).
+``serve`` runs ``page_protocol.page_protocol(front)``, which does the same and also answers
+single-page PUT/GET/DELETE without the ASGI cycle (broker/api/page_protocol.py); single
+pages reach ``HotRoutes`` only when that protocol hands them on.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class HotRoutes:
     def __init__(self, app: Any) -> None:
         self.app: ASGIApp = app
         pages: GuestPages = app.state.guest_pages
+        self.pages = pages
         self.page: dict[str, ASGIApp] = {
             "PUT": pages.put_page,
             "GET": pages.get_page,
@@ -49,7 +53,7 @@ class HotRoutes:
         self.flush_object: ASGIApp = pages.flush_object
         # the requests served here skip the app's RequestTimer: they are timed here instead
         times = app.state.request_times.families
-        self._observe_pages = times["guest_pages"].observe
+        self.observe_pages = times["guest_pages"].observe
         self._observe_batch = times["batch"].observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,7 +64,7 @@ class HotRoutes:
                 if target is not None:
                     endpoint, params = target
                     scope["path_params"] = params
-                    observe = self._observe_batch if endpoint is self.batch else self._observe_pages
+                    observe = self._observe_batch if endpoint is self.batch else self.observe_pages
                     start = time.perf_counter()
                     try:
                         await endpoint(scope, receive, send)

@@ -225,6 +225,48 @@ def test_idle_connection_closed_by_the_server_is_replaced_before_sending() -> No
         assert len(server.seen) == 3
 
 
+def test_idle_connection_closed_by_the_server_replays_idempotent_requests() -> None:
+    # GET, PUT and DELETE go out without the idle check; the dead connection is noticed when
+    # the answer does not come, and the request is sent again on a fresh one.
+    with serve(lambda seen, n: (ok(seen.method.encode()), True)) as server:
+        t = HTTPTransport(server.url)
+        for method in ("GET", "PUT", "DELETE", "GET"):
+            assert t.handle_request(Request(method, "/x", b"1")).body == method.encode()
+            wait_until_readable(t)
+        t.close()
+        assert [s.method for s in server.seen] == ["GET", "PUT", "DELETE", "GET"]
+        assert server.connections >= 4
+
+
+def _heads(seen: Seen, n: int) -> tuple[bytes | None, bool]:
+    answers = {
+        "/lf": b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: 1\n\nlf",
+        "/mixed": b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 5\r\n\r\nmixed",
+        "/interim": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
+        b"Content-Length: 3\r\nX-A: 1\r\nX-A: 2\r\n\r\nnew",
+    }
+    return answers[seen.path], False
+
+
+def test_answer_heads_with_bare_newlines_interim_answers_and_repeated_headers() -> None:
+    with serve(_heads) as server:
+        t = HTTPTransport(server.url)
+        lf = t.handle_request(Request("GET", "/lf"))
+        assert (lf.status, lf.body, lf.headers["x-a"]) == (200, b"lf", "1")
+        assert t.handle_request(Request("GET", "/mixed")).body == b"mixed"
+        new = t.handle_request(Request("GET", "/interim"))
+        assert (new.status, new.body, new.headers["x-a"]) == (201, b"new", "1, 2")
+        t.close()
+        assert server.connections == 1
+
+
+def test_an_answer_cut_inside_its_head_is_a_dropped_connection() -> None:
+    with serve(lambda seen, n: (b"HTTP/1.1 200 OK\r\nContent-Le", True)) as server:
+        with pytest.raises(BrokerUnavailable):
+            HTTPTransport(server.url).handle_request(Request("POST", "/x", b"1"))
+        assert len(server.seen) == 1
+
+
 def dropping(seen: Seen, n: int, dropped: set[str]) -> tuple[bytes | None, bool]:
     """Drop /b the first time and /d always, after reading the request."""
     if seen.path == "/d" or (seen.path == "/b" and "/b" not in dropped):
