@@ -196,12 +196,12 @@ class _Base:
             method, f"/v1/pools/{pool_id}/objects/{oid}/pages/{index}", b"", self._h_plain
         )
 
-    def _req_batch(self, pool_id: int, ops: Sequence[BatchOpArg]) -> Request:
+    def _req_batch(self, pool_id: int, ops: Sequence[BatchOpArg], borrow: bool = False) -> Request:
         try:
             body = encode_request(ops)
         except BatchError as exc:
             raise ValueError(str(exc)) from exc
-        return Request("POST", f"/v1/pools/{pool_id}/batch", body, self._h_batch)
+        return Request("POST", f"/v1/pools/{pool_id}/batch", body, self._h_batch, borrow)
 
     def _req_notices(self, after: int, wait: float) -> Request:
         return Request("GET", f"/v1/notices?after={int(after)}&wait={wait:g}", b"", self._h_plain)
@@ -267,7 +267,7 @@ class _Base:
         # directly rather than through the general decoder's result tuples.
         if response.status != 200:
             _raise_for(response)
-        body = response.body
+        body = response.body if response.view is None else response.view
         out: list[bytes | None] = []
         append = out.append
         pos = 0
@@ -280,7 +280,7 @@ class _Base:
                 end = pos + 1 + PAGE_SIZE
                 if end > size:
                     raise ProtocolError("truncated page in batch response")
-                append(body[pos + 1 : end])
+                append(bytes(body[pos + 1 : end]))  # (a borrowed body is a memoryview)
                 pos = end
             elif status == STATUS_MISS:
                 append(None)
@@ -478,7 +478,8 @@ class TmemClient(_Base):
         """Get ``(oid, index)`` handles; the page or ``None`` per handle, in order."""
         out: list[bytes | None] = []
         for chunk in _chunks(_get_ops(handles), self.max_batch_ops):
-            response = self._send(self._req_batch(pool_id, chunk))
+            # borrow: the answer is parsed (its pages copied out) before the next request
+            response = self._send(self._req_batch(pool_id, chunk, borrow=True))
             out.extend(self._parse_get_batch(response, len(chunk)))
         return out
 
