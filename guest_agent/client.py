@@ -196,12 +196,12 @@ class _Base:
             method, f"/v1/pools/{pool_id}/objects/{oid}/pages/{index}", b"", self._h_plain
         )
 
-    def _req_batch(self, pool_id: int, ops: Sequence[BatchOpArg]) -> Request:
+    def _req_batch(self, pool_id: int, ops: Sequence[BatchOpArg], borrow: bool = False) -> Request:
         try:
             body = encode_request(ops)
         except BatchError as exc:
             raise ValueError(str(exc)) from exc
-        return Request("POST", f"/v1/pools/{pool_id}/batch", body, self._h_batch)
+        return Request("POST", f"/v1/pools/{pool_id}/batch", body, self._h_batch, borrow)
 
     def _req_notices(self, after: int, wait: float) -> Request:
         return Request("GET", f"/v1/notices?after={int(after)}&wait={wait:g}", b"", self._h_plain)
@@ -263,30 +263,23 @@ class _Base:
 
     @staticmethod
     def _parse_get_batch(response: Response, n: int) -> list[bytes | None]:
-        # A batch of gets answers a status byte per op, a page after each hit: sliced here
-        # directly rather than through the general decoder's result tuples.
+        # A status byte per get and a page after each hit, sliced here directly rather than
+        # through the general decoder; a borrowed body (a memoryview) has each page copied once.
         if response.status != 200:
             _raise_for(response)
-        body = response.body
+        body = response.body if response.view is None else response.view
         out: list[bytes | None] = []
-        append = out.append
-        pos = 0
-        size = len(body)
+        pos, size = 0, len(body)
         for _ in range(n):
-            if pos >= size:
-                raise ProtocolError("truncated batch response")
-            status = body[pos]
-            if status == STATUS_DONE:
-                end = pos + 1 + PAGE_SIZE
-                if end > size:
-                    raise ProtocolError("truncated page in batch response")
-                append(body[pos + 1 : end])
-                pos = end
+            status = body[pos] if pos < size else None
+            if status == STATUS_DONE and pos + 1 + PAGE_SIZE <= size:
+                out.append(bytes(body[pos + 1 : pos + 1 + PAGE_SIZE]))
+                pos += 1 + PAGE_SIZE
             elif status == STATUS_MISS:
-                append(None)
+                out.append(None)
                 pos += 1
             else:
-                raise ProtocolError(f"status {status} for a get")
+                raise ProtocolError(f"truncated batch response or status {status} for a get")
         if pos != size:
             raise ProtocolError("trailing bytes in batch response")
         return out
@@ -478,7 +471,7 @@ class TmemClient(_Base):
         """Get ``(oid, index)`` handles; the page or ``None`` per handle, in order."""
         out: list[bytes | None] = []
         for chunk in _chunks(_get_ops(handles), self.max_batch_ops):
-            response = self._send(self._req_batch(pool_id, chunk))
+            response = self._send(self._req_batch(pool_id, chunk, borrow=True))  # parsed at once
             out.extend(self._parse_get_batch(response, len(chunk)))
         return out
 

@@ -156,6 +156,13 @@ class Reader:
                 return line
 
     def read_exact(self, n: int) -> bytes:
+        data = self.read_borrowed(n)
+        return data if type(data) is bytes else bytes(data)
+
+    def read_borrowed(self, n: int) -> bytes | memoryview:
+        """``n`` bytes; a large body as a view of the reused buffer, valid until the next read
+        (a ``borrow`` request: a fresh 1 MiB ``bytes`` per get_many answer page-faulted ~470
+        times, 1.4 ms of system time per answer on the project's machine)."""
         buf = self._buf
         if len(buf) == n:  # the usual case: the body is what the last receive left
             data = bytes(buf)
@@ -165,7 +172,7 @@ class Reader:
             data = bytes(buf[:n])
             del buf[:n]
             return data
-        # Large bodies: receive straight into the reused buffer, then one copy out.
+        # Large bodies: receive straight into the reused buffer.
         if len(self._big) < n:
             self._big = bytearray(n)
         with memoryview(self._big) as view:
@@ -177,7 +184,7 @@ class Reader:
                 if not got:
                     raise ConnectionResetError("connection closed inside the body")
                 have += got
-            return bytes(view[:n])
+        return memoryview(self._big)[:n]
 
     def read_some(self, n: int) -> bytes:
         """Up to ``n`` bytes (at least one), buffered ones first; ``b""`` at the end of the

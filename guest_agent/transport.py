@@ -48,7 +48,7 @@ import inspect
 import select
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -64,6 +64,7 @@ from guest_agent.http11 import (
     parse_status,
     read_head,
 )
+from guest_agent.streamed import StreamedResponse
 
 __all__ = [
     "AsyncHTTPTransport",
@@ -82,12 +83,15 @@ _IDEMPOTENT = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
 
 @dataclass(slots=True)
 class Request:
-    """One HTTP request: ``target`` is the path with its query string (``/v1/self``)."""
+    """One HTTP request: ``target`` is the path with its query string (``/v1/self``).
+    ``borrow``: the caller reads the answer's body before its next request, so a transport
+    may hand it a ``memoryview`` of a buffer it reuses (no copy of a large body)."""
 
     method: str
     target: str
     body: bytes | bytearray | memoryview = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    borrow: bool = False
 
 
 @dataclass(slots=True)
@@ -97,6 +101,7 @@ class Response:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    view: memoryview | None = None  # a borrowed 200 body (``Request.borrow``); ``body`` empty
 
 
 @runtime_checkable
@@ -274,15 +279,19 @@ class HTTPTransport:
             sock.sendall(body)
         status, headers = read_head(rfile)
         length = body_length(request.method, status, headers)
+        view = None
         if length is None:
             data = rfile.read_to_eof()
         elif length == -1:
             data = rfile.read_chunked()
+        elif request.borrow and status == 200:
+            got = rfile.read_borrowed(length)
+            data, view = (b"", got) if isinstance(got, memoryview) else (got, None)
         else:
             data = rfile.read_exact(length)
         if not keeps_alive(headers, length):
             self.close()
-        return Response(status, data, headers)
+        return Response(status, data, headers, view)
 
     # --- streamed bodies (admin calls: a guest's export can be larger than memory) --------
 
@@ -356,73 +365,6 @@ class HTTPTransport:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
-
-
-class StreamedResponse:
-    """An answer whose body is read piece by piece (:meth:`HTTPTransport.stream`).
-
-    ::
-
-        with transport.stream(Request("GET", "/v1/guests/1/export", b"", headers)) as answer:
-            if answer.status != 200:
-                ...  # answer.read() is the (small) error body
-            for piece in answer.iter_bytes():
-                ...
-
-    Connection failures while reading raise :class:`~guest_agent.errors.BrokerUnavailable`.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        headers: dict[str, str],
-        sock: socket.socket,
-        rfile: Reader,
-        method: str,
-    ) -> None:
-        self.status = status
-        self.headers = headers
-        self._sock: socket.socket | None = sock
-        self._rfile = rfile
-        self._length = body_length(method, status, headers)
-
-    def iter_bytes(self, size: int = 1 << 20) -> Iterator[bytes]:
-        """The body in pieces of at most ``size`` bytes; the connection closes at its end."""
-        rfile = self._rfile
-        try:
-            if self._length == -1:
-                while True:
-                    left = rfile.chunk_size()
-                    if left == 0:
-                        break
-                    yield from rfile.iter_exact(left, size, "a chunk")
-                    rfile.read_exact(2)
-            elif self._length is None:
-                while piece := rfile.read_some(size):
-                    yield piece
-            else:
-                yield from rfile.iter_exact(self._length, size, "the body")
-        except OSError as exc:
-            raise BrokerUnavailable(f"connection to the broker dropped: {exc!r}") from exc
-        finally:
-            self.close()
-
-    def read(self) -> bytes:
-        """The whole (remaining) body."""
-        return b"".join(self.iter_bytes())
-
-    def close(self) -> None:
-        """Drop the connection (a body not read to its end cannot be reused)."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def __enter__(self) -> StreamedResponse:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]

@@ -28,6 +28,7 @@ OP_GET = 2
 OP_FLUSH_PAGE = 3
 OP_FLUSH_OBJECT = 4
 _OPS = frozenset((OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT))
+_NO_PAGE_OPS = frozenset((OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT))
 
 STATUS_DONE = 0
 STATUS_MISS = 1
@@ -93,6 +94,15 @@ def decode_request(body: bytes | bytearray | memoryview, max_ops: int) -> list[B
     """Decode a whole request body or raise :class:`BatchError` (nothing partial)."""
     view = memoryview(body)
     size = len(view)
+    if size % HEADER.size == 0 and size // HEADER.size <= max_ops:
+        # No put (a batch of gets or flushes: what get_many sends): every op is a bare header,
+        # unpacked in one iter_unpack; 256 gets took 85 µs through the loop below, 56 µs so.
+        # A put (or an unknown op) anywhere falls back to the loop, which is exact: until the
+        # first put every header is where iter_unpack read it.
+        fast: list[BatchOp] = [(op, (hi << 128) | (mid << 64) | lo, index, None)
+                               for op, hi, mid, lo, index in HEADER.iter_unpack(view)]  # fmt: skip
+        if all(op in _NO_PAGE_OPS for op, _, _, _ in fast):
+            return fast
     ops: list[BatchOp] = []
     append = ops.append
     unpack_from = HEADER.unpack_from
@@ -120,12 +130,26 @@ def decode_request(body: bytes | bytearray | memoryview, max_ops: int) -> list[B
 
 def encode_results(results: Iterable[tuple[int, bytes | memoryview | None]]) -> bytes:
     """Encode ``(status, page_or_None)`` results; a page follows only a get hit."""
+    return b"".join(result_parts(results)[0])
+
+
+def result_parts(
+    results: Iterable[tuple[int, bytes | memoryview | None]],
+) -> tuple[list[bytes | memoryview], int]:
+    """The encoded results as the buffers they are made of (status bytes and the pages
+    themselves, not copied) and their total length: what :func:`encode_results` joins, for a
+    sender that writes buffers without joining them (``os.writev``)."""
     parts: list[bytes | memoryview] = []
+    append = parts.append
+    status_bytes = _STATUS_BYTES
+    size = 0
     for status, page in results:
-        parts.append(_STATUS_BYTES[status])
+        append(status_bytes[status])
+        size += 1
         if page is not None:
-            parts.append(page)
-    return b"".join(parts)
+            append(page)
+            size += len(page)
+    return parts, size
 
 
 _STATUS_BYTES = {s: bytes((s,)) for s in STATUS_NAMES}

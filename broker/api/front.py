@@ -33,6 +33,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from broker.api.gather import EXTENSION, Gathered, write_gathered
 from broker.api.guest_pages import GuestPages
 
 
@@ -105,8 +106,12 @@ class _CorkedTransport:
         self._loop = loop
         self._held: bytes | None = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | Gathered) -> None:
         held = self._held
+        if isinstance(data, Gathered):  # a batch answer's pages, written as they are
+            self._held = None
+            write_gathered(self._transport, held, data)
+            return
         if held is not None:
             self._held = None
             if data:
@@ -134,12 +139,18 @@ class _CorkedTransport:
 
 def corked_protocol() -> type[Any]:
     """uvicorn's httptools protocol with a :class:`_CorkedTransport`: a response's head and
-    body leave in one send (uvicorn writes them separately)."""
+    body leave in one send (uvicorn writes them separately), and a body may be a
+    :class:`~broker.api.gather.Gathered` (the scope declares the extension)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class CorkedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport: Any) -> None:
             corked: Any = _CorkedTransport(transport, asyncio.get_running_loop())
             super().connection_made(corked)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            # the transport writes a Gathered body (broker.api.gather)
+            self.scope["extensions"] = {EXTENSION: {}}
 
     return CorkedHttpToolsProtocol

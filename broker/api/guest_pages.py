@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from broker.api.auth import bearer_token
 from broker.api.body import read_body
 from broker.api.errors import HANDLED, MISS, NOT_STORED, BadBatch, error_response
+from broker.api.gather import GatheredResponse
 from broker.api.service import BrokerService, ServiceBox
 from broker.cluster.errors import Fenced
 from broker.cluster.routing import fenced_redirect, guest_of
@@ -33,7 +34,7 @@ from schemas.batch import (
     PAGE_SIZE,
     BatchError,
     decode_request,
-    encode_results,
+    result_parts,
 )
 
 # A put whose body is not one page is a 400 (bad_page_size) when it is small enough to be a
@@ -47,7 +48,7 @@ PAGE_PATH = "/v1/pools/{pool_id}/objects/{oid}/pages/{index}"
 OBJECT_PATH = "/v1/pools/{pool_id}/objects/{oid}"
 BATCH_PATH = "/v1/pools/{pool_id}/batch"
 
-Handler = Callable[[Scope, Receive], Awaitable[Response]]
+Handler = Callable[[Scope, Receive], Awaitable[Response | GatheredResponse]]
 
 
 def _decimal(text: str, limit: int, what: str) -> int:
@@ -206,7 +207,7 @@ class GuestPages:
             await service.journal.barrier()
         return _NO_CONTENT
 
-    async def _batch(self, scope: Scope, receive: Receive) -> Response:
+    async def _batch(self, scope: Scope, receive: Receive) -> Response | GatheredResponse:
         service, guest_id, pool_id = await self._begin(scope)
         settings = service.settings
         body = await read_body(scope, receive, settings.max_batch_bytes)
@@ -219,7 +220,10 @@ class GuestPages:
         results = service.core.batch(guest_id, pool_id, ops)
         if service.journal.pending:
             await service.journal.barrier()
-        return Response(encode_results(results), media_type=BATCH_CONTENT_TYPE)
+        parts, size = result_parts(results)
+        if size > len(results):  # pages in it: sent as they are stored (broker.api.gather)
+            return GatheredResponse(parts, size, BATCH_CONTENT_TYPE)
+        return Response(b"".join(parts), media_type=BATCH_CONTENT_TYPE)
 
 
 def _charge(service: BrokerService, guest_id: int, pool_text: str, pages: int) -> int:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from broker.api.auth import bearer_value
 from broker.api.errors import HANDLED, error_response
 from broker.api.front import _CorkedTransport
+from broker.api.gather import EXTENSION
 from broker.api.guest_pages import PUT_BODY_LIMIT
 
 if TYPE_CHECKING:
@@ -148,6 +149,11 @@ def page_protocol(front: HotRoutes) -> type[Any]:
                 self.timeout_keep_alive_handler()
             else:
                 self._idle_timer = self.loop.call_at(due, self._idle_check)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            # the corked transport writes a Gathered body (broker.api.gather): batch answers
+            self.scope["extensions"] = {EXTENSION: {}}
 
         def on_headers_complete(self) -> None:
             page = self._page_request()

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING
 
-from broker.core.content import ZERO_KEY, ZERO_PAGE
+from broker.core.content import ZERO_KEY, ZERO_PAGE, Contents
 from broker.core.errors import BadHandle, BadPageSize, BadRequest
-from broker.core.keys import lru_handle, lru_ref
+from broker.core.keys import M32, MIX, lru_handle, lru_ref
 from broker.core.pages import PageTable
 from broker.core.registry import PACK_ALWAYS, PACK_PRESSURE, Guest, Pool
 from schemas.batch import (
@@ -53,7 +53,8 @@ def check_batch(ops: Sequence[BatchOp]) -> None:
     for op, oid, index, page in ops:
         if op not in _OPS:
             raise BadRequest(f"unknown op {op}")
-        check_handle(oid, index)
+        if not (0 <= oid <= MAX_OID and 0 <= index <= MAX_INDEX):  # check_handle, inlined
+            raise BadHandle(f"handle out of range: oid={oid} index={index}")
         if op == OP_PUT and (page is None or len(page) != PAGE_SIZE):
             raise BadPageSize(f"a page is {PAGE_SIZE} bytes")
 
@@ -142,6 +143,7 @@ class PageMoves:
     _reg: Registry
     _table: PageTable
     _ev: Eviction
+    _contents: Contents
 
     if TYPE_CHECKING:  # the facade's page paths (broker.core.tmem)
 
@@ -189,19 +191,45 @@ class PageMoves:
         check_batch(ops)
         out: list[tuple[int, bytes | None]] = []
         append = out.append
+        # A hit in a persistent pool without exclusive gets (what get_many and the NBD exports
+        # read) is Tmem._get inlined, its counters added once at the end: a batch of 256 gets
+        # took 262 / 452 µs through _get, 198 / 373 µs so (two runs, fastest of 15, load ~5).
+        # Misses and every other pool take _get.
+        fast = pool.persistent and not pool.exclusive_gets
+        objects = pool.objects
+        recency = g.recency
+        tag = pool.lru_tag
+        load = self._contents.load
+        hits = 0
         for op, oid, index, page in ops:
-            if op == OP_PUT:
-                assert page is not None
-                append((self._put(g, pool, pool_id, oid, index, page), None))
-            elif op == OP_GET:
+            if op == OP_GET:
+                if fast:
+                    obj = objects.get(oid)
+                    key = None if obj is None else obj.get(index)
+                    if key is not None:
+                        hits += 1
+                        # the page is the guest's most recently used now
+                        slot = (oid << 56) | tag | ((index + (oid & M32) * MIX) & M32)
+                        del recency[slot]
+                        recency[slot] = None
+                        append((STATUS_DONE, load(key)))
+                        continue
                 got = self._get(g, pool, pool_id, oid, index)
                 append((STATUS_MISS, None) if got is None else (STATUS_DONE, got))
+            elif op == OP_PUT:
+                assert page is not None
+                append((self._put(g, pool, pool_id, oid, index, page), None))
             elif op == OP_FLUSH_PAGE:
                 self._flush_page(g, pool, pool_id, oid, index)
                 append((STATUS_DONE, None))
             else:
                 self._flush_object(g, pool, pool_id, oid)
                 append((STATUS_DONE, None))
+        if hits:
+            pool.gets += hits
+            pool.get_hits += hits
+            g.gets += hits
+            g.get_hits += hits
         return out
 
     def restore_page(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:

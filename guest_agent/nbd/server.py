@@ -289,7 +289,8 @@ class NbdServer:
                         if not chunk:
                             raise asyncio.IncompleteReadError(bytes(buf), length)
                         buf += chunk
-                payload = bytes(buf[pos : pos + length])
+                with memoryview(buf) as view:  # one copy (a bytearray slice made two)
+                    payload = bytes(view[pos : pos + length])
                 pos += length
             error = self._check(kind, flags, offset, length)
             if error:

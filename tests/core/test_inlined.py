@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from broker.core import CoreConfig, Tmem
 from broker.core.content import ZERO_KEY, ZERO_PAGE
 from broker.core.keys import lru_handle, lru_key, lru_ref, lru_tag, slot_key
-from schemas.batch import MAX_INDEX, MAX_OID, STATUS_DONE
+from schemas.batch import MAX_INDEX, MAX_OID, OP_GET, STATUS_DONE, STATUS_MISS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,3 +122,31 @@ def test_put_and_get_use_the_keys_module() -> None:
     assert t.put(2, 1, oid, index, PAGES[2]) == STATUS_DONE
     assert list(pool.account.lru) == [lru_key(pool.lru_tag, oid, index)]  # type: ignore[union-attr]
     assert list(pool.charges) == [slot_key(oid, index)]
+
+
+def _get_state(t: Tmem) -> dict[str, Any]:
+    out = _state(t)
+    for gid, g in t._reg.guests.items():
+        out[f"g{gid}gets"] = (g.gets, g.get_hits, list(g.recency))
+        for pid, pool in g.pools.items():
+            out[f"g{gid}p{pid}gets"] = (pool.gets, pool.get_hits)
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops, st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), max_size=40))
+def test_batch_gets_equal_single_gets(
+    seq: list[tuple[int, int, int, int, int]], gets: list[tuple[int, int]]
+) -> None:
+    # PageMoves.batch inlines Tmem._get for hits in a persistent pool (and counts them once)
+    fast, slow = _core(), _core()
+    for t in (fast, slow):
+        for gid, pid, oid, index, which in seq:
+            assert t.put(gid, pid, oid, index, PAGES[which]) == STATUS_DONE
+    for gid in (1, 2):
+        for pid in (0, 1):  # persistent (the inlined path) and ephemeral (exclusive: _get)
+            batch = fast.batch(gid, pid, [(OP_GET, oid, index, None) for oid, index in gets])
+            single = [slow.get(gid, pid, oid, index) for oid, index in gets]
+            assert [page for _, page in batch] == single
+            assert [s for s, _ in batch] == [STATUS_DONE if p else STATUS_MISS for p in single]
+    assert _get_state(fast) == _get_state(slow)

@@ -89,3 +89,23 @@ def test_results_round_trip() -> None:
     ]
     with pytest.raises(BatchError):
         decode_results(body[:-1], [OP_PUT, OP_GET, OP_GET, OP_PUT])
+
+
+@pytest.mark.parametrize("gets_before", [0, 1, 28])
+def test_puts_whose_length_looks_like_headers_only_decode_exactly(gets_before: int) -> None:
+    # 29 puts make a body whose length is a multiple of the header's (the put-free fast path
+    # looks at such bodies first): every op must still come back as sent
+    page = bytes(range(256)) * 16
+    ops = [(OP_GET, 5, i, None) for i in range(gets_before)]
+    ops += [(OP_PUT, (1 << 130) + i, i, page) for i in range(29)]
+    body = encode_request(ops)
+    assert len(body) % 29 == 0
+    got = decode_request(body, 1024)
+    assert [(op, oid, index, None if p is None else bytes(p)) for op, oid, index, p in got] == ops
+
+
+def test_a_put_free_batch_over_the_limit_is_refused() -> None:
+    body = encode_request([(OP_GET, 1, i, None) for i in range(5)])
+    assert len(decode_request(body, 5)) == 5
+    with pytest.raises(BatchError, match="more than 4"):
+        decode_request(body, 4)
