@@ -18,8 +18,9 @@ module decides which of its pages leaves. Two policies, chosen broker-wide by
     outlive it. When the account must give up a page and its window is over its target, the
     window's oldest page (the *candidate*) meets the main list's oldest (the *victim*): the
     candidate enters the main list and the victim goes when the candidate was seen more
-    often per byte it is charged (size-aware: :data:`MIN_CHARGE`), else the candidate goes. A scan's pages are seen once, a working set's pages
-    again and again: the scan passes through the window without flushing the working set.
+    often per byte it is charged (size-aware: :data:`MIN_CHARGE`), else the candidate goes.
+    A scan's pages are seen once, a working set's pages again and again: the scan passes
+    through the window without flushing the working set.
     A tie admits the candidate only when both were seen at most once (:data:`ONCE`), so a
     workload of pages each used once behaves as LRU does, and a loop larger than the
     account keeps a stable part of itself instead of none.
@@ -74,7 +75,8 @@ ONCE: Final = 1
 # frequency per byte charged, so a raw page must be seen about twice as often as an lz4 page
 # of half its size to displace it. Scoreboard, one seed, faults per MiB (scan-heavy / shifting
 # / mix): 2195 / 1796 / 2718 by frequency alone, 2221 / 1804 / 2730 per byte; with the
-# admission rules of broker/core/admission.py 2807 / 2060 / 3240 and 3122 / 2060 / 3240.
+# admission rules of broker/core/admission.py 2807 / 2060 / 3240 by frequency alone, 3122 /
+# 2060 / 3240 per byte.
 # A zero page (charge 0) counts as MIN_CHARGE bytes: it is held in no page storage, but its
 # handle costs the lists and the sketch.
 MIN_CHARGE: Final = 64
