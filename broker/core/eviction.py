@@ -41,11 +41,13 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from broker.core.content import ZERO_KEY
 from broker.core.errors import TooManyPools
-from broker.core.keys import REF_MASK, lru_handle, lru_ref
+from broker.core.keys import M32, REF_MASK, lru_handle, lru_ref
 from broker.core.pages import PageTable
 from broker.core.policy import LRU, TINYLFU, TinyLfu, check_policy
 from broker.core.pressure import PressureSettings
+from schemas.batch import PAGE_SIZE
 
 if TYPE_CHECKING:
     from broker.core.registry import Pool
@@ -230,7 +232,7 @@ class Eviction:
         if tinylfu is None:
             lru_key = account.lru.popitem(last=False)[0]
         else:
-            lru_key = tinylfu.victim(account.lru, account.main)
+            lru_key = tinylfu.victim(account.lru, account.main, self.charge_of)
             tinylfu.on_evicted(lru_key)
         pool = self.eph_pools[lru_ref(lru_key)]
         oid, index = lru_handle(lru_key)
@@ -245,6 +247,15 @@ class Eviction:
             owner.evictions += 1
             owner.evicted_unreported += 1
         self.evictions += 1
+
+    def charge_of(self, lru_key: int) -> int:
+        """The bytes the ephemeral page at ``lru_key`` is charged (0: a zero page)."""
+        pool = self.eph_pools[lru_ref(lru_key)]
+        oid = lru_key >> 56
+        charge = pool.charges.get((oid << 32) | (lru_key & M32))
+        if charge is not None:
+            return charge
+        return 0 if pool.objects[oid][lru_handle(lru_key)[1]] == ZERO_KEY else PAGE_SIZE
 
     def make_room(self, charge: int) -> bool:
         """Evict until ``counted_bytes + charge <= capacity``; False when it cannot."""

@@ -493,7 +493,9 @@ class Tmem(PageMoves, Stats):
         elif (
             not persistent
             and self._adm.settings is not None
-            and not self._adm.admit(g, pool, oid, data, table.counted_bytes > self._ev.low_bytes)
+            and not self._adm.admit(
+                g, pool, oid, index, data, table.counted_bytes > self._ev.low_bytes
+            )
         ):
             pool.declined_policy += 1
             g.declined_policy += 1
@@ -518,12 +520,12 @@ class Tmem(PageMoves, Stats):
                     if poor:
                         pool.compress_poor += 1
                         g.compress_poor += 1
-                        if not persistent and self._adm.too_costly(
-                            g, pool, oid, index, level > ev.low_bytes
-                        ):
+                        if self._adm.too_costly(g):
                             pool.declined_policy += 1
                             g.declined_policy += 1
-                            return STATUS_POLICY  # (ephemeral: nothing to journal)
+                            if old is not None and persistent and self._journal is not None:
+                                self._journal.record_flush(g.guest_id, pool_id, oid, index)
+                            return STATUS_POLICY
                 need = charge = len(stored)
                 if (
                     domain.trusted
