@@ -40,6 +40,7 @@ pytestmark = [
 ]
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -86,7 +87,11 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
 
 
 def wait_for(driver: WebDriver, check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``check()``'s first truthy answer within ``timeout`` seconds; fails naming ``what``."""
+    """``check()``'s first truthy answer within ``timeout`` seconds; fails naming ``what``.
+
+    The page replaces its tables and its notices feed at every update, so an element found
+    by one WebDriver call may be gone at the next: a probe that meets such a stale element
+    is simply tried again."""
     last: list[Any] = []
 
     def probe(_: WebDriver) -> Any:
@@ -95,9 +100,23 @@ def wait_for(driver: WebDriver, check: Callable[[], Any], timeout: float, what: 
         return answer
 
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(probe)
+        return WebDriverWait(
+            driver,
+            timeout,
+            poll_frequency=0.1,
+            ignored_exceptions=(StaleElementReferenceException,),
+        ).until(probe)
     except Exception as exc:  # selenium's TimeoutException: say what was awaited
         raise AssertionError(f"{what} within {timeout} s (last answer: {last})") from exc
+
+
+def feed(driver: WebDriver) -> list[str]:
+    """The notices feed's types, newest first, read in one script (the feed is rebuilt at
+    every update, so reading it element by element can race with the page)."""
+    types: list[str] = driver.execute_script(
+        """return [...document.querySelectorAll("#notices li.notice b")].map((b) => b.textContent);"""
+    )
+    return types
 
 
 def shown(driver: WebDriver) -> dict[str, Any]:
@@ -228,10 +247,20 @@ def make_guests(broker: BrokerProcess) -> dict[str, tuple[int, TmemClient, str]]
     return guests
 
 
+@pytest.fixture
+def guests(broker: BrokerProcess) -> Iterator[dict[str, tuple[int, TmemClient, str]]]:
+    made = make_guests(broker)
+    yield made
+    for _, client, _ in made.values():
+        client.close()  # also when the test failed: no socket is left for a later test
+
+
 def test_the_dashboard_in_a_browser(
-    broker: BrokerProcess, browser: WebDriver, tmp_path: Path
+    broker: BrokerProcess,
+    browser: WebDriver,
+    guests: dict[str, tuple[int, TmemClient, str]],
+    tmp_path: Path,
 ) -> None:
-    guests = make_guests(broker)
     web_id, web, _ = guests["web-1"]
     guest_token = guests["db-1"][2]
     url = f"{broker.url}/dashboard"
@@ -273,8 +302,7 @@ def test_the_dashboard_in_a_browser(
     assert stats_now["dedup_ratio"] > 1 and stats_now["zero_pages"] == 10
     assert stats_now["puts_declined"]["frozen"] == 1
     assert len(view["guests"]) == 3
-    notices = browser.find_elements(By.CSS_SELECTOR, "#notices li.notice")
-    assert {n.find_element(By.TAG_NAME, "b").text for n in notices} >= {"quota", "freeze", "thaw"}
+    assert set(feed(browser)) >= {"quota", "freeze", "thaw"}
 
     # A guest puts pages: the figures follow within one update.
     before = stats_now["logical_pages"]
@@ -328,14 +356,17 @@ def test_the_dashboard_in_a_browser(
     header.click()
 
     def order() -> list[int]:
-        cells = browser.find_elements(
-            By.CSS_SELECTOR, '#guests tbody td[data-stat="persistent_pages"]'
+        values: list[str | None] = browser.execute_script(
+            """return [...document.querySelectorAll(
+                 '#guests tbody td[data-stat="persistent_pages"]')].map((td) => td.dataset.value);"""
         )
-        return [int(c.get_attribute("data-value") or -1) for c in cells]
+        return [int(v or -1) for v in values]
 
-    assert order() == sorted(order())
-    header.click()
-    assert order() == sorted(order(), reverse=True)
+    shown_order = order()
+    assert shown_order == sorted(shown_order)
+    browser.find_element(By.CSS_SELECTOR, '#guests th[data-sort="persistent_pages"]').click()
+    shown_order = order()
+    assert shown_order == sorted(shown_order, reverse=True)
 
     # A few seconds of work, so the charts have something to show in the screenshot.
     for round_ in range(5):
@@ -365,15 +396,9 @@ def test_the_dashboard_in_a_browser(
     wait_for(browser, shed_shown, 5 * UPDATE_S, "web-1's shed")
     wait_for(browser, agrees_with_stats(browser, broker), 3 * UPDATE_S, "figures = stats again")
 
-    def feed() -> list[str]:
-        return [
-            n.find_element(By.TAG_NAME, "b").text
-            for n in browser.find_elements(By.CSS_SELECTOR, "#notices li.notice")
-        ]
-
     # the policy counts a shed open before the notice is stored and published, so the
     # notice may reach the feed one update after the figures
-    wait_for(browser, lambda: "shed" in feed(), 3 * UPDATE_S, "the shed in the notices feed")
+    wait_for(browser, lambda: "shed" in feed(browser), 3 * UPDATE_S, "the shed in the notices feed")
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
@@ -408,7 +433,7 @@ def test_the_dashboard_in_a_browser(
     wait_for(browser, agrees_with_stats(browser, broker), 3 * UPDATE_S, "figures after restart")
 
     for _, client, _ in guests.values():
-        client.close()
+        client.close()  # before the broker stops: the log then holds everything it wrote
     broker.stop()
     assert ADMIN not in broker.log_tail(10**7)  # the token never reached the broker's log
 
