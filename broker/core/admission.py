@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 # off +1.9 / +0.9 / +1.1 %, 1 (a no-op here: every put follows a get) +14.4 / -0.6 / ..,
 # 2 +38.4 / +14.2 / +8.4 %; its price: a working set that moves while memory is tight waits
 # one more round trip (shifting at half the capacity: 2.1 % over zswap-like without, -4.7 %
-# with it).
+# with it). Made adaptive (off while the first trips it saw came back within a quarter of the
+# account's pages in puts) it was a trade, not a win: half capacity shifting -8.8 -> -6.7 %,
+# scan-heavy +15.6 -> +14.4 %, full capacity mix +12.4 -> +8.7 % (bench/README.md).
 FIRST_ROUND_TRIP = 2
 
 
