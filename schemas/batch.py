@@ -12,6 +12,8 @@ as ``memoryview`` slices of the body, so decoding copies no page bytes.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -88,6 +90,39 @@ def encode_request(ops: Iterable[tuple[int, int, int, bytes | memoryview | None]
                 raise BatchError(f"a put needs exactly {PAGE_SIZE} page bytes")
             parts.append(page)
     return b"".join(parts)
+
+
+def _typecode(size: int) -> str:
+    return next(code for code in "BHILQ" if array(code).itemsize == size)
+
+
+_U32, _U64_CODE = _typecode(4), _typecode(8)
+_SWAP = sys.byteorder == "little"  # the wire is big-endian
+
+
+def encode_gets(handles: Sequence[tuple[int, int]]) -> bytes | bytearray:
+    """``encode_request`` of a get per ``(oid, index)`` handle: the same bytes, built column by
+    column (the ops, the oids' and the indexes' bytes, each one C-level strided copy) instead
+    of header by header: 256 gets 72-169 µs -> 22 µs (what a ``get_many`` encodes per batch,
+    issue #21 b). An oid past 64 bits takes ``encode_request``."""
+    n = len(handles)
+    try:
+        oids = array(_U64_CODE, [oid for oid, _ in handles])
+        indexes = array(_U32, [index for _, index in handles])
+    except OverflowError:  # past 64 bits, or out of range: checked (and refused) there
+        return encode_request([(OP_GET, oid, index, None) for oid, index in handles])
+    if _SWAP:
+        oids.byteswap()
+        indexes.byteswap()
+    oid_bytes, index_bytes = oids.tobytes(), indexes.tobytes()
+    size = HEADER.size  # op (1), oid hi/mid (16, zero here), oid lo (8), index (4)
+    out = bytearray(size * n)
+    out[0::size] = bytes((OP_GET,)) * n
+    for k in range(8):
+        out[17 + k :: size] = oid_bytes[k::8]
+    for k in range(4):
+        out[25 + k :: size] = index_bytes[k::4]
+    return out
 
 
 def decode_request(body: bytes | bytearray | memoryview, max_ops: int) -> list[BatchOp]:
