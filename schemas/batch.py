@@ -31,6 +31,7 @@ OP_FLUSH_PAGE = 3
 OP_FLUSH_OBJECT = 4
 _OPS = frozenset((OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT))
 _NO_PAGE_OPS = frozenset((OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT))
+_NO_PAGE_OP_BYTES = bytes(sorted(_NO_PAGE_OPS))
 
 STATUS_DONE = 0
 STATUS_MISS = 1
@@ -129,19 +130,22 @@ def decode_request(body: bytes | bytearray | memoryview, max_ops: int) -> list[B
     """Decode a whole request body or raise :class:`BatchError` (nothing partial)."""
     view = memoryview(body)
     size = len(view)
-    if size % HEADER.size == 0 and size // HEADER.size <= max_ops:
-        # No put (a batch of gets or flushes: what get_many sends): every op is a bare header,
-        # unpacked in one iter_unpack; 256 gets took 85 µs through the loop below, 56 µs so.
-        # A put (or an unknown op) anywhere falls back to the loop, which is exact: until the
-        # first put every header is where iter_unpack read it.
-        fast: list[BatchOp] = [(op, (hi << 128) | (mid << 64) | lo, index, None)
-                               for op, hi, mid, lo, index in HEADER.iter_unpack(view)]  # fmt: skip
-        if all(op in _NO_PAGE_OPS for op, _, _, _ in fast):
-            return fast
+    # No put (a batch of gets or flushes: what get_many sends): every op is a bare header,
+    # unpacked in one iter_unpack; 256 gets took 85 µs through the loop below, 56 µs so. A put
+    # (or an unknown op) at any header's place falls back to the loop, which is exact: until
+    # the first put every header is where iter_unpack reads it. The op bytes are checked
+    # first, in C (256 gets 84-114 -> 68-81 µs against a check of each decoded op, load ~9).
+    hsize = HEADER.size
+    if (
+        size % hsize == 0
+        and size // hsize <= max_ops
+        and not bytes(view[::hsize]).translate(None, _NO_PAGE_OP_BYTES)
+    ):
+        return [(op, (hi << 128) | (mid << 64) | lo, index, None)
+                for op, hi, mid, lo, index in HEADER.iter_unpack(view)]  # fmt: skip
     ops: list[BatchOp] = []
     append = ops.append
     unpack_from = HEADER.unpack_from
-    hsize = HEADER.size
     pos = 0
     while pos < size:
         if len(ops) >= max_ops:
