@@ -114,6 +114,9 @@ def page_protocol(front: HotRoutes) -> type[Any]:
     pages = front.pages
     observe_pages = front.observe_pages
     observe_batch = front.observe_batch
+    # uvicorn's default headers (date, server) as one block, kept while its list stays the
+    # same (with guest_pages._decimal's cached length: a get fed in-process 9.3-9.8 -> 8.7-9.6 µs of CPU)
+    encoded: list[Any] = [None, b""]
 
     class PageProtocol(HttpToolsProtocol):
         _page: _Page | None = None
@@ -265,8 +268,11 @@ def page_protocol(front: HotRoutes) -> type[Any]:
         def _send(self, answer: _Answer, keep_alive: bool) -> None:
             status, headers, body = answer
             content: list[bytes | memoryview] = [STATUS_LINE[status]]
-            for name, value in self.server_state.default_headers:
-                content += (name, b": ", value, b"\r\n")
+            defaults = self.server_state.default_headers
+            if defaults is not encoded[0]:  # uvicorn makes a new list each second (its date)
+                lines = [b"%s: %s\r\n" % (name, value) for name, value in defaults]
+                encoded[:] = [defaults, b"".join(lines)]
+            content.append(encoded[1])
             close = False
             for name, value in headers:
                 content += (name, b": ", value, b"\r\n")
