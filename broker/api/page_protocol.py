@@ -115,7 +115,8 @@ def page_protocol(front: HotRoutes) -> type[Any]:
     observe_pages = front.observe_pages
     observe_batch = front.observe_batch
     # uvicorn's default headers (date, server) as one block, kept while its list stays the
-    # same (with guest_pages._decimal's cached length: a get fed in-process 9.3-9.8 -> 8.7-9.6 µs of CPU)
+    # same (with guest_pages._decimal's cached length: a get fed in-process took 9.3-9.8 ->
+    # 8.7-9.6 µs of broker CPU)
     encoded: list[Any] = [None, b""]
 
     class PageProtocol(HttpToolsProtocol):
