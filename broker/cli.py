@@ -157,7 +157,8 @@ def serve(
         log_level=settings.log_level,
         # Keep-alive matters for guests that send page after page on one connection.
         timeout_keep_alive=60,
-        # single pages answered inside the protocol, head and body in one send on every path
+        # single pages and batches answered inside the protocol, head and body in one send on
+        # every path
         # (broker/api/page_protocol.py)
         http=page_protocol(app),
         # One access-log line per page would cost more than the page itself at tens of

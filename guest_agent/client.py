@@ -30,7 +30,9 @@ if a later request fails, earlier ones have taken effect.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -50,7 +52,6 @@ from schemas.batch import (
     MAX_OID,
     OP_FLUSH_OBJECT,
     OP_FLUSH_PAGE,
-    OP_GET,
     OP_PUT,
     PAGE_SIZE,
     STATUS_DONE,
@@ -59,6 +60,7 @@ from schemas.batch import (
     BatchError,
     BatchResult,
     decode_results,
+    encode_gets,
     encode_request,
 )
 from schemas.wire import Notice, PoolInfo, SelfInfo
@@ -203,6 +205,14 @@ class _Base:
             raise ValueError(str(exc)) from exc
         return Request("POST", f"/v1/pools/{pool_id}/batch", body, self._h_batch, borrow)
 
+    def _req_get_batch(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> Request:
+        # a get per handle; the answer is parsed before the next request (borrowed)
+        try:
+            body = encode_gets(handles)
+        except BatchError as exc:
+            raise ValueError(str(exc)) from exc
+        return Request("POST", f"/v1/pools/{pool_id}/batch", body, self._h_batch, True)
+
     def _req_notices(self, after: int, wait: float) -> Request:
         return Request("GET", f"/v1/notices?after={int(after)}&wait={wait:g}", b"", self._h_plain)
 
@@ -268,8 +278,13 @@ class _Base:
         if response.status != 200:
             _raise_for(response)
         body = response.body if response.view is None else response.view
+        size = len(body)
+        if size == n * _HIT and n and bytes(body[::_HIT]) == bytes(n):
+            # every get a hit: the pages copied out by one struct unpack (256 pages: 234 ->
+            # 68 µs against a slice and a copy per page, issue #21 b)
+            return list(_hits(n).unpack_from(body))
         out: list[bytes | None] = []
-        pos, size = 0, len(body)
+        pos = 0
         for _ in range(n):
             status = body[pos] if pos < size else None
             if status == STATUS_DONE and pos + 1 + PAGE_SIZE <= size:
@@ -345,8 +360,17 @@ def _put_ops(pages: Sequence[tuple[int, int, bytes | memoryview]]) -> list[Batch
     return [(OP_PUT, oid, index, page) for oid, index, page in pages]
 
 
-def _get_ops(handles: Sequence[tuple[int, int]]) -> list[BatchOpArg]:
-    return [(OP_GET, oid, index, None) for oid, index in handles]
+_HIT = 1 + PAGE_SIZE  # a get hit's result: its status byte and the page
+
+
+@lru_cache(maxsize=16)
+def _hits(n: int) -> struct.Struct:
+    """The layout of ``n`` get hits: skip each status byte, a page each."""
+    return struct.Struct("<" + f"x{PAGE_SIZE}s" * n)
+
+
+def _handle_list(handles: Sequence[tuple[int, int]]) -> Sequence[tuple[int, int]]:
+    return handles if isinstance(handles, list | tuple) else list(handles)
 
 
 def _flush_ops(handles: Sequence[tuple[int, int]]) -> list[BatchOpArg]:
@@ -470,8 +494,8 @@ class TmemClient(_Base):
     def get_many(self, pool_id: int, handles: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Get ``(oid, index)`` handles; the page or ``None`` per handle, in order."""
         out: list[bytes | None] = []
-        for chunk in _chunks(_get_ops(handles), self.max_batch_ops):
-            response = self._send(self._req_batch(pool_id, chunk, borrow=True))  # parsed at once
+        for chunk in _chunks(_handle_list(handles), self.max_batch_ops):
+            response = self._send(self._req_get_batch(pool_id, chunk))
             out.extend(self._parse_get_batch(response, len(chunk)))
         return out
 
@@ -647,8 +671,8 @@ class AsyncTmemClient(_Base):
     ) -> list[bytes | None]:
         """Get ``(oid, index)`` handles; the page or ``None`` per handle, in order."""
         out: list[bytes | None] = []
-        for chunk in _chunks(_get_ops(handles), self.max_batch_ops):
-            response = await self._send(self._req_batch(pool_id, chunk))
+        for chunk in _chunks(_handle_list(handles), self.max_batch_ops):
+            response = await self._send(self._req_get_batch(pool_id, chunk))
             out.extend(self._parse_get_batch(response, len(chunk)))
         return out
 

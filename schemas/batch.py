@@ -12,6 +12,8 @@ as ``memoryview`` slices of the body, so decoding copies no page bytes.
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -29,6 +31,7 @@ OP_FLUSH_PAGE = 3
 OP_FLUSH_OBJECT = 4
 _OPS = frozenset((OP_PUT, OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT))
 _NO_PAGE_OPS = frozenset((OP_GET, OP_FLUSH_PAGE, OP_FLUSH_OBJECT))
+_NO_PAGE_OP_BYTES = bytes(sorted(_NO_PAGE_OPS))
 
 STATUS_DONE = 0
 STATUS_MISS = 1
@@ -90,23 +93,59 @@ def encode_request(ops: Iterable[tuple[int, int, int, bytes | memoryview | None]
     return b"".join(parts)
 
 
+def _typecode(size: int) -> str:
+    return next(code for code in "BHILQ" if array(code).itemsize == size)
+
+
+_U32, _U64_CODE = _typecode(4), _typecode(8)
+_SWAP = sys.byteorder == "little"  # the wire is big-endian
+
+
+def encode_gets(handles: Sequence[tuple[int, int]]) -> bytes | bytearray:
+    """``encode_request`` of a get per ``(oid, index)`` handle: the same bytes, built column by
+    column (the ops, the oids' and the indexes' bytes, each one C-level strided copy) instead
+    of header by header: 256 gets 72-169 µs -> 22 µs (what a ``get_many`` encodes per batch,
+    issue #21 b). An oid past 64 bits takes ``encode_request``."""
+    n = len(handles)
+    try:
+        oids = array(_U64_CODE, [oid for oid, _ in handles])
+        indexes = array(_U32, [index for _, index in handles])
+    except OverflowError:  # past 64 bits, or out of range: checked (and refused) there
+        return encode_request([(OP_GET, oid, index, None) for oid, index in handles])
+    if _SWAP:
+        oids.byteswap()
+        indexes.byteswap()
+    oid_bytes, index_bytes = oids.tobytes(), indexes.tobytes()
+    size = HEADER.size  # op (1), oid hi/mid (16, zero here), oid lo (8), index (4)
+    out = bytearray(size * n)
+    out[0::size] = bytes((OP_GET,)) * n
+    for k in range(8):
+        out[17 + k :: size] = oid_bytes[k::8]
+    for k in range(4):
+        out[25 + k :: size] = index_bytes[k::4]
+    return out
+
+
 def decode_request(body: bytes | bytearray | memoryview, max_ops: int) -> list[BatchOp]:
     """Decode a whole request body or raise :class:`BatchError` (nothing partial)."""
     view = memoryview(body)
     size = len(view)
-    if size % HEADER.size == 0 and size // HEADER.size <= max_ops:
-        # No put (a batch of gets or flushes: what get_many sends): every op is a bare header,
-        # unpacked in one iter_unpack; 256 gets took 85 µs through the loop below, 56 µs so.
-        # A put (or an unknown op) anywhere falls back to the loop, which is exact: until the
-        # first put every header is where iter_unpack read it.
-        fast: list[BatchOp] = [(op, (hi << 128) | (mid << 64) | lo, index, None)
-                               for op, hi, mid, lo, index in HEADER.iter_unpack(view)]  # fmt: skip
-        if all(op in _NO_PAGE_OPS for op, _, _, _ in fast):
-            return fast
+    # No put (a batch of gets or flushes: what get_many sends): every op is a bare header,
+    # unpacked in one iter_unpack; 256 gets took 85 µs through the loop below, 56 µs so. A put
+    # (or an unknown op) at any header's place falls back to the loop, which is exact: until
+    # the first put every header is where iter_unpack reads it. The op bytes are checked
+    # first, in C (256 gets 84-114 -> 68-81 µs against a check of each decoded op, load ~9).
+    hsize = HEADER.size
+    if (
+        size % hsize == 0
+        and size // hsize <= max_ops
+        and not bytes(view[::hsize]).translate(None, _NO_PAGE_OP_BYTES)
+    ):
+        return [(op, (hi << 128) | (mid << 64) | lo, index, None)
+                for op, hi, mid, lo, index in HEADER.iter_unpack(view)]  # fmt: skip
     ops: list[BatchOp] = []
     append = ops.append
     unpack_from = HEADER.unpack_from
-    hsize = HEADER.size
     pos = 0
     while pos < size:
         if len(ops) >= max_ops:

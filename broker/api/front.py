@@ -21,8 +21,8 @@ Anything else (other paths, other methods, lifespan, WebSockets) goes to the app
 write after it, so head and body leave in one send (uvicorn sends them apart; one send instead
 of two took a single-page GET from ~5.8k to ~8.1k requests/s on one connection).
 ``serve`` runs ``page_protocol.page_protocol(front)``, which does the same and also answers
-single-page PUT/GET/DELETE without the ASGI cycle (broker/api/page_protocol.py); single
-pages reach ``HotRoutes`` only when that protocol hands them on.
+single-page PUT/GET/DELETE and batches without the ASGI cycle (broker/api/page_protocol.py);
+those reach ``HotRoutes`` only when that protocol hands them on.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class HotRoutes:
         # the requests served here skip the app's RequestTimer: they are timed here instead
         times = app.state.request_times.families
         self.observe_pages = times["guest_pages"].observe
-        self._observe_batch = times["batch"].observe
+        self.observe_batch = times["batch"].observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -65,7 +65,7 @@ class HotRoutes:
                 if target is not None:
                     endpoint, params = target
                     scope["path_params"] = params
-                    observe = self._observe_batch if endpoint is self.batch else self.observe_pages
+                    observe = self.observe_batch if endpoint is self.batch else self.observe_pages
                     start = time.perf_counter()
                     try:
                         await endpoint(scope, receive, send)

@@ -82,26 +82,23 @@ def write_gathered(transport: Any, head: bytes | None, body: Gathered) -> None:
 class GatheredResponse:
     """A 200 answer of ``parts`` (``size`` bytes in all), called as a Starlette response is:
     sent as a :class:`Gathered` where the server declared :data:`EXTENSION`, else as one
-    joined body."""
+    joined body. ``status_code`` and ``raw_headers`` are a Starlette ``Response``'s (what
+    ``page_protocol`` writes when it answers a batch itself)."""
 
-    __slots__ = ("media_type", "parts", "size")
+    __slots__ = ("parts", "raw_headers", "size")
+
+    status_code = 200
 
     def __init__(self, parts: list[bytes | memoryview], size: int, media_type: str) -> None:
         self.parts = parts
         self.size = size
-        self.media_type = media_type
+        self.raw_headers = [
+            (b"content-length", b"%d" % size),
+            (b"content-type", media_type.encode()),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-length", b"%d" % self.size),
-                    (b"content-type", self.media_type.encode()),
-                ],
-            }
-        )
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         gather = EXTENSION in scope.get("extensions", ())
         body: Any = Gathered(self.parts, self.size) if gather else b"".join(self.parts)
         await send({"type": "http.response.body", "body": body})

@@ -200,6 +200,10 @@ class PageMoves:
         recency = g.recency
         tag = pool.lru_tag
         load = self._contents.load
+        # Contents.load inlined for a raw page (the zero key has no storage: load serves it,
+        # and a compressed one): 256 gets 154-364 -> 144-300 µs (3 interleaved runs, load ~8)
+        stored_bytes = self._contents.get
+        m32, mix = M32, MIX
         hits = 0
         for op, oid, index, page in ops:
             if op == OP_GET:
@@ -209,10 +213,13 @@ class PageMoves:
                     if key is not None:
                         hits += 1
                         # the page is the guest's most recently used now
-                        slot = (oid << 56) | tag | ((index + (oid & M32) * MIX) & M32)
+                        slot = (oid << 56) | tag | ((index + (oid & m32) * mix) & m32)
                         del recency[slot]
                         recency[slot] = None
-                        append((STATUS_DONE, load(key)))
+                        stored = stored_bytes(key)
+                        if stored is None or len(stored) != PAGE_SIZE:
+                            stored = load(key)
+                        append((STATUS_DONE, stored))
                         continue
                 got = self._get(g, pool, pool_id, oid, index)
                 append((STATUS_MISS, None) if got is None else (STATUS_DONE, got))

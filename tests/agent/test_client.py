@@ -194,6 +194,14 @@ def test_non_json_error_and_bad_bodies() -> None:
     client = TmemClient("http://b", "t", transport=_answer(200, b"\x00\x00"))
     with pytest.raises(ProtocolError):
         client.get_many(0, [(1, 1)])
+    # two hits' length, read at once when every status byte is done; else page by page
+    hits = b"\x00" + page(1) + b"\x00" + page(2)
+    client = TmemClient("http://b", "t", transport=_answer(200, hits))
+    assert client.get_many(0, [(1, 1), (1, 2)]) == [page(1), page(2)]
+    for bad in (b"\x00" + page(1) + b"\x02" + page(2), b"\x01" + page(1) + b"\x00" + page(2)):
+        client = TmemClient("http://b", "t", transport=_answer(200, bad))
+        with pytest.raises(ProtocolError):
+            client.get_many(0, [(1, 1), (1, 2)])
 
 
 def test_unreachable_broker_raises_broker_unavailable(

@@ -1,5 +1,6 @@
 """``PageProtocol`` (broker/api/page_protocol.py, what ``tmem-broker serve`` runs) answers the
-single-page routes inside uvicorn's protocol with the bytes the ASGI path would send, keeps
+single-page routes and batches inside uvicorn's protocol with the bytes the ASGI path would
+send, keeps
 pipelined requests in order, honours keep-alive and ``Connection: close``, and reassembles a
 request split across TCP segments. A real uvicorn server on a loopback port, raw sockets."""
 
@@ -22,7 +23,7 @@ from broker.api.page_protocol import page_protocol
 from broker.app import create_app
 from scripts.procs import free_port
 from tests.api.conftest import ADMIN, make_settings, page
-from tests.api.test_front import REQUESTS
+from tests.api.test_front import BATCH, REQUESTS, _batch
 
 Served = tuple[HotRoutes, int, list[str]]
 
@@ -41,7 +42,14 @@ async def _serve(
         answered.append(method)
         return page_now(service, method, *args)
 
+    batch_now = front.pages.batch_now
+
+    def batch_spy(service: Any, *args: Any) -> Any:
+        answered.append("POST")
+        return batch_now(service, *args)
+
     front.pages.page_now = spy  # type: ignore[method-assign,assignment]
+    front.pages.batch_now = batch_spy  # type: ignore[method-assign]
     port = free_port()
     config = uvicorn.Config(
         front,
@@ -178,10 +186,10 @@ async def test_protocol_answers_with_the_bytes_of_the_asgi_path(
             assert raws[0] == raws[1], (method, target, raws)
             statuses.append(status)
         await conn.close()
-    # the protocol itself answered the single-page requests it can (not the HEAD, PATCH, 413,
-    # trailing-slash, empty-oid, batch and control ones)
+    # the protocol itself answered the single-page requests and batches it can (not the HEAD,
+    # PATCH, 413, trailing-slash, empty-oid, GET-a-batch and control ones)
     assert answered.count("PUT") == 4 and answered.count("GET") == 10
-    assert answered.count("DELETE") == 1
+    assert answered.count("DELETE") == 1 and answered.count("POST") == 3
     assert {204, 200, 404, 400, 401, 403, 405, 413} <= set(statuses)
 
 
@@ -381,3 +389,145 @@ async def test_a_failed_journal_barrier_never_acknowledges(
     assert got == status and answered == ["PUT"]
     if failure == "store":
         assert b"journal_unavailable" in body
+
+
+def _batch_request(pool: int, body: bytes, token: str | None, suffix: str = "") -> bytes:
+    return _request(
+        "POST", f"/v1/pools/{pool}/batch{suffix}", body, token, f"Content-Type: {BATCH}\r\n"
+    )
+
+
+async def test_batches_answer_with_the_bytes_of_the_asgi_path(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # Each batch twice, through the protocol and with "?" (uvicorn's ASGI path): puts, gets
+    # (hits are written with writev from the stored pages: 64 of them, 256 KiB, more than the
+    # socket takes at once), mixed, misses, and every refusal; the same bytes but the date.
+    async with _serve(tmp_path, sqlite_url) as (_, port, answered):
+        conn = await Conn.open(port)
+        guest, pool = await _guest(conn)
+        puts = _batch(*[(1, 11, i, page(100 + i)) for i in range(64)])
+        gets = _batch(*[(2, 11, i, None) for i in range(64)])
+        cases: list[tuple[int | str, bytes, str | None, int]] = [
+            (pool, puts, guest, 200),  # (idempotent: the second put stores the same pages)
+            (pool, gets, guest, 200),
+            (pool, _batch((2, 11, 3, None), (2, 12, 0, None), (1, 12, 1, page(5))), guest, 200),
+            (pool, _batch((3, 11, 63, None), (2, 11, 63, None), (4, 13, 0, None)), guest, 200),
+            (pool, b"", guest, 200),  # an empty batch
+            (pool, _batch(*[(2, 11, i, None) for i in range(65)]), guest, 400),  # > max ops
+            (pool, _batch((7, 9, 0, None)), guest, 400),  # unknown op
+            (pool, b"\x01" + b"\x00" * 40, guest, 400),  # truncated
+            (pool, gets, "nope", 401),
+            (pool, gets, None, 401),
+            (pool, gets, ADMIN["Authorization"].split()[1], 403),
+            (99, gets, guest, 404),  # unknown pool
+            ("x", gets, guest, 400),
+            (pool, b"\x02" * (64 * 4125 + 1), guest, 413),  # past max_batch_bytes: ASGI's
+        ]
+        for target, body, token, want in cases:
+            raws = []
+            for suffix in ("", "?"):
+                conn.raw = b""
+                await conn.send(_request("POST", f"/v1/pools/{target}/batch{suffix}", body, token))
+                conn.expect(1, "POST")
+                status, _, _ = await conn.answer()
+                assert status == want, (target, len(body), token, conn.raw[:300])
+                raws.append(_DATE.sub(b"", conn.raw))
+                if status == 413:  # answered before the body was read: a fresh connection
+                    await conn.close()
+                    conn = await Conn.open(port)
+            assert raws[0] == raws[1], (target, len(body), token)
+        await conn.close()
+    assert answered == ["POST"] * (len(cases) - 1)
+
+
+async def test_pipelined_batches_keep_their_order(tmp_path: Path, sqlite_url: str) -> None:
+    async with _serve(tmp_path, sqlite_url) as (_, port, answered):
+        conn = await Conn.open(port)
+        guest, pool = await _guest(conn)
+        p = f"/v1/pools/{pool}/objects/3/pages/"
+        gets = _batch(*[(2, 3, i, None) for i in range(4)])
+        burst = [
+            _batch_request(
+                pool, _batch(*[(1, 3, i, page(i)) for i in range(3)], (3, 3, 3, None)), guest
+            ),
+            _request("GET", p + "1", b"", guest),
+            _batch_request(pool, gets, guest),
+            _request("PUT", p + "3", page(3), guest),
+            _batch_request(pool, gets, guest),
+            _request("GET", "/v1/self", b"", guest),  # the ASGI path, between fast ones
+            _batch_request(pool, gets, guest),  # ASGI too: parsed while /v1/self was answered
+            _batch_request(pool, gets, guest, "?"),
+        ]
+        data = b"".join(burst)
+        # the whole burst in one send, then again cut mid-head and mid-body of a batch
+        for cuts in ([0, len(data)], [0, 200, len(burst[0]) - 4000, len(data)]):
+            answered.clear()
+            for a, b in itertools.pairwise(cuts):
+                await conn.send(data[a:b])
+                await asyncio.sleep(0.02)
+            conn.expect(len(burst), "POST")
+            answers = [await conn.answer() for _ in burst]
+            assert [a[0] for a in answers] == [200, 200, 200, 204, 200, 200, 200, 200]
+            assert answers[0][2] == b"\x00" * 4 and answers[1][2] == page(1)
+            first = b"".join(b"\x00" + page(i) for i in range(3)) + b"\x01"
+            every = b"".join(b"\x00" + page(i) for i in range(4))
+            assert answers[2][2] == first and answers[4][2] == answers[6][2] == every
+            assert answers[7][2] == every and b'"guest_id"' in answers[5][2]
+            # the ones parsed while the ASGI answer was in flight queued behind it
+            assert answered == ["POST", "GET", "POST", "PUT", "POST"]
+        await conn.close()
+
+
+async def test_durable_batches_wait_for_the_journal(tmp_path: Path, sqlite_url: str) -> None:
+    # A batch of puts is answered once the journal's barrier returns; what it acknowledged is
+    # there after a restart; batches are timed in tmem_request_duration_seconds{family="batch"}.
+    async with _serve(tmp_path, sqlite_url, durability="sync") as (_, port, answered):
+        conn = await Conn.open(port)
+        guest, pool = await _guest(conn)
+        puts = [_batch_request(pool, _batch(*[(1, 8, i + j, page(i + j)) for j in range(4)]), guest)
+                for i in (0, 4, 8)]  # fmt: skip
+        for request in puts:  # (pipelined, those behind a waiting one would take ASGI's path)
+            await conn.send(request)
+            conn.expect(1, "POST")
+            assert (await conn.answer())[2] == b"\x00" * 4
+        await conn.send(_request("GET", "/metrics", b"", ADMIN["Authorization"].split()[1]))
+        conn.expect(1)
+        _, _, metrics = await conn.answer()
+        await conn.close()
+    assert answered == ["POST"] * 3
+    count = re.search(rb'tmem_request_duration_seconds_count\{family="batch"\} (\d+)', metrics)
+    assert count is not None and int(count.group(1)) == 3
+    async with _serve(tmp_path, sqlite_url, durability="sync") as (_, port, _answered):
+        conn = await Conn.open(port)
+        await conn.send(_batch_request(pool, _batch(*[(2, 8, i, None) for i in range(12)]), guest))
+        conn.expect(1, "POST")
+        _, _, body = await conn.answer()
+        await conn.close()
+    assert body == b"".join(b"\x00" + page(i) for i in range(12))
+
+
+async def test_a_rate_limited_batch_is_refused_and_changes_nothing(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # a bucket of 8 pages: the first batch of 20 takes it (and borrows), the second is refused
+    settings = {"rate_limit_pages": 4, "rate_limit_burst": 2}
+    async with _serve(tmp_path, sqlite_url, **settings) as (_, port, answered):
+        conn = await Conn.open(port)
+        guest, pool = await _guest(conn)
+        answers = []
+        for oid in (2, 5):
+            ops = [(1, oid, i, page(i)) for i in range(20)]
+            await conn.send(_batch_request(pool, _batch(*ops), guest))
+            conn.expect(1, "POST")
+            answers.append(await conn.answer())
+        (first, _, stored), (status, headers, body) = answers
+        assert first == 200 and stored == b"\x00" * 20
+        assert status == 429 and b"rate_limited" in body and "retry-after" in headers
+        await conn.send(_request("GET", "/v1/self", b"", guest))  # (no page charged)
+        conn.expect(1)
+        _, _, info = await conn.answer()
+        await conn.close()
+    assert answered == ["POST", "POST"]
+    stats = re.search(rb'"logical_pages":(\d+).*"puts":(\d+)', info)
+    assert stats is not None and stats.groups() == (b"20", b"20"), info

@@ -19,6 +19,7 @@ from schemas.batch import (
     BatchError,
     decode_request,
     decode_results,
+    encode_gets,
     encode_request,
     encode_results,
     join_oid,
@@ -109,3 +110,14 @@ def test_a_put_free_batch_over_the_limit_is_refused() -> None:
     assert len(decode_request(body, 5)) == 5
     with pytest.raises(BatchError, match="more than 4"):
         decode_request(body, 4)
+
+
+@given(st.lists(st.tuples(oids, indexes), max_size=40))
+def test_encode_gets_is_encode_request_of_gets(handles: list[tuple[int, int]]) -> None:
+    assert bytes(encode_gets(handles)) == encode_request([(OP_GET, o, i, None) for o, i in handles])
+
+
+@pytest.mark.parametrize("bad", [(-1, 0), (MAX_OID + 1, 0), (1, -1), (1, MAX_INDEX + 1)])
+def test_encode_gets_refuses_handles_out_of_range(bad: tuple[int, int]) -> None:
+    with pytest.raises(BatchError, match="out of range"):
+        encode_gets([(1, 1), bad])
