@@ -243,9 +243,10 @@ class LmdbJournal:
         Why: with one client a durable batch was a chain, core (256 puts, ~1.2-2 ms here),
         then the writer (~0.5 ms of its own work, then an ``fdatasync`` of 0.6-10 ms on this
         shared disk), then the answer; nothing overlapped. Measured (two brokers, main's code
-        and this, one Redis, 8 interleaved turns of 40 batches each, load 8-11): 15.9k ->
-        20.0k and 16.5k -> 20.2k pages/s; per-batch median latency, batches alternating
-        between the two brokers: 1.01x-1.26x faster (6 runs). ``bench/README.md``, #21 c.
+        and this, one Redis, 8 interleaved turns of 40 batches each): 15.9k -> 20.0k and
+        16.5k -> 20.2k pages/s at load 8-11, 24.3k -> 24.9k at load 5; per-batch median
+        latency, batches alternating between the two brokers: 1.01x-1.26x faster (median
+        1.10x, 8 runs). ``bench/README.md``, #21 c.
         """
         if (
             self._closed
