@@ -191,6 +191,8 @@ class PageMoves:
         nothing is applied."""
         g, pool = self._reg.pool(guest_id, pool_id)
         check_batch(ops)
+        # A batch of distinct puts goes to the journal first, so that its log write and sync
+        # overlap the core's work (why, and the figures: LmdbJournal.put_ahead).
         journal = self._journal
         if journal is not None and pool.persistent and len(ops) > 1:
             ahead = getattr(journal, "put_ahead", None)
