@@ -34,6 +34,7 @@ from schemas.batch import (
 
 if TYPE_CHECKING:
     from broker.core.eviction import Eviction
+    from broker.core.journal import PersistentJournal
     from broker.core.registry import Registry
 
 BatchOp = tuple[int, int, int, "bytes | memoryview | None"]
@@ -144,6 +145,7 @@ class PageMoves:
     _table: PageTable
     _ev: Eviction
     _contents: Contents
+    _journal: PersistentJournal | None
 
     if TYPE_CHECKING:  # the facade's page paths (broker.core.tmem)
 
@@ -189,6 +191,13 @@ class PageMoves:
         nothing is applied."""
         g, pool = self._reg.pool(guest_id, pool_id)
         check_batch(ops)
+        # A batch of distinct puts goes to the journal first, so that its log write and sync
+        # overlap the core's work (why, and the figures: LmdbJournal.put_ahead).
+        journal = self._journal
+        if journal is not None and pool.persistent and len(ops) > 1:
+            ahead = getattr(journal, "put_ahead", None)
+            if ahead is not None and self._puts_certain(g, ops) and ahead(g.guest_id, pool_id, ops):
+                return self._batch_ahead(g, pool, pool_id, ops, journal)
         out: list[tuple[int, bytes | None]] = []
         append = out.append
         # A hit in a persistent pool without exclusive gets (what get_many and the NBD exports
@@ -237,6 +246,58 @@ class PageMoves:
             pool.get_hits += hits
             g.gets += hits
             g.get_hits += hits
+        return out
+
+    def _puts_certain(self, g: Guest, ops: Sequence[BatchOp]) -> bool:
+        """Whether every op is a put, of a handle no other op of the batch names, and none
+        can be declined for the guest being frozen, its quota or the broker's capacity (a
+        decline by compression's cost is still possible): the batch's puts may then be
+        journaled before the core applies them (:meth:`_batch_ahead`)."""
+        n = len(ops)
+        if g.frozen or (g.limit is not None and g.persistent_pages + n > g.limit):
+            return False
+        if self._table.counted_bytes + n * PAGE_SIZE > self._ev.capacity:
+            return False
+        handles: set[int] = set()
+        add = handles.add
+        for op, oid, index, _page in ops:
+            if op != OP_PUT:
+                return False
+            add((oid << 32) | index)
+        return len(handles) == n
+
+    def _batch_ahead(
+        self, g: Guest, pool: Pool, pool_id: int, ops: Sequence[BatchOp], journal: PersistentJournal
+    ) -> list[tuple[int, bytes | None]]:
+        """Apply a batch of puts the journal recorded already (``put_ahead``): its log write
+        and sync run while the core applies them. The core records nothing meanwhile; a put it
+        declines is journaled as a flush after (handles are distinct in the batch, so the flush
+        is exactly what the core holds: nothing). If the core raised part way, each handle not
+        reached is journaled as the core holds it. Ordering: the puts, then the flushes, all
+        before the answer (the route's barrier)."""
+        gid = g.guest_id
+        out: list[tuple[int, bytes | None]] = []
+        append = out.append
+        put = self._put
+        self._journal = None  # the puts are in the journal already
+        try:
+            for _op, oid, index, page in ops:
+                assert page is not None
+                append((put(g, pool, pool_id, oid, index, page), None))
+        finally:
+            self._journal = journal
+            if len(out) < len(ops):  # raised part way: journal what the core holds
+                load = self._contents.load
+                for _op, oid, index, _page in ops[len(out) :]:
+                    obj = pool.objects.get(oid)
+                    key = None if obj is None else obj.get(index)
+                    if key is None:
+                        journal.record_flush(gid, pool_id, oid, index)
+                    else:
+                        journal.record_put(gid, pool_id, oid, index, load(key))
+        for (status, _), (_op, oid, index, _page) in zip(out, ops, strict=True):
+            if status != STATUS_DONE:
+                journal.record_flush(gid, pool_id, oid, index)
         return out
 
     def restore_page(self, guest_id: int, pool_id: int, oid: int, index: int, data: bytes) -> None:

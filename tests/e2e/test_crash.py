@@ -89,15 +89,18 @@ class Worker(threading.Thread):
         roll = rng.random()
         if roll < 0.55:
             # A batch of puts and flushes; sometimes a put and then a flush of the same handle.
+            # One in three is puts only, of distinct handles: the broker journals those before
+            # its core applies them (``put_ahead``).
             ops: list[tuple[int, int, int, bytes | None]] = []
             after: dict[Handle, bytes | None] = {}
+            puts_only = rng.random() < 0.33
             for h in rng.sample(handles, rng.randint(4, 64)):
-                if rng.random() < 0.75:
+                if puts_only or rng.random() < 0.75:
                     self.version += 1
                     page = make_page(self.n, h, self.version)
                     ops.append((OP_PUT, h[0], h[1], page))
                     after[h] = page
-                    if rng.random() < 0.15:
+                    if not puts_only and rng.random() < 0.15:
                         ops.append((OP_FLUSH_PAGE, h[0], h[1], None))
                         after[h] = None
                 else:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from broker.store import LmdbJournal, NullJournal, open_journal, reload_journal
 from broker.store.errors import JournalClosed, JournalFailed
+from schemas.batch import OP_FLUSH_PAGE, OP_PUT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -610,3 +611,52 @@ def test_a_page_with_one_nonzero_byte_is_not_a_zero_page(
     journal.record_put(1, 0, 1, 2, bytes(4096))
     journal.sync()
     assert stored(journal) == {(1, 0, 1, 1): bytes(data), (1, 0, 1, 2): bytes(4096)}
+
+
+async def test_puts_ahead_are_sent_at_once_and_durable_at_the_barrier(
+    journal: LmdbJournal,
+) -> None:
+    body = b"".join(page(i + 1) for i in range(256))
+    view = memoryview(body)
+    puts = [(OP_PUT, 5, i, view[i * 4096 : (i + 1) * 4096]) for i in range(256)]
+    assert journal.put_ahead(1, 0, puts)
+    assert journal.pending
+    assert journal.put_ahead(1, 0, [(OP_PUT, 6, 0, page(7))])  # a second round in flight
+    assert not journal.put_ahead(1, 0, [(OP_PUT, 6, 1, page(8))])  # not a third: nothing recorded
+    journal.record_flush(1, 0, 5, 3)  # made after the rounds sent: the next round
+    await journal.barrier()
+    want = {(1, 0, 5, i): page(i + 1) for i in range(256) if i != 3}
+    want[(1, 0, 6, 0)] = page(7)
+    assert stored(journal) == want
+    assert journal.commits == 3 and journal.committed_records == 258
+
+
+def test_puts_ahead_outside_an_event_loop_are_refused(journal: LmdbJournal) -> None:
+    assert not journal.put_ahead(1, 0, [(OP_PUT, 5, 0, page(1))])
+    assert not journal.pending
+    with pytest.raises(ValueError):
+        asyncio.run(_ahead_short_page(journal))
+    assert not journal.pending
+
+
+async def _ahead_short_page(journal: LmdbJournal) -> None:
+    journal.put_ahead(1, 0, [(OP_PUT, 5, 0, page(1)), (OP_PUT, 5, 1, b"short")])
+
+
+async def test_the_core_sends_a_batch_of_puts_before_it_applies_them(
+    journal: LmdbJournal,
+) -> None:
+    from broker.core import CoreConfig, Tmem
+
+    t = Tmem(CoreConfig(capacity_bytes=1 << 24), journal=journal)
+    t.add_guest(1, name="one")
+    pool = t.create_pool(1, "persistent")
+    t.batch(1, pool, [(OP_PUT, 5, i, page(i + 1)) for i in range(64)])
+    assert len(journal._in_flight) == 1  # sent while the core ran, before any await
+    # a flush in it: the core records the batch as it applies it
+    t.batch(1, pool, [(OP_PUT, 5, 0, page(99)), (OP_FLUSH_PAGE, 5, 1, None)])
+    assert len(journal._in_flight) == 1
+    await journal.barrier()
+    want = {(1, pool, 5, i): page(i + 1) for i in range(64) if i != 1}
+    want[(1, pool, 5, 0)] = page(99)
+    assert stored(journal) == want
