@@ -138,6 +138,7 @@ class Cmd:
     result: Any = _PENDING
     ask: tuple[str, int] | None = None
     attempts: int = field(default=0)
+    sent: float = 0.0  # when (monotonic) it was last sent: its effect is no older
 
 
 class RedisPages:
@@ -423,10 +424,12 @@ class RedisPages:
     ) -> tuple[bool, bool]:
         """One pipeline to one node: (whether the slot map moved, whether the node is down)."""
         pipe = self._client(*addr).pipeline(transaction=False)
+        sent = time.monotonic()
         for c in group:
             if c.ask is not None:
                 pipe.execute_command("ASKING")
             pipe.execute_command(*c.args)
+            c.sent = sent
         if durable:
             pipe.execute_command("WAIT", 1, self.wait_ms)
         replies = self._execute(addr, pipe)
