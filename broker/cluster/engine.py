@@ -300,14 +300,11 @@ class ClusterEngine(Tmem):
         collector takes). ``takes``/``take_cmds``: this call's takes and their commands.
 
         Why: ``lua.HANDLE`` refuses a take older than G/2 (the collector may count it as
-        leaked by then), and a call can spend that long between a take and its handle write
-        without any fault: its per-master pipelines run one after another, each waiting for
-        its master's fsync (``appendfsync always``) and ``WAIT``, seconds each when the disk
-        is busy (an AOF rewrite, other work), and a timed-out pipeline is sent again. The put
-        then failed 503 ``the cluster answered too slowly`` (once in section h of the bench).
-        A new take restarts the deadline and is a take like any other, so the collector's
-        argument holds unchanged. A take's age is bounded by the local time since its pipeline
-        was sent (``Cmd.sent``): no two hosts' clocks are compared."""
+        leaked by then), and one call can last that long: its per-master pipelines run one
+        after another, each waiting for fsyncs and ``WAIT``, and a node that does not answer
+        is tried again. The put then failed 503 (once in the bench; docs/scale-data.md). A
+        new take is a take like any other: the collector's argument holds. A take's age is
+        bounded by the local time since its pipeline was sent (``Cmd.sent``)."""
         limit = self.pages.grace_s / 4
         now = time.monotonic()
         if now - min(c.sent for c in take_cmds) <= limit:
@@ -676,16 +673,19 @@ def open_cluster_engine(settings: Any, broker_id: str) -> ClusterEngine:
     """The engine for a broker in cluster mode, from ``settings.cluster`` (``host:port``
     seeds, or one comma-separated string) and the usual core settings. Optional settings:
     ``cluster_namespace`` (key prefix, default ``tmem``), ``cluster_wait_ms`` (how long a
-    durable write waits for a replica, default 500) and ``cluster_grace_s`` (the collector's
-    grace, default 60)."""
+    durable write waits for a replica, default 500), ``cluster_timeout_ms`` (how long a node
+    may send nothing before it is marked down, default ``cluster_wait_ms`` + 500) and
+    ``cluster_grace_s`` (the collector's grace, default 60)."""
     seeds = settings.cluster
     if isinstance(seeds, str):
         seeds = [s for s in seeds.split(",") if s]
+    timeout_ms = getattr(settings, "cluster_timeout_ms", None)
     pages = RedisPages(
         list(seeds),
         getattr(settings, "cluster_namespace", "tmem"),
         wait_ms=int(getattr(settings, "cluster_wait_ms", 500)),
         grace_s=int(getattr(settings, "cluster_grace_s", 60)),
+        socket_timeout=None if timeout_ms is None else timeout_ms / 1000,
     )
     config = CoreConfig(
         capacity_bytes=settings.capacity_bytes,

@@ -220,6 +220,13 @@ def test_open_cluster_engine_and_the_collector_thread(
         thread.stop()
         assert thread.last is not None and thread.last.contents == 1
         assert e.get(1, pool, 0, 0) == page(1)
+        assert e.pages.socket_timeout == 1.0 and e.pages.down_on_timeout  # wait + 0.5 s
+    finally:
+        e.pages.close()
+    settings.cluster_timeout_ms = 2500  # type: ignore[attr-defined]
+    e = open_cluster_engine(settings, "host:1")
+    try:
+        assert e.pages.socket_timeout == 2.5
     finally:
         e.pages.close()
 
