@@ -279,7 +279,7 @@ def test_references_taken_long_before_their_handles_are_taken_again(
     older than G/2 (code -2) and the put was a 503 ``the cluster answered too slowly`` (the
     unexplained 503 of section h). The old references are dropped, or left to the collector
     when their drop comes too late: never a handle pointing at nothing."""
-    with engines(redis_cluster.seeds, cluster_namespace, 1, grace_s=2) as (e,):
+    with engines(redis_cluster.seeds, cluster_namespace, 1) as (e,):  # G = 4 s
         pool = add_guest(e, 1)
         e.adopt(1, 1)
         run = e.pages.run
@@ -290,7 +290,7 @@ def test_references_taken_long_before_their_handles_are_taken_again(
             run(cmds, durable=durable)
             if not delayed and any(c.args[1] == take for c in cmds):
                 delayed.append(len(cmds))
-                time.sleep(2.2)  # the takes answered; the rest of the call is late: > G/2
+                time.sleep(3.2)  # the takes answered; the rest of the call is late: > G/2
 
         monkeypatch.setattr(e.pages, "run", slow)
         ops = [(OP_PUT, 1, i, page(i)) for i in range(64)]
