@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     # long a durable write waits for a replica's acknowledgement (WAIT 1 <ms>)
     cluster_namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "tmem"
     cluster_wait_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
+    # how long a Redis node may send nothing before it counts as hung and is marked down for
+    # 0.5 s (its writes declined 503, its reads sent to its replica); none: cluster_wait_ms +
+    # 500 (raise it where fsyncs stall longer: docs/scale-data.md, "A master that dies")
+    cluster_timeout_ms: Annotated[int | None, Field(ge=10, le=600_000)] = None
 
     @field_validator("capacity")
     @classmethod

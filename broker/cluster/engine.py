@@ -31,6 +31,7 @@ Not thread-safe, like Tmem; the Redis calls are synchronous (see docs/scale.md, 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -232,6 +233,7 @@ class ClusterEngine(Tmem):
         cc = self._contents
         pages = self.pages
         full: set[int] = set()
+        cmds: list[Cmd] = []
         if takes:
             cmds = [pages.take_cmd(key, page) for key, page in takes]
             pages.run(cmds, durable=True)
@@ -272,6 +274,8 @@ class ClusterEngine(Tmem):
             times = cc.take_time
             cc.take_time = {}
         leftover_drops = [(k, times[k]) for k in leftover]
+        if takes and handle_cmds:
+            leftover_drops += self._retake_aged(handle_cmds, takes, cmds)
         try:
             since, full_handles = self._write_handles(guest_id, handle_cmds)
         except Fenced:
@@ -286,6 +290,71 @@ class ClusterEngine(Tmem):
             result = fix(result, {h for h, _k, _t in full_handles})
         self._drop([(k, since) for k in drops] + leftover_drops)
         return result
+
+    def _retake_aged(
+        self, cmds: list[Cmd], takes: Sequence[tuple[int, bytes]], take_cmds: list[Cmd]
+    ) -> list[tuple[int, int]]:
+        """Take again the reference of each handle write (``cmds``) whose take may be older
+        than G/4 by now, and point that write at the new take's time; returns the old
+        references (key, take time) for step 3 (a drop past G/2 is refused: a leak the
+        collector takes). ``takes``/``take_cmds``: this call's takes and their commands.
+
+        Why: ``lua.HANDLE`` refuses a take older than G/2 (the collector may count it as
+        leaked by then), and one call can last that long: its per-master pipelines run one
+        after another, each waiting for fsyncs and ``WAIT``, and a node that does not answer
+        is tried again. The put then failed 503 (once in the bench; docs/scale-data.md). A
+        new take is a take like any other: the collector's argument holds. A take's age is
+        bounded by the local time since its pipeline was sent (``Cmd.sent``)."""
+        limit = self.pages.grace_s / 4
+        now = time.monotonic()
+        if now - min(c.sent for c in take_cmds) <= limit:
+            return []  # the common case: one pass over the takes
+        aged: dict[int, tuple[int, bytes, int]] = {}  # key -> (key as taken, page, take time)
+        for (key, page), c in zip(takes, take_cmds, strict=True):
+            reply = c.result
+            if now - c.sent <= limit or not isinstance(reply, list) or int(reply[0]) < 0:
+                continue
+            real = key | int(reply[0]) << 160
+            taken = int(reply[2])
+            if real not in aged or taken < aged[real][2]:  # the earliest: the safe deadline
+                aged[real] = (key, page, taken)
+        redo = [
+            cmd
+            for cmd in cmds
+            if cmd.args[7] == b"p" and cmd.args[10] and key_of(cmd.args[10]) in aged
+        ]
+        if not redo:
+            return []
+        again = []
+        for cmd in redo:
+            key, page, _taken = aged[key_of(cmd.args[10])]
+            again.append(self.pages.take_cmd(key, page))
+        try:
+            self.pages.run(again, durable=True)
+        except ClusterUnavailable as exc:  # the handle writes then tell whether it mattered
+            log.warning("taking %d aged references again failed: %s", len(again), exc)
+            return []
+        old = []
+        for cmd, new in zip(redo, again, strict=True):
+            reply = new.result
+            if not isinstance(reply, list) or int(reply[0]) < 0:
+                continue  # (the OOM of a full cluster, say): the handle write decides
+            key = key_of(cmd.args[10])
+            real = aged[key][0] | int(reply[0]) << 160
+            taken = int(reply[2])
+            if real != key:  # another collision number than the handle's: not the one
+                old.append((real, taken))
+                continue
+            cmd.args = (*cmd.args[:11], taken, *cmd.args[12:])
+            old.append((key, aged[key][2]))
+        log.warning(
+            "%d references taken again before their handles, %.1f s after their pipeline "
+            "was sent (limit %.1f s)",
+            len(again),
+            now - min(c.sent for c in take_cmds),
+            limit,
+        )
+        return old
 
     def _undo_full(
         self, guest_id: int, full: list[tuple[tuple[int, int, int], int, int]]
@@ -604,16 +673,19 @@ def open_cluster_engine(settings: Any, broker_id: str) -> ClusterEngine:
     """The engine for a broker in cluster mode, from ``settings.cluster`` (``host:port``
     seeds, or one comma-separated string) and the usual core settings. Optional settings:
     ``cluster_namespace`` (key prefix, default ``tmem``), ``cluster_wait_ms`` (how long a
-    durable write waits for a replica, default 500) and ``cluster_grace_s`` (the collector's
-    grace, default 60)."""
+    durable write waits for a replica, default 500), ``cluster_timeout_ms`` (how long a node
+    may send nothing before it is marked down, default ``cluster_wait_ms`` + 500) and
+    ``cluster_grace_s`` (the collector's grace, default 60)."""
     seeds = settings.cluster
     if isinstance(seeds, str):
         seeds = [s for s in seeds.split(",") if s]
+    timeout_ms = getattr(settings, "cluster_timeout_ms", None)
     pages = RedisPages(
         list(seeds),
         getattr(settings, "cluster_namespace", "tmem"),
         wait_ms=int(getattr(settings, "cluster_wait_ms", 500)),
         grace_s=int(getattr(settings, "cluster_grace_s", 60)),
+        socket_timeout=None if timeout_ms is None else timeout_ms / 1000,
     )
     config = CoreConfig(
         capacity_bytes=settings.capacity_bytes,

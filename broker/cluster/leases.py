@@ -143,6 +143,7 @@ _ORPHANS = text(
     """
 )
 
+_LEFT = timedelta(days=1)  # how far back a clean stop sets the heartbeat
 _LIVE = text("SELECT id FROM brokers WHERE heartbeat_at > now() - :lease ORDER BY id")
 
 
@@ -193,9 +194,14 @@ class LeaseManager:
                 ),
                 {"me": self.broker_id},
             )
+            # dead to every broker, whatever its lease: each judges liveness with its own
+            # (``_LIVE``), and a heartbeat set 2 x OUR lease back still looked live to a
+            # broker with a longer one (a stopped 1.5 s-lease broker stayed "live" for 27 s to
+            # the 30 s-lease brokers of the next test on the same database, which spread
+            # orphans to it)
             conn.execute(
                 text("UPDATE brokers SET heartbeat_at = now() - :old WHERE id = :me"),
-                {"me": self.broker_id, "old": self.lease * 2},
+                {"me": self.broker_id, "old": max(self.lease * 2, _LEFT)},
             )
 
     def brokers(self) -> list[BrokerInfo]:

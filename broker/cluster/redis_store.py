@@ -21,7 +21,8 @@ says a replica has it too. A node answering WAIT with 0 makes the whole call fai
 :class:`~broker.cluster.errors.ClusterUnavailable`: never an acknowledgement.
 
 A master that dies must not stall the broker (its calls run on the event loop): a node that
-refuses a connection (or resets it) is marked *down* for ``DOWN_S``, the slot map is refreshed
+refuses a connection (or resets it), or hangs (no answer within ``socket_timeout``, the WAIT's
+deadline + 0.5 s), is marked *down* for ``DOWN_S``, the slot map is refreshed
 at once (at most every ``REFRESH_S``), and until the map moves its slots elsewhere a call
 routed to it fails at once with ``ClusterUnavailable`` (503 + Retry-After: puts in the gap are
 declined, never acknowledged) while a read of a content goes to the master's replica, which
@@ -138,6 +139,7 @@ class Cmd:
     result: Any = _PENDING
     ask: tuple[str, int] | None = None
     attempts: int = field(default=0)
+    sent: float = 0.0  # when (monotonic) it was last sent: its effect is no older
 
 
 class RedisPages:
@@ -152,6 +154,7 @@ class RedisPages:
         grace_s: int = 60,
         retries: int = 4,
         socket_timeout: float | None = None,
+        down_on_timeout: bool = True,
     ) -> None:
         if not seeds:
             raise ValueError("a Redis Cluster needs at least one seed host:port")
@@ -167,11 +170,17 @@ class RedisPages:
         self.wait_ms = wait_ms
         self.grace_s = grace_s
         self.retries = retries
-        # Past a WAIT's own deadline by 2 s (was 5 s): a hung node (SIGSTOP, a partition)
-        # holds a call that long per try, until the cluster fails it over.
+        # Past a WAIT's own deadline by 0.5 s (was 2 s, before that 5 s), and a node that
+        # times out is marked down like one that refuses (``down_on_timeout``): a hung node
+        # (SIGSTOP, a partition) then holds one call ~1 s, not each of its 5 tries 2.5 s (a
+        # call held 12.6 s; bench/scale_hang.py, docs/scale-data.md). The timeout is per read,
+        # and a live node answers a pipeline in pieces, so a slow one is not taken for hung:
+        # no timeout in 256-page durable batches at load 7.6-12 (same bench).
         if socket_timeout is None:
-            socket_timeout = wait_ms / 1000 + 2.0
+            socket_timeout = wait_ms / 1000 + 0.5
         self.socket_timeout = socket_timeout
+        self.down_on_timeout = down_on_timeout
+        self.timeouts = 0  # pipelines that timed out (a hung node, or a slow one)
         try:
             # redis-py's cluster client is untyped in places: held as Any
             self.rc: Any = RedisCluster(
@@ -393,8 +402,10 @@ class RedisPages:
 
     def _execute(self, addr: tuple[str, int], pipe: Any) -> list[Any] | None:
         """The replies of ``pipe`` sent to ``addr``; None when the node did not answer. Refused
-        or reset: the node is gone (marked down). A timeout may be a slow node under load (a
-        256-page durable batch took over 1.5 s at load 12 here): not marked, retried."""
+        or reset: the node is gone (marked down). Timed out (no byte for ``socket_timeout``):
+        hung, marked down too (``down_on_timeout``), so its slots' writes are declined and
+        their reads go to the replica until the map moves them or ``DOWN_S`` passes; with it
+        off, the node was retried, each try holding the call the whole timeout."""
         self.round_trips += 1
         try:
             replies: list[Any] = pipe.execute(raise_on_error=False)
@@ -402,6 +413,9 @@ class RedisPages:
             self._down[addr] = time.monotonic()
             return None
         except redis.TimeoutError:
+            self.timeouts += 1
+            if self.down_on_timeout:
+                self._down[addr] = time.monotonic()
             return None
         return replies
 
@@ -423,10 +437,12 @@ class RedisPages:
     ) -> tuple[bool, bool]:
         """One pipeline to one node: (whether the slot map moved, whether the node is down)."""
         pipe = self._client(*addr).pipeline(transaction=False)
+        sent = time.monotonic()
         for c in group:
             if c.ask is not None:
                 pipe.execute_command("ASKING")
             pipe.execute_command(*c.args)
+            c.sent = sent
         if durable:
             pipe.execute_command("WAIT", 1, self.wait_ms)
         replies = self._execute(addr, pipe)

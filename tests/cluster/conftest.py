@@ -1,5 +1,5 @@
 """Fixtures for the cluster tests: a real 3-master + 3-replica Redis Cluster on free loopback
-ports (session-wide), a private one per fault test, and a fresh PostgreSQL database per run.
+ports (session-wide), a private one per fault test, and a fresh PostgreSQL database per test.
 
 Tests that share the session cluster keep apart by key namespace (``cluster_namespace``), never
 by flushing it.
@@ -66,8 +66,11 @@ def two_brokers(
         yield brokers
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this run (dropped at the end)."""
+    """A fresh PostgreSQL database for this test (dropped at the end): brokers register there,
+    beat and hold leases, so one test's brokers (a killed one still "live" for its lease, its
+    guests orphans) must never be seen by the next test's (~1 s a database). A module-scoped
+    fixture makes its own with ``temp_database``."""
     with temp_database() as url:
         yield url

@@ -47,6 +47,7 @@ from tests.api.test_pages import (  # noqa: F401
     test_unknown_or_bad_pool,
 )
 from tests.cluster.redis_proc import RedisClusterProc
+from tests.db.pg import temp_database
 
 pytestmark = [pytest.mark.postgres]
 
@@ -76,7 +77,7 @@ class ByHost(httpx.BaseTransport):
 
 @pytest.fixture(scope="module")
 def brokers(
-    tmp_path_factory: pytest.TempPathFactory, redis_cluster: RedisClusterProc, pg_url: str
+    tmp_path_factory: pytest.TempPathFactory, redis_cluster: RedisClusterProc
 ) -> Iterator[dict[str, TestClient]]:
     namespace = f"c{secrets.token_hex(4)}"
     tmp = tmp_path_factory.mktemp("conformance")
@@ -85,7 +86,7 @@ def brokers(
         return Settings(
             **extra,
             data_dir=tmp / name,
-            database_url=pg_url,
+            database_url=url,
             admin_token=ADMIN_TOKEN,
             durability="none",
             capacity=64 << 20,
@@ -98,6 +99,7 @@ def brokers(
         )
 
     with (
+        temp_database() as url,  # the module's own: no other test's brokers or guests in it
         TestClient(
             create_app(settings("home", nbd_dir=tmp / "nbd")), base_url="http://home.test"
         ) as home,

@@ -18,6 +18,7 @@ from broker.cluster.collector import Collector
 from broker.cluster.engine import ClusterEngine
 from broker.cluster.errors import ClusterUnavailable
 from broker.cluster.redis_store import ref_of, with_tail
+from broker.cluster.redis_tables import HIT
 from schemas.batch import OP_PUT, STATUS_DONE
 from tests.cluster.conftest import RedisClusterFactory
 from tests.cluster.engines import add_guest, audit, make_engine
@@ -243,3 +244,40 @@ def _migrate_slot(proc: RedisClusterProc, key: bytes, source: int, target: int) 
         time.sleep(0.05)  # puts keep coming meanwhile (ASK / TRYAGAIN)
     for port in proc.master_ports():
         proc.node(port).execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+
+
+def test_a_hung_master_is_marked_down_and_its_pages_read_from_its_replica(
+    make_redis_cluster: RedisClusterFactory,
+) -> None:
+    """A master that hangs (``SIGSTOP``: it accepts connections and answers nothing) is marked
+    down at its first timeout, like one that refuses: a get of a page it holds is answered
+    from its replica (or, once promoted, from the new master). Before, a timed-out node was
+    retried, every try holding the call the whole socket timeout, then the call failed (503),
+    and the slot map was not refreshed either. Puts meanwhile may fail (never acknowledged and
+    then lost: the audit)."""
+    proc, engine, load = _start(make_redis_cluster, "hung")
+    try:
+        guest_master = proc.master_for_key(engine.pages.objs_key(GUEST))
+        victim = next(p for p in proc.master_ports() if p != guest_master)
+        objects = engine._reg.pool(GUEST, load.pool)[1].objects
+        on_victim = [
+            (handle, data)
+            for handle, data in load.acked.items()
+            if proc.master_for_key(
+                engine.pages.content_name(ref_of(objects[handle[0]][handle[1]] & ~HIT))
+            )
+            == victim
+        ]
+        assert on_victim  # 80 contents over 3 masters
+        proc.kill(victim, signal.SIGSTOP)
+        try:
+            for (oid, index), data in on_victim[:5]:
+                assert engine.get(GUEST, load.pool, oid, index) == data
+            assert engine.pages.timeouts >= 1
+            for _ in range(3):
+                load.batch()  # acknowledged or not: the audit says nothing acknowledged is lost
+        finally:
+            proc.kill(victim, signal.SIGCONT)
+        _settle_and_audit(proc, load, proc.seeds, "hung")
+    finally:
+        engine.pages.close()

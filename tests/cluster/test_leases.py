@@ -166,6 +166,20 @@ def test_new_and_released_guests_are_orphans_taken_at_once(engine: Engine) -> No
     assert [i.broker_id for i in b.brokers() if i.alive] == ["b"]
 
 
+def test_a_broker_that_left_is_dead_to_brokers_with_a_longer_lease(engine: Engine) -> None:
+    """Each broker judges liveness with its own lease: one that stopped cleanly must look
+    dead to all, or a broker with a longer lease spreads orphans to it (rendezvous over the
+    "live" ones) until its old heartbeat ages past that lease."""
+    guests = _guests(engine, 6)
+    short = _manager(engine, "a")  # LEASE
+    short.take_over()
+    short.leave()
+    long = LeaseManager(engine, "b", "http://b:8470", lease_s=30.0)
+    long.register()
+    assert long.live_brokers() == ["b"]
+    assert {lease.guest_id for lease in long.take_over()} == set(guests)
+
+
 def test_racing_brokers_never_both_win(engine: Engine) -> None:
     guests = _guests(engine, 30)
     managers = [_manager(engine, f"r{i}") for i in range(4)]
