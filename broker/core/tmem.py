@@ -18,6 +18,7 @@ the module that owns it (read those for the rules):
   (:class:`~broker.core.restore.PageMoves`, mixed in); :mod:`broker.core.stats` — the
   figure methods (:class:`~broker.core.stats.Stats`, mixed in).
 * :mod:`broker.core.keys` — the int keys naming a handle in those dicts.
+* :mod:`broker.core.replace` — a replacing put's short way (:class:`Replace`, mixed in).
 
 The put and get paths here are the hot path; where they write a rule of those modules inline
 for speed, a comment names the one method mirrored and a figure says what it pays.
