@@ -18,6 +18,7 @@ the module that owns it (read those for the rules):
   (:class:`~broker.core.restore.PageMoves`, mixed in); :mod:`broker.core.stats` — the
   figure methods (:class:`~broker.core.stats.Stats`, mixed in).
 * :mod:`broker.core.keys` — the int keys naming a handle in those dicts.
+* :mod:`broker.core.replace` — a replacing put's short way (:class:`Replace`, mixed in).
 
 The put and get paths here are the hot path; where they write a rule of those modules inline
 for speed, a comment names the one method mirrored and a figure says what it pays.
@@ -69,6 +70,7 @@ from broker.core.registry import (
     check_weight,
     normalise_uuid,
 )
+from broker.core.replace import Replace
 from broker.core.restore import BatchOp as BatchOp
 from broker.core.restore import PageMoves, check_handle
 from broker.core.stats import Stats
@@ -83,7 +85,7 @@ from schemas.batch import (
 )
 
 
-class Tmem(PageMoves, Stats):
+class Tmem(Replace, PageMoves, Stats):
     """The broker's memory: every rule of tmem, no I/O. Not thread-safe: call from one thread
     (the event loop). Page calls return statuses; only malformed input raises (and then
     nothing changed)."""
@@ -478,6 +480,8 @@ class Tmem(PageMoves, Stats):
         if obj is not None:  # PageTable.take, inlined
             old = obj.pop(index, None)
             if old is not None:
+                if old >= 0 and self._replace(g, pool, pool_id, obj, oid, index, old, data):
+                    return STATUS_DONE  # the short way (broker.core.replace)
                 if not obj:
                     del objects[oid]
                 table.drop(pool, oid, index, old)

@@ -248,20 +248,31 @@ class NbdServer:
         write_now = self.dispatcher.write_now
         unpack_from = p.REQUEST.unpack_from
         head = p.REQUEST.size
-        buf = bytearray()
+        size = self.size
+        corked = conn.corked
+        magic_reply = p.SIMPLE_REPLY_MAGIC
+        # what was read and not parsed yet: the chunk read itself when the previous one was
+        # parsed to its end (the common case: fio's 32 requests end where the read does), else
+        # a bytearray of the rest and the new chunk (the chunk's copy into a bytearray each
+        # time cost ~0.3 µs per 4 KiB write at QD 32)
+        buf: bytes | bytearray = b""
         pos = 0  # start of the first unparsed byte in buf
         while True:
             if len(buf) - pos < head:
-                del buf[:pos]
-                pos = 0
                 if conn.corked:  # replies answered while parsing (read_now) leave now
                     conn.uncork()
                 if transport.get_write_buffer_size() > _WRITE_BUFFER_HIGH:
                     await writer.drain()
                 chunk = await reader.read(_READ_CHUNK)
                 if not chunk:
-                    raise asyncio.IncompleteReadError(bytes(buf), None)
-                buf += chunk
+                    raise asyncio.IncompleteReadError(bytes(buf[pos:]), None)
+                if pos >= len(buf):
+                    buf = chunk
+                else:
+                    rest = bytearray(buf[pos:])
+                    rest += chunk
+                    buf = rest
+                pos = 0
                 continue
             magic, flags, kind, handle, offset, length = unpack_from(buf, pos)
             if magic != p.REQUEST_MAGIC:
@@ -282,16 +293,23 @@ class NbdServer:
                     reply(handle, p.EINVAL)
                     continue
                 if len(buf) - pos < length:
-                    del buf[:pos]
+                    if corked:
+                        conn.uncork()
+                    rest = bytearray(buf[pos:])
                     pos = 0
-                    while len(buf) < length:
-                        chunk = await reader.read(max(length - len(buf), _READ_CHUNK))
+                    while len(rest) < length:
+                        chunk = await reader.read(max(length - len(rest), _READ_CHUNK))
                         if not chunk:
-                            raise asyncio.IncompleteReadError(bytes(buf), length)
-                        buf += chunk
+                            raise asyncio.IncompleteReadError(bytes(rest), length)
+                        rest += chunk
+                    buf = rest
                 with memoryview(buf) as view:  # one copy (a bytearray slice made two)
                     payload = bytes(view[pos : pos + length])
                 pos += length
+                # what _check would pass (no flag, inside the export), stored at once
+                if not flags and offset + length <= size and write_now(offset, payload):
+                    corked.append(_pack_reply(magic_reply, 0, handle))  # (see read_now below)
+                    continue
             error = self._check(kind, flags, offset, length)
             if error:
                 reply(handle, error)
@@ -303,14 +321,15 @@ class NbdServer:
             if kind == p.CMD_READ:
                 data = read_now(offset, length)  # one block, nothing else in flight
                 if data is not None:
-                    reply(handle, 0, data)
+                    # reply(), without its call_soon: this loop sends what it corked before
+                    # it waits for more (at QD 1 the call_soon cost a handle and a callback
+                    # per request)
+                    corked.append(_pack_reply(magic_reply, 0, handle))
+                    corked.append(data)
                     continue
                 request = BlockRequest(READ, offset, length, None, False, on_done, handle)
             elif kind == p.CMD_WRITE:
                 assert payload is not None
-                if not fua and write_now(offset, payload):  # stored at once, as read_now
-                    reply(handle, 0)
-                    continue
                 request = BlockRequest(WRITE, offset, length, payload, fua, on_done, handle)
             elif kind == p.CMD_WRITE_ZEROES:
                 request = BlockRequest(ZERO, offset, length, None, fua, on_done, handle)
