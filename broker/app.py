@@ -141,6 +141,7 @@ def create_app(settings: Settings, *, cluster_core: CoreFactory | None = None) -
                     capacity_bytes=settings.capacity_bytes,
                     compress_default=settings.compress,
                     max_pools_per_guest=settings.max_pools_per_guest,
+                    recompress=settings.recompress,
                 ),
                 # the core skips a journal call per persistent put and flush when it has none
                 # (durability none): NullJournal's calls do nothing

@@ -19,6 +19,7 @@ SERVER_MODULES = (
     "pydantic_settings",
     "xxhash",
     "lz4",
+    "zstandard",
     "lmdb",
     "sqlalchemy",
     "alembic",

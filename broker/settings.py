@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     pressure_free_discount: Annotated[float, Field(ge=0, lt=1)] = 0.5
     # which page of an eviction account goes (docs/pressure.md, "Ephemeral policy")
     ephemeral_policy: Literal["lru", "tinylfu"] = "lru"
+    # keep idle lz4 pages as zstd (docs/pressure.md, "Recompressing idle pages")
+    recompress: bool = False
     pressure_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
     # Several brokers as one pool (docs/scale.md): the Redis Cluster's seed nodes (given as
     # redis://H:P[,H:P...] or a list of "host:port"); empty: single-host mode (the default)

@@ -295,6 +295,12 @@ class BrokerFigures:
     compressed_cold: int = counter(
         "stored pages the pressure mode's background pass compressed", private=True
     )
+    recompressed_pages: int = counter(
+        "idle lz4 pages the idle pass keeps as zstd (--recompress)", private=True
+    )
+    recompressed_saved_bytes: int = counter(
+        "bytes of charges the idle pass's recompression saved", private=True
+    )
     guests: list[GuestFigures] = each(
         GuestFigures, "one entry per guest", prefix="guest_", guest_view=True
     )

@@ -200,6 +200,8 @@ def broker_figures(
     reclaimed_on_put: int,
     compress_default: str,
     compressed_cold: int,
+    recompressed_pages: int = 0,
+    recompressed_saved_bytes: int = 0,
 ) -> BrokerFigures:
     """The broker's figures: ``ops`` are the counters summed over every guest (removed ones
     included); pages are summed over the guests' private pools and the ``shared`` pools.
@@ -243,6 +245,8 @@ def broker_figures(
         reclaimed_on_put=reclaimed_on_put,
         compress_default=compress_default,
         compressed_cold=compressed_cold,
+        recompressed_pages=recompressed_pages,
+        recompressed_saved_bytes=recompressed_saved_bytes,
         guests=[guest_figures(g, mode, admin=True) for g, mode in guests],
         shared_pools=shared_pools,
     )

@@ -43,7 +43,8 @@ class CoreConfig:
     ``pressure`` (compress new puts once storage is above the low watermark, and the coldest
     stored pages while above the high one). ``ephemeral_policy``: which page of an eviction
     account goes, ``lru`` or ``tinylfu`` (:mod:`broker.core.policy`); the pressure settings
-    may change it later.
+    may change it later. ``recompress``: the idle pass keeps idle lz4 pages as zstd
+    (:class:`broker.core.compression.IdleRecompressor`, ``Tmem.recompress_idle``).
     """
 
     capacity_bytes: int
@@ -51,6 +52,7 @@ class CoreConfig:
     compress_max_ratio: float = 0.75
     compress_default: str = "never"
     ephemeral_policy: str = "lru"
+    recompress: bool = False
 
 
 @dataclass(frozen=True, slots=True)

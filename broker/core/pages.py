@@ -141,7 +141,7 @@ class PageTable:
 
     def recharge(self, pool: Pool, oid: int, index: int, charge: int) -> None:
         """The non-zero page at the handle is charged ``charge`` from now on (it was
-        stored raw, 4096, and is kept compressed)."""
+        stored raw, 4096, and is kept compressed; or lz4 and is kept as zstd)."""
         old = pool.charges.get(slot_key(oid, index), PAGE_SIZE)
         if charge != PAGE_SIZE:
             pool.charges[slot_key(oid, index)] = charge

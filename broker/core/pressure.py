@@ -86,6 +86,8 @@ class PressureTarget(Protocol):
 
     def compress_cold(self, max_pages: int) -> int: ...
 
+    def recompress_idle(self, max_pages: int = ...) -> int: ...
+
     def persistent_pages_of(self) -> dict[int, tuple[int, int, int | None]]: ...
 
     def set_quota(
@@ -531,6 +533,7 @@ class PressurePolicy:
         # Guests in the pressure compression mode first keep their coldest pages compressed
         # (a no-op when none is in that mode or storage is under the high watermark).
         self.counters.compressed_pages += tmem.compress_cold(self.MAX_COMPRESS_PER_STEP)
+        tmem.recompress_idle()  # idle lz4 pages as zstd, when enabled (docs/pressure.md)
         # counted_bytes, as every capacity decision: in untrusted domains what sharing saved
         # must not show
         reclaim = bytes_to_reclaim(tmem.counted_bytes, tmem.capacity_bytes, self.settings)

@@ -12,7 +12,7 @@ from broker.core.figures import BrokerFigures, GuestFigures, PoolFigures
 
 if TYPE_CHECKING:
     from broker.core.admission import Admission
-    from broker.core.compression import ColdCompressor
+    from broker.core.compression import ColdCompressor, IdleRecompressor
     from broker.core.content import Contents
     from broker.core.eviction import Eviction
     from broker.core.pages import PageTable
@@ -28,6 +28,7 @@ class Stats:
     _ev: Eviction
     _adm: Admission
     _cold: ColdCompressor
+    _idle: IdleRecompressor | None
     _retired: Ops
 
     def pool_stats(self, guest_id: int, pool_id: int, *, admin: bool = False) -> PoolFigures:
@@ -78,4 +79,6 @@ class Stats:
             reclaimed_on_put=self._ev.reclaimed_on_put,
             compress_default=reg.compress_default,
             compressed_cold=self._cold.compressed,
+            recompressed_pages=self._idle.recompressed if self._idle else 0,
+            recompressed_saved_bytes=self._idle.saved_bytes if self._idle else 0,
         )

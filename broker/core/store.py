@@ -1,8 +1,9 @@
 """Where page contents live: the :class:`PageStore` protocol and its in-memory implementation.
 
 The core decides everything (dedup, refcounts, sizes, eviction); a store only keeps bytes
-under an integer content key the core chose. A stored value is either the raw 4096-byte page
-or its lz4 block (shorter than 4096 bytes): the length tells which. Durable or distributed
+under an integer content key the core chose. A stored value is the raw 4096-byte page, its
+lz4 block, or a zstd form (``0x00`` then a frame): length and first byte tell which
+(:mod:`broker.core.content`). Durable or distributed
 stores implement the same three calls and slot in without touching the rules.
 """
 

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable
 
 from broker.core.accounting import Ops
 from broker.core.admission import Admission
-from broker.core.compression import ColdCompressor
+from broker.core.compression import MAX_RECOMPRESS_PER_STEP, ColdCompressor, IdleRecompressor
 from broker.core.content import ZERO_KEY, ZERO_PAGE, Contents, Hasher, xxh3_128
 from broker.core.errors import BadPageSize, BadRequest, GuestExists
 from broker.core.eviction import Eviction
@@ -116,6 +116,7 @@ class Tmem(Replace, PageMoves, Stats):
         self._reg = Registry(config.max_pools_per_guest, config.compress_default)
         self._retired = Ops()  # counters of removed guests
         self._cold = ColdCompressor(self._reg, self._table, self._ev)
+        self._idle = IdleRecompressor(self._reg, self._table) if config.recompress else None
 
     # ------------------------------------------------------------------ figures read often
 
@@ -327,6 +328,11 @@ class Tmem(Replace, PageMoves, Stats):
         blocks, those least likely to be read soon first (:mod:`broker.core.compression`).
         Returns the pages compressed. Call it from a background loop."""
         return self._cold.step(max_pages)
+
+    def recompress_idle(self, max_pages: int = MAX_RECOMPRESS_PER_STEP) -> int:
+        """With ``CoreConfig.recompress``: keep up to ``max_pages`` idle lz4 pages as zstd
+        (:class:`broker.core.compression.IdleRecompressor`); returns how many."""
+        return 0 if self._idle is None else self._idle.step(max_pages)
 
     def remove_guest(self, guest_id: int) -> None:
         """Every page of the guest goes; it leaves its shared pools (which live on while

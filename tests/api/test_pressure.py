@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from broker.api.pressure_loop import PressureLoop
 from broker.app import create_app, service_of
 from tests.api.conftest import ADMIN, Guest, error_code, make_settings, page, page_url
+from tests.core.test_recompress import text
 
 PAGES = 64  # capacity in pages
 # One background step at start, then the tests step by hand (the loop's one-step method).
@@ -236,3 +237,26 @@ def test_an_admin_cap_change_announces_the_effective_quota(
     quotas = [n for n in client.get("/v1/notices", headers=h1).json() if n["type"] == "quota"]
     assert quotas[-1]["cap_pages"] == 10
     assert client.get("/v1/self", headers=h1).json()["quota_pages"] == 10
+
+
+def test_the_idle_pass_runs_with_recompress_and_shows_in_stats(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    settings = make_settings(tmp_path, sqlite_url, compress="always", recompress=True, **QUIET)
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/v1/guests", json={"name": "idle"}, headers=ADMIN)
+        headers = {"Authorization": f"Bearer {r.json()['token']}"}
+        pool = c.post("/v1/pools", json={"kind": "persistent"}, headers=headers).json()["pool_id"]
+        for i in range(20):
+            r = c.put(page_url(pool, 1, i), content=text(i), headers=headers)
+            assert r.status_code == 204
+        before = c.get("/v1/stats", headers=ADMIN).json()
+        step(client=c)
+        stats = c.get("/v1/stats", headers=ADMIN).json()
+        assert stats["recompressed_pages"] == 10  # the coldest half
+        saved = stats["recompressed_saved_bytes"]
+        assert saved > 0 and stats["counted_bytes"] == before["counted_bytes"] - saved
+        for i in range(20):
+            assert c.get(page_url(pool, 1, i), headers=headers).content == text(i)
+        assert "tmem_recompressed_pages_total 10.0" in c.get("/metrics", headers=ADMIN).text
+        assert "recompressed_pages" not in c.get("/v1/self", headers=headers).json()["stats"]

@@ -368,7 +368,13 @@ GOLDEN: dict[str, Any] = {
 # counted_bytes, the compression modes, the background pass's count; and a guest made without
 # a compress setting now shows ``compress: null`` (it inherits) where it showed false.
 ADDED = {
-    "stats": {"counted_bytes": 61467, "compress_default": "never", "compressed_cold": 0},
+    "stats": {
+        "counted_bytes": 61467,
+        "compress_default": "never",
+        "compressed_cold": 0,
+        "recompressed_pages": 0,
+        "recompressed_saved_bytes": 0,
+    },
     "pressure": {"compressed_pages": 0, "admin_sheds": 0},
 }
 GUEST_MODES = {1: "always", 2: "never", 3: "never"}
