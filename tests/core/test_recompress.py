@@ -166,6 +166,28 @@ def test_dedup_a_recompressed_content_shared_by_two_handles() -> None:
     assert t.get(1, pa2, 0, 0) == text(0)
 
 
+def test_a_guests_charges_after_the_pass_do_not_show_another_guests_contents() -> None:
+    """Untrusted domain (the default): what guest 2 is charged after the passes is the same
+    whether or not guest 1 holds (and recompressed first) the same contents."""
+
+    def charged(guest_1_shares: bool) -> int:
+        t = core()
+        t.add_guest(2, name="b")
+        if guest_1_shares:
+            pa = t.create_pool(1, "persistent")
+            for i in range(10):
+                t.put(1, pa, 0, i, text(i))
+            t.recompress_idle(1000)  # guest 1's idle half is zstd before guest 2 puts
+        pb = t.create_pool(2, "persistent")
+        for i in range(10):
+            t.put(2, pb, 0, i, text(i))
+        t.recompress_idle(1000)
+        assert [t.get(2, pb, 0, i) for i in range(10)] == [text(i) for i in range(10)]
+        return t.guest_stats(2).charged_bytes
+
+    assert charged(True) == charged(False)
+
+
 def test_persistent_pages_are_never_lost_through_passes_puts_and_flushes() -> None:
     rng = random.Random(5)
     t = core(capacity=400 * PAGE)
