@@ -4,7 +4,7 @@ A ``get_many`` of 256 pages answers 1 MiB. Built as ``bytes`` and handed to uvic
 MiB was copied three times in the broker before the kernel copied it once more: the batch
 encoder's join, asyncio's ``writelines`` (a join in Python 3.11), and, when the socket took
 only part of it, the rest sliced and appended to the transport's buffer. py-spy put half the
-broker's samples of a ``get_many`` loop in that write (bench/README.md, issue #21 b).
+broker's samples of a ``get_many`` loop in that write (bench/perf-history.md, issue #21 b).
 
 The server side declares the ASGI scope extension :data:`EXTENSION`
 (``broker.api.front.corked_protocol`` does); an endpoint that sees it may send a

@@ -64,7 +64,7 @@ SAMPLE_FACTOR: Final = 10  # events per page (of the sized-for count) before cou
 SLOTS_PER_PAGE: Final = 2  # sketch slots (each: DEPTH counters, 8 doorkeeper bits) per page
 # The window's share of the account's pages. Caffeine starts at 1 % and adapts it by hill
 # climbing; on these exclusive (cleancache) loads a fixed share did as well as a climber
-# (bench/README.md, "Policy scoreboard"): 1 % lost to LRU on a shifting working set, 50 %
+# (bench/policy-history.md): 1 % lost to LRU on a shifting working set, 50 %
 # left too little of the account to protect a working set from a scan.
 WINDOW_PERCENT: Final = 25
 # a tie between two pages seen at most this often (once: put, never got) admits the

@@ -246,7 +246,7 @@ class LmdbJournal:
         and this, one Redis, 8 interleaved turns of 40 batches each): 15.9k -> 20.0k and
         16.5k -> 20.2k pages/s at load 8-11, 24.3k -> 24.9k at load 5; per-batch median
         latency, batches alternating between the two brokers: 1.01x-1.26x faster (median
-        1.10x, 8 runs). ``bench/README.md``, #21 c.
+        1.10x, 8 runs). ``bench/perf-history.md``, #21 c.
         """
         if (
             self._closed

@@ -169,7 +169,7 @@ class Dispatcher:
         # early (the agent and the broker then work side by side), a second write round at
         # once (writes are acknowledged before they are stored: at QD 1 the next write comes
         # while the one before is stored, and would wait for it), further ones only once the
-        # queue is deep enough to be worth an extra round trip. Measured in bench/README.md
+        # queue is deep enough to be worth an extra round trip. Measured in bench/perf-history.md
         # ("What we changed"): reads only beside a fixed 16 left a quiet machine's cores a
         # quarter idle at QD 32, and write rounds that always started carried half as many
         # requests for more CPU per I/O.
