@@ -215,10 +215,14 @@ class ClusterControl:
             log.exception("could not release the leases; they run out in %.1f s", self.lease_s)
 
     async def _run(self) -> None:
+        # steps start every ``interval`` (not ``interval`` after the last one ended): a step
+        # slowed down by a loaded host must not stretch the time between two heartbeats
+        next_at = time.monotonic() + self.interval
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.interval)
+                await asyncio.wait_for(self._stopping.wait(), max(0.0, next_at - time.monotonic()))
                 return
+            next_at = max(next_at + self.interval, time.monotonic())
             try:
                 await self.step()
             except Exception as exc:
@@ -239,6 +243,9 @@ class ClusterControl:
             for gid in list(self.serving):
                 lease = mine.get(gid)
                 if lease is None or lease.epoch != self.serving[gid]:
+                    # moved by an admin, or taken over while this broker was late: say so (a
+                    # home that changes without a dead broker is worth a look)
+                    log.warning("guest %d is no longer served here (lease lost)", gid)
                     self._drop(gid)
             won = await run_in_threadpool(self.leases.take_over)
             for lease in [*held, *won]:
