@@ -215,36 +215,53 @@ class ClusterControl:
             log.exception("could not release the leases; they run out in %.1f s", self.lease_s)
 
     async def _run(self) -> None:
+        # steps start every ``interval`` (not ``interval`` after the last one ended): a step
+        # slowed down by a loaded host must not stretch the time between two heartbeats
+        next_at = time.monotonic() + self.interval
+        rounds = 0
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.interval)
+                await asyncio.wait_for(self._stopping.wait(), max(0.0, next_at - time.monotonic()))
                 return
+            next_at = max(next_at + self.interval, time.monotonic())
+            rounds += 1
             try:
-                await self.step()
+                # every other round is light (heartbeat, renewals and takeover only): the
+                # views and the published figures are caches with on-demand fallbacks, and
+                # the light round cut an idle broker's housekeeping CPU (docs/scale.md)
+                await self.step(light=rounds % 2 == 1)
             except Exception as exc:
                 # PostgreSQL away (restarting): keep serving until the leases run out locally,
                 # then refuse; the next step that reaches it renews or gives guests up.
                 self.last_step_error = repr(exc)
                 log.warning("cluster step failed: %r", exc)
 
-    async def step(self) -> None:
-        """One round of the loop (the tests call it directly)."""
-        figures = self.figures()
+    async def step(self, *, light: bool = False) -> None:
+        """One round of the loop (the tests call it directly). ``light``: heartbeat, renew
+        and take over only, unless a guest was won or lost: no figures published (the last
+        ones stay), no refresh of the views nor of the guests from SQL."""
+        figures = None if light else self.figures()
         began = time.monotonic()
         held = await run_in_threadpool(self.leases.heartbeat, figures)
         async with self._lock:
             self.valid_until = self._trust_from(began)
             self.renewed.clear()
             mine = {lease.guest_id: lease for lease in held}
+            changed = set(mine) != set(self.serving)
             for gid in list(self.serving):
                 lease = mine.get(gid)
                 if lease is None or lease.epoch != self.serving[gid]:
+                    # moved by an admin, or taken over while this broker was late: say so (a
+                    # home that changes without a dead broker is worth a look)
+                    log.warning("guest %d is no longer served here (lease lost)", gid)
                     self._drop(gid)
             won = await run_in_threadpool(self.leases.take_over)
+            changed = changed or bool(won)
             for lease in [*held, *won]:
                 await self._adopt(lease)
-        await self.step_views()
-        await self.sync_guests(force=True)
+        if not light or changed:
+            await self.step_views()
+            await self.sync_guests(force=True)
         self.steps += 1
         self.last_step_error = None
 

@@ -19,8 +19,8 @@ hosts does not matter. Use::
     leases.release(guest_id)
 
 A broker is **alive** while its heartbeat is younger than the lease time. Orphaned guests (no
-home row, released, or a lease that ran out) are spread over the live brokers by rendezvous
-hashing: each live broker claims the ones whose highest score is its own, so after a broker
+home row, released, or a lease that ran out more than the grace time ago: a late heartbeat is
+not a dead broker) are spread over the live brokers by rendezvous hashing: each live broker claims the ones whose highest score is its own, so after a broker
 dies its guests go to the survivors in even shares, without any broker coordinating.
 
 Cluster mode requires PostgreSQL (``INSERT ... ON CONFLICT ... WHERE``, ``RETURNING``).
@@ -99,7 +99,7 @@ _ACQUIRE = text(
     WHERE guest_homes.broker_id IS NULL
        OR guest_homes.broker_id = :me
        OR guest_homes.lease_until IS NULL
-       OR guest_homes.lease_until < now()
+       OR guest_homes.lease_until < now() - :grace
     RETURNING broker_id, epoch, lease_until
     """
 )
@@ -138,7 +138,7 @@ _ORPHANS = text(
     """
     SELECT g.id FROM guests g LEFT JOIN guest_homes h ON h.guest_id = g.id
     WHERE h.guest_id IS NULL OR h.broker_id IS NULL
-       OR h.lease_until IS NULL OR h.lease_until < now()
+       OR h.lease_until IS NULL OR h.lease_until < now() - :grace
     ORDER BY g.id
     """
 )
@@ -152,18 +152,33 @@ class LeaseManager:
 
     Every method is one short transaction on ``engine`` (synchronous: call it from a thread
     when on an event loop). ``lease_s`` is the lease time: how long a broker may go without a
-    heartbeat before it counts as dead and its guests are taken over.
+    heartbeat before it counts as dead. ``grace_s`` (default ``lease_s / 2``): how long past
+    its end another broker still leaves a lease alone, so a holder whose heartbeat is merely
+    late (a loaded host, a slow step) renews it instead of losing its guests; a lease that
+    was released (clean stop) or never held is taken at once.
     """
 
-    def __init__(self, engine: Engine, broker_id: str, url: str, *, lease_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        broker_id: str,
+        url: str,
+        *,
+        lease_s: float = 10.0,
+        grace_s: float | None = None,
+    ) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError("cluster mode needs PostgreSQL (--database-url postgresql+psycopg://)")
         if lease_s <= 0:
             raise ValueError("the lease time must be positive")
+        grace_s = lease_s / 2 if grace_s is None else grace_s
+        if grace_s < 0:
+            raise ValueError("the grace time cannot be negative")
         self.engine = engine
         self.broker_id = broker_id
         self.url = url
         self.lease = timedelta(seconds=lease_s)
+        self.grace = timedelta(seconds=grace_s)
 
     # brokers ------------------------------------------------------------------------------
 
@@ -226,12 +241,14 @@ class LeaseManager:
     # leases -------------------------------------------------------------------------------
 
     def acquire(self, guest_id: int) -> Lease | None:
-        """Become ``guest_id``'s home if nobody holds a live lease (or renew it if this broker
-        does). The epoch grows when the holder changes. ``None``: another broker holds it."""
+        """Become ``guest_id``'s home if nobody holds a lease (or renew it if this broker
+        does): free, released, or another broker's that ran out more than the grace time ago.
+        The epoch grows when the holder changes. ``None``: another broker holds it."""
         try:
             with self.engine.begin() as conn:
                 row = conn.execute(
-                    _ACQUIRE, {"g": guest_id, "me": self.broker_id, "lease": self.lease}
+                    _ACQUIRE,
+                    {"g": guest_id, "me": self.broker_id, "lease": self.lease, "grace": self.grace},
                 ).first()
         except Exception as exc:  # the foreign key: no such guest
             if _is_fk_violation(exc):
@@ -278,7 +295,7 @@ class LeaseManager:
         ones (a dead broker's, released ones, new guests). Returns the leases it won."""
         with self.engine.begin() as conn:
             live = [r[0] for r in conn.execute(_LIVE, {"lease": self.lease})]
-            orphans = [r[0] for r in conn.execute(_ORPHANS)]
+            orphans = [r[0] for r in conn.execute(_ORPHANS, {"grace": self.grace})]
         if self.broker_id not in live:
             live.append(self.broker_id)  # beating right now, even if the row lags
         won: list[Lease] = []

@@ -50,8 +50,9 @@ def _guests(engine: Engine, n: int) -> list[int]:
     return ids
 
 
-def _manager(engine: Engine, name: str) -> LeaseManager:
-    m = LeaseManager(engine, name, f"http://{name}:8470", lease_s=LEASE)
+def _manager(engine: Engine, name: str, grace_s: float = 0.0) -> LeaseManager:
+    """A broker whose leases are taken as soon as they run out (``grace_s`` 0), unless told."""
+    m = LeaseManager(engine, name, f"http://{name}:8470", lease_s=LEASE, grace_s=grace_s)
     m.register()
     return m
 
@@ -126,6 +127,35 @@ def test_expired_lease_is_taken_with_a_higher_epoch(engine: Engine) -> None:
     # a wakes up: its heartbeat no longer returns g, and it cannot renew it by acquiring
     assert a.heartbeat() == []
     assert a.acquire(g) is None
+
+
+def test_a_late_heartbeat_keeps_the_guests_within_the_grace_time(engine: Engine) -> None:
+    """Issue #18: a home whose heartbeat is late (its lease ran out a moment ago) is not dead:
+    the other broker leaves its guests alone during the grace time, whether by its loop
+    (take_over) or on a guest's request (acquire), and the late heartbeat renews them at the
+    same epoch. Without the grace the guests flipped to the other broker and back."""
+    guests = _guests(engine, 6)
+    a = _manager(engine, "a", grace_s=600.0)
+    b = _manager(engine, "b", grace_s=600.0)
+    for g in guests:
+        assert a.acquire(g) is not None
+    _wait_expired(b, guests[-1])  # a's heartbeat is late: every lease of a has run out
+    b.heartbeat()
+    assert b.take_over() == []
+    assert all(b.acquire(g) is None for g in guests)
+    assert {lease.guest_id: lease.epoch for lease in a.heartbeat()} == dict.fromkeys(guests, 1)
+    # past the grace time a really is dead: a broker with a short grace takes its guests
+    _wait_expired(b, guests[-1])
+    c = _manager(engine, "c", grace_s=0.0)
+    assert {lease.guest_id for lease in c.take_over()} == set(guests)
+    assert {lease.epoch for lease in c.heartbeat()} == {2}
+
+
+def test_grace_time_defaults_to_half_the_lease(engine: Engine) -> None:
+    m = LeaseManager(engine, "d", "http://d:8470", lease_s=4.0)
+    assert m.grace.total_seconds() == 2.0
+    with pytest.raises(ValueError, match="grace"):
+        LeaseManager(engine, "d", "http://d:8470", lease_s=4.0, grace_s=-1.0)
 
 
 def test_takeover_spreads_a_dead_brokers_guests_over_the_live_ones(engine: Engine) -> None:
