@@ -20,8 +20,9 @@ hosts does not matter. Use::
 
 A broker is **alive** while its heartbeat is younger than the lease time. Orphaned guests (no
 home row, released, or a lease that ran out more than the grace time ago: a late heartbeat is
-not a dead broker) are spread over the live brokers by rendezvous hashing: each live broker claims the ones whose highest score is its own, so after a broker
-dies its guests go to the survivors in even shares, without any broker coordinating.
+not a dead broker) are spread over the live brokers by rendezvous hashing: each live broker
+claims the ones whose highest score is its own, so after a broker dies its guests go to the
+survivors in even shares, without any broker coordinating.
 
 Cluster mode requires PostgreSQL (``INSERT ... ON CONFLICT ... WHERE``, ``RETURNING``).
 """
